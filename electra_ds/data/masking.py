@@ -1,0 +1,54 @@
+"""Masked-LM masking as pure tensor functions: static shapes, on the batch's device, no host sync."""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+
+class MaskingPlan(NamedTuple):
+    generator_input_ids: torch.Tensor  # (B, L) the input with masked slots replaced
+    masked_positions: torch.Tensor  # (B, P) positions of the masked slots
+    masked_ids: torch.Tensor  # (B, P) original token ids at those positions
+    masked_weights: torch.Tensor  # (B, P) float32: 1 for a real slot, 0 for a padding slot
+
+
+def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, mask_token_id: int,
+                special_ids: Sequence[int], vocab_size: int, mlm_probability: float = 0.15,
+                max_predictions: int = 19, mask_replace_prob: float = 0.85, random_replace_prob: float = 0.0,
+                generator: torch.Generator | None = None) -> MaskingPlan:
+    """Choose round(mlm_probability * n) maskable tokens per row (at least 1, at most `max_predictions`).
+
+    Special tokens and padding are never chosen. Of the chosen slots, `mask_replace_prob` become [MASK],
+    `random_replace_prob` a uniformly random token, the rest stay unchanged (ELECTRA: 0.85 / 0 / 0.15).
+    Every row gets exactly `max_predictions` slots; unused ones have weight 0 and change nothing.
+    """
+    if not 0.0 < mlm_probability < 1.0:
+        raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
+    if mask_replace_prob < 0 or random_replace_prob < 0 or mask_replace_prob + random_replace_prob > 1.0:
+        raise ValueError(f"mask_replace_prob ({mask_replace_prob}) + random_replace_prob ({random_replace_prob}) "
+                         "must be probabilities summing to at most 1")
+    batch, length = input_ids.shape
+    slots = min(max_predictions, length)
+    device = input_ids.device
+
+    maskable = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    for special in special_ids:
+        maskable = maskable & (input_ids != special)
+    n_maskable = maskable.sum(dim=1)
+    n_masked = (n_maskable.float() * mlm_probability).round().long().clamp(min=1, max=slots)
+    n_masked = torch.minimum(n_masked, n_maskable)
+
+    # A uniformly random subset: the top-k of uniform scores, non-maskable tokens scored below every other.
+    scores = torch.rand(batch, length, generator=generator, device=device).masked_fill(~maskable, -1.0)
+    positions = scores.topk(slots, dim=1, sorted=True).indices
+    weights = (torch.arange(slots, device=device)[None, :] < n_masked[:, None]).float()
+    original = input_ids.gather(1, positions)
+
+    choice = torch.rand(batch, slots, generator=generator, device=device)
+    random_tokens = torch.randint(vocab_size, (batch, slots), generator=generator, device=device)
+    replaced = torch.where(choice < mask_replace_prob, torch.full_like(original, mask_token_id), original)
+    use_random = (choice >= mask_replace_prob) & (choice < mask_replace_prob + random_replace_prob)
+    replaced = torch.where(use_random, random_tokens, replaced)
+    replaced = torch.where(weights > 0, replaced, original)
+    return MaskingPlan(input_ids.scatter(1, positions, replaced), positions, original, weights)

@@ -1,0 +1,169 @@
+"""ELECTRA pretraining model: generator + discriminator sharing one set of embeddings.
+
+Weights carry Hugging Face names under `discriminator.` (ElectraForPreTraining) and `generator.`
+(ElectraForMaskedLM). The embeddings (word, position, token type, LayerNorm) exist once, under the
+discriminator's names; the generator's embedding names and its output layer resolve to the same tensors
+(`TIED`), so tying is structural and survives `.to()`, DeepSpeed wrapping, ZeRO and reloads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from electra_ds import kernels
+from electra_ds.config import ElectraConfig
+from electra_ds.data.masking import MaskingPlan
+from electra_ds.model.layers import (attention_mask_for_sdpa, embed, embedding_specs, layer_norm_specs,
+                                     linear_specs, tower_forward, tower_specs)
+from electra_ds.model.params import FlatParameters, WeightSpec
+
+DISC, GEN = "discriminator", "generator"
+EMB = f"{DISC}.electra.embeddings"
+STAT_NAMES = ("gen_correct", "gen_count", "disc_replaced_correct", "replaced_count", "disc_original_correct",
+              "original_count", "token_count")
+
+
+def tied_names(config: ElectraConfig) -> dict[str, str]:
+    """Generator weight name -> the discriminator weight it is."""
+    tied = {f"{GEN}.electra.embeddings.{n}": f"{EMB}.{n}" for n in
+            ("word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight",
+             "LayerNorm.weight", "LayerNorm.bias")}
+    tied[f"{GEN}.generator_lm_head.weight"] = f"{EMB}.word_embeddings.weight"
+    return tied
+
+
+def pretraining_specs(config: ElectraConfig) -> list[WeightSpec]:
+    h, hg, e = config.hidden_size, config.generator.hidden_size, config.embedding_size
+    return [*embedding_specs(EMB, config),
+            *tower_specs(f"{DISC}.electra", config, config.discriminator),
+            *linear_specs(f"{DISC}.discriminator_predictions.dense", h, h),
+            *linear_specs(f"{DISC}.discriminator_predictions.dense_prediction", 1, h),
+            *tower_specs(f"{GEN}.electra", config, config.generator),
+            *linear_specs(f"{GEN}.generator_predictions.dense", e, hg),
+            *layer_norm_specs(f"{GEN}.generator_predictions.LayerNorm", e),
+            WeightSpec(f"{GEN}.generator_lm_head.bias", (config.vocab_size,), "zeros")]
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    top = int(input_ids.max()) if input_ids.numel() else 0
+    if top >= vocab_size or (input_ids.numel() and int(input_ids.min()) < 0):
+        raise ValueError(f"token id {top} is outside the model's vocabulary of {vocab_size}: the data was "
+                         "tokenized with another vocabulary (rebuild the cache or set vocab_size)")
+
+
+@dataclass
+class PretrainOutput:
+    loss: torch.Tensor
+    mlm_loss: torch.Tensor
+    disc_loss: torch.Tensor
+    stats: torch.Tensor  # fp32 (7,), see STAT_NAMES: sums to accumulate on the device
+    disc_logits: torch.Tensor  # (B, L)
+    labels: torch.Tensor  # (B, L) bool: the discriminator's input differs from the original here
+    disc_input: torch.Tensor  # (B, L) the original with generator samples in the masked slots
+
+
+class ElectraForPretraining(nn.Module):
+    def __init__(self, config: ElectraConfig, group_fn: Callable[[str], str] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.tied = tied_names(config)
+        self.params = FlatParameters(pretraining_specs(config), group_fn, config.initializer_range,
+                                     padding_rows={f"{EMB}.word_embeddings.weight": config.pad_token_id})
+
+    # -- weights --------------------------------------------------------------------------------------------
+    def named_weights(self) -> dict[str, torch.Tensor]:
+        """Every weight by its Hugging Face name (tied names included), as views into the flat buffers."""
+        w = self.params.views()
+        w.update({alias: w[target] for alias, target in self.tied.items()})
+        return w
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        return self.params.param_groups(weight_decay)
+
+    def load_named_weights(self, weights: dict[str, torch.Tensor], source: str = "weights") -> None:
+        """Load canonical names (tied aliases are accepted if they agree with their target)."""
+        canonical = {k: v for k, v in weights.items() if k not in self.tied}
+        self.params.load_named(canonical, strict=True, source=source)
+
+    # -- pieces ---------------------------------------------------------------------------------------------
+    def _tower(self, w: dict, tower: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        cfg = self.config
+        if input_ids.device.type == "cpu":  # on accelerators this check would cost a host sync every step
+            check_token_ids(input_ids, cfg.vocab_size)
+        x = embed(w, EMB, input_ids, token_type_ids, cfg, self.training)
+        shape = cfg.discriminator if tower == DISC else cfg.generator
+        return tower_forward(w, self.params.joined, f"{tower}.electra", x, attention_mask_for_sdpa(attention_mask),
+                             shape, cfg, self.training)
+
+    def _generator_head(self, w: dict, hidden: torch.Tensor) -> torch.Tensor:
+        p = f"{GEN}.generator_predictions"
+        h = kernels.bias_gelu(F.linear(hidden, w[f"{p}.dense.weight"]), w[f"{p}.dense.bias"])
+        h = kernels.add_layer_norm(h, None, w[f"{p}.LayerNorm.weight"], w[f"{p}.LayerNorm.bias"],
+                                   self.config.layer_norm_eps)
+        return F.linear(h, w[f"{EMB}.word_embeddings.weight"], w[f"{GEN}.generator_lm_head.bias"])
+
+    def _discriminator_head(self, w: dict, hidden: torch.Tensor) -> torch.Tensor:
+        p = f"{DISC}.discriminator_predictions"
+        h = kernels.bias_gelu(F.linear(hidden, w[f"{p}.dense.weight"]), w[f"{p}.dense.bias"])
+        return F.linear(h, w[f"{p}.dense_prediction.weight"], w[f"{p}.dense_prediction.bias"]).squeeze(-1)
+
+    # -- public inference API -------------------------------------------------------------------------------
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Discriminator hidden states (B, L, H)."""
+        return self._tower(self.params.views(), DISC, input_ids, attention_mask, token_type_ids)
+
+    def discriminator_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                             token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replaced-token logits (B, L); > 0 means "replaced"."""
+        w = self.params.views()
+        return self._discriminator_head(w, self._tower(w, DISC, input_ids, attention_mask, token_type_ids))
+
+    def generator_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                         token_type_ids: torch.Tensor | None = None,
+                         positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Vocabulary logits at `positions` (B, P) -> (B, P, V); all positions when None."""
+        w = self.params.views()
+        hidden = self._tower(w, GEN, input_ids, attention_mask, token_type_ids)
+        if positions is not None:
+            hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        return self._generator_head(w, hidden)
+
+    # -- training -------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                token_type_ids: torch.Tensor | None, plan: MaskingPlan, sample_seed: torch.Tensor) -> PretrainOutput:
+        cfg, w = self.config, self.params.views()
+        batch, slots = plan.masked_positions.shape
+
+        gen_hidden = self._tower(w, GEN, plan.generator_input_ids, attention_mask, token_type_ids)
+        gen_hidden = gen_hidden.gather(1, plan.masked_positions[..., None].expand(-1, -1, gen_hidden.shape[-1]))
+        logits = self._generator_head(w, gen_hidden).view(batch * slots, -1)
+        targets, weights = plan.masked_ids.reshape(-1), plan.masked_weights.reshape(-1)
+        n_slots = weights.sum()
+        mlm_loss = (kernels.cross_entropy(logits, targets) * weights).sum() / n_slots.clamp_min(1.0)
+
+        with torch.no_grad():
+            sampled = kernels.gumbel_sample(logits.detach(), sample_seed, cfg.temperature).view(batch, slots)
+            sampled = torch.where(plan.masked_weights > 0, sampled, plan.masked_ids)
+            disc_input = input_ids.scatter(1, plan.masked_positions, sampled)
+            labels = disc_input != input_ids  # a sample equal to the original counts as real
+
+        disc_logits = self._discriminator_head(w, self._tower(w, DISC, disc_input, attention_mask, token_type_ids))
+        real = torch.ones_like(disc_logits, dtype=torch.float32) if attention_mask is None else attention_mask.float()
+        n_tokens = real.sum()
+        disc_loss = (kernels.sigmoid_bce(disc_logits, labels) * real).sum() / n_tokens.clamp_min(1.0)
+        loss = cfg.mlm_weight * mlm_loss + cfg.disc_weight * disc_loss
+
+        with torch.no_grad():
+            gen_correct = ((logits.argmax(-1) == targets).float() * weights).sum()
+            replaced = labels.float() * real
+            original = (~labels).float() * real
+            says_replaced = (disc_logits > 0).float()
+            stats = torch.stack([gen_correct, n_slots, (says_replaced * replaced).sum(), replaced.sum(),
+                                 ((1 - says_replaced) * original).sum(), original.sum(), n_tokens]).float()
+        return PretrainOutput(loss, mlm_loss, disc_loss, stats, disc_logits, labels, disc_input)

@@ -1,0 +1,172 @@
+"""Hugging Face interop: import/export `ElectraForPreTraining` + `ElectraForMaskedLM` directories,
+and our own model directory format (`electra_config.json` + `model.safetensors` with HF names)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from electra_ds.config import ElectraConfig
+from electra_ds.model.electra import DISC, GEN, ElectraForPretraining
+
+MODEL_CONFIG = "electra_config.json"
+MODEL_WEIGHTS = "model.safetensors"
+HF_FIELDS = ("vocab_size", "embedding_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
+             "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "pad_token_id")
+
+
+def hf_config(config: ElectraConfig, tower: str):
+    """transformers.ElectraConfig for the discriminator or the generator tower."""
+    from transformers import ElectraConfig as HFElectraConfig
+
+    shape = config.discriminator if tower == DISC else config.generator
+    return HFElectraConfig(hidden_size=shape.hidden_size, num_hidden_layers=shape.num_hidden_layers,
+                           num_attention_heads=shape.num_attention_heads, intermediate_size=shape.intermediate_size,
+                           hidden_act="gelu", tie_word_embeddings=True,
+                           architectures=["ElectraForPreTraining" if tower == DISC else "ElectraForMaskedLM"],
+                           **{k: getattr(config, k) for k in HF_FIELDS})
+
+
+def read_hf_dir(path: str | Path, expect: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json dict, state dict) of a HF ELECTRA directory, checked to be the `expect` architecture."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face {expect} directory")
+    cfg = json.loads(config_file.read_text())
+    if cfg.get("model_type") != "electra":
+        raise ValueError(f"{config_file}: model_type is {cfg.get('model_type')!r}, expected 'electra'")
+    archs = cfg.get("architectures") or []
+    if archs and expect not in archs:
+        raise ValueError(f"{config_file}: architectures {archs}, expected {expect} "
+                         f"(did you swap the discriminator and generator directories?)")
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(path / "model.safetensors"))
+    elif (path / "pytorch_model.bin").is_file():
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin")
+    head = "discriminator_predictions.dense.weight" if expect == "ElectraForPreTraining" else \
+        "generator_predictions.dense.weight"
+    if head not in state:
+        raise ValueError(f"{path}: weight {head} is missing, so this is not an {expect} checkpoint")
+    return cfg, state
+
+
+def config_from_hf(disc_cfg: dict, gen_cfg: dict) -> ElectraConfig:
+    for key in ("vocab_size", "embedding_size", "max_position_embeddings", "type_vocab_size"):
+        if disc_cfg.get(key) != gen_cfg.get(key):
+            raise ValueError(f"discriminator and generator disagree on {key}: {disc_cfg.get(key)} vs "
+                             f"{gen_cfg.get(key)}; they cannot share embeddings")
+    for cfg in (disc_cfg, gen_cfg):
+        if cfg.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (ELECTRA uses exact gelu)")
+    return ElectraConfig(
+        **{k: disc_cfg[k] for k in HF_FIELDS if k in disc_cfg},
+        hidden_size=disc_cfg["hidden_size"], num_hidden_layers=disc_cfg["num_hidden_layers"],
+        num_attention_heads=disc_cfg["num_attention_heads"], intermediate_size=disc_cfg["intermediate_size"],
+        generator_size=gen_cfg["hidden_size"] / disc_cfg["hidden_size"],
+        generator_layer_size=gen_cfg["num_hidden_layers"] / disc_cfg["num_hidden_layers"],
+        generator_hidden_size=gen_cfg["hidden_size"], generator_num_hidden_layers=gen_cfg["num_hidden_layers"],
+        generator_num_attention_heads=gen_cfg["num_attention_heads"],
+        generator_intermediate_size=gen_cfg["intermediate_size"])
+
+
+def load_hf_pair(disc_dir: str | Path, gen_dir: str | Path) -> ElectraForPretraining:
+    """Our pretraining model from a HF discriminator directory and a HF generator directory."""
+    disc_cfg, disc_state = read_hf_dir(disc_dir, "ElectraForPreTraining")
+    gen_cfg, gen_state = read_hf_dir(gen_dir, "ElectraForMaskedLM")
+    model = ElectraForPretraining(config_from_hf(disc_cfg, gen_cfg))
+    weights = {f"{DISC}.{k}": v for k, v in disc_state.items() if not k.endswith("position_ids")}
+    for k, v in gen_state.items():
+        name = f"{GEN}.{k}"
+        if name in model.tied or k.endswith("position_ids"):
+            continue  # shared with the discriminator: its copy wins (they are equal in a tied pair)
+        weights[name] = v
+    model.load_named_weights(weights, source=f"{disc_dir} + {gen_dir}")
+    return model
+
+
+def _write_dir(out: Path, write) -> None:
+    """Write a directory under a temporary name, then swap it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export_hf_pair(model: ElectraForPretraining, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    """Write out_dir/discriminator (ElectraForPreTraining) and out_dir/generator (ElectraForMaskedLM)."""
+    from transformers import ElectraForMaskedLM, ElectraForPreTraining
+
+    weights = {k: v.detach().float().cpu() for k, v in model.named_weights().items()}
+    for tower, cls in ((DISC, ElectraForPreTraining), (GEN, ElectraForMaskedLM)):
+        hf_model = cls(hf_config(model.config, tower))
+        prefix = f"{tower}."
+        state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        missing, unexpected = hf_model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise RuntimeError(f"export to {cls.__name__}: missing {missing}, unexpected {unexpected}")
+
+        def write(tmp: Path, hf_model=hf_model) -> None:
+            hf_model.save_pretrained(tmp)
+            if tokenizer_dir is not None:
+                for f in Path(tokenizer_dir).iterdir():
+                    if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("vocab.txt",
+                                                                                      "special_tokens_map.json")):
+                        shutil.copy2(f, tmp / f.name)
+
+        _write_dir(Path(out_dir) / tower, write)
+    return Path(out_dir)
+
+
+def save_model(model: ElectraForPretraining, out_dir: str | Path) -> Path:
+    """Our format: the config and every canonical weight under its HF-style name (layout independent)."""
+    from safetensors.torch import save_file
+
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.params.views().items()}
+
+    def write(tmp: Path) -> None:
+        (tmp / MODEL_CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2))
+        save_file(weights, str(tmp / MODEL_WEIGHTS))
+
+    _write_dir(Path(out_dir), write)
+    return Path(out_dir)
+
+
+def load_pretrained(path: str | Path) -> ElectraForPretraining:
+    """Our model directory, a HF pair directory (discriminator/ + generator/), or a pretraining output
+    directory (uses its `hf/` export, else its `model/` directory)."""
+    path = Path(path)
+    if (path / MODEL_CONFIG).is_file():
+        from safetensors.torch import load_file
+
+        config = ElectraConfig.from_dict(json.loads((path / MODEL_CONFIG).read_text()))
+        model = ElectraForPretraining(config)
+        model.load_named_weights(load_file(str(path / MODEL_WEIGHTS)), source=str(path))
+        return model
+    if (path / DISC).is_dir() and (path / GEN).is_dir():
+        return load_hf_pair(path / DISC, path / GEN)
+    for sub in ("hf", "model"):
+        if (path / sub).is_dir():
+            return load_pretrained(path / sub)
+    raise FileNotFoundError(f"{path}: not an electra_ds model directory ({MODEL_CONFIG}), a Hugging Face pair "
+                            f"({DISC}/ and {GEN}/) or a pretraining output directory (hf/ or model/)")

@@ -1,0 +1,106 @@
+"""ELECTRA's building blocks as pure functions of named weights (Hugging Face names, post-LN BERT layers)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from electra_ds import kernels
+from electra_ds.config import ElectraConfig, TowerConfig
+from electra_ds.model.params import WeightSpec
+
+Weights = dict[str, torch.Tensor]
+Joiner = Callable[[Weights, list[str]], torch.Tensor]
+
+
+def linear_specs(name: str, n_out: int, n_in: int) -> list[WeightSpec]:
+    return [WeightSpec(f"{name}.weight", (n_out, n_in), "normal"), WeightSpec(f"{name}.bias", (n_out,), "zeros")]
+
+
+def layer_norm_specs(name: str, size: int) -> list[WeightSpec]:
+    return [WeightSpec(f"{name}.weight", (size,), "ones"), WeightSpec(f"{name}.bias", (size,), "zeros")]
+
+
+def embedding_specs(prefix: str, config: ElectraConfig) -> list[WeightSpec]:
+    e = config.embedding_size
+    return [WeightSpec(f"{prefix}.word_embeddings.weight", (config.vocab_size, e), "normal"),
+            WeightSpec(f"{prefix}.position_embeddings.weight", (config.max_position_embeddings, e), "normal"),
+            WeightSpec(f"{prefix}.token_type_embeddings.weight", (config.type_vocab_size, e), "normal"),
+            *layer_norm_specs(f"{prefix}.LayerNorm", e)]
+
+
+def tower_specs(prefix: str, config: ElectraConfig, tower: TowerConfig) -> list[WeightSpec]:
+    """Weights of `ElectraModel` minus its embeddings: the projection (if any) and the encoder layers.
+
+    Q, K and V weights are declared back to back (and likewise their biases) so one matrix product serves all three.
+    """
+    h, f = tower.hidden_size, tower.intermediate_size
+    specs = []
+    if config.embedding_size != h:
+        specs += linear_specs(f"{prefix}.embeddings_project", h, config.embedding_size)
+    for i in range(tower.num_hidden_layers):
+        layer = f"{prefix}.encoder.layer.{i}"
+        qkv = [f"{layer}.attention.self.{n}" for n in ("query", "key", "value")]
+        specs += [WeightSpec(f"{n}.weight", (h, h), "normal") for n in qkv]
+        specs += [WeightSpec(f"{n}.bias", (h,), "zeros") for n in qkv]
+        specs += linear_specs(f"{layer}.attention.output.dense", h, h)
+        specs += layer_norm_specs(f"{layer}.attention.output.LayerNorm", h)
+        specs += linear_specs(f"{layer}.intermediate.dense", f, h)
+        specs += linear_specs(f"{layer}.output.dense", h, f)
+        specs += layer_norm_specs(f"{layer}.output.LayerNorm", h)
+    return specs
+
+
+def embed(w: Weights, prefix: str, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
+          config: ElectraConfig, training: bool) -> torch.Tensor:
+    """Word + token-type + position embeddings (positions start at 0), LayerNorm, dropout."""
+    length = input_ids.shape[1]
+    if length > config.max_position_embeddings:
+        raise ValueError(f"sequence length {length} exceeds max_position_embeddings "
+                         f"{config.max_position_embeddings}")
+    x = F.embedding(input_ids, w[f"{prefix}.word_embeddings.weight"])
+    types = w[f"{prefix}.token_type_embeddings.weight"]
+    x = x + (types[0] if token_type_ids is None else F.embedding(token_type_ids, types))
+    x = x + w[f"{prefix}.position_embeddings.weight"][:length]
+    x = kernels.add_layer_norm(x, None, w[f"{prefix}.LayerNorm.weight"], w[f"{prefix}.LayerNorm.bias"],
+                               config.layer_norm_eps)
+    return F.dropout(x, config.hidden_dropout_prob, training)
+
+
+def attention_mask_for_sdpa(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, L) 1/0 mask -> boolean (B, 1, 1, L) keys mask for SDPA; None means every token is real."""
+    return None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+
+
+def encoder_layer(w: Weights, join: Joiner, layer: str, h: torch.Tensor, mask: torch.Tensor | None,
+                  tower: TowerConfig, config: ElectraConfig, training: bool) -> torch.Tensor:
+    batch, length, hidden = h.shape
+    heads = tower.num_attention_heads
+    qkv_names = [f"{layer}.attention.self.{n}" for n in ("query", "key", "value")]
+    qkv = F.linear(h, join(w, [f"{n}.weight" for n in qkv_names]), join(w, [f"{n}.bias" for n in qkv_names]))
+    q, k, v = qkv.view(batch, length, 3, heads, hidden // heads).permute(2, 0, 3, 1, 4)
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=config.attention_probs_dropout_prob if training else 0.0)
+    context = context.transpose(1, 2).reshape(batch, length, hidden)
+    out = F.linear(context, w[f"{layer}.attention.output.dense.weight"], w[f"{layer}.attention.output.dense.bias"])
+    h = kernels.add_layer_norm(F.dropout(out, config.hidden_dropout_prob, training), h,
+                               w[f"{layer}.attention.output.LayerNorm.weight"],
+                               w[f"{layer}.attention.output.LayerNorm.bias"], config.layer_norm_eps)
+    inter = kernels.bias_gelu(F.linear(h, w[f"{layer}.intermediate.dense.weight"]),
+                              w[f"{layer}.intermediate.dense.bias"])
+    out = F.linear(inter, w[f"{layer}.output.dense.weight"], w[f"{layer}.output.dense.bias"])
+    return kernels.add_layer_norm(F.dropout(out, config.hidden_dropout_prob, training), h,
+                                  w[f"{layer}.output.LayerNorm.weight"], w[f"{layer}.output.LayerNorm.bias"],
+                                  config.layer_norm_eps)
+
+
+def tower_forward(w: Weights, join: Joiner, prefix: str, embeddings: torch.Tensor, mask: torch.Tensor | None,
+                  tower: TowerConfig, config: ElectraConfig, training: bool) -> torch.Tensor:
+    """`ElectraModel` after the embeddings: optional projection to the tower's width, then the encoder."""
+    h = embeddings
+    if f"{prefix}.embeddings_project.weight" in w:
+        h = F.linear(h, w[f"{prefix}.embeddings_project.weight"], w[f"{prefix}.embeddings_project.bias"])
+    for i in range(tower.num_hidden_layers):
+        h = encoder_layer(w, join, f"{prefix}.encoder.layer.{i}", h, mask, tower, config, training)
+    return h

@@ -1,0 +1,290 @@
+"""The reference (plain PyTorch) model: configuration, HF parity, tying, masking, labels, bad input."""
+import json
+import math
+
+import pytest
+import torch
+
+from electra_ds import kernels
+from electra_ds.config import ElectraConfig, max_predictions, preset
+from electra_ds.convert import main as convert_main
+from electra_ds.data.masking import mask_tokens
+from electra_ds.model import ElectraClassifier, ElectraForPretraining, export_hf_pair, load_hf_pair, \
+    load_pretrained, save_model
+from electra_ds.model.electra import EMB, GEN
+
+PAD, CLS, SEP, MASK = 0, 2, 3, 4
+SPECIAL = (PAD, CLS, SEP, MASK)
+
+
+def make_batch(vocab: int, batch: int = 3, length: int = 24, pad_from: dict | None = None, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (batch, length), generator=g)
+    ids[:, 0], ids[:, -1] = CLS, SEP
+    mask = torch.ones_like(ids)
+    for row, start in (pad_from or {}).items():
+        ids[row, start - 1], ids[row, start:], mask[row, start:] = SEP, PAD, 0
+    return ids, mask
+
+
+def no_dropout(name: str, **kw) -> ElectraConfig:
+    return preset(name, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw)
+
+
+# -- configuration ---------------------------------------------------------------------------------------------
+def test_presets_and_generator_rounding():
+    small = preset("small")
+    assert (small.hidden_size, small.num_hidden_layers, small.num_attention_heads, small.intermediate_size,
+            small.embedding_size, small.vocab_size) == (256, 12, 4, 1024, 128, 30522)
+    g = small.generator
+    assert (g.hidden_size, g.num_attention_heads, g.intermediate_size, g.num_hidden_layers) == (64, 1, 256, 12)
+    assert preset("base").generator.hidden_size == 256 and preset("large").generator.num_hidden_layers == 24
+    assert preset("small", generator_layer_size=0.5).generator.num_hidden_layers == 6
+    assert max_predictions(128, 0.15) == 19
+    assert preset("small", hidden_size=512, num_attention_heads=8).hidden_size == 512
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="huge"), "unknown model preset"),
+    (dict(name="small", hiden_size=3), "unknown ElectraConfig field"),
+    (dict(name="small", generator_size=1.5), "wider than the discriminator"),
+    (dict(name="small", generator_hidden_size=512), "wider than the discriminator"),
+    (dict(name="small", num_attention_heads=3), "not divisible"),
+])
+def test_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        preset(**kwargs)
+
+
+# -- parity with Hugging Face ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny", "small"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_logits_match_transformers(tmp_path, name, padded):
+    from transformers import ElectraForMaskedLM, ElectraForPreTraining
+
+    torch.manual_seed(0)
+    config = no_dropout(name)
+    ours = ElectraForPretraining(config).eval()
+    with torch.no_grad():  # non-trivial LayerNorm and bias values so a mix-up of weights shows
+        for w in ours.params.flat.values():
+            w.add_(torch.randn_like(w) * 0.05)
+    export_hf_pair(ours, tmp_path)
+    disc = ElectraForPreTraining.from_pretrained(tmp_path / "discriminator").eval()
+    gen = ElectraForMaskedLM.from_pretrained(tmp_path / "generator").eval()
+    ids, mask = make_batch(config.vocab_size, pad_from={1: 15} if padded else None)
+    positions = torch.tensor([[1, 5, 7], [2, 3, 13], [20, 21, 22]])
+    with torch.no_grad():
+        ours_disc = ours.discriminator_logits(ids, mask)
+        hf_disc = disc(ids, attention_mask=mask).logits
+        ours_gen = ours.generator_logits(ids, mask, positions=positions)
+        hf_gen = gen(ids, attention_mask=mask).logits
+    hf_gen = hf_gen.gather(1, positions[..., None].expand(-1, -1, hf_gen.shape[-1]))
+    real = mask.bool()
+    torch.testing.assert_close(ours_disc[real], hf_disc[real], rtol=1e-5, atol=1e-5 * hf_disc.abs().max().item())
+    torch.testing.assert_close(ours_gen, hf_gen, rtol=1e-5, atol=1e-5 * hf_gen.abs().max().item())
+
+
+# -- tying -------------------------------------------------------------------------------------------------
+def shares_storage(model: ElectraForPretraining) -> bool:
+    w = model.named_weights()
+    return all(w[alias].data_ptr() == w[target].data_ptr() for alias, target in model.tied.items())
+
+
+def test_tying_is_structural_and_survives_moves_and_reloads(tmp_path):
+    config = preset("tiny", vocab_size=300)
+    model = ElectraForPretraining(config)
+    assert shares_storage(model)
+    assert len(list(model.parameters())) == 2  # the engine sees two tensors, not hundreds
+    model = model.to(torch.float64)
+    assert shares_storage(model)
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    fresh = ElectraForPretraining(config).to(torch.float64)
+    fresh.load_state_dict(torch.load(tmp_path / "sd.pt"))
+    assert shares_storage(fresh)
+    # Both towers' embedding gradients land in one place.
+    model = ElectraForPretraining(config)
+    ids, mask = make_batch(300)
+    model.generator_logits(ids, mask).sum().backward()
+    grad_from_gen = model.params.flat["decay"].grad.clone()
+    model.zero_grad()
+    model.discriminator_logits(ids, mask).sum().backward()
+    word = model.params.slots[f"{EMB}.word_embeddings.weight"]
+    def word_grad(g):
+        return g.narrow(0, word.offset, word.numel)
+    assert word_grad(grad_from_gen).abs().sum() > 0 and word_grad(model.params.flat["decay"].grad).abs().sum() > 0
+
+
+def test_export_import_round_trip_and_cli(tmp_path):
+    from transformers import ElectraForMaskedLM
+
+    torch.manual_seed(1)
+    model = ElectraForPretraining(preset("tiny", vocab_size=300))
+    export_hf_pair(model, tmp_path / "hf")
+    gen = ElectraForMaskedLM.from_pretrained(tmp_path / "hf" / "generator")
+    assert gen.generator_lm_head.weight.data_ptr() == gen.electra.embeddings.word_embeddings.weight.data_ptr()
+    back = load_hf_pair(tmp_path / "hf" / "discriminator", tmp_path / "hf" / "generator")
+    assert shares_storage(back)
+    for a, b in zip(model.parameters(), back.parameters()):
+        assert torch.equal(a, b)
+    assert convert_main(["from-hf", str(tmp_path / "hf" / "discriminator"), str(tmp_path / "hf" / "generator"),
+                         str(tmp_path / "ours")]) == 0
+    assert convert_main(["to-hf", str(tmp_path / "ours"), str(tmp_path / "hf2")]) == 0
+    again = load_pretrained(tmp_path / "hf2")
+    for a, b in zip(model.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_hf_google_style_generator_shape_loads(tmp_path):
+    """Released generators need not follow the rounding rule (explicit generator_* fields)."""
+    config = preset("tiny", vocab_size=300, generator_hidden_size=64, generator_num_attention_heads=2,
+                    generator_intermediate_size=96)
+    model = ElectraForPretraining(config)
+    export_hf_pair(model, tmp_path)
+    back = load_hf_pair(tmp_path / "discriminator", tmp_path / "generator")
+    assert back.config.generator == config.generator
+
+
+def test_bad_hf_directories(tmp_path):
+    model = ElectraForPretraining(preset("tiny", vocab_size=300))
+    export_hf_pair(model, tmp_path / "a")
+    with pytest.raises(ValueError, match="swap"):
+        load_hf_pair(tmp_path / "a" / "generator", tmp_path / "a" / "discriminator")
+    export_hf_pair(ElectraForPretraining(preset("tiny", vocab_size=400)), tmp_path / "b")
+    with pytest.raises(ValueError, match="vocab_size"):
+        load_hf_pair(tmp_path / "a" / "discriminator", tmp_path / "b" / "generator")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type"):
+        load_hf_pair(tmp_path / "bert", tmp_path / "a" / "generator")
+    with pytest.raises(FileNotFoundError):
+        load_pretrained(tmp_path / "nothing")
+    assert convert_main(["to-hf", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
+
+
+def test_token_id_outside_vocab_is_a_clear_error():
+    model = ElectraForPretraining(preset("tiny", vocab_size=100))
+    ids, mask = make_batch(100)
+    ids[0, 3] = 100
+    with pytest.raises(ValueError, match="outside the model's vocabulary of 100"):
+        model.discriminator_logits(ids, mask)
+
+
+# -- masking ---------------------------------------------------------------------------------------------------
+def test_masking_respects_specials_cap_and_split():
+    vocab, length = 1000, 128
+    ids, mask = make_batch(vocab, batch=512, length=length, pad_from={i: 40 + i % 80 for i in range(0, 512, 2)})
+    slots = max_predictions(length, 0.15)
+    g = torch.Generator().manual_seed(0)
+    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=vocab,
+                       max_predictions=slots, generator=g)
+    real = plan.masked_weights > 0
+    chosen = plan.masked_ids[real]
+    assert not torch.isin(chosen, torch.tensor(SPECIAL)).any()
+    assert mask.gather(1, plan.masked_positions)[real].all()
+    n_maskable = (mask.bool() & ~torch.isin(ids, torch.tensor(SPECIAL))).sum(1)
+    expected = (n_maskable * 0.15).round().clamp(1, slots)
+    assert torch.equal(real.sum(1), expected.long())
+    assert real.sum(1).max() <= slots
+    # positions within a row are distinct
+    assert all(len(set(row.tolist())) == slots for row in plan.masked_positions)
+    new = plan.generator_input_ids.gather(1, plan.masked_positions)[real]
+    frac_mask = (new == MASK).float().mean().item()
+    frac_same = (new == chosen).float().mean().item()
+    assert abs(frac_mask - 0.85) < 0.02 and abs(frac_same - 0.15) < 0.02
+    untouched = torch.ones_like(ids, dtype=torch.bool).scatter(1, plan.masked_positions, ~real)
+    assert torch.equal(plan.generator_input_ids[untouched], ids[untouched])
+
+
+def test_masking_random_share_and_short_rows():
+    ids, mask = make_batch(50, batch=256, length=16)
+    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=50, max_predictions=3,
+                       mask_replace_prob=0.5, random_replace_prob=0.3, generator=torch.Generator().manual_seed(1))
+    real = plan.masked_weights > 0
+    new = plan.generator_input_ids.gather(1, plan.masked_positions)[real]
+    assert abs((new == MASK).float().mean().item() - 0.5) < 0.05
+    short = torch.tensor([[CLS, SEP, PAD, PAD]])
+    plan = mask_tokens(short, (short != PAD).long(), mask_token_id=MASK, special_ids=SPECIAL, vocab_size=50,
+                       max_predictions=2)
+    assert plan.masked_weights.sum() == 0 and torch.equal(plan.generator_input_ids, short)
+
+
+# -- the pretraining forward ---------------------------------------------------------------------------------
+def test_labels_mark_only_changed_tokens_and_losses_are_finite():
+    torch.manual_seed(0)
+    vocab = 8  # few real tokens, so generator samples often equal the original
+    model = ElectraForPretraining(preset("tiny", vocab_size=vocab))
+    ids, mask = make_batch(vocab, batch=16, length=32, pad_from={0: 20, 5: 9})
+    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=vocab, max_predictions=6,
+                       generator=torch.Generator().manual_seed(0))
+    out = model(ids, mask, None, plan, torch.tensor(7))
+    assert torch.equal(out.labels, out.disc_input != ids)
+    in_slots = torch.zeros_like(ids, dtype=torch.bool).scatter(1, plan.masked_positions, plan.masked_weights > 0)
+    assert not out.labels[~in_slots].any()
+    kept = in_slots & ~out.labels
+    assert kept.any() and out.labels.any()  # some samples equal the original and count as real
+    stats = dict(zip(("gen_correct", "gen_count", "rc", "replaced", "oc", "original", "tokens"), out.stats.tolist()))
+    assert stats["gen_count"] == plan.masked_weights.sum().item()
+    assert stats["replaced"] == out.labels.sum().item()
+    assert stats["replaced"] + stats["original"] == stats["tokens"] == mask.sum().item()
+    assert math.isfinite(out.loss.item())
+    expected = model.config.mlm_weight * out.mlm_loss + model.config.disc_weight * out.disc_loss
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_forward_is_deterministic_given_seeds():
+    model = ElectraForPretraining(preset("tiny", vocab_size=200)).eval()
+    ids, mask = make_batch(200, batch=4, length=32)
+    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=200, max_predictions=5,
+                       generator=torch.Generator().manual_seed(3))
+    a = model(ids, mask, None, plan, torch.tensor(11))
+    b = model(ids, mask, None, plan, torch.tensor(11))
+    assert torch.equal(a.disc_input, b.disc_input) and torch.equal(a.loss, b.loss)
+
+
+def test_gumbel_sampling_follows_softmax():
+    """Chi-square goodness of fit of fp32 Gumbel-max samples to softmax(logits), on fixed seeds."""
+    from scipy.stats import chisquare
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    rows = logits.expand(4000, -1).contiguous()
+    counts = torch.zeros(6)
+    for seed in range(5):
+        counts += torch.bincount(kernels.gumbel_sample(rows, torch.tensor(seed), 1.0), minlength=6).float()
+    expected = torch.softmax(logits, 0) * counts.sum()
+    assert chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-3
+    hot = kernels.gumbel_sample(rows.to(torch.bfloat16), torch.tensor(0), 0.05)  # low temperature: argmax
+    assert (hot == 0).float().mean() > 0.99
+
+
+# -- classifier --------------------------------------------------------------------------------------------
+def test_classifier_takes_discriminator_weights(tmp_path):
+    from transformers import ElectraForPreTraining
+
+    torch.manual_seed(0)
+    config = no_dropout("tiny", vocab_size=300)
+    pre = ElectraForPretraining(config).eval()
+    clf = ElectraClassifier(config, num_labels=3).eval()
+    clf.load_discriminator_weights(pre.named_weights())
+    ids, mask = make_batch(300, pad_from={2: 10})
+    hidden = pre.encode(ids, mask)
+    torch.testing.assert_close(clf(ids, mask), hidden[:, 0] @ clf.named_weights()["classifier.weight"].T
+                               + clf.named_weights()["classifier.bias"])
+    export_hf_pair(pre, tmp_path)
+    hf_state = ElectraForPreTraining.from_pretrained(tmp_path / "discriminator").state_dict()
+    clf2 = ElectraClassifier(config, num_labels=3)
+    clf2.load_discriminator_weights(hf_state)
+    w1, w2 = clf.named_weights(), clf2.named_weights()
+    assert all(torch.equal(w1[k], w2[k]) for k in w1 if k.startswith("electra."))
+    with pytest.raises(KeyError, match="not a discriminator"):
+        clf2.load_discriminator_weights({k: v for k, v in hf_state.items() if "layer.1." not in k})
+
+
+def test_save_model_round_trip(tmp_path):
+    model = ElectraForPretraining(preset("tiny", vocab_size=300))
+    save_model(model, tmp_path / "m")
+    back = load_pretrained(tmp_path / "m")
+    assert back.config == model.config
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), back.parameters()))
+    assert GEN in next(iter(back.tied))
