@@ -66,7 +66,7 @@ def test_logits_match_transformers(tmp_path, name, padded):
     config = no_dropout(name)
     ours = ElectraForPretraining(config).eval()
     with torch.no_grad():  # non-trivial LayerNorm and bias values so a mix-up of weights shows
-        for w in ours.params.flat.values():
+        for w in ours.flat.values():
             w.add_(torch.randn_like(w) * 0.05)
     export_hf_pair(ours, tmp_path)
     disc = ElectraForPreTraining.from_pretrained(tmp_path / "discriminator").eval()
@@ -105,13 +105,13 @@ def test_tying_is_structural_and_survives_moves_and_reloads(tmp_path):
     model = ElectraForPretraining(config)
     ids, mask = make_batch(300)
     model.generator_logits(ids, mask).sum().backward()
-    grad_from_gen = model.params.flat["decay"].grad.clone()
+    grad_from_gen = model.flat["decay"].grad.clone()
     model.zero_grad()
     model.discriminator_logits(ids, mask).sum().backward()
-    word = model.params.slots[f"{EMB}.word_embeddings.weight"]
+    word = model.slots[f"{EMB}.word_embeddings.weight"]
     def word_grad(g):
         return g.narrow(0, word.offset, word.numel)
-    assert word_grad(grad_from_gen).abs().sum() > 0 and word_grad(model.params.flat["decay"].grad).abs().sum() > 0
+    assert word_grad(grad_from_gen).abs().sum() > 0 and word_grad(model.flat["decay"].grad).abs().sum() > 0
 
 
 def test_export_import_round_trip_and_cli(tmp_path):

@@ -11,12 +11,12 @@ from electra_ds.config import ElectraConfig
 from electra_ds.model.electra import DISC, check_token_ids
 from electra_ds.model.layers import attention_mask_for_sdpa, embed, embedding_specs, linear_specs, tower_forward, \
     tower_specs
-from electra_ds.model.params import FlatParameters
+from electra_ds.model.params import FlatModule
 
 PREFIX = "electra"
 
 
-class ElectraClassifier(nn.Module):
+class ElectraClassifier(FlatModule):
     """The discriminator encoder (HF names `electra.*`) plus `classifier.weight` / `classifier.bias`."""
 
     def __init__(self, config: ElectraConfig, num_labels: int,
@@ -27,14 +27,11 @@ class ElectraClassifier(nn.Module):
         self.config, self.num_labels = config, num_labels
         specs = [*embedding_specs(f"{PREFIX}.embeddings", config), *tower_specs(PREFIX, config, config.discriminator),
                  *linear_specs("classifier", num_labels, config.hidden_size)]
-        self.params = FlatParameters(specs, group_fn, config.initializer_range,
+        self.init_flat(specs, group_fn, config.initializer_range,
                                      padding_rows={f"{PREFIX}.embeddings.word_embeddings.weight": config.pad_token_id})
 
     def named_weights(self) -> dict[str, torch.Tensor]:
-        return self.params.views()
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        return self.params.param_groups(weight_decay)
+        return self.views()
 
     def load_discriminator_weights(self, state: dict[str, torch.Tensor], source: str = "weights") -> None:
         """Encoder weights from HF ElectraForPreTraining / ElectraModel names, or our pretraining model's
@@ -44,21 +41,21 @@ class ElectraClassifier(nn.Module):
             name = name.removeprefix(f"{DISC}.")
             if not name.startswith(f"{PREFIX}."):
                 name = f"{PREFIX}.{name}"  # ElectraModel state dicts have no "electra." prefix
-            if name.startswith(f"{PREFIX}.") and name in self.params.slots:
+            if name.startswith(f"{PREFIX}.") and name in self.slots:
                 encoder[name] = tensor
-        missing = [n for n in self.params.slots if n.startswith(f"{PREFIX}.") and n not in encoder]
+        missing = [n for n in self.slots if n.startswith(f"{PREFIX}.") and n not in encoder]
         if missing:
             raise KeyError(f"{source}: not a discriminator checkpoint of this size; missing {missing[:5]}"
                            f"{'...' if len(missing) > 5 else ''}")
-        self.params.load_named(encoder, strict=False, source=source)
+        super().load_named_weights(encoder, strict=False, source=source)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        cfg, w = self.config, self.params.views()
+        cfg, w = self.config, self.views()
         if input_ids.device.type == "cpu":
             check_token_ids(input_ids, cfg.vocab_size)
         x = embed(w, f"{PREFIX}.embeddings", input_ids, token_type_ids, cfg, self.training)
-        h = tower_forward(w, self.params.joined, PREFIX, x, attention_mask_for_sdpa(attention_mask),
+        h = tower_forward(w, self.joined, PREFIX, x, attention_mask_for_sdpa(attention_mask),
                           cfg.discriminator, cfg, self.training)
         cls = F.dropout(h[:, 0], cfg.hidden_dropout_prob, self.training)
         return F.linear(cls, w["classifier.weight"], w["classifier.bias"])

@@ -19,7 +19,7 @@ from electra_ds.config import ElectraConfig
 from electra_ds.data.masking import MaskingPlan
 from electra_ds.model.layers import (attention_mask_for_sdpa, embed, embedding_specs, layer_norm_specs,
                                      linear_specs, tower_forward, tower_specs)
-from electra_ds.model.params import FlatParameters, WeightSpec
+from electra_ds.model.params import FlatModule, WeightSpec
 
 DISC, GEN = "discriminator", "generator"
 EMB = f"{DISC}.electra.embeddings"
@@ -66,28 +66,25 @@ class PretrainOutput:
     disc_input: torch.Tensor  # (B, L) the original with generator samples in the masked slots
 
 
-class ElectraForPretraining(nn.Module):
+class ElectraForPretraining(FlatModule):
     def __init__(self, config: ElectraConfig, group_fn: Callable[[str], str] | None = None) -> None:
         super().__init__()
         self.config = config
         self.tied = tied_names(config)
-        self.params = FlatParameters(pretraining_specs(config), group_fn, config.initializer_range,
+        self.init_flat(pretraining_specs(config), group_fn, config.initializer_range,
                                      padding_rows={f"{EMB}.word_embeddings.weight": config.pad_token_id})
 
     # -- weights --------------------------------------------------------------------------------------------
     def named_weights(self) -> dict[str, torch.Tensor]:
         """Every weight by its Hugging Face name (tied names included), as views into the flat buffers."""
-        w = self.params.views()
+        w = self.views()
         w.update({alias: w[target] for alias, target in self.tied.items()})
         return w
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        return self.params.param_groups(weight_decay)
-
     def load_named_weights(self, weights: dict[str, torch.Tensor], source: str = "weights") -> None:
-        """Load canonical names (tied aliases are accepted if they agree with their target)."""
+        """Load weights by canonical name; tied aliases in `weights` are skipped (their target is loaded)."""
         canonical = {k: v for k, v in weights.items() if k not in self.tied}
-        self.params.load_named(canonical, strict=True, source=source)
+        super().load_named_weights(canonical, strict=True, source=source)
 
     # -- pieces ---------------------------------------------------------------------------------------------
     def _tower(self, w: dict, tower: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -97,7 +94,7 @@ class ElectraForPretraining(nn.Module):
             check_token_ids(input_ids, cfg.vocab_size)
         x = embed(w, EMB, input_ids, token_type_ids, cfg, self.training)
         shape = cfg.discriminator if tower == DISC else cfg.generator
-        return tower_forward(w, self.params.joined, f"{tower}.electra", x, attention_mask_for_sdpa(attention_mask),
+        return tower_forward(w, self.joined, f"{tower}.electra", x, attention_mask_for_sdpa(attention_mask),
                              shape, cfg, self.training)
 
     def _generator_head(self, w: dict, hidden: torch.Tensor) -> torch.Tensor:
@@ -116,19 +113,19 @@ class ElectraForPretraining(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Discriminator hidden states (B, L, H)."""
-        return self._tower(self.params.views(), DISC, input_ids, attention_mask, token_type_ids)
+        return self._tower(self.views(), DISC, input_ids, attention_mask, token_type_ids)
 
     def discriminator_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                              token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Replaced-token logits (B, L); > 0 means "replaced"."""
-        w = self.params.views()
+        w = self.views()
         return self._discriminator_head(w, self._tower(w, DISC, input_ids, attention_mask, token_type_ids))
 
     def generator_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                          token_type_ids: torch.Tensor | None = None,
                          positions: torch.Tensor | None = None) -> torch.Tensor:
         """Vocabulary logits at `positions` (B, P) -> (B, P, V); all positions when None."""
-        w = self.params.views()
+        w = self.views()
         hidden = self._tower(w, GEN, input_ids, attention_mask, token_type_ids)
         if positions is not None:
             hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -137,7 +134,7 @@ class ElectraForPretraining(nn.Module):
     # -- training -------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 token_type_ids: torch.Tensor | None, plan: MaskingPlan, sample_seed: torch.Tensor) -> PretrainOutput:
-        cfg, w = self.config, self.params.views()
+        cfg, w = self.config, self.views()
         batch, slots = plan.masked_positions.shape
 
         gen_hidden = self._tower(w, GEN, plan.generator_input_ids, attention_mask, token_type_ids)

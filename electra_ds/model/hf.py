@@ -142,7 +142,7 @@ def save_model(model: ElectraForPretraining, out_dir: str | Path) -> Path:
     """Our format: the config and every canonical weight under its HF-style name (layout independent)."""
     from safetensors.torch import save_file
 
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.params.views().items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.views().items()}
 
     def write(tmp: Path) -> None:
         (tmp / MODEL_CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2))

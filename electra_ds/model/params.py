@@ -7,6 +7,7 @@ gradients straight into the flat buffers' `.grad`.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -42,12 +43,15 @@ def default_group(name: str) -> str:
     return "no_decay" if name.endswith(".bias") or "LayerNorm" in name else "decay"
 
 
-class FlatParameters(nn.Module):
-    """Named weights packed into one flat parameter per group."""
+class FlatModule(nn.Module):
+    """A module whose named weights are packed into one flat parameter per group.
 
-    def __init__(self, specs: Sequence[WeightSpec], group_fn: Callable[[str], str] | None = None,
-                 initializer_range: float = 0.02, padding_rows: dict[str, int] | None = None) -> None:
-        super().__init__()
+    The flat parameters are registered on the module itself (not on a child), so ZeRO-3 gathers them in this
+    module's forward pre-hook and re-gathers them for its backward.
+    """
+
+    def init_flat(self, specs: Sequence[WeightSpec], group_fn: Callable[[str], str] | None = None,
+                  initializer_range: float = 0.02, padding_rows: dict[str, int] | None = None) -> None:
         group_fn = group_fn or default_group
         sizes: dict[str, int] = {}
         self.slots: dict[str, Slot] = {}
@@ -59,7 +63,9 @@ class FlatParameters(nn.Module):
             slot = Slot(group, offset, tuple(spec.shape))
             self.slots[spec.name] = slot
             sizes[group] = offset + -(-slot.numel // ALIGN) * ALIGN
-        self.flat = nn.ParameterDict({g: nn.Parameter(torch.zeros(n)) for g, n in sizes.items()})
+        self.flat_names = {g: "flat_" + re.sub(r"\W", "_", g) for g in sizes}
+        for g, n in sizes.items():
+            self.register_parameter(self.flat_names[g], nn.Parameter(torch.zeros(n)))
         self._specs = list(specs)
         self.reset_parameters(initializer_range, padding_rows or {})
 
@@ -78,11 +84,12 @@ class FlatParameters(nn.Module):
             views[name][row].zero_()
 
     @property
-    def groups(self) -> list[str]:
-        return list(self.flat.keys())
+    def flat(self) -> dict[str, nn.Parameter]:
+        """Group name -> its flat parameter."""
+        return {g: getattr(self, attr) for g, attr in self.flat_names.items()}
 
     def views(self) -> dict[str, torch.Tensor]:
-        flats = {g: p for g, p in self.flat.items()}
+        flats = self.flat
         return {name: flats[s.group].narrow(0, s.offset, s.numel).view(s.shape) for name, s in self.slots.items()}
 
     def joined(self, views: dict[str, torch.Tensor], names: Iterable[str]) -> torch.Tensor:
@@ -104,7 +111,7 @@ class FlatParameters(nn.Module):
                 for g, p in self.flat.items()]
 
     @torch.no_grad()
-    def load_named(self, weights: dict[str, torch.Tensor], strict: bool = True, source: str = "state") -> None:
+    def load_named_weights(self, weights: dict[str, torch.Tensor], strict: bool = True, source: str = "state") -> None:
         """Copy named tensors into the flat buffers, checking names and shapes."""
         views = self.views()
         missing = [n for n in views if n not in weights]
