@@ -1,0 +1,96 @@
+"""Time each fused op on CUDA at ELECTRA-Small sizes (bf16, batch 128 x 128): Triton kernel vs twin vs the
+plain torch ops a model would otherwise call. Usage: python -m electra_ds.kernels.bench [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from . import add_layer_norm, bias_gelu, cross_entropy, gumbel_sample, set_backend, sigmoid_bce
+
+
+def _graphed(fn):
+    """fn captured in a CUDA graph (warmed up on a side stream first): launch overhead taken out."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _ms(fn, iters: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def _fwd_bwd(op, *args):
+    """A callable running op(*args) forward and backward with a fixed output gradient."""
+    leaves = [a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+    inputs = [a for a in leaves if torch.is_tensor(a) and a.requires_grad]
+    grad = torch.ones_like(op(*leaves))
+    return lambda: torch.autograd.grad(op(*leaves), inputs, grad)
+
+
+def cases(tokens: int = 16384, masked: int = 2432, hidden: int = 256, ffn: int = 1024, vocab: int = 30522):
+    dev, bf = "cuda", torch.bfloat16
+    x, r = torch.randn(tokens, hidden, device=dev, dtype=bf), torch.randn(tokens, hidden, device=dev, dtype=bf)
+    w, b = torch.ones(hidden, device=dev, dtype=bf), torch.zeros(hidden, device=dev, dtype=bf)
+    h, hb = torch.randn(tokens, ffn, device=dev, dtype=bf), torch.randn(ffn, device=dev, dtype=bf)
+    logits = torch.randn(masked, vocab, device=dev, dtype=bf)
+    targets = torch.randint(0, vocab, (masked,), device=dev)
+    d, labels = torch.randn(tokens, device=dev, dtype=bf), torch.rand(tokens, device=dev) > 0.8
+    seed = torch.tensor(0, device=dev)
+    return {
+        "add_layer_norm fwd+bwd": (_fwd_bwd(add_layer_norm, x, r, w, b, 1e-12),
+                                   _fwd_bwd(lambda *a: F.layer_norm(a[0] + a[1], (hidden,), a[2], a[3], 1e-12),
+                                            x, r, w, b)),
+        "bias_gelu fwd+bwd": (_fwd_bwd(bias_gelu, h, hb), _fwd_bwd(lambda a, c: F.gelu(a + c), h, hb)),
+        "cross_entropy fwd+bwd": (_fwd_bwd(lambda a, t: cross_entropy(a, t).sum(), logits, targets),
+                                  _fwd_bwd(lambda a, t: F.cross_entropy(a, t, reduction="sum"), logits, targets)),
+        "sigmoid_bce fwd+bwd": (_fwd_bwd(lambda a, c: sigmoid_bce(a, c).sum(), d, labels),
+                                _fwd_bwd(lambda a, c: F.binary_cross_entropy_with_logits(a, c.to(a.dtype),
+                                                                                         reduction="sum"), d, labels)),
+        "gumbel_sample": (lambda: gumbel_sample(logits, seed, 1.0),
+                          lambda: (logits.float() - torch.log(-torch.log(torch.rand_like(logits.float())))).argmax(-1)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", help="also write the timings here")
+    args = parser.parse_args()
+    results = {}
+    for name, (ours, native) in cases().items():
+        row = results[name] = {}
+        for label, backend, fn in (("triton", "triton", ours), ("twin", "torch", ours), ("torch", "auto", native)):
+            set_backend(backend)
+            row[label] = {"eager": _ms(fn), "graph": _ms(_graphed(fn))}
+    set_backend("auto")
+    print(f"{torch.cuda.get_device_name()}: ms per call, eager / CUDA graph")
+    for name, row in results.items():
+        print(f"{name:24s} " + "  ".join(f"{k} {v['eager']:.3f} / {v['graph']:.3f}" for k, v in row.items()))
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "ms": results}, f, indent=1)
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()

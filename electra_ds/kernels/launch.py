@@ -1,0 +1,23 @@
+"""Launch-size helpers shared by the Triton kernels (plain Python, no triton import)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def tile_warps(values: int) -> int:
+    """Warps for a program tile of `values` values: about 8 values per thread, 1 to 8 warps."""
+    return max(1, min(8, values // 256))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_row_groups(rows: int, device: torch.device) -> int:
+    """Programs for a reduction over rows: a few per streaming multiprocessor on CUDA, 8 elsewhere."""
+    slots = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 8
+    return max(1, min(rows, slots))

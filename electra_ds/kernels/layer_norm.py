@@ -1,0 +1,123 @@
+"""Triton residual add + LayerNorm, forward and backward (twin: reference.add_layer_norm)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import num_row_groups, tile_warps
+
+
+_TILE = 2048  # values per program tile: BLOCK_M whole rows x BLOCK_H columns
+
+
+# Blocking: a program tile holds BLOCK_M whole rows (the row padded to a power of two, hidden <= 8192) and
+# as many rows as fit in about 2048 values, so mean and variance are in-register row reductions and small
+# hidden sizes still give each program enough work. The backward program walks a contiguous run of row
+# tiles and keeps the weight/bias gradient sums in fp32 registers; torch adds up the per-program partials.
+@triton.jit
+def _fwd_kernel(X, R, W, B, Y, Mean, Rstd, N, H, eps,
+                HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_H)
+    mask = (rows < N)[:, None] & (cols < H)[None, :]
+    offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        x += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / H
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / H + eps)
+    w = tl.load(W + cols, mask=cols < H, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=cols < H, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + rows, mean, mask=rows < N)
+    tl.store(Rstd + rows, rstd, mask=rows < N)
+
+
+@triton.jit
+def _bwd_kernel(X, R, W, DY, Mean, Rstd, DX, DW, DB, N, H, rows_per_program,
+                HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    w = tl.load(W + cols, mask=cols < H, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    db = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    start = pid * rows_per_program
+    for m in range(start, tl.minimum(start + rows_per_program, N), BLOCK_M):
+        rows = m + tl.arange(0, BLOCK_M)
+        mask = (rows < N)[:, None] & (cols < H)[None, :]
+        offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            x += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + rows, mask=rows < N, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=rows < N, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = w[None, :] * dy
+        c1 = tl.sum(xhat * wdy, axis=1) / H
+        c2 = tl.sum(wdy, axis=1) / H
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+        db += dy
+    tl.store(DW + pid * H + cols, tl.sum(dw, axis=0), mask=cols < H)
+    tl.store(DB + pid * H + cols, tl.sum(db, axis=0), mask=cols < H)
+
+
+def _blocks(h: int) -> tuple[int, int]:
+    block_h = triton.next_power_of_2(h)
+    if block_h > 8192:
+        raise ValueError(f"add_layer_norm: hidden size {h} > 8192 is not supported by the Triton kernel; "
+                         "use set_backend('torch')")
+    return max(1, _TILE // block_h), block_h
+
+
+class AddLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps):
+        h = x.shape[-1]
+        block_m, block_h = _blocks(h)
+        x2 = x.reshape(-1, h).contiguous()
+        r2 = x2 if residual is None else residual.reshape(-1, h).contiguous()
+        weight, bias = weight.contiguous(), bias.contiguous()
+        n = x2.shape[0]
+        y = torch.empty_like(x2)
+        mean = torch.empty(n, dtype=torch.float32, device=x.device)
+        rstd = torch.empty(n, dtype=torch.float32, device=x.device)
+        if n:
+            _fwd_kernel[(triton.cdiv(n, block_m),)](x2, r2, weight, bias, y, mean, rstd, n, h, eps,
+                                                    HAS_RES=residual is not None, BLOCK_M=block_m,
+                                                    BLOCK_H=block_h, num_warps=tile_warps(block_m * block_h))
+        ctx.save_for_backward(x2, r2, weight, bias, mean, rstd)
+        ctx.has_res = residual is not None
+        ctx.res_dtype = None if residual is None else residual.dtype
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, r2, weight, bias, mean, rstd = ctx.saved_tensors
+        n, h = x2.shape
+        block_m, block_h = _blocks(h)
+        dy2 = dy.reshape(-1, h).contiguous()
+        dx = torch.empty_like(x2)
+        tiles = triton.cdiv(n, block_m)
+        rows_per_program = max(1, triton.cdiv(tiles, num_row_groups(tiles, x2.device))) * block_m
+        groups = max(1, triton.cdiv(n, rows_per_program))
+        dw = torch.zeros(groups, h, dtype=torch.float32, device=x2.device)
+        db = torch.zeros_like(dw)
+        if n:
+            _bwd_kernel[(groups,)](x2, r2, weight, dy2, mean, rstd, dx, dw, db, n, h, rows_per_program,
+                                   HAS_RES=ctx.has_res, BLOCK_M=block_m, BLOCK_H=block_h,
+                                   num_warps=tile_warps(block_m * block_h))
+        dx = dx.view(dy.shape)
+        dres = dx.to(ctx.res_dtype) if ctx.has_res else None
+        return dx, dres, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype), None
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """Triton LayerNorm(x + residual) over the last dimension; see reference.add_layer_norm."""
+    return AddLayerNorm.apply(x, residual, weight, bias, float(eps))

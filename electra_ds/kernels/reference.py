@@ -1,0 +1,86 @@
+"""Plain-PyTorch twins of the fused ops: the specification every Triton kernel is tested against.
+
+All arithmetic is fp32 whatever the input dtype; outputs come back in the input dtype, losses in fp32.
+Gradients are whatever autograd derives from these definitions.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # cross_entropy rows whose target is this give loss 0 and gradient 0 (as in F.cross_entropy)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """LayerNorm(x + residual) over the last dimension with fp32 sum and statistics (residual may be None)."""
+    h = x.float() if residual is None else x.float() + residual.float()
+    return F.layer_norm(h, (h.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU of x + bias, bias broadcast over the last dimension."""
+    return F.gelu(x.float() + bias.float()).to(x.dtype)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy in fp32: logits (N, V), targets (N,) -> (N,); target -100 gives 0."""
+    return F.cross_entropy(logits.float(), targets, reduction="none", ignore_index=IGNORE_INDEX)
+
+
+def sigmoid_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-element binary cross-entropy with logits in fp32 (no gradient for labels)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.detach().float(), reduction="none")
+
+
+# Gumbel noise is a counter-based hash of (seed, row, col), so the Triton kernel (gumbel.py) reproduces it
+# bit for bit. uint32 values are held in int64 tensors; _mul32 keeps every product below 2**63.
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32) without int64 overflow."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """Chris Wellons' "lowbias32" integer hash (a bijection of uint32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """fp32 Gumbel(0, 1) noise for int64 index tensors rows, cols (broadcast together) under a 0-d int64 seed.
+
+    key = mix32(seed_lo ^ mix32(seed_hi ^ 0x9E3779B9)); h = mix32(mix32(key ^ mix32(row)) ^ mix32(col));
+    u = ((h >> 8) | 1) * 2**-24, an odd multiple of 2**-24 strictly inside (0, 1); noise = -log(-log(u)).
+    """
+    seed = seed.to(torch.int64)
+    key = mix32((seed & _MASK32) ^ mix32(((seed >> 32) & _MASK32) ^ 0x9E3779B9))
+    h = mix32(mix32(key ^ mix32(rows)) ^ mix32(cols))
+    u = ((h >> 8) | 1).float() * 2.0 ** -24
+    return -torch.log(-torch.log(u))
+
+
+def gumbel_sample(logits: torch.Tensor, seed: torch.Tensor, temperature: float,
+                  chunk_elements: int = 1 << 22) -> torch.Tensor:
+    """Gumbel-max sample per row of logits (..., V) in fp32 -> (...) long; argmax(logits / T + noise).
+
+    The noise depends only on (seed, flat row, col); seed is a 0-d int64 tensor read on its device (no host
+    sync). Rows go in chunks of about chunk_elements values to bound the int64 temporaries.
+    """
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    n, v = flat.shape
+    seed = seed.to(flat.device)
+    cols = torch.arange(v, device=flat.device)
+    inv_t = 1.0 / temperature
+    step = max(1, chunk_elements // max(v, 1))
+    out = torch.empty(n, dtype=torch.long, device=flat.device)
+    for start in range(0, n, step):
+        rows = torch.arange(start, min(start + step, n), device=flat.device)[:, None]
+        z = flat[start:start + step].float() * inv_t + gumbel_noise(seed, rows, cols)
+        out[start:start + step] = z.argmax(dim=-1)
+    return out.reshape(logits.shape[:-1])

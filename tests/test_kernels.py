@@ -1,0 +1,233 @@
+"""Fused kernels (electra_ds/kernels): every Triton kernel against its plain-PyTorch twin, forward and backward.
+
+Without CUDA the kernels run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set here before
+triton is imported); with CUDA the same comparisons run compiled on the GPU (marked `gpu`).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from electra_ds import kernels  # noqa: E402
+from electra_ds.kernels import reference  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU kernels need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Both sides compute in fp32 and round once to the output dtype, so results differ by float32 rounding
+# (reduction order, erf/exp/log implementations), which can move a half-precision result by one unit in
+# the last place: rtol of two such units (bf16 2**-7, fp16 2**-9), atol for cancellation near zero.
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5),
+       torch.bfloat16: dict(atol=1e-3, rtol=1.6e-2),
+       torch.float16: dict(atol=1e-4, rtol=2e-3)}
+
+
+@pytest.fixture
+def triton_backend():
+    kernels.set_backend("triton")
+    yield
+    kernels.set_backend("auto")
+
+
+def _make(shape, dtype, device, scale=1.0, seed=0, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dtype)
+    return t.requires_grad_(grad)
+
+
+def _run(fn, args, out_seed=123):
+    """fn(*args) and the gradients of its tensor arguments that require grad, for a fixed output gradient."""
+    args = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+    out = fn(*args)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(out_seed)).to(out.device, out.dtype)
+    out.backward(g)
+    return out.detach(), [a.grad for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+
+
+def _compare(fn, twin, args, tol):
+    out, grads = _run(fn, args)
+    ref_out, ref_grads = _run(twin, args)
+    assert out.dtype == ref_out.dtype and out.shape == ref_out.shape
+    torch.testing.assert_close(out, ref_out, **tol)
+    assert len(grads) == len(ref_grads)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g, r, **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,residual", [((7, 64), True), ((3, 5, 256), True), ((4, 768), False),
+                                            ((300, 100), True), ((2, 1000), False)])
+def test_add_layer_norm(triton_backend, device, dtype, shape, residual):
+    h = shape[-1]
+    x = _make(shape, dtype, device, seed=1)
+    r = _make(shape, dtype, device, seed=2) if residual else None
+    w = _make((h,), dtype, device, seed=3) + 1.0
+    b = _make((h,), dtype, device, seed=4)
+    w = w.detach().requires_grad_()
+    _compare(kernels.add_layer_norm, reference.add_layer_norm, (x, r, w, b, 1e-12), TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_add_layer_norm_fp32_params_half_input(triton_backend, device):
+    x, r = _make((6, 96), torch.bfloat16, device, seed=1), _make((6, 96), torch.bfloat16, device, seed=2)
+    w, b = _make((96,), torch.float32, device, seed=3), _make((96,), torch.float32, device, seed=4)
+    _compare(kernels.add_layer_norm, reference.add_layer_norm, (x, r, w, b, 1e-5), TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 64), (3, 5, 256), (2, 1000), (600, 130)])
+def test_bias_gelu(triton_backend, device, dtype, shape):
+    x = _make(shape, dtype, device, scale=3.0, seed=1)
+    b = _make(shape[-1:], dtype, device, seed=2)
+    _compare(kernels.bias_gelu, reference.bias_gelu, (x, b), TOL[dtype])
+
+
+def _targets(n, v, device, ignore_row=True):
+    t = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(5))
+    t[0] = v - 1
+    if ignore_row and n > 2:
+        t[1] = reference.IGNORE_INDEX
+    return t.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,v", [(5, 1000), (3, 30522), (4, 4097), (1, 7)])
+def test_cross_entropy(triton_backend, device, dtype, n, v):
+    logits = _make((n, v), dtype, device, scale=4.0, seed=1)
+    _compare(kernels.cross_entropy, reference.cross_entropy, (logits, _targets(n, v, device)), TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_mean_and_strided_rows(triton_backend, device):
+    base = _make((6, 1200), torch.bfloat16, device, scale=4.0, seed=1)
+    targets = _targets(6, 1000, device)
+
+    def mean_loss(fn):
+        return lambda x, t: fn(x[:, :1000], t).mean()  # rows with stride 1200, an expanded output grad
+
+    _compare(mean_loss(kernels.cross_entropy), mean_loss(reference.cross_entropy), (base, targets),
+             TOL[torch.bfloat16])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # interpreter: exp(100) = inf
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("label_dtype", [torch.float32, torch.bool])
+@pytest.mark.parametrize("shape", [(3, 37), (2, 1500)])
+def test_sigmoid_bce(triton_backend, device, dtype, label_dtype, shape):
+    logits = _make(shape, dtype, device, scale=8.0, seed=1)
+    with torch.no_grad():
+        logits.view(-1)[:6] = torch.tensor([-100.0, -30.0, -1e-3, 0.0, 30.0, 100.0], dtype=dtype)
+    labels = (torch.rand(shape, generator=torch.Generator().manual_seed(2)) > 0.5).to(device, label_dtype)
+    _compare(kernels.sigmoid_bce, reference.sigmoid_bce, (logits, labels.requires_grad_(False)), TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,v,temperature,seed", [(5, 1000, 1.0, 0), (3, 30522, 1.0, 2**40 + 17),
+                                                  (4, 5000, 0.5, -3), (6, 7, 2.0, 123456789)])
+def test_gumbel_same_samples_as_twin(triton_backend, device, dtype, n, v, temperature, seed):
+    logits = _make((n, v), dtype, device, scale=2.0, seed=1, grad=False)
+    s = torch.tensor(seed, dtype=torch.int64, device=device)
+    out = kernels.gumbel_sample(logits, s, temperature)
+    assert out.dtype == torch.long and out.shape == (n,)
+    assert torch.equal(out, reference.gumbel_sample(logits, s, temperature))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gumbel_seeds_rows_and_shapes(triton_backend, device):
+    logits = torch.zeros(2, 3, 50, device=device)  # flat logits: the sample is the noise's argmax
+    draw = lambda seed: kernels.gumbel_sample(logits, torch.tensor(seed, device=device), 1.0)  # noqa: E731
+    a = draw(7)
+    assert a.shape == (2, 3) and torch.equal(a, draw(7))
+    assert not torch.equal(a, draw(8)) and len(set(a.flatten().tolist())) > 1  # seeds and rows change noise
+    assert torch.equal(a, reference.gumbel_sample(logits, torch.tensor(7, device=device), 1.0))
+
+
+CHI2_999 = {5: 20.52}  # chi-square 0.999 quantile, 5 degrees of freedom
+
+
+def _chi2(samples: torch.Tensor, logits: torch.Tensor, temperature: float) -> float:
+    p = torch.softmax(logits.double() / temperature, dim=0)
+    counts = torch.bincount(samples.cpu(), minlength=p.numel()).double()
+    expected = p * samples.numel()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+ROW = torch.tensor([0.0, 0.5, 1.0, -1.0, 2.0, 0.3])
+
+
+def test_gumbel_twin_follows_softmax():
+    draws = torch.cat([reference.gumbel_sample(ROW[None], torch.tensor(seed), 1.0) for seed in range(3000)])
+    assert _chi2(draws, ROW, 1.0) < CHI2_999[5]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gumbel_kernel_follows_softmax(triton_backend, device):
+    logits = ROW.to(device).expand(150, -1)  # rows draw independent noise too
+    draws = torch.cat([kernels.gumbel_sample(logits, torch.tensor(seed, device=device), 0.5) for seed in range(8)])
+    assert _chi2(draws, ROW, 0.5) < CHI2_999[5]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_with_new_seed():
+    kernels.set_backend("auto")
+    logits = torch.randn(64, 30522, device="cuda")
+    seed = torch.tensor(1, dtype=torch.int64, device="cuda")
+    out = kernels.gumbel_sample(logits, seed, 1.0)  # warm up (compile) outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernels.gumbel_sample(logits, seed, 1.0)
+    for s in (5, 6):
+        seed.fill_(s)
+        graph.replay()
+        assert torch.equal(out, reference.gumbel_sample(logits, seed, 1.0))
+
+
+def test_backend_choice(monkeypatch):
+    calls = []
+    monkeypatch.setattr(reference, "bias_gelu", lambda x, b: calls.append("twin") or x + b)
+    kernels.set_backend("auto")
+    kernels.bias_gelu(torch.zeros(2, 3), torch.zeros(3))
+    kernels.set_backend("torch")
+    kernels.bias_gelu(torch.zeros(2, 3), torch.zeros(3))
+    kernels.set_backend("auto")
+    assert calls == ["twin", "twin"]
+    with pytest.raises(ValueError, match="not a kernel backend"):
+        kernels.set_backend("cuda")
+    assert kernels.get_backend() == "auto"
+
+
+def test_forced_triton_on_cpu_needs_interpreter(monkeypatch, triton_backend):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.bias_gelu(torch.zeros(2, 3), torch.zeros(3))
+
+
+def test_backend_from_environment(monkeypatch):
+    try:
+        monkeypatch.setenv("ELECTRA_DS_KERNELS", "torch")
+        assert importlib.reload(kernels).get_backend() == "torch"
+        monkeypatch.setenv("ELECTRA_DS_KERNELS", "fast")
+        with pytest.raises(ValueError, match="ELECTRA_DS_KERNELS='fast'"):
+            importlib.reload(kernels)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(kernels)
