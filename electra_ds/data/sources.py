@@ -1,0 +1,426 @@
+"""Text sources for the token cache: local files, a Hugging Face dataset, or the builtin offline corpus.
+
+A source yields the corpus as a stream of ``(text, ends_document)`` chunks in a fixed order. Long documents
+come in several chunks cut at line breaks (so tokenizing the pieces gives the same ids as the whole), which
+keeps memory bounded for book-sized or larger documents. Every chunk sequence of one document ends with a
+chunk whose ``ends_document`` is True, so documents can be numbered by the consumer.
+
+Local files: ``.txt`` / ``.txt.gz`` (one document per file, or per blank-line separated paragraph block with
+``doc_split="blank_lines"``), ``.jsonl`` / ``.jsonl.gz`` (one document per record, field ``text_field``),
+``.parquet`` (one document per row of column ``text_field``); a directory means every such file below it,
+in sorted order. Invalid UTF-8 is replaced with U+FFFD and counted per file.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import inspect
+import json
+import logging
+import os
+import re
+import sys
+import sysconfig
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BLOCK_BYTES = 1 << 16  # read size; also the largest chunk of a long document handed to the tokenizer
+TEXT_SUFFIXES = (".txt", ".txt.gz")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+PARQUET_SUFFIXES = (".parquet",)
+SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+DOC_SPLITS = ("file", "blank_lines")
+
+_START = re.compile(r"^[ \t]*\*\*\*[ \t]*START OF\b.*$", re.MULTILINE | re.IGNORECASE)
+_END = re.compile(r"^[ \t]*\*\*\*[ \t]*END OF\b.*$", re.MULTILINE | re.IGNORECASE)
+_BLANK_LINES = re.compile(r"\n[^\S\n]*\n\s*")
+_REPLACEMENT = "\ufffd"
+_UTF8_REPLACEMENT = _REPLACEMENT.encode("utf-8")
+
+Chunk = tuple[str, bool]
+Progress = Callable[[int], None]
+
+
+class SourceError(ValueError):
+    """The source is missing, unreadable or malformed; the message names the file (and line)."""
+
+
+@dataclass
+class SourceStats:
+    """What one pass over a source saw."""
+
+    files: int = 0
+    documents: int = 0
+    characters: int = 0
+    invalid_utf8_replaced: int = 0
+    files_with_invalid_utf8: list[str] = field(default_factory=list)
+    gutenberg_without_markers: int = 0
+    builtin_files_skipped: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Source(ABC):
+    """Base class: a named, fingerprinted corpus that can be read any number of times."""
+
+    spec: str = ""
+    progress_unit: str = "doc"
+    progress_total: int | None = None
+
+    def __init__(self, *, strip_gutenberg: bool = False) -> None:
+        self.strip_gutenberg = strip_gutenberg
+        self.stats = SourceStats()
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """Identifies the content (without reading all of it); changes when the corpus changes."""
+
+    @abstractmethod
+    def _chunks(self, progress: Progress) -> Iterator[Chunk]:
+        """The chunks, calling ``progress(n)`` as ``n`` more units of :attr:`progress_total` are done."""
+
+    def chunks(self, progress: Progress | None = None) -> Iterator[Chunk]:
+        """Yield ``(text, ends_document)`` over the whole corpus; resets :attr:`stats` first."""
+        self.stats = SourceStats()
+        for text, ends in self._chunks(progress or (lambda n: None)):
+            self.stats.characters += len(text)
+            self.stats.documents += ends
+            yield text, ends
+
+    def texts(self, max_chars: int | None = None) -> Iterator[str]:
+        """The chunk texts only (for tokenizer training), stopping after about ``max_chars`` characters."""
+        seen = 0
+        for text, _ in self.chunks():
+            yield text
+            seen += len(text)
+            if max_chars is not None and seen >= max_chars:
+                return
+
+    def _record(self, text: str, name: str) -> Iterator[Chunk]:
+        """One record (jsonl line, parquet row, dataset item) as a document."""
+        if self.strip_gutenberg:
+            text = self._strip_whole(text, name)
+        pieces = list(_split_long(text))
+        for i, piece in enumerate(pieces):
+            yield piece, i == len(pieces) - 1
+
+    def _strip_whole(self, text: str, name: str) -> str:
+        start, end = _START.search(text), _END.search(text)
+        if start is None:
+            self._note_unmarked(name)
+        begin = start.end() if start else 0
+        if end is not None and end.start() >= begin:
+            return text[begin:end.start()]
+        return text[begin:]
+
+    def _note_unmarked(self, name: str) -> None:
+        self.stats.gutenberg_without_markers += 1
+        log.warning("%s: no '*** START OF' Gutenberg marker found; kept the whole text", name)
+
+
+def _split_long(text: str, limit: int = BLOCK_BYTES) -> Iterator[str]:
+    """Cut ``text`` into pieces of at most about ``limit`` characters at line breaks (else spaces)."""
+    if len(text) <= limit:
+        yield text
+        return
+    begin = 0
+    while len(text) - begin > limit:
+        cut = text.rfind("\n", begin, begin + limit) + 1
+        if cut <= begin:
+            cut = text.rfind(" ", begin, begin + limit) + 1
+        if cut <= begin:
+            cut = begin + limit
+        yield text[begin:cut]
+        begin = cut
+    yield text[begin:]
+
+
+def _cut_point(data: bytes) -> int:
+    """Where to end a block: after the last newline, else the last space, else at a UTF-8 boundary."""
+    cut = data.rfind(b"\n") + 1 or data.rfind(b" ") + 1
+    if cut:
+        return cut
+    i = len(data) - 1
+    while i > 0 and len(data) - i < 4 and 0x80 <= data[i] < 0xC0:
+        i -= 1
+    lead = data[i]
+    need = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    return i if 0 < i and i + need > len(data) else len(data)
+
+
+class LocalFiles(Source):
+    """``.txt``, ``.txt.gz``, ``.jsonl``, ``.jsonl.gz`` and ``.parquet`` files, or folders of them."""
+
+    progress_unit = "B"
+
+    def __init__(self, path: str | os.PathLike, *, doc_split: str = "file", text_field: str = "text",
+                 strip_gutenberg: bool = False) -> None:
+        super().__init__(strip_gutenberg=strip_gutenberg)
+        if doc_split not in DOC_SPLITS:
+            raise SourceError(f"doc_split must be one of {DOC_SPLITS}, got {doc_split!r}")
+        self.root = Path(path).expanduser().resolve()
+        self.spec = str(self.root)
+        self.doc_split, self.text_field = doc_split, text_field
+        self.files = self._list_files()
+        self.progress_total = sum(f.stat().st_size for f in self.files)
+
+    def _list_files(self) -> list[Path]:
+        if not self.root.exists():
+            raise SourceError(f"source not found: {self.root}")
+        if self.root.is_file():
+            if not self.root.name.endswith(SUFFIXES):
+                raise SourceError(f"{self.root}: unsupported file type (use {', '.join(SUFFIXES)})")
+            files = [self.root]
+        else:
+            files = sorted(p for p in self.root.rglob("*")
+                           if p.is_file() and p.name.endswith(SUFFIXES) and not p.name.startswith("."))
+            if not files:
+                raise SourceError(f"no {', '.join(SUFFIXES)} files under {self.root}")
+        for f in files:
+            if not os.access(f, os.R_OK):
+                raise SourceError(f"{f}: not readable (check its permissions)")
+        return files
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for f in self.files:
+            st = f.stat()
+            h.update(f"{f.relative_to(self.root.parent)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
+
+    def _chunks(self, progress: Progress) -> Iterator[Chunk]:
+        for path in self.files:
+            self.stats.files += 1
+            name = str(path)
+            try:
+                if path.name.endswith(PARQUET_SUFFIXES):
+                    yield from self._parquet(path)
+                    progress(path.stat().st_size)
+                    continue
+                with open(path, "rb") as raw:
+                    stream = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
+                    if path.name.endswith(JSONL_SUFFIXES):
+                        yield from self._jsonl(stream, raw, name, progress)
+                    else:
+                        yield from self._text(stream, raw, name, progress)
+            except (OSError, EOFError, zlib.error) as e:
+                raise SourceError(f"{name}: cannot read ({e})") from None
+
+    def _decode(self, data: bytes, name: str, where: str | None = None) -> str:
+        """UTF-8 text of ``data`` with invalid bytes replaced by U+FFFD and counted (``where``: file:line)."""
+        text = data.decode("utf-8", errors="replace")
+        if _REPLACEMENT in text:
+            bad = text.count(_REPLACEMENT) - data.count(_UTF8_REPLACEMENT)
+            if bad:
+                self.stats.invalid_utf8_replaced += bad
+                if name not in self.stats.files_with_invalid_utf8:
+                    self.stats.files_with_invalid_utf8.append(name)
+                    log.warning("%s: invalid UTF-8 replaced with U+FFFD (first here; all counted in the "
+                                "cache manifest)", where or name)
+        return text
+
+    def _text_blocks(self, stream, raw, name: str, progress: Progress) -> Iterator[str]:
+        carry, first, pos = b"", True, 0
+        while True:
+            new = stream.read(BLOCK_BYTES)
+            data = carry + new
+            if not data:
+                break
+            cut = _cut_point(data) if new else len(data)
+            block, carry = data[:cut], data[cut:]
+            text = self._decode(block, name).replace("\r\n", "\n")
+            if first:
+                text, first = text.removeprefix("\ufeff"), False
+            now = raw.tell()
+            progress(now - pos)
+            pos = now
+            yield text
+
+    def _text(self, stream, raw, name: str, progress: Progress) -> Iterator[Chunk]:
+        blocks = self._text_blocks(stream, raw, name, progress)
+        if self.strip_gutenberg:
+            blocks = self._strip_blocks(blocks, name)
+        if self.doc_split == "file":
+            previous = None
+            for block in blocks:
+                if previous is not None:
+                    yield previous, False
+                previous = block
+            yield previous or "", True
+            return
+        carry, open_doc = "", False
+        for block in blocks:
+            parts = _BLANK_LINES.split(carry + block)
+            carry = parts.pop()
+            for part in parts:
+                if part.strip() or open_doc:
+                    yield part, True
+                    open_doc = False
+            if len(carry) >= BLOCK_BYTES:
+                yield carry, False
+                carry, open_doc = "", True
+        if carry.strip() or open_doc:
+            yield carry, True
+
+    def _strip_blocks(self, blocks: Iterable[str], name: str) -> Iterator[str]:
+        """Drop the Project Gutenberg header (to the START marker line) and licence (from the END marker)."""
+        for i, block in enumerate(blocks):
+            if i == 0:
+                start = _START.search(block)
+                if start is None:
+                    self._note_unmarked(name)
+                else:
+                    block = block[start.end():]
+            end = _END.search(block)
+            if end is not None:
+                yield block[:end.start()]
+                return
+            yield block
+
+    def _jsonl(self, stream, raw, name: str, progress: Progress) -> Iterator[Chunk]:
+        pos = 0
+        for line_no, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(self._decode(line, name, f"{name}:{line_no}").removeprefix("\ufeff"))
+            except json.JSONDecodeError as e:
+                raise SourceError(f"{name}:{line_no}: not valid JSON ({e.msg})") from None
+            text = record.get(self.text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise SourceError(f"{name}:{line_no}: no string field {self.text_field!r} "
+                                  "(choose the field with --text_field)")
+            yield from self._record(text, f"{name}:{line_no}")
+            if line_no % 256 == 0:
+                now = raw.tell()
+                progress(now - pos)
+                pos = now
+        progress(raw.tell() - pos)
+
+    def _parquet(self, path: Path) -> Iterator[Chunk]:
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises ArrowInvalid and friends
+            raise SourceError(f"{path}: not a readable parquet file ({e})") from None
+        if self.text_field not in pf.schema_arrow.names:
+            raise SourceError(f"{path}: no column {self.text_field!r} (columns: {pf.schema_arrow.names}; "
+                              "choose one with --text_field)")
+        row = 0
+        for batch in pf.iter_batches(columns=[self.text_field], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                yield from self._record(text or "", f"{path} row {row}")
+
+
+class HubDataset(Source):
+    """A Hugging Face dataset by name (downloaded and cached by ``datasets``), one document per record."""
+
+    def __init__(self, name: str, *, config: str | None = None, split: str = "train",
+                 text_field: str = "text", strip_gutenberg: bool = False) -> None:
+        super().__init__(strip_gutenberg=strip_gutenberg)
+        self.name, self.config, self.split, self.text_field = name, config, split, text_field
+        self.spec = name if config is None else f"{name}:{config}"
+
+    def fingerprint(self) -> str:
+        return f"hf:{self.name}:{self.config}:{self.split}"
+
+    def _load(self):
+        try:
+            import datasets
+        except ImportError:
+            raise SourceError(f"{self.name!r} is not a local path, and reading Hugging Face datasets needs "
+                              "`pip install datasets`") from None
+        try:
+            ds = datasets.load_dataset(self.name, self.config, split=self.split)
+        except Exception as e:  # network, missing dataset, bad config: all surface from deep inside datasets
+            raise SourceError(f"cannot load Hugging Face dataset {self.spec!r} (split {self.split!r}): "
+                              f"{type(e).__name__}: {e}. Offline? Use local files or 'builtin'.") from None
+        if self.text_field not in ds.column_names:
+            raise SourceError(f"dataset {self.spec!r} has no column {self.text_field!r} "
+                              f"(columns: {ds.column_names}; choose one with --text_field)")
+        return ds
+
+    def _chunks(self, progress: Progress) -> Iterator[Chunk]:
+        ds = self._load()
+        self.progress_total = len(ds)
+        for start in range(0, len(ds), 1000):
+            texts = ds[start:start + 1000][self.text_field]
+            for i, text in enumerate(texts):
+                yield from self._record(text or "", f"{self.spec}[{start + i}]")
+            progress(len(texts))
+
+
+class Builtin(Source):
+    """English text that ships with Python: the pydoc topic help and the docstrings of the stdlib sources.
+
+    One document per pydoc topic and one per stdlib module (its module, class and function docstrings).
+    About 2 MB of text; the content depends on the Python version, which is part of the fingerprint.
+    """
+
+    spec = "builtin"
+    # a triple-quoted string opening the file or right after a line ending in ":" (def/class headers)
+    _DOCSTRING = re.compile(r'(?:\A|:[ \t]*(?:#[^\n]*)?\n)(?:[ \t]*(?:#[^\n]*)?\n)*'
+                            r'[ \t]*[rRuU]?("""|\'\'\')(.*?)\1', re.DOTALL)
+    _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib", "lib2to3",
+                  "turtledemo", "__pycache__"}
+
+    def __init__(self, *, strip_gutenberg: bool = False) -> None:
+        super().__init__(strip_gutenberg=strip_gutenberg)
+        self.root = Path(sysconfig.get_paths()["stdlib"])
+        self.modules = sorted(p for p in self.root.rglob("*.py")
+                              if not self._SKIP_DIRS.intersection(p.relative_to(self.root).parts))
+        self.progress_total = len(self.modules) + len(self._topics())
+
+    @staticmethod
+    def _topics() -> dict[str, str]:
+        try:
+            from pydoc_data.topics import topics
+        except ImportError:  # some distributions leave pydoc_data out
+            return {}
+        return topics
+
+    def fingerprint(self) -> str:
+        return f"builtin:{sys.implementation.name}-{sys.version.split()[0]}:{len(self.modules)}"
+
+    def _chunks(self, progress: Progress) -> Iterator[Chunk]:
+        topics = self._topics()
+        for name in sorted(topics):
+            yield from self._record(topics[name], f"pydoc topic {name}")
+            progress(1)
+        for path in self.modules:
+            self.stats.files += 1
+            try:
+                source = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                self.stats.builtin_files_skipped += 1
+                progress(1)
+                continue
+            docs = [inspect.cleandoc(m.group(2)) for m in self._DOCSTRING.finditer(source)]
+            text = "\n\n".join(d for d in docs if d)
+            if text:
+                yield from self._record(text, str(path))
+            progress(1)
+
+
+def open_source(spec: str | os.PathLike, *, doc_split: str = "file", text_field: str = "text",
+                strip_gutenberg: bool = False, hf_config: str | None = None,
+                hf_split: str = "train") -> Source:
+    """Resolve ``spec``: ``"builtin"``, an existing file or folder, else a Hugging Face dataset name."""
+    text = os.fspath(spec)
+    if text == "builtin":
+        return Builtin(strip_gutenberg=strip_gutenberg)
+    path = Path(text).expanduser()
+    looks_local = (path.exists() or text.startswith((".", "/", "~")) or text.endswith(SUFFIXES)
+                   or text.count("/") > 1 or "\\" in text)
+    if looks_local:
+        return LocalFiles(path, doc_split=doc_split, text_field=text_field, strip_gutenberg=strip_gutenberg)
+    return HubDataset(text, config=hf_config, split=hf_split, text_field=text_field,
+                      strip_gutenberg=strip_gutenberg)

@@ -1,0 +1,448 @@
+"""Tokenizer, text sources and the sharded token cache: build, resume, verify, read, bad input."""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from electra_ds.data import cache as cache_mod
+from electra_ds.data.cache import CacheError, TokenCache, build_cache, dtype_for, ensure_cache, verify_cache
+from electra_ds.data.sampler import SegmentSampler
+from electra_ds.data.sources import SourceError, open_source
+from electra_ds.data.tokenizer import (TokenizerError, load_tokenizer, special_ids, tokenizer_hash, train_tokenizer,
+                                       vocab_size)
+
+WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but "
+         "have an they you were her she there been one all we their has would when what if more no out so said "
+         "who up them some could him into its then two time other only new about these may first any my now "
+         "such like our over man me even most made after also did many before must through back years where "
+         "much your way well down should because each just those people how too little state good very make "
+         "world still own see men work long get here between both life being under never day same another "
+         "know while last might us great old year off come since against go came right used take three").split()
+
+
+def _document(rng: random.Random, n_sentences: int) -> str:
+    sentences = []
+    for _ in range(n_sentences):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
+        sentences.append(" ".join(words).capitalize() + rng.choice(".!?"))
+    lines, line = [], []
+    for s in sentences:  # wrap like a book
+        line.append(s)
+        if len(line) == 3:
+            lines.append(" ".join(line))
+            line = []
+    lines.append(" ".join(line))
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def data_docs() -> list[str]:
+    rng = random.Random(0)
+    return [_document(rng, rng.randint(1, 40)) for _ in range(24)]
+
+
+@pytest.fixture(scope="module")
+def data_tokenizer(tmp_path_factory, data_docs) -> Path:
+    return train_tokenizer(data_docs * 3, 300, tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory, data_docs) -> Path:
+    """One document per file: plain and gzip-compressed .txt files in nested folders."""
+    root = tmp_path_factory.mktemp("corpus")
+    for i, doc in enumerate(data_docs):
+        sub = root / f"part{i % 3}"
+        sub.mkdir(exist_ok=True)
+        if i % 2:
+            with gzip.open(sub / f"doc{i:02d}.txt.gz", "wt", encoding="utf-8") as f:
+                f.write(doc)
+        else:
+            (sub / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
+    return root
+
+
+def _ordered_docs(root: Path, docs: list[str]) -> list[str]:
+    """The documents in the source's order (sorted paths)."""
+    names = sorted(str(p.relative_to(root)) for p in root.rglob("*.txt*"))
+    return [docs[int(Path(n).name[3:5])] for n in names]
+
+
+def _launch(name: str):
+    """The ``main`` of a launch script."""
+    path = Path(__file__).resolve().parents[1] / "launch" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _interrupt(writer, next_doc: int) -> None:
+    """Stands in for _ShardWriter._flush: the build is interrupted before its first shard is written."""
+    raise KeyboardInterrupt
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_train_load_hash(data_tokenizer, tmp_path):
+    tok = load_tokenizer(data_tokenizer)
+    assert special_ids(tok) == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    assert 100 < vocab_size(tok) <= 300
+    same = load_tokenizer(data_tokenizer / "tokenizer.json")
+    assert tokenizer_hash(same) == tokenizer_hash(tok)
+    from_vocab = load_tokenizer(data_tokenizer / "vocab.txt")  # BERT-style vocab.txt: uncased WordPiece
+    text = "The WORLD was  Great, and the PEOPLE said so!"
+    assert _ids(from_vocab, text) == _ids(tok, text)
+    assert tok.encode(text).tokens[0] == "[CLS]" and tok.encode(text).tokens[-1] == "[SEP]"
+    (tmp_path / "vocab.txt").write_text("hello\nworld\n")
+    with pytest.raises(TokenizerError, match=r"\[PAD\]"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TokenizerError, match="no tokenizer.json or vocab.txt"):
+        load_tokenizer(tmp_path / "empty")
+    with pytest.raises(TokenizerError, match="tokenizer not found"):
+        load_tokenizer(tmp_path / "missing.json")
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    with pytest.raises(TokenizerError, match="cannot load"):
+        load_tokenizer(bad)
+
+
+# ----------------------------------------------------------------------------------------- round trip
+
+def test_round_trip_text_cache_windows(data_files, data_docs, data_tokenizer, tmp_path):
+    tok = load_tokenizer(data_tokenizer)
+    out = build_cache(data_files, tmp_path / "c", data_tokenizer, workers=1, shard_tokens=300,
+                      heldout_fraction=0.0, progress=False)
+    cache = TokenCache(out)
+    expected = [_ids(tok, d) for d in _ordered_docs(data_files, data_docs)]
+    # documents longer than a shard come back in shard-sized parts; joined in order they are the corpus
+    stored = np.concatenate([cache.document(i) for i in range(cache.num_documents)])
+    assert stored.tolist() == [i for doc in expected for i in doc]
+    assert all(s["tokens"] <= 300 for s in cache.shards) and len(cache.shards) > 3
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["documents"] == len(data_docs)
+    assert cache.num_tokens == sum(map(len, expected)) == sum(s["tokens"] for s in cache.shards)
+    assert cache.dtype == np.uint16 and cache.vocab_size == vocab_size(tok)
+    # windows decode to text of the corpus
+    normalized = " ".join(tok.decode(d) for d in expected)
+    sampler = SegmentSampler(cache, 24, 16, seed=3)
+    batch = sampler.batch(0)
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+        n = int(mask.sum())
+        assert ids[0] == tok.token_to_id("[CLS]") and ids[n - 1] == tok.token_to_id("[SEP]")
+        window = tok.decode(ids[1:n - 1].tolist())
+        assert window and window.split(" ", 1)[-1].rsplit(" ", 1)[0] in normalized
+
+
+def test_parallel_build_matches_in_process(data_files, data_tokenizer, tmp_path):
+    one = build_cache(data_files, tmp_path / "w1", data_tokenizer, workers=1, shard_tokens=500, progress=False)
+    two = build_cache(data_files, tmp_path / "w2", data_tokenizer, workers=2, shard_tokens=500, progress=False)
+    m1, m2 = (json.loads((p / "manifest.json").read_text()) for p in (one, two))
+    assert m1["splits"] == m2["splits"]
+
+
+def test_heldout_split_by_documents(data_files, data_docs, data_tokenizer, tmp_path):
+    tok = load_tokenizer(data_tokenizer)
+    out = build_cache(data_files, tmp_path / "c", data_tokenizer, workers=1, heldout_fraction=0.1, progress=False)
+    ordered = _ordered_docs(data_files, data_docs)
+    heldout = TokenCache(out, "heldout")
+    assert [heldout.document(i).tolist() for i in range(heldout.num_documents)] == [
+        _ids(tok, ordered[i]) for i in (5, 15)]  # every 10th document, starting at 5
+    train = TokenCache(out)
+    assert train.num_documents == len(ordered) - 2
+    assert cache_mod.heldout_period(0.005) == 200 and cache_mod.heldout_period(0.0) == 0
+
+
+# --------------------------------------------------------------------------------------------- resume
+
+def test_interrupted_build_resumes_without_redoing_shards(data_files, data_tokenizer, tmp_path, monkeypatch):
+    kwargs = dict(workers=1, shard_tokens=200, heldout_fraction=0.1, progress=False)
+    clean = build_cache(data_files, tmp_path / "clean", data_tokenizer, **kwargs)
+    flush = cache_mod._ShardWriter._flush
+    calls = {"n": 0}
+
+    def interrupted(self, next_doc):
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        flush(self, next_doc)
+
+    monkeypatch.setattr(cache_mod._ShardWriter, "_flush", interrupted)
+    out = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(data_files, out, data_tokenizer, **kwargs)
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(CacheError, match="unfinished"):
+        TokenCache(out)
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("*-*.bin")}
+    assert len(done) == 4
+    monkeypatch.setattr(cache_mod._ShardWriter, "_flush", flush)
+    encoded = []
+    real_encode = cache_mod._encode
+    monkeypatch.setattr(cache_mod, "_encode", lambda tok, texts: encoded.extend(texts) or real_encode(tok, texts))
+    build_cache(data_files, out, data_tokenizer, **kwargs)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*-*.bin") if p.name in done} == done
+    total = sum(len(t) for t, _ in open_source(data_files).chunks())
+    assert 0 < sum(map(len, encoded)) < total  # finished shards' documents were not tokenized again
+    m_clean, m_resumed = (json.loads((p / "manifest.json").read_text()) for p in (clean, out))
+    assert m_clean["splits"] == m_resumed["splits"]
+    assert not (out / "build_state.json").exists() and not list(out.glob(".*.tmp"))
+    verify_cache(out)
+    # a different setting does not silently continue or overwrite
+    with pytest.raises(CacheError, match="shard_tokens"):
+        build_cache(data_files, out, data_tokenizer, **{**kwargs, "shard_tokens": 300})
+
+
+def test_resume_after_every_possible_interruption(data_files, data_tokenizer, tmp_path, monkeypatch):
+    kwargs = dict(workers=1, shard_tokens=150, heldout_fraction=0.2, progress=False)
+    clean = json.loads((build_cache(data_files, tmp_path / "clean", data_tokenizer, **kwargs)
+                        / "manifest.json").read_text())
+    n_shards = sum(len(v["shards"]) for v in clean["splits"].values())
+    flush = cache_mod._ShardWriter._flush
+    for stop in range(n_shards):
+        calls = {"n": 0}
+
+        def interrupted(self, next_doc):
+            if calls["n"] == stop:
+                raise KeyboardInterrupt
+            calls["n"] += 1
+            flush(self, next_doc)
+
+        out = tmp_path / f"c{stop}"
+        monkeypatch.setattr(cache_mod._ShardWriter, "_flush", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            build_cache(data_files, out, data_tokenizer, **kwargs)
+        monkeypatch.setattr(cache_mod._ShardWriter, "_flush", flush)
+        resumed = json.loads((build_cache(data_files, out, data_tokenizer, **kwargs) / "manifest.json").read_text())
+        assert resumed["splits"] == clean["splits"], stop
+
+
+# ------------------------------------------------------------------------------------ verify / corrupt
+
+def test_verify_catches_flipped_byte_and_truncation(data_files, data_tokenizer, tmp_path):
+    out = build_cache(data_files, tmp_path / "c", data_tokenizer, workers=1, shard_tokens=400, progress=False)
+    verify_cache(out)
+    shard = out / "train-00002.bin"
+    data = bytearray(shard.read_bytes())
+    data[7] ^= 0x01
+    shard.write_bytes(bytes(data))
+    TokenCache(out)  # sizes still match: only the checksum can tell
+    with pytest.raises(CacheError, match="shard train-00002: checksum"):
+        verify_cache(out)
+    shard.write_bytes(bytes(data[:-2]))
+    with pytest.raises(CacheError, match="shard train-00002: .*truncated"):
+        TokenCache(out)
+    (out / "train-00002.bin").unlink()
+    with pytest.raises(CacheError, match="shard train-00002: .*missing"):
+        verify_cache(out)
+
+
+def test_tokenizer_mismatch_refused(data_files, data_docs, data_tokenizer, tmp_path, monkeypatch):
+    other = train_tokenizer(data_docs, 200, tmp_path / "other")
+    out = build_cache(data_files, tmp_path / "c", data_tokenizer, workers=1, progress=False)
+    with pytest.raises(CacheError, match="built with tokenizer"):
+        ensure_cache(str(out), tmp_path / "root", str(other))
+    with pytest.raises(CacheError, match="built with tokenizer"):
+        TokenCache(out).check_tokenizer(load_tokenizer(other))
+    with pytest.raises(CacheError, match="built with tokenizer"):
+        build_cache(data_files, out, other, workers=1, progress=False)
+    assert ensure_cache(str(out), tmp_path / "root", str(data_tokenizer)) == out
+    # a partial build continued with another tokenizer
+    partial = tmp_path / "partial"
+    kwargs = dict(workers=1, shard_tokens=100, progress=False)
+    flush = cache_mod._ShardWriter._flush
+    monkeypatch.setattr(cache_mod._ShardWriter, "_flush", _interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(data_files, partial, data_tokenizer, **kwargs)
+    monkeypatch.setattr(cache_mod._ShardWriter, "_flush", flush)
+    with pytest.raises(CacheError, match="another tokenizer"):
+        build_cache(data_files, partial, other, **kwargs)
+    with pytest.raises(CacheError, match="unfinished"):
+        ensure_cache(str(partial), tmp_path / "root")
+    # the cache's own tokenizer replaced behind its back
+    (out / "tokenizer" / "tokenizer.json").write_text((other / "tokenizer.json").read_text())
+    with pytest.raises(CacheError, match="tokenizer was replaced"):
+        TokenCache(out)
+
+
+def test_ensure_cache_keys_and_reuses(data_files, data_tokenizer, tmp_path):
+    root = tmp_path / "caches"
+    first = ensure_cache(str(data_files), root, str(data_tokenizer), workers=1, progress=False)
+    mtime = (first / "manifest.json").stat().st_mtime_ns
+    again = ensure_cache(str(data_files), root, str(data_tokenizer), workers=1, progress=False)
+    assert again == first and (first / "manifest.json").stat().st_mtime_ns == mtime
+    other = ensure_cache(str(data_files), root, str(data_tokenizer), workers=1, progress=False, shard_tokens=100)
+    assert other != first and other.parent == root
+    assert ensure_cache(str(first), root) == first  # a built cache passes through
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+def test_bad_sources(tmp_path, data_tokenizer):
+    with pytest.raises(SourceError, match="not found"):
+        build_cache(tmp_path / "nope.txt", tmp_path / "c", data_tokenizer, progress=False)
+    with pytest.raises(SourceError, match="not found"):
+        open_source("./missing/folder")
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(SourceError, match="unsupported file type"):
+        open_source(tmp_path / "data.csv")
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    with pytest.raises(SourceError, match="no .txt"):
+        open_source(empty_dir)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n\n{"text": oops}\n')
+    with pytest.raises(SourceError, match=r"bad.jsonl:3: not valid JSON"):
+        list(open_source(bad).chunks())
+    bad.write_text('{"body": "x"}\n')
+    with pytest.raises(SourceError, match=r"bad.jsonl:1: no string field 'text'"):
+        list(open_source(bad).chunks())
+    broken = tmp_path / "broken.txt.gz"
+    broken.write_bytes(gzip.compress(b"hello world " * 1000)[:-30])
+    with pytest.raises(SourceError, match="broken.txt.gz: cannot read"):
+        list(open_source(broken).chunks())
+    if os.geteuid() != 0:  # root reads anything
+        locked = tmp_path / "locked.txt"
+        locked.write_text("secret")
+        locked.chmod(0)
+        with pytest.raises(SourceError, match="not readable"):
+            open_source(locked)
+
+
+def test_dtype_and_output_checks(tmp_path, data_files, data_tokenizer):
+    assert dtype_for(30522) == "uint16" and dtype_for(65536) == "uint16" and dtype_for(65537) == "uint32"
+    with pytest.raises(CacheError, match="does not fit uint16"):
+        dtype_for(70000, "uint16")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="not empty"):
+        build_cache(data_files, busy, data_tokenizer, workers=1, progress=False)
+    with pytest.raises(CacheError, match="not a token cache"):
+        TokenCache(busy)
+    with pytest.raises(CacheError, match="inside the source folder"):
+        build_cache(data_files, data_files / "cache", data_tokenizer, workers=1, progress=False)
+    out = build_cache(data_files, tmp_path / "c32", data_tokenizer, workers=1, dtype="uint32", progress=False)
+    assert TokenCache(out).dtype == np.uint32
+    empty = tmp_path / "blank.txt"
+    empty.write_text("\n\n   \n")
+    with pytest.raises(CacheError, match="produced no tokens"):
+        build_cache(empty, tmp_path / "none", data_tokenizer, workers=1, progress=False)
+    assert not (tmp_path / "none" / "manifest.json").exists()
+
+
+def test_empty_files_lines_and_invalid_utf8(tmp_path, data_tokenizer, caplog):
+    tok = load_tokenizer(data_tokenizer)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a_empty.txt").write_bytes(b"")
+    (src / "b_lines.txt").write_bytes(b"\n\nthe world\n\n\n\nwas great\r\n\r\n   \n")
+    (src / "c_latin1.txt").write_bytes("caf\xe9 and the world".encode("latin-1") + b" \xff\xfe end \xef\xbf\xbd")
+    (src / "d.jsonl").write_bytes(b'{"text": ""}\n\n{"text": "she said \xe9 no"}\n')
+    caplog.set_level("WARNING")
+    out = build_cache(src, tmp_path / "c", data_tokenizer, workers=1, heldout_fraction=0, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    stats = manifest["source_stats"]
+    assert stats["invalid_utf8_replaced"] == 4  # \xe9, \xff, \xfe and the jsonl's \xe9; a real U+FFFD is kept
+    assert len(stats["files_with_invalid_utf8"]) == 2 and "c_latin1.txt" in caplog.text
+    train = manifest["splits"]["train"]
+    assert train["empty_documents"] == 2 and train["documents"] == 3  # empty file and empty record
+    cache = TokenCache(out)
+    docs = [tok.decode(cache.document(i).tolist()) for i in range(cache.num_documents)]
+    assert docs[0] == "the world was great"
+    assert docs[1].startswith("caf") and "world" in docs[1] and "end" in docs[1]
+    # blank-line documents: empty lines never make documents
+    out2 = build_cache(src / "b_lines.txt", tmp_path / "c2", data_tokenizer, workers=1, heldout_fraction=0,
+                       doc_split="blank_lines", progress=False)
+    cache2 = TokenCache(out2)
+    assert [tok.decode(cache2.document(i).tolist()) for i in range(cache2.num_documents)] == ["the world",
+                                                                                               "was great"]
+
+
+def test_gutenberg_strip_jsonl_parquet(tmp_path, data_tokenizer):
+    tok = load_tokenizer(data_tokenizer)
+    book = ("\ufeffThe Project Gutenberg EBook of Nothing\r\nLicense blah\r\n"
+            "*** START OF THIS PROJECT GUTENBERG EBOOK NOTHING ***\r\n\r\nthe world was great\r\n"
+            "*** END OF THIS PROJECT GUTENBERG EBOOK NOTHING ***\r\nlicense and more license\r\n")
+    src = tmp_path / "books"
+    src.mkdir()
+    with gzip.open(src / "book.txt.gz", "wt", encoding="utf-8", newline="") as f:
+        f.write(book)
+    (src / "plain.txt").write_text("no markers here")
+    out = build_cache(src, tmp_path / "c", data_tokenizer, workers=1, heldout_fraction=0, strip_gutenberg=True,
+                      progress=False)
+    cache = TokenCache(out)
+    assert [tok.decode(cache.document(i).tolist()) for i in range(2)] == ["the world was great",
+                                                                          "no markers here"]
+    assert json.loads((out / "manifest.json").read_text())["source_stats"]["gutenberg_without_markers"] == 1
+    rows = [{"text": "the world", "id": 1}, {"text": "was great", "id": 2}]
+    with gzip.open(tmp_path / "r.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in rows))
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"body": ["she said no", None]}), tmp_path / "t.parquet")
+    assert [t for t, _ in open_source(tmp_path / "r.jsonl.gz").chunks()] == ["the world", "was great"]
+    assert [t for t, _ in open_source(tmp_path / "t.parquet", text_field="body").chunks()] == ["she said no", ""]
+    with pytest.raises(SourceError, match="no column 'text'"):
+        list(open_source(tmp_path / "t.parquet").chunks())
+
+
+def test_long_document_pieces_tokenize_like_the_whole(tmp_path, data_docs, data_tokenizer):
+    tok = load_tokenizer(data_tokenizer)
+    text = "\n".join(data_docs * 12)  # > 64 KB: read and tokenized in pieces cut at line breaks
+    assert len(text) > 1 << 16
+    (tmp_path / "long.txt").write_text(text)
+    chunks = list(open_source(tmp_path / "long.txt").chunks())
+    assert len(chunks) > 1 and [e for _, e in chunks] == [False] * (len(chunks) - 1) + [True]
+    out = build_cache(tmp_path / "long.txt", tmp_path / "c", data_tokenizer, workers=1, progress=False)
+    assert TokenCache(out).document(0).tolist() == _ids(tok, text)
+
+
+def test_hub_dataset_source(monkeypatch, tmp_path, data_tokenizer):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load(name, config=None, split="train"):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"text": ["the world", "", "was great"], "url": ["a", "b", "c"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    src = open_source("openwebtext")
+    assert [c for c in src.chunks()] == [("the world", True), ("", True), ("was great", True)]
+    out = build_cache("openwebtext", tmp_path / "c", data_tokenizer, workers=1, heldout_fraction=0, progress=False)
+    assert TokenCache(out).num_documents == 2 and calls[0] == ("openwebtext", None, "train")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no internet")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(SourceError, match="cannot load Hugging Face dataset 'openwebtext'.*Offline"):
+        list(open_source("openwebtext").chunks())
+
+
+def test_builtin_corpus_and_cli(tmp_path, capsys):
+    build_cache_main, train_tokenizer_main = _launch("build_cache"), _launch("train_tokenizer")
+    chunks = list(open_source("builtin").chunks())
+    text = "".join(t for t, _ in chunks)
+    assert len(text) > 500_000 and sum(e for _, e in chunks) > 100 and " the " in text
+    assert train_tokenizer_main(["--source", "builtin", "--vocab_size", "1000", "--output",
+                                 str(tmp_path / "tok")]) == 0
+    out = tmp_path / "cache"
+    assert build_cache_main(["--source", "builtin", "--tokenizer", str(tmp_path / "tok"), "--output", str(out),
+                             "--workers", "1", "--shard_tokens", "100000"]) == 0
+    assert "built" in capsys.readouterr().out
+    cache = TokenCache(out)
+    assert cache.num_tokens > 100_000 and TokenCache(out, "heldout").num_documents >= 1
+    assert build_cache_main(["--verify", str(out)]) == 0
+    assert build_cache_main(["--source", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 2
+    assert "error: source not found" in capsys.readouterr().err

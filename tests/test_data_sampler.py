@@ -1,0 +1,198 @@
+"""Segment sampler: windows move, stay in their document, are framed right, and depend only on (seed, step, rank).
+
+The corpus is made of unique words w0, w1, ... (one vocabulary entry each), laid out in order, so token id
+``5 + i`` is word ``i`` and a window's ids tell exactly where it comes from.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from electra_ds.data.cache import CacheError, TokenCache, build_cache
+from electra_ds.data.sampler import SegmentSampler, batches
+
+DOC_LENGTHS = [3, 10, 40, 200, 700]
+FIRST_WORD_ID = 5  # after [PAD] [UNK] [CLS] [SEP] [MASK]
+PAD, CLS, SEP = 0, 2, 3
+
+
+@pytest.fixture(scope="module")
+def data_word_corpus(tmp_path_factory) -> tuple[Path, Path]:
+    """(source folder, tokenizer vocab.txt): document k holds the next DOC_LENGTHS[k] words."""
+    root = tmp_path_factory.mktemp("words")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                               + [f"w{i}" for i in range(sum(DOC_LENGTHS))]) + "\n")
+    src = root / "src"
+    src.mkdir()
+    word = 0
+    for k, n in enumerate(DOC_LENGTHS):
+        words = [f"w{i}" for i in range(word, word + n)]
+        (src / f"doc{k}.txt").write_text("\n".join(" ".join(words[i:i + 9]) for i in range(0, n, 9)))
+        word += n
+    return src, vocab
+
+
+def _cache(corpus, tmp_path_factory, **kw) -> TokenCache:
+    src, vocab = corpus
+    out = build_cache(src, tmp_path_factory.mktemp("cache") / "c", vocab, workers=1, heldout_fraction=0,
+                      progress=False, **kw)
+    return TokenCache(out)
+
+
+@pytest.fixture(scope="module")
+def data_word_cache(data_word_corpus, tmp_path_factory) -> TokenCache:
+    return _cache(data_word_corpus, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def data_word_cache_sharded(data_word_corpus, tmp_path_factory) -> TokenCache:
+    cache = _cache(data_word_corpus, tmp_path_factory, shard_tokens=64)
+    assert len(cache.shards) > 10
+    return cache
+
+
+def _doc_bounds() -> np.ndarray:
+    return FIRST_WORD_ID + np.concatenate(([0], np.cumsum(DOC_LENGTHS)))
+
+
+def _rows(batch: dict) -> list[np.ndarray]:
+    """The text tokens (between [CLS] and the final [SEP]) of each row."""
+    return [ids[1:int(mask.sum()) - 1] for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_windows_move_cover_documents_and_never_cross(data_word_cache, data_word_cache_sharded, sharded):
+    cache = data_word_cache_sharded if sharded else data_word_cache
+    max_length, window = 34, 32
+    sampler = SegmentSampler(cache, max_length, 64, seed=0)
+    bounds = _doc_bounds()
+    starts: dict[int, set] = {k: set() for k in range(len(DOC_LENGTHS))}
+    for step in range(150):
+        batch = sampler.batch(step)
+        for ids, mask, tokens in zip(batch["input_ids"], batch["attention_mask"], _rows(batch)):
+            n = len(tokens)
+            assert ids[0] == CLS and ids[n + 1] == SEP and np.all(ids[n + 2:] == PAD)
+            assert np.all(mask[:n + 2] == 1) and np.all(mask[n + 2:] == 0)
+            assert np.all(np.diff(tokens) == 1)  # contiguous text
+            doc = int(np.searchsorted(bounds, tokens[0], side="right") - 1)
+            assert tokens[-1] < bounds[doc + 1]  # never crosses into the next document
+            if sharded:  # shard ends cut documents: the window stays in its part
+                assert n <= window
+            else:
+                assert n == min(window, DOC_LENGTHS[doc])
+            starts[doc].add(int(tokens[0] - bounds[doc]))
+        assert np.all(batch["token_type_ids"] == 0)
+    if not sharded:
+        # every start position of every document was drawn: the windows move
+        for doc, length in enumerate(DOC_LENGTHS):
+            assert starts[doc] == set(range(max(length - window, 0) + 1)), doc
+
+
+def test_documents_drawn_in_proportion_to_length(data_word_cache):
+    sampler = SegmentSampler(data_word_cache, 16, 256, seed=5)
+    bounds = _doc_bounds()
+    first = np.concatenate([sampler.batch(s)["input_ids"][:, 1] for s in range(40)])
+    counts = np.bincount(np.searchsorted(bounds, first, side="right") - 1, minlength=len(DOC_LENGTHS))
+    expected = np.array(DOC_LENGTHS) / sum(DOC_LENGTHS) * len(first)
+    assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected) + 3)
+
+
+def test_short_document_gives_padded_row(data_word_cache):
+    sampler = SegmentSampler(data_word_cache, 64, 256, seed=1)
+    for step in range(50):  # document 0 (3 words) is drawn with probability 3 / 953
+        batch = sampler.batch(step)
+        short = np.flatnonzero(batch["input_ids"][:, 1] == FIRST_WORD_ID)
+        if len(short):
+            break
+    row = batch["input_ids"][short[0]]
+    assert row[:5].tolist() == [CLS, 5, 6, 7, SEP] and np.all(row[5:] == PAD)
+    assert batch["attention_mask"][short[0]].sum() == 5
+
+
+def test_deterministic_by_seed_step_rank(data_word_cache):
+    def make(**kw):
+        return SegmentSampler(data_word_cache, 20, 8, **{"seed": 3, **kw})
+
+    a, b = make().batch(17), make().batch(17)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert all(v.dtype == np.int64 and v.shape == (8, 20) for v in a.values())
+    assert not np.array_equal(a["input_ids"], make().batch(18)["input_ids"])
+    assert not np.array_equal(a["input_ids"], make(seed=4).batch(17)["input_ids"])
+    # ranks split one global batch: equal sizes, disjoint draws, independent of the order of calls
+    whole = SegmentSampler(data_word_cache, 20, 24, seed=3).batch(17)["input_ids"]
+    parts = [make(rank=r, world_size=3).batch(17)["input_ids"] for r in (2, 0, 1)]
+    assert all(p.shape == (8, 20) for p in parts)
+    assert np.array_equal(np.concatenate([parts[1], parts[2], parts[0]]), whole)
+
+
+def test_two_segments_layout(data_word_cache):
+    max_length = 40
+    sampler = SegmentSampler(data_word_cache, max_length, 256, seed=2, two_segments=True)
+    singles = total = 0
+    for step in range(8):
+        batch = sampler.batch(step)
+        for ids, mask, types in zip(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]):
+            end = int(mask.sum()) - 1
+            seps = np.flatnonzero(ids[:end + 1] == SEP)
+            assert ids[0] == CLS and seps[-1] == end and np.all(ids[end + 1:] == PAD)
+            text = np.delete(ids[1:end + 1], seps - 1)
+            assert np.all(np.diff(text) == 1)  # A and B are consecutive text of one document
+            total += 1
+            if len(seps) == 1:
+                singles += 1
+                assert np.all(types == 0)
+                continue
+            k, m = seps[0] - 1, len(text)
+            assert len(seps) == 2 and m <= max_length - 3 and 1 <= k <= m - 1
+            assert np.all(types[:k + 2] == 0) and np.all(types[k + 2:end + 1] == 1) and np.all(types[end + 1:] == 0)
+            if m >= 8:
+                assert 0.2 * m <= k <= 0.8 * m
+    assert 0.05 < singles / total < 0.2  # about 10% single segments (plus 1-2 token documents)
+
+
+def test_packed_windows_span_documents_not_shards(data_word_cache, data_word_cache_sharded):
+    window = 30
+    crossed = 0
+    for cache in (data_word_cache, data_word_cache_sharded):
+        sampler = SegmentSampler(cache, window + 2, 128, seed=4, pack=True)
+        shard_ends = FIRST_WORD_ID + np.cumsum([s["tokens"] for s in cache.shards])
+        for step in range(10):
+            for tokens in _rows(sampler.batch(step)):
+                assert np.all(np.diff(tokens) == 1)
+                shard = int(np.searchsorted(shard_ends, tokens[0], side="right"))
+                assert tokens[-1] < shard_ends[shard]
+                assert len(tokens) == min(window, cache.shards[shard]["tokens"])
+                crossed += np.searchsorted(_doc_bounds(), tokens[0], "right") != np.searchsorted(
+                    _doc_bounds(), tokens[-1], "right")
+    assert crossed > 0
+
+
+def test_bad_arguments(data_word_cache, tmp_path):
+    with pytest.raises(ValueError, match="longer than the model's 512 positions"):
+        SegmentSampler(data_word_cache, 513, 4, seed=0, max_positions=512)
+    with pytest.raises(ValueError, match="no room"):
+        SegmentSampler(data_word_cache, 2, 4, seed=0)
+    with pytest.raises(ValueError, match="rank 2 is outside"):
+        SegmentSampler(data_word_cache, 16, 4, seed=0, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="step must be non-negative"):
+        SegmentSampler(data_word_cache, 16, 4, seed=0).batch(-1)
+    with pytest.raises(CacheError, match="no heldout documents"):
+        TokenCache(data_word_cache.path, "heldout")
+
+
+def test_loader_matches_batches_and_cache_pickles(data_word_cache_sharded):
+    torch = pytest.importorskip("torch")
+    sampler = SegmentSampler(data_word_cache_sharded, 24, 8, seed=9, two_segments=True)
+    for workers in (0, 2):
+        it = batches(sampler, 7, num_workers=workers)
+        for step in (7, 8, 9):
+            got, want = next(it), sampler.batch(step)
+            assert all(got[k].dtype == torch.int64 and np.array_equal(got[k].numpy(), want[k]) for k in want)
+        del it
+    clone = pickle.loads(pickle.dumps(sampler))
+    assert np.array_equal(clone.batch(3)["input_ids"], sampler.batch(3)["input_ids"])
+    assert clone.cache.num_tokens == sum(DOC_LENGTHS)
