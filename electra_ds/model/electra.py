@@ -94,7 +94,7 @@ class ElectraForPretraining(FlatModule):
             check_token_ids(input_ids, cfg.vocab_size)
         x = embed(w, EMB, input_ids, token_type_ids, cfg, self.training)
         shape = cfg.discriminator if tower == DISC else cfg.generator
-        return tower_forward(w, self.joined, f"{tower}.electra", x, attention_mask_for_sdpa(attention_mask),
+        return tower_forward(w, f"{tower}.electra", x, attention_mask_for_sdpa(attention_mask),
                              shape, cfg, self.training)
 
     def _generator_head(self, w: dict, hidden: torch.Tensor) -> torch.Tensor:
@@ -113,19 +113,19 @@ class ElectraForPretraining(FlatModule):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Discriminator hidden states (B, L, H)."""
-        return self._tower(self.views(), DISC, input_ids, attention_mask, token_type_ids)
+        return self._tower(self.views(with_blocks=True), DISC, input_ids, attention_mask, token_type_ids)
 
     def discriminator_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                              token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Replaced-token logits (B, L); > 0 means "replaced"."""
-        w = self.views()
+        w = self.views(with_blocks=True)
         return self._discriminator_head(w, self._tower(w, DISC, input_ids, attention_mask, token_type_ids))
 
     def generator_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                          token_type_ids: torch.Tensor | None = None,
                          positions: torch.Tensor | None = None) -> torch.Tensor:
         """Vocabulary logits at `positions` (B, P) -> (B, P, V); all positions when None."""
-        w = self.views()
+        w = self.views(with_blocks=True)
         hidden = self._tower(w, GEN, input_ids, attention_mask, token_type_ids)
         if positions is not None:
             hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -134,7 +134,7 @@ class ElectraForPretraining(FlatModule):
     # -- training -------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 token_type_ids: torch.Tensor | None, plan: MaskingPlan, sample_seed: torch.Tensor) -> PretrainOutput:
-        cfg, w = self.config, self.views()
+        cfg, w = self.config, self.views(with_blocks=True)
         batch, slots = plan.masked_positions.shape
 
         gen_hidden = self._tower(w, GEN, plan.generator_input_ids, attention_mask, token_type_ids)

@@ -1,8 +1,6 @@
 """ELECTRA's building blocks as pure functions of named weights (Hugging Face names, post-LN BERT layers)."""
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -11,7 +9,6 @@ from electra_ds.config import ElectraConfig, TowerConfig
 from electra_ds.model.params import WeightSpec
 
 Weights = dict[str, torch.Tensor]
-Joiner = Callable[[Weights, list[str]], torch.Tensor]
 
 
 def linear_specs(name: str, n_out: int, n_in: int) -> list[WeightSpec]:
@@ -33,7 +30,8 @@ def embedding_specs(prefix: str, config: ElectraConfig) -> list[WeightSpec]:
 def tower_specs(prefix: str, config: ElectraConfig, tower: TowerConfig) -> list[WeightSpec]:
     """Weights of `ElectraModel` minus its embeddings: the projection (if any) and the encoder layers.
 
-    Q, K and V weights are declared back to back (and likewise their biases) so one matrix product serves all three.
+    Q, K and V weights (and biases) form blocks `...attention.self.qkv.weight/.bias`: one matrix product serves all
+    three.
     """
     h, f = tower.hidden_size, tower.intermediate_size
     specs = []
@@ -42,8 +40,9 @@ def tower_specs(prefix: str, config: ElectraConfig, tower: TowerConfig) -> list[
     for i in range(tower.num_hidden_layers):
         layer = f"{prefix}.encoder.layer.{i}"
         qkv = [f"{layer}.attention.self.{n}" for n in ("query", "key", "value")]
-        specs += [WeightSpec(f"{n}.weight", (h, h), "normal") for n in qkv]
-        specs += [WeightSpec(f"{n}.bias", (h,), "zeros") for n in qkv]
+        block = f"{layer}.attention.self.qkv"
+        specs += [WeightSpec(f"{n}.weight", (h, h), "normal", f"{block}.weight") for n in qkv]
+        specs += [WeightSpec(f"{n}.bias", (h,), "zeros", f"{block}.bias") for n in qkv]
         specs += linear_specs(f"{layer}.attention.output.dense", h, h)
         specs += layer_norm_specs(f"{layer}.attention.output.LayerNorm", h)
         specs += linear_specs(f"{layer}.intermediate.dense", f, h)
@@ -73,12 +72,11 @@ def attention_mask_for_sdpa(attention_mask: torch.Tensor | None) -> torch.Tensor
     return None if attention_mask is None else attention_mask.bool()[:, None, None, :]
 
 
-def encoder_layer(w: Weights, join: Joiner, layer: str, h: torch.Tensor, mask: torch.Tensor | None,
+def encoder_layer(w: Weights, layer: str, h: torch.Tensor, mask: torch.Tensor | None,
                   tower: TowerConfig, config: ElectraConfig, training: bool) -> torch.Tensor:
     batch, length, hidden = h.shape
     heads = tower.num_attention_heads
-    qkv_names = [f"{layer}.attention.self.{n}" for n in ("query", "key", "value")]
-    qkv = F.linear(h, join(w, [f"{n}.weight" for n in qkv_names]), join(w, [f"{n}.bias" for n in qkv_names]))
+    qkv = F.linear(h, w[f"{layer}.attention.self.qkv.weight"], w[f"{layer}.attention.self.qkv.bias"])
     q, k, v = qkv.view(batch, length, 3, heads, hidden // heads).permute(2, 0, 3, 1, 4)
     context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=config.attention_probs_dropout_prob if training else 0.0)
@@ -95,12 +93,14 @@ def encoder_layer(w: Weights, join: Joiner, layer: str, h: torch.Tensor, mask: t
                                   config.layer_norm_eps)
 
 
-def tower_forward(w: Weights, join: Joiner, prefix: str, embeddings: torch.Tensor, mask: torch.Tensor | None,
+def tower_forward(w: Weights, prefix: str, embeddings: torch.Tensor, mask: torch.Tensor | None,
                   tower: TowerConfig, config: ElectraConfig, training: bool) -> torch.Tensor:
-    """`ElectraModel` after the embeddings: optional projection to the tower's width, then the encoder."""
+    """`ElectraModel` after the embeddings: optional projection to the tower's width, then the encoder.
+
+    `w` must hold the QKV blocks (`views(with_blocks=True)`)."""
     h = embeddings
     if f"{prefix}.embeddings_project.weight" in w:
         h = F.linear(h, w[f"{prefix}.embeddings_project.weight"], w[f"{prefix}.embeddings_project.bias"])
     for i in range(tower.num_hidden_layers):
-        h = encoder_layer(w, join, f"{prefix}.encoder.layer.{i}", h, mask, tower, config, training)
+        h = encoder_layer(w, f"{prefix}.encoder.layer.{i}", h, mask, tower, config, training)
     return h

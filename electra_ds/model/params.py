@@ -22,6 +22,7 @@ class WeightSpec:
     name: str
     shape: tuple[int, ...]
     init: str  # "normal", "zeros" or "ones"
+    block: str | None = None  # consecutive specs with the same block name are also viewable as one tensor
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,15 @@ class Slot:
         return n
 
 
+@dataclass
+class Chunk:
+    """One piece of a group's `split_with_sizes`: a weight, a block of weights, or alignment padding."""
+
+    name: str | None  # None for padding
+    size: int
+    members: list[str]  # weights viewed inside this chunk (one for a plain weight)
+
+
 def default_group(name: str) -> str:
     """Weight decay everywhere except LayerNorm parameters and biases (the recipe's rule)."""
     return "no_decay" if name.endswith(".bias") or "LayerNorm" in name else "decay"
@@ -47,22 +57,43 @@ class FlatModule(nn.Module):
     """A module whose named weights are packed into one flat parameter per group.
 
     The flat parameters are registered on the module itself (not on a child), so ZeRO-3 gathers them in this
-    module's forward pre-hook and re-gathers them for its backward.
+    module's forward pre-hook and re-gathers them for its backward. Views come from one `split_with_sizes` per
+    group: its backward writes each group's gradient once (a `narrow` per weight would add a zero-filled
+    buffer-sized tensor per weight in backward).
     """
 
     def init_flat(self, specs: Sequence[WeightSpec], group_fn: Callable[[str], str] | None = None,
                   initializer_range: float = 0.02, padding_rows: dict[str, int] | None = None) -> None:
         group_fn = group_fn or default_group
-        sizes: dict[str, int] = {}
         self.slots: dict[str, Slot] = {}
+        self.blocks: dict[str, tuple[str, ...]] = {}
+        chunks: dict[str, list[Chunk]] = {}
+        sizes: dict[str, int] = {}
         for spec in specs:
             if spec.name in self.slots:
                 raise ValueError(f"weight {spec.name!r} declared twice")
             group = group_fn(spec.name)
-            offset = sizes.get(group, 0)
-            slot = Slot(group, offset, tuple(spec.shape))
+            group_chunks = chunks.setdefault(group, [])
+            slot = Slot(group, sizes.get(group, 0), tuple(spec.shape))
             self.slots[spec.name] = slot
-            sizes[group] = offset + -(-slot.numel // ALIGN) * ALIGN
+            last = group_chunks[-1] if group_chunks else None
+            if spec.block is not None and last is not None and last.name == spec.block:
+                last.size += slot.numel  # extends the block
+                last.members.append(spec.name)
+            else:
+                if last is not None and last.size % ALIGN:  # pad the previous chunk to the alignment
+                    group_chunks.append(Chunk(None, ALIGN - last.size % ALIGN, []))
+                    slot = Slot(group, slot.offset + group_chunks[-1].size, slot.shape)
+                    self.slots[spec.name] = slot
+                group_chunks.append(Chunk(spec.block or spec.name, slot.numel, [spec.name]))
+            sizes[group] = slot.offset + slot.numel
+            if spec.block is not None:
+                self.blocks[spec.block] = self.blocks.get(spec.block, ()) + (spec.name,)
+        for block, members in self.blocks.items():
+            shapes = {self.slots[m].shape[1:] for m in members}
+            if len(shapes) != 1 or len({self.slots[m].group for m in members}) != 1:
+                raise ValueError(f"block {block!r}: members {members} must share a group and trailing shape")
+        self._chunks = chunks
         self.flat_names = {g: "flat_" + re.sub(r"\W", "_", g) for g in sizes}
         for g, n in sizes.items():
             self.register_parameter(self.flat_names[g], nn.Parameter(torch.zeros(n)))
@@ -88,22 +119,28 @@ class FlatModule(nn.Module):
         """Group name -> its flat parameter."""
         return {g: getattr(self, attr) for g, attr in self.flat_names.items()}
 
-    def views(self) -> dict[str, torch.Tensor]:
+    def views(self, with_blocks: bool = False) -> dict[str, torch.Tensor]:
+        """Weight name -> view into its flat buffer; with_blocks adds each block (e.g. fused QKV) as one tensor."""
+        out: dict[str, torch.Tensor] = {}
         flats = self.flat
-        return {name: flats[s.group].narrow(0, s.offset, s.numel).view(s.shape) for name, s in self.slots.items()}
-
-    def joined(self, views: dict[str, torch.Tensor], names: Iterable[str]) -> torch.Tensor:
-        """Concatenate same-shaped weights along dim 0: a free view when they sit back to back (fused QKV)."""
-        names = list(names)
-        slots = [self.slots[n] for n in names]
-        first = slots[0]
-        contiguous = all(s.group == first.group and s.offset == first.offset + i * first.numel
-                         and s.shape == first.shape for i, s in enumerate(slots))
-        if contiguous:
-            flat = self.flat[first.group]
-            shape = (first.shape[0] * len(slots),) + first.shape[1:]
-            return flat.narrow(0, first.offset, first.numel * len(slots)).view(shape)
-        return torch.cat([views[n] for n in names], dim=0)
+        for group, chunks in self._chunks.items():
+            parts = flats[group].split_with_sizes([c.size for c in chunks])
+            for chunk, part in zip(chunks, parts):
+                if chunk.name is None:
+                    continue
+                if len(chunk.members) == 1 and chunk.members[0] == chunk.name:
+                    out[chunk.name] = part.view(self.slots[chunk.name].shape)
+                    continue
+                first = self.slots[chunk.members[0]]
+                offset = 0
+                for member in chunk.members:
+                    shape = self.slots[member].shape
+                    numel = self.slots[member].numel
+                    out[member] = part.narrow(0, offset, numel).view(shape)
+                    offset += numel
+                if with_blocks:
+                    out[chunk.name] = part.view((-1,) + first.shape[1:])
+        return out
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """One optimizer group per flat buffer; "no_decay" groups get weight decay 0."""

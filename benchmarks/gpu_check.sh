@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The one script for the lent GPU machine (../shared/device/README.md), run from the repository root with the
+# .whl/ folder carried alongside (prepare it here with `bash ../shared/device/wheels.sh`):
+#
+#   bash benchmarks/gpu_check.sh
+#
+# 1. installs the carried wheels (deepspeed and what it needs) into /tmp/site,
+# 2. prints the GPU (nvidia-smi) and the versions,
+# 3. runs the GPU-marked tests,
+# 4. times ELECTRA-Small bf16, batch 128 x 128: every variant of benchmarks/throughput.py, eager ones first and
+#    compiled ones last (the JSON and the table are rewritten after each, so an overrun keeps what finished),
+# 5. if time is left, a batch sweep (256, 512) of the eager variants.
+# Logs (gpu_check.log: everything; pytest_gpu.log), JSON and tables (throughput.*, sweep.*) go to $OUT (./gpu_out when OUT is unset). The whole script keeps within
+# GPU_CHECK_BUDGET_S seconds (default 470, about 8 minutes): every stage runs under `timeout`, sized from what
+# is left. Without an NVIDIA GPU it says so and exits 0 at once.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
+START=$SECONDS
+
+left() { echo $((BUDGET - (SECONDS - START))); }
+
+# A stage's time limit: at most $1 seconds, keeping $2 seconds for the stages after it (1 at least).
+limit() {
+  local room=$(( $(left) - $2 ))
+  room=$(( room < $1 ? room : $1 ))
+  echo $(( room < 1 ? 1 : room ))
+}
+
+banner() { echo; echo "=== [gpu_check +$((SECONDS - START))s] $*"; }
+
+main() {
+  if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "gpu_check: no NVIDIA GPU here (nvidia-smi missing or failing): GPU tests and benchmark skipped"
+    return 0
+  fi
+
+  banner "installing the carried wheels"
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl || echo "gpu_check: WARNING: wheel install failed; the DeepSpeed variants will fail"
+  else
+    echo "gpu_check: WARNING: no .whl/ here (carry it); the DeepSpeed variants will fail"
+  fi
+  export PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
+
+  banner "device and versions"
+  nvidia-smi
+  python3 - <<'PY'
+import importlib.metadata as md
+import torch
+print("python3 torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+for name in ("transformers", "triton", "deepspeed", "pydantic", "datasets"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "not installed")
+PY
+  if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: torch sees no CUDA device: GPU tests and benchmark skipped"
+    return 0
+  fi
+
+  local t
+  t=$(limit 90 330)
+  banner "GPU tests (pytest -m gpu, at most ${t}s)"
+  timeout -k 10 "$t" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/ 2>&1 | tee "$OUT/pytest_gpu.log"
+  echo "gpu_check: pytest exit status ${PIPESTATUS[0]} (124 = timed out)"
+
+  t=$(limit 330 15)
+  banner "throughput: ELECTRA-Small bf16 128 x 128, all variants (at most ${t}s)"
+  timeout -k 10 "$t" python3 benchmarks/throughput.py --model_size small --batch_size 128 --max_length 128 \
+    --precision bf16 --steps 30 --warmup 10 --max_seconds $((t > 70 ? t - 70 : 0)) \
+    --json "$OUT/throughput.json" --markdown "$OUT/throughput.md"
+  echo "gpu_check: throughput exit status $? (124 = timed out; the JSON keeps finished variants)"
+
+  if (( $(left) >= 60 )); then
+    t=$(limit 120 5)
+    banner "throughput sweep: batch 256, 512, eager variants (at most ${t}s)"
+    timeout -k 10 "$t" python3 benchmarks/throughput.py --model_size small --batch_sizes 256,512 --max_length 128 \
+      --precision bf16 --steps 20 --warmup 5 --no_check --max_seconds $((t > 30 ? t - 30 : 0)) \
+      --variants hf_eager,ours_ds_triton,ours_bare,ours_ds_torch \
+      --json "$OUT/sweep.json" --markdown "$OUT/sweep.md"
+    echo "gpu_check: sweep exit status $?"
+  else
+    banner "throughput sweep skipped: $(left)s left"
+  fi
+
+  banner "summary"
+  for f in throughput.md sweep.md; do
+    [ -f "$OUT/$f" ] && { echo "--- $f"; cat "$OUT/$f"; }
+  done
+  return 0
+}
+
+main 2>&1 | tee "$OUT/gpu_check.log"
+exit "${PIPESTATUS[0]}"

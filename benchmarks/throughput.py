@@ -1,0 +1,638 @@
+"""Training-step throughput of our ELECTRA next to Hugging Face's modules (DESIGN.md section 4).
+
+Every variant runs the same training step on the same batches (random token ids of the preset's vocabulary,
+masked on the device with `mask_tokens`, the masking noise seeded per step as `pretraining_step` seeds it):
+masking -> generator -> Gumbel sampling -> discriminator -> loss -> backward -> clip 1.0 -> optimizer -> schedule.
+
+  hf_eager                 transformers' ElectraForMaskedLM + ElectraForPreTraining wired as the seed code does
+                           (benchmarks/hf_baseline.py), torch AdamW (fused on CUDA), autocast (+ GradScaler for fp16)
+  ours_ds_triton           our model through the DeepSpeed engine (`pretraining_step`), Triton kernels (CUDA only)
+  ours_ds_torch            the same with the kernels' PyTorch twins
+  ours_bare                our model + our optimizer without DeepSpeed, autocast: the engine's overhead is the
+                           difference to ours_ds_*
+  ours_compile             ours_bare with torch.compile(model), over the kernels' PyTorch twins
+  ours_compile_cudagraphs  torch.compile(model, mode="reduce-overhead") (CUDA graphs; CUDA only)
+  hf_compile               hf_eager with torch.compile(model)
+  hf_compile_cudagraphs    likewise with mode="reduce-overhead" (CUDA only)
+
+Compiled variants run last (each CUDA-graph one right after its plain compile, so the on-disk compile caches can
+serve it), so a time limit hit while compiling still leaves the eager numbers; a variant that fails records its
+error and the next one runs; the JSON is rewritten after every variant.
+
+Timing: after `--warmup` steps, each of `--steps` steps is timed with CUDA events (perf_counter elsewhere);
+we report the median and p10/p90. FLOPs are `electra_ds.flops.executed_step_flops` (the HF wiring runs the
+generator head on every position: max_predictions = max_length). MFU is against a bf16 matrix-product rate
+measured on the device at start and against the datasheet's dense bf16 peak when the device is known.
+
+  python benchmarks/throughput.py --model_size small --batch_size 128 --precision bf16 --json out.json
+  python benchmarks/throughput.py --device cpu --model_size tiny --batch_size 4 --steps 3 --warmup 1
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks.hf_baseline` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from benchmarks.hf_baseline import (build_hf_pair, check_same_loss, hf_param_groups, random_batch,
+                                    special_token_ids)
+from electra_ds import kernels
+from electra_ds.config import PRESETS, RECIPES, ElectraConfig, max_predictions, preset
+from electra_ds.data.masking import MaskingPlan, mask_tokens
+from electra_ds.flops import executed_step_flops, recipe_flops
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Dense bf16 tensor-core peak from the datasheets, by a substring of torch.cuda.get_device_name().
+DATASHEET_BF16_TFLOPS = (("H200", "NVIDIA H200 (dense bf16)", 989.0),
+                         ("H100 PCIe", "NVIDIA H100 PCIe (dense bf16)", 756.0),
+                         ("H100", "NVIDIA H100 SXM (dense bf16)", 989.0))
+SPEED_OF_RECIPE_STEPS = 1_000_000  # "hours for 1M steps"
+ERROR_CHARS = 2000
+# Every variant record has these keys (None where a variant did not run or failed).
+RECORD_FIELDS = ("name", "description", "status", "error", "traceback", "kernels", "notes",
+                 "executed_flops_per_step", "build_s", "warmup_s", "ms_per_step", "ms_p10", "ms_p90", "ms_wall_mean",
+                 "tokens_per_s", "tflops", "mfu_measured_peak", "mfu_datasheet", "peak_memory_mib", "memory_kind",
+                 "speedup_vs_hf_eager", "hours_per_1m_steps", "final_loss", "step_ms")
+
+
+# -- the variants --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    family: str  # "ours" or "hf": which FLOP count applies
+    cuda_only: bool = False
+
+
+VARIANTS = (
+    Variant("hf_eager", "HF modules (seed wiring), eager, torch AdamW", "hf"),
+    Variant("ours_ds_triton", "ours, DeepSpeed engine, Triton kernels", "ours", cuda_only=True),
+    Variant("ours_ds_torch", "ours, DeepSpeed engine, PyTorch twins", "ours"),
+    Variant("ours_bare", "ours, bare model step + ElectraAdam (no DeepSpeed)", "ours"),
+    Variant("ours_compile", "ours, bare step, torch.compile", "ours"),
+    Variant("ours_compile_cudagraphs", "ours, bare step, torch.compile reduce-overhead (CUDA graphs)", "ours",
+            cuda_only=True),
+    Variant("hf_compile", "HF modules, torch.compile", "hf"),
+    Variant("hf_compile_cudagraphs", "HF modules, torch.compile reduce-overhead (CUDA graphs)", "hf",
+            cuda_only=True),
+)
+VARIANT_NAMES = tuple(v.name for v in VARIANTS)
+
+
+@dataclass
+class Setup:
+    """What every variant of one run shares: the model shape, the batches and the training settings."""
+
+    config: ElectraConfig
+    model_size: str
+    batch_size: int
+    max_length: int
+    precision: str
+    device: torch.device
+    batches: list[dict[str, torch.Tensor]]
+    specials: dict[str, int]
+    mlm_probability: float
+    max_predictions: int
+    learning_rate: float
+    warmup_steps: int
+    max_steps: int
+    seed: int = 0
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return None if self.precision == "fp32" else PRECISIONS[self.precision]
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        return self.batches[step % len(self.batches)]
+
+
+@dataclass
+class Runner:
+    """A variant ready to time: `step(i)` runs training step i and returns its loss (a device tensor)."""
+
+    step: Callable[[int], torch.Tensor]
+    kernels: str
+    notes: str
+    close: Callable[[], None] | None = None  # releases what the variant holds beyond its memory
+
+
+def set_kernel_backend(name: str) -> str:
+    """Select the kernels' backend when the library offers the switch; returns what is in effect."""
+    setter = getattr(kernels, "set_backend", None)
+    if setter is None:
+        return "default"
+    setter(name)
+    return name
+
+
+def masking_plan(setup: Setup, batch: dict[str, torch.Tensor], step: int,
+                 generator: torch.Generator) -> tuple[MaskingPlan, torch.Tensor]:
+    """The mask and the Gumbel seed of `step`, drawn as `pretraining_step` draws them (seeded on the host, no sync)."""
+    from electra_ds.train.pretrain import MASK_STREAM, SAMPLE_STREAM, derive_seed
+
+    generator.manual_seed(derive_seed(setup.seed, step, 0, MASK_STREAM))
+    plan = mask_tokens(batch["input_ids"], batch["attention_mask"], mask_token_id=setup.specials["mask"],
+                       special_ids=[setup.specials[k] for k in ("pad", "cls", "sep", "mask")],
+                       vocab_size=setup.config.vocab_size, mlm_probability=setup.mlm_probability,
+                       max_predictions=setup.max_predictions, generator=generator)
+    seed = torch.full((), derive_seed(setup.seed, step, 0, SAMPLE_STREAM), dtype=torch.int64, device=setup.device)
+    return plan, seed
+
+
+def eager_training_step(setup: Setup, forward: Callable, optimizer: torch.optim.Optimizer,
+                        cudagraphs: bool) -> Callable[[int], torch.Tensor]:
+    """masking -> forward under autocast -> backward (GradScaler for fp16) -> clip 1.0 -> step -> schedule."""
+    from electra_ds.train.engine import linear_warmup_decay
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(setup.warmup_steps, setup.max_steps))
+    scaler = torch.amp.GradScaler(setup.device.type) if setup.precision == "fp16" else None
+    generator = torch.Generator(device=setup.device)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    amp = setup.amp_dtype
+
+    def step(i: int) -> torch.Tensor:
+        batch = setup.batch(i)
+        plan, seed = masking_plan(setup, batch, i, generator)
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(setup.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = forward(batch, plan, seed)
+        if scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def compile_mode(name: str) -> tuple[bool, str | None]:
+    """(compiled?, torch.compile mode) of a variant."""
+    if name.endswith("_cudagraphs"):
+        return True, "reduce-overhead"
+    return name.endswith("_compile"), None
+
+
+def build_hf(setup: Setup, name: str) -> Runner:
+    compiled, mode = compile_mode(name)
+    torch.manual_seed(setup.seed)
+    model = build_hf_pair(setup.config).to(setup.device).train()
+    optimizer = torch.optim.AdamW(hf_param_groups(model, 0.01), lr=setup.learning_rate, betas=(0.9, 0.999), eps=1e-6,
+                                  fused=setup.device.type == "cuda" or None)
+    module = torch.compile(model, mode=mode) if compiled else model
+
+    def forward(batch: dict[str, torch.Tensor], plan: MaskingPlan, seed: torch.Tensor) -> torch.Tensor:
+        return module(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], plan).loss
+
+    notes = "torch AdamW " + ("fused" if setup.device.type == "cuda" else "foreach") + \
+        (f", torch.compile(mode={mode!r})" if compiled else "")
+    return Runner(eager_training_step(setup, forward, optimizer, mode == "reduce-overhead"), "n/a (HF)", notes)
+
+
+def build_ours_bare(setup: Setup, name: str) -> Runner:
+    from electra_ds.model.electra import ElectraForPretraining
+    from electra_ds.train.engine import build_optimizer
+
+    compiled, mode = compile_mode(name)
+    cuda_kernels = setup.device.type == "cuda" and not compiled and kernels.triton_available()
+    backend = set_kernel_backend("triton" if cuda_kernels else "torch")
+    torch.manual_seed(setup.seed)
+    model = ElectraForPretraining(setup.config).to(setup.device).train()
+    optimizer = build_optimizer(model.param_groups(0.01), lr=setup.learning_rate, name="electra_adam")
+    module = torch.compile(model, mode=mode) if compiled else model
+
+    def forward(batch: dict[str, torch.Tensor], plan: MaskingPlan, seed: torch.Tensor) -> torch.Tensor:
+        return module(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], plan, seed).loss
+
+    notes = "ElectraAdam" + (f", torch.compile(mode={mode!r}) over the PyTorch twins" if compiled else "")
+    return Runner(eager_training_step(setup, forward, optimizer, mode == "reduce-overhead"), backend, notes)
+
+
+def build_ours_ds(setup: Setup, name: str) -> Runner:
+    from electra_ds.model.electra import ElectraForPretraining
+    from electra_ds.train import engine as ds_engine
+    from electra_ds.train.pretrain import pretraining_step
+
+    backend = set_kernel_backend("triton" if name == "ours_ds_triton" else "torch")
+    ds_engine.setup_distributed()
+    ds_config = ds_engine.load_ds_config(setup.precision, micro_batch_size=setup.batch_size,
+                                         gradient_accumulation_steps=1, world_size=1)
+    torch.manual_seed(setup.seed)
+    model = ElectraForPretraining(setup.config).train()
+    engine = ds_engine.initialize(model, ds_config, learning_rate=setup.learning_rate,
+                                  warmup_steps=setup.warmup_steps, max_steps=setup.max_steps, weight_decay=0.01,
+                                  optimizer="electra_adam")
+
+    def step(i: int) -> torch.Tensor:
+        out = pretraining_step(engine, setup.batch(i), special_ids=setup.specials,
+                               mlm_probability=setup.mlm_probability, max_predictions=setup.max_predictions, step=i,
+                               seed=setup.seed)
+        return out.loss.detach()
+
+    return Runner(step, backend, f"DeepSpeed ds_configs/{setup.precision}.json, ElectraAdam", engine.destroy)
+
+
+BUILDERS: dict[str, Callable[[Setup, str], Runner]] = {
+    "hf_eager": build_hf, "hf_compile": build_hf, "hf_compile_cudagraphs": build_hf,
+    "ours_bare": build_ours_bare, "ours_compile": build_ours_bare, "ours_compile_cudagraphs": build_ours_bare,
+    "ours_ds_triton": build_ours_ds, "ours_ds_torch": build_ours_ds,
+}
+
+
+# -- measuring -----------------------------------------------------------------------------------------------
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[int], torch.Tensor], device: torch.device, warmup: int,
+               steps: int) -> tuple[list[float], float, float, torch.Tensor]:
+    """(per-step ms, wall ms per step over the timed steps, warm-up seconds, last loss)."""
+    start = time.perf_counter()
+    for i in range(warmup):
+        step(i)
+    synchronize(device)
+    warmup_s = time.perf_counter() - start
+    loss = torch.zeros(())
+    if device.type == "cuda":
+        begins = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+        for k in range(steps):
+            begins[k].record()
+            loss = step(warmup + k)
+            ends[k].record()
+        torch.cuda.synchronize(device)
+        times = [b.elapsed_time(e) for b, e in zip(begins, ends)]
+        wall = begins[0].elapsed_time(ends[-1]) / steps
+    else:
+        times, first = [], time.perf_counter()
+        for k in range(steps):
+            t = time.perf_counter()
+            loss = step(warmup + k)
+            times.append((time.perf_counter() - t) * 1e3)
+        wall = (time.perf_counter() - first) * 1e3 / steps
+    return times, wall, warmup_s, loss
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def reset_peak_memory(device: torch.device) -> str:
+    """Start a fresh peak; returns what the peak measures."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return "torch.cuda.max_memory_allocated"
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
+        return "peak RSS of this variant (VmHWM)"
+    except OSError:
+        return "peak RSS of the process so far (ru_maxrss)"
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def matmul_peak(device: torch.device) -> dict[str, Any]:
+    """bf16 n x n x n matrix-product rate on this device (8192 on CUDA, 1024 on CPU)."""
+    n, iters = (8192, 20) if device.type == "cuda" else (1024, 3)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(iters):
+            a @ b
+        end.record()
+        torch.cuda.synchronize(device)
+        seconds = begin.elapsed_time(end) / 1e3
+    else:
+        for _ in range(iters):
+            a @ b
+        seconds = time.perf_counter() - start
+    return {"shape": f"{n}x{n}x{n} bf16", "tflops": 2 * n ** 3 * iters / seconds / 1e12}
+
+
+def datasheet_peak(device_name: str) -> tuple[str, float | None]:
+    for key, label, tflops in DATASHEET_BF16_TFLOPS:
+        if key in device_name:
+            return label, tflops
+    return "unknown", None
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
+                                                                            platform.machine() or "cpu")
+    return {"device": str(device), "device_name": name, "cpu_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "transformers": package_version("transformers"), "deepspeed": package_version("deepspeed"),
+            "triton": package_version("triton"), "kernels_default_backend": getattr(kernels, "get_backend",
+                                                                                   lambda: "default")()}
+
+
+# -- one run (batch size) ------------------------------------------------------------------------------------
+
+def make_setup(args: argparse.Namespace, batch_size: int, device: torch.device) -> Setup:
+    config = preset(args.model_size)
+    recipe = RECIPES[args.model_size]
+    specials = special_token_ids(config.vocab_size)
+    g = torch.Generator().manual_seed(args.seed)
+    batches = []
+    for _ in range(args.num_batches):
+        input_ids, attention_mask = random_batch(config.vocab_size, batch_size, args.max_length, specials, g)
+        batches.append({"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+                        "token_type_ids": torch.zeros_like(input_ids).to(device)})
+    mlm = recipe["mlm_probability"]
+    return Setup(config=config, model_size=args.model_size, batch_size=batch_size, max_length=args.max_length,
+                 precision=args.precision, device=device, batches=batches, specials=specials, mlm_probability=mlm,
+                 max_predictions=max_predictions(args.max_length, mlm), learning_rate=recipe["learning_rate"],
+                 warmup_steps=recipe["warmup_steps"], max_steps=recipe["max_steps"], seed=args.seed)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_variant(setup: Setup, variant: Variant, *, warmup: int, steps: int, peak_tflops: float,
+                datasheet_tflops: float | None) -> dict[str, Any]:
+    """Build, warm up and time one variant; every number of its JSON record."""
+    tokens = setup.batch_size * setup.max_length
+    flops = executed_step_flops(setup.config, setup.batch_size, setup.max_length,
+                                setup.max_length if variant.family == "hf" else setup.max_predictions)
+    record = new_record(variant, "ok", None)
+    record["executed_flops_per_step"] = flops
+    memory_kind = reset_peak_memory(setup.device)
+    previous_backend = getattr(kernels, "get_backend", lambda: "auto")()
+    runner = None
+    try:
+        start = time.perf_counter()
+        runner = BUILDERS[variant.name](setup, variant.name)
+        build_s = time.perf_counter() - start
+        times, wall, warmup_s, loss = time_steps(runner.step, setup.device, warmup, steps)
+        median = statistics.median(times)
+        tflops = flops / (median / 1e3) / 1e12
+        final_loss = float(loss)
+        notes = runner.notes if math.isfinite(final_loss) else f"{runner.notes}; final loss {final_loss}"
+        record.update({
+            "kernels": runner.kernels, "notes": notes, "build_s": build_s, "warmup_s": warmup_s,
+            "ms_per_step": median, "ms_p10": percentile(times, 10), "ms_p90": percentile(times, 90),
+            "ms_wall_mean": wall, "tokens_per_s": tokens / (median / 1e3), "tflops": tflops,
+            "mfu_measured_peak": tflops / peak_tflops,
+            "mfu_datasheet": tflops / datasheet_tflops if datasheet_tflops else None,
+            "peak_memory_mib": peak_memory_bytes(setup.device) / 2 ** 20, "memory_kind": memory_kind,
+            "hours_per_1m_steps": median * SPEED_OF_RECIPE_STEPS / 3.6e6,
+            "final_loss": final_loss if math.isfinite(final_loss) else None, "step_ms": times})
+    except Exception as e:  # one variant failing must not lose the others' numbers
+        record.update(status="error", error=f"{type(e).__name__}: {e}"[:ERROR_CHARS],
+                      traceback=traceback.format_exc()[-ERROR_CHARS:])
+    finally:
+        if runner is not None and runner.close is not None:
+            try:
+                runner.close()
+            except Exception as e:  # noqa: BLE001 - a failed clean-up must not stop the next variants
+                print(f"[throughput] {variant.name}: clean-up failed: {e}", file=sys.stderr)
+        del runner
+        set_kernel_backend(previous_backend)
+        if compile_mode(variant.name)[0]:
+            torch._dynamo.reset()
+        free_memory(setup.device)
+    return record
+
+
+def new_record(variant: Variant, status: str, error: str | None) -> dict[str, Any]:
+    record: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
+    record.update(name=variant.name, description=variant.description, status=status, error=error)
+    return record
+
+
+def add_comparisons(run: dict[str, Any]) -> None:
+    """Speed-up of every variant over hf_eager, and the DeepSpeed engine's cost over the bare step with the same
+    kernels (DESIGN.md section 4 wants it under 1 ms)."""
+    done = {v["name"]: v for v in run["variants"] if v["status"] == "ok"}
+    base = done.get("hf_eager")
+    for v in run["variants"]:
+        v["speedup_vs_hf_eager"] = base["ms_per_step"] / v["ms_per_step"] if base and v["name"] in done else None
+    bare = done.get("ours_bare")
+    run["engine_overhead_ms"] = {name: done[name]["ms_per_step"] - bare["ms_per_step"]
+                                 for name in ("ours_ds_triton", "ours_ds_torch")
+                                 if bare and name in done and done[name]["kernels"] == bare["kernels"]}
+
+
+# -- output --------------------------------------------------------------------------------------------------
+
+def write_text(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename into place: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+    return "-" if value is None else format(value * scale, spec) + suffix
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    env = meta["environment"]
+    lines = [f"ELECTRA-{meta['model_size']} training step, {meta['precision']}, seq {meta['max_length']} "
+             f"(max_predictions {meta['max_predictions']}), on {env['device_name']} ({env['device']}); "
+             f"torch {env['torch']}, CUDA {env['cuda']}, transformers {env['transformers']}, "
+             f"deepspeed {env['deepspeed']}, triton {env['triton']}.",
+             f"Measured peak: {meta['matmul_peak']['shape']} at {meta['matmul_peak']['tflops']:.1f} TFLOP/s; "
+             f"datasheet: {meta['datasheet_peak']['name']}"
+             + (f" {meta['datasheet_peak']['tflops']:.0f} TFLOP/s" if meta['datasheet_peak']['tflops'] else "")
+             + f". Recipe ({meta['recipe']['steps']:,} steps of {meta['recipe']['batch_size']} x "
+             f"{meta['recipe']['max_length']}): {meta['recipe']['pfs_days']:.4g} pfs-days (paper convention).",
+             "",
+             "| batch | variant | kernels | ms/step | p10-p90 | tokens/s | TFLOP/s | MFU (measured) | MFU (datasheet) "
+             "| peak MiB | x HF eager | h / 1M steps |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in result["runs"]:
+        for v in run["variants"]:
+            if v["status"] != "ok":
+                reason = (v.get("error") or "").splitlines()[0][:90] if v.get("error") else ""
+                lines.append(f"| {run['batch_size']} | {v['name']} | | {v['status']} | {reason} | | | | | | | |")
+                continue
+            lines.append(
+                f"| {run['batch_size']} | {v['name']} | {v['kernels']} | {v['ms_per_step']:.2f} "
+                f"| {v['ms_p10']:.2f}-{v['ms_p90']:.2f} | {v['tokens_per_s']:,.0f} | {v['tflops']:.3g} "
+                f"| {100 * v['mfu_measured_peak']:.3g}% | {fmt(v['mfu_datasheet'], '.3g', 100, '%')} "
+                f"| {v['peak_memory_mib']:,.0f} "
+                f"| {fmt(v['speedup_vs_hf_eager'], '.2f')} | {v['hours_per_1m_steps']:.1f} |")
+    overheads = [f"Batch {run['batch_size']}: DeepSpeed engine cost, {name} - ours_bare (same kernels): "
+                 f"{ms:+.2f} ms/step." for run in result["runs"] for name, ms in run["engine_overhead_ms"].items()]
+    return "\n".join(lines + [""] * bool(overheads) + overheads)
+
+
+# -- command line --------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model_size", default="small", choices=sorted(PRESETS))
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--batch_sizes", help="comma-separated batch sizes to sweep (overrides --batch_size)")
+    p.add_argument("--max_length", type=int, default=128)
+    p.add_argument("--precision", default="bf16", choices=tuple(PRECISIONS))
+    p.add_argument("--steps", type=int, help="timed steps (default 50 on CUDA, 5 on CPU)")
+    p.add_argument("--warmup", type=int,
+                   help="untimed steps first, compilation included (default 10 on CUDA, 2 on CPU)")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
+    p.add_argument("--variants", default=",".join(VARIANT_NAMES),
+                   help=f"comma-separated, run in this order; of {', '.join(VARIANT_NAMES)}")
+    p.add_argument("--json", type=Path, help="write the results here (rewritten after every variant)")
+    p.add_argument("--markdown", type=Path, help="write the table here too (rewritten after every variant)")
+    p.add_argument("--max_seconds", type=float,
+                   help="start no variant after this many seconds; the rest are recorded as skipped")
+    p.add_argument("--num_batches", type=int, default=4, help="distinct batches the steps cycle through")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_check", action="store_true",
+                   help="skip the check that the HF wiring computes our losses (check_same_loss)")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANT_NAMES]
+    if unknown or not names:
+        p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANT_NAMES)}")
+    args.variant_list = [v for n in names for v in VARIANTS if v.name == n]
+    try:
+        args.batch_list = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [args.batch_size]
+    except ValueError:
+        p.error(f"--batch_sizes {args.batch_sizes!r}: expected comma-separated integers")
+    if min(args.batch_list) < 1 or args.max_length < 2:
+        p.error("batch sizes must be >= 1 and --max_length >= 2")
+    if args.max_length > preset(args.model_size).max_position_embeddings:
+        p.error(f"--max_length {args.max_length} exceeds the {args.model_size} preset's max_position_embeddings")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index or 0)
+    cuda = device.type == "cuda"
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
+    steps = args.steps if args.steps is not None else (50 if cuda else 5)
+    if steps < 1 or warmup < 0:
+        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+
+    config = preset(args.model_size)
+    recipe = RECIPES[args.model_size]
+    env = environment(device)
+    sheet_name, sheet_tflops = datasheet_peak(env["device_name"])
+    peak = matmul_peak(device)
+    mlm = recipe["mlm_probability"]
+    meta: dict[str, Any] = {
+        "model_size": args.model_size, "precision": args.precision, "max_length": args.max_length,
+        "max_predictions": max_predictions(args.max_length, mlm), "mlm_probability": mlm, "steps": steps,
+        "warmup": warmup, "environment": env, "matmul_peak": peak,
+        "datasheet_peak": {"name": sheet_name, "tflops": sheet_tflops},
+        "recipe": {"steps": recipe["max_steps"], "batch_size": recipe["batch_size"],
+                   "max_length": recipe["max_length"],
+                   "pfs_days": recipe_flops(config, recipe["batch_size"], recipe["max_length"],
+                                            recipe["max_steps"]).pfs_days},
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv if argv is None else argv,
+    }
+    result: dict[str, Any] = {"meta": meta, "runs": []}
+    if not args.no_check:
+        try:
+            check = check_same_loss(config)
+            meta["fair_check"] = {"ok": True, **vars(check), "max_abs_diff": check.max_abs_diff}
+        except AssertionError as e:
+            meta["fair_check"] = {"ok": False, "error": str(e)}
+            print(f"WARNING: {e}", file=sys.stderr)
+
+    for batch_size in args.batch_list:
+        setup = make_setup(args, batch_size, device)
+        run: dict[str, Any] = {"batch_size": batch_size, "max_length": args.max_length,
+                               "tokens_per_step": batch_size * args.max_length,
+                               "pfs_days_per_1m_steps": recipe_flops(config, batch_size, args.max_length,
+                                                                     SPEED_OF_RECIPE_STEPS).pfs_days,
+                               "variants": [], "engine_overhead_ms": {}}
+        result["runs"].append(run)
+        for variant in args.variant_list:
+            if variant.cuda_only and not cuda:
+                record = new_record(variant, "skipped", "needs CUDA")
+            elif args.max_seconds is not None and time.monotonic() - t0 > args.max_seconds:
+                record = new_record(variant, "skipped", f"time budget of {args.max_seconds:g} s spent")
+            else:
+                print(f"[throughput] batch {batch_size}: {variant.name} ...", file=sys.stderr, flush=True)
+                record = run_variant(setup, variant, warmup=warmup, steps=steps, peak_tflops=peak["tflops"],
+                                     datasheet_tflops=sheet_tflops)
+                summary = f"{record['ms_per_step']:.2f} ms/step" if record["status"] == "ok" else record["error"]
+                print(f"[throughput] batch {batch_size}: {variant.name}: {summary}", file=sys.stderr, flush=True)
+            run["variants"].append(record)
+            add_comparisons(run)
+            meta["elapsed_s"] = time.monotonic() - t0
+            if args.json:
+                write_text(args.json, json.dumps(result, indent=2) + "\n")
+            if args.markdown:
+                write_text(args.markdown, markdown(result) + "\n")
+        del setup
+        free_memory(device)
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

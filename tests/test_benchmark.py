@@ -1,0 +1,102 @@
+"""benchmarks/throughput.py end to end on CPU (tiny preset, a few steps), and the guard that its Hugging Face
+baseline computes the same losses as our model."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of scripts, not an installed package
+
+from benchmarks import hf_baseline  # noqa: E402
+from benchmarks.throughput import RECORD_FIELDS  # noqa: E402
+from electra_ds.config import preset  # noqa: E402
+
+CPU_VARIANTS = ["hf_eager", "ours_ds_torch", "ours_bare"]
+TIMED_FIELDS = ("ms_per_step", "ms_p10", "ms_p90", "ms_wall_mean", "tokens_per_s", "tflops", "mfu_measured_peak",
+                "peak_memory_mib", "hours_per_1m_steps", "executed_flops_per_step", "build_s", "warmup_s",
+                "final_loss")
+
+
+def test_throughput_cpu_end_to_end(tmp_path):
+    out_json, out_md = tmp_path / "tp.json", tmp_path / "tp.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--device", "cpu", "--model_size", "tiny",
+           "--batch_sizes", "2,3", "--max_length", "16", "--precision", "fp32", "--steps", "2", "--warmup", "1",
+           "--variants", ",".join(CPU_VARIANTS + ["ours_ds_triton", "hf_compile_cudagraphs"]),
+           "--json", str(out_json), "--markdown", str(out_md)]
+    # one thread: on a busy 2-core machine, spinning OpenMP threads make tiny steps 10x slower
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    result = json.loads(out_json.read_text())
+    meta = result["meta"]
+    for key in ("model_size", "precision", "max_length", "max_predictions", "steps", "warmup", "environment",
+                "matmul_peak", "datasheet_peak", "recipe", "fair_check", "elapsed_s"):
+        assert key in meta, key
+    env_info = meta["environment"]
+    for key in ("device", "device_name", "torch", "cuda", "transformers", "deepspeed", "triton"):
+        assert key in env_info, key
+    assert env_info["device"] == "cpu" and env_info["torch"] == torch.__version__
+    assert meta["precision"] == "fp32" and meta["max_predictions"] == 2
+    assert meta["matmul_peak"]["tflops"] > 0 and meta["datasheet_peak"] == {"name": "unknown", "tflops": None}
+    assert meta["fair_check"]["ok"] and meta["fair_check"]["max_abs_diff"] <= 1e-4
+    assert meta["recipe"]["pfs_days"] > 0
+
+    assert [run["batch_size"] for run in result["runs"]] == [2, 3]
+    for run in result["runs"]:
+        assert run["tokens_per_step"] == run["batch_size"] * 16 and run["pfs_days_per_1m_steps"] > 0
+        records = {v["name"]: v for v in run["variants"]}
+        assert list(records) == CPU_VARIANTS + ["ours_ds_triton", "hf_compile_cudagraphs"]
+        for v in run["variants"]:
+            assert set(v) == set(RECORD_FIELDS), v["name"]
+        for name in CPU_VARIANTS:
+            v = records[name]
+            assert v["status"] == "ok", (name, v["error"], v["traceback"])
+            for key in TIMED_FIELDS:
+                assert isinstance(v[key], float) and math.isfinite(v[key]) and v[key] > 0, (name, key, v[key])
+            assert v["ms_p10"] <= v["ms_per_step"] <= v["ms_p90"] and len(v["step_ms"]) == 2
+            assert v["tokens_per_s"] == pytest.approx(run["tokens_per_step"] / (v["ms_per_step"] / 1e3))
+            assert v["mfu_datasheet"] is None and v["speedup_vs_hf_eager"] > 0
+        assert records["hf_eager"]["speedup_vs_hf_eager"] == 1.0
+        # the HF wiring runs its vocabulary head on every position, ours on the masked slots only
+        assert records["hf_eager"]["executed_flops_per_step"] > records["ours_bare"]["executed_flops_per_step"]
+        assert records["ours_ds_torch"]["kernels"] == "torch"
+        assert set(run["engine_overhead_ms"]) == {"ours_ds_torch"}  # the same kernels as ours_bare on CPU
+        for name in ("ours_ds_triton", "hf_compile_cudagraphs"):
+            assert records[name]["status"] == "skipped" and records[name]["error"] == "needs CUDA"
+
+    table = out_md.read_text()
+    assert table == proc.stdout[proc.stdout.index(table.splitlines()[0]):]
+    assert "| 3 | ours_ds_torch | torch |" in table and "| 2 | ours_ds_triton | | skipped |" in table
+
+
+def test_throughput_rejects_unknown_variant():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--variants", "hf_eager,fast"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown ['fast']" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_hf_baseline_computes_our_losses(name):
+    check = hf_baseline.check_same_loss(preset(name), batch_size=2, max_length=24)
+    assert check.max_abs_diff <= 1e-4
+    assert abs(check.ours_disc - math.log(2)) > 1e-2  # far from chance: the labels and masks matter
+
+
+def test_the_guard_catches_a_wrong_wiring(monkeypatch):
+    """A classic wiring bug: the HF generator reads the original tokens instead of the masked ones."""
+    forward = hf_baseline.HFElectraPretraining.forward
+
+    def unmasked(self, input_ids, attention_mask, token_type_ids, plan, disc_input=None):
+        return forward(self, input_ids, attention_mask, token_type_ids, plan._replace(generator_input_ids=input_ids),
+                       disc_input)
+
+    monkeypatch.setattr(hf_baseline.HFElectraPretraining, "forward", unmasked)
+    with pytest.raises(AssertionError, match="does not compute our losses"):
+        hf_baseline.check_same_loss(preset("tiny"), batch_size=2, max_length=24)
