@@ -89,6 +89,8 @@ VARIANTS = (
     Variant("ours_compile", "ours, bare step, torch.compile", "ours"),
     Variant("ours_compile_cudagraphs", "ours, bare step, torch.compile reduce-overhead (CUDA graphs)", "ours",
             cuda_only=True),
+    Variant("ours_ds_compile_cudagraphs", "ours, DeepSpeed engine, engine.compile reduce-overhead (CUDA graphs)",
+            "ours", cuda_only=True),
     Variant("hf_compile", "HF modules, torch.compile", "hf"),
     Variant("hf_compile_cudagraphs", "HF modules, torch.compile reduce-overhead (CUDA graphs)", "hf",
             cuda_only=True),
@@ -238,6 +240,7 @@ def build_ours_ds(setup: Setup, name: str) -> Runner:
     from electra_ds.train import engine as ds_engine
     from electra_ds.train.pretrain import pretraining_step
 
+    compiled, mode = compile_mode(name)
     backend = set_kernel_backend("triton" if name == "ours_ds_triton" else "torch")
     ds_engine.setup_distributed()
     ds_config = ds_engine.load_ds_config(setup.precision, micro_batch_size=setup.batch_size,
@@ -247,20 +250,26 @@ def build_ours_ds(setup: Setup, name: str) -> Runner:
     engine = ds_engine.initialize(model, ds_config, learning_rate=setup.learning_rate,
                                   warmup_steps=setup.warmup_steps, max_steps=setup.max_steps, weight_decay=0.01,
                                   optimizer="electra_adam")
+    if compiled:
+        engine.compile(compile_kwargs={"mode": mode} if mode else {})
 
     def step(i: int) -> torch.Tensor:
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
         out = pretraining_step(engine, setup.batch(i), special_ids=setup.specials,
                                mlm_probability=setup.mlm_probability, max_predictions=setup.max_predictions, step=i,
                                seed=setup.seed)
         return out.loss.detach()
 
-    return Runner(step, backend, f"DeepSpeed ds_configs/{setup.precision}.json, ElectraAdam", engine.destroy)
+    notes = f"DeepSpeed ds_configs/{setup.precision}.json, ElectraAdam" + \
+        (f", engine.compile(mode={mode!r}) over the PyTorch twins" if compiled else "")
+    return Runner(step, backend, notes, engine.destroy)
 
 
 BUILDERS: dict[str, Callable[[Setup, str], Runner]] = {
     "hf_eager": build_hf, "hf_compile": build_hf, "hf_compile_cudagraphs": build_hf,
     "ours_bare": build_ours_bare, "ours_compile": build_ours_bare, "ours_compile_cudagraphs": build_ours_bare,
-    "ours_ds_triton": build_ours_ds, "ours_ds_torch": build_ours_ds,
+    "ours_ds_triton": build_ours_ds, "ours_ds_torch": build_ours_ds, "ours_ds_compile_cudagraphs": build_ours_ds,
 }
 
 
