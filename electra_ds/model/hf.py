@@ -152,10 +152,45 @@ def save_model(model: ElectraForPretraining, out_dir: str | Path) -> Path:
     return Path(out_dir)
 
 
-def load_pretrained(path: str | Path) -> ElectraForPretraining:
-    """Our model directory, a HF pair directory (discriminator/ + generator/), or a pretraining output
-    directory (uses its `hf/` export, else its `model/` directory)."""
+DS_MODEL_STATES = "mp_rank_00_model_states.pt"
+RUN_CONFIG = "run_config.json"
+
+
+def load_deepspeed_checkpoint(path: str | Path) -> ElectraForPretraining:
+    """A pretraining checkpoint directory (OUT/checkpoints/stepNNNNNNNN) of any ZeRO stage.
+
+    The model config comes from OUT/run_config.json; ZeRO-partitioned fp32 weights are merged with
+    DeepSpeed's zero_to_fp32, unpartitioned ones read from the module states."""
     path = Path(path)
+    run_config = path.parent.parent / RUN_CONFIG
+    if not run_config.is_file():
+        raise FileNotFoundError(f"{path}: a DeepSpeed checkpoint, but {run_config} (the model config) is missing")
+    config = ElectraConfig.from_dict(json.loads(run_config.read_text())["model"])
+    model = ElectraForPretraining(config)
+    if any(path.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    else:
+        state = torch.load(path / DS_MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+    expected = model.state_dict()
+    problems = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(expected[k].shape)} in the model"
+                for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    problems += [f"{k} missing" for k in expected if k not in state]
+    problems += [f"{k} unexpected" for k in state if k not in expected]
+    if problems:
+        raise ValueError(f"{path}: checkpoint does not fit the model described by {run_config} ("
+                         + "; ".join(problems) + ")")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model
+
+
+def load_pretrained(path: str | Path) -> ElectraForPretraining:
+    """Our model directory, a HF pair directory (discriminator/ + generator/), a DeepSpeed checkpoint directory
+    of a pretraining run, or a pretraining output directory (its `hf/` export, else its latest checkpoint)."""
+    path = Path(path)
+    if (path / DS_MODEL_STATES).is_file():
+        return load_deepspeed_checkpoint(path)
     if (path / MODEL_CONFIG).is_file():
         from safetensors.torch import load_file
 
@@ -165,8 +200,11 @@ def load_pretrained(path: str | Path) -> ElectraForPretraining:
         return model
     if (path / DISC).is_dir() and (path / GEN).is_dir():
         return load_hf_pair(path / DISC, path / GEN)
-    for sub in ("hf", "model"):
-        if (path / sub).is_dir():
-            return load_pretrained(path / sub)
+    if (path / "hf").is_dir():
+        return load_pretrained(path / "hf")
+    latest = path / "checkpoints" / "latest"
+    if latest.is_file() and (path / "checkpoints" / latest.read_text().strip()).is_dir():
+        return load_deepspeed_checkpoint(path / "checkpoints" / latest.read_text().strip())
     raise FileNotFoundError(f"{path}: not an electra_ds model directory ({MODEL_CONFIG}), a Hugging Face pair "
-                            f"({DISC}/ and {GEN}/) or a pretraining output directory (hf/ or model/)")
+                            f"({DISC}/ and {GEN}/), a DeepSpeed checkpoint ({DS_MODEL_STATES}) or a pretraining "
+                            f"output directory (hf/ or checkpoints/latest)")
