@@ -187,7 +187,7 @@ def load_deepspeed_checkpoint(path: str | Path) -> ElectraForPretraining:
 
 def load_pretrained(path: str | Path) -> ElectraForPretraining:
     """Our model directory, a HF pair directory (discriminator/ + generator/), a DeepSpeed checkpoint directory
-    of a pretraining run, or a pretraining output directory (its `hf/` export, else its latest checkpoint)."""
+    of a pretraining run, or a pretraining output directory (its `hf/` export or `model/` directory, else its latest checkpoint)."""
     path = Path(path)
     if (path / DS_MODEL_STATES).is_file():
         return load_deepspeed_checkpoint(path)
@@ -200,11 +200,12 @@ def load_pretrained(path: str | Path) -> ElectraForPretraining:
         return model
     if (path / DISC).is_dir() and (path / GEN).is_dir():
         return load_hf_pair(path / DISC, path / GEN)
-    if (path / "hf").is_dir():
-        return load_pretrained(path / "hf")
+    for sub in ("hf", "model"):
+        if (path / sub).is_dir():
+            return load_pretrained(path / sub)
     latest = path / "checkpoints" / "latest"
     if latest.is_file() and (path / "checkpoints" / latest.read_text().strip()).is_dir():
         return load_deepspeed_checkpoint(path / "checkpoints" / latest.read_text().strip())
     raise FileNotFoundError(f"{path}: not an electra_ds model directory ({MODEL_CONFIG}), a Hugging Face pair "
                             f"({DISC}/ and {GEN}/), a DeepSpeed checkpoint ({DS_MODEL_STATES}) or a pretraining "
-                            f"output directory (hf/ or checkpoints/latest)")
+                            f"output directory (hf/, model/ or checkpoints/latest)")

@@ -1,0 +1,255 @@
+"""GLUE fine-tuning: a tiny model learns a made task, evaluation is deterministic, layer-wise lrs follow both
+rules, submission files, HF discriminator directories, bad input, and launch/glue.sh end to end."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from electra_ds.config import preset
+from electra_ds.data.glue import GlueExample, TASKS
+from electra_ds.data.tokenizer import load_tokenizer, special_ids, train_tokenizer
+from electra_ds.model.electra import ElectraForPretraining
+from electra_ds.model.hf import save_model
+from electra_ds.train.finetune import (FinetuneArgs, build_classifier, encode, load_discriminator, make_engine, predict,
+                                       run_task, train_order)
+from electra_ds.train.layerwise_lr import group_fn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_glue_data import make_glue_dir  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+POSITIVE, NEGATIVE = ["good", "great", "fine", "lovely", "superb"], ["bad", "awful", "poor", "dull", "terrible"]
+FILLER = "the a movie film plot story actor scene was is very quite and but this that it".split()
+
+
+def _sentence(rng: random.Random, label: int) -> str:
+    words = [rng.choice(FILLER) for _ in range(rng.randint(3, 9))]
+    words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
+    return " ".join(words)
+
+
+def _keyword_task(glue_dir: Path, n_train: int = 200, n_dev: int = 100, n_test: int = 10) -> None:
+    """SST-2 layout; the label is whether the sentence holds a positive or a negative word."""
+    rng = random.Random(0)
+    folder = glue_dir / "SST-2"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        labels = [rng.randint(0, 1) for _ in range(n)]
+        rows = [f"{_sentence(rng, y)} \t{y}" for y in labels]
+        (folder / f"{split}.tsv").write_text("\n".join(["sentence\tlabel", *rows]) + "\n")
+    rows = [f"{i}\t{_sentence(rng, i % 2)}" for i in range(n_test)]
+    (folder / "test.tsv").write_text("\n".join(["index\tsentence", *rows]) + "\n")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A made GLUE dir (all tasks, plus the keyword task as SST-2) and a pretraining output dir holding a
+    tiny model (our format), its tokenizer and metrics.jsonl."""
+    root = tmp_path_factory.mktemp("finetune")
+    glue_dir = make_glue_dir(root)
+    _keyword_task(glue_dir)
+    rng = random.Random(1)
+    texts = [_sentence(rng, i % 2) for i in range(200)] + [p.read_text() for p in glue_dir.rglob("*.tsv")]
+    tok_dir = train_tokenizer(texts, 300, root / "tokenizer", min_frequency=1)
+    vocab = load_tokenizer(tok_dir).get_vocab_size()
+    run = root / "pretrain_run"
+    torch.manual_seed(0)
+    save_model(ElectraForPretraining(preset("tiny", vocab_size=vocab)), run / "model")
+    shutil.copytree(tok_dir, run / "tokenizer")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "pfs_days": 1e-9}) + "\n"
+                                       + json.dumps({"step": 2, "pfs_days": 2e-9}) + "\n")
+    return {"root": root, "glue": glue_dir, "run": run, "tokenizer": tok_dir, "vocab": vocab}
+
+
+def test_tiny_model_beats_chance_and_writes_submission(setup):
+    out = setup["root"] / "out_keyword"
+    args = FinetuneArgs(learning_rate=1e-3, epochs=5, batch_size=16)
+    result = run_task(setup["run"], "sst2", out, seeds=[0], args=args, glue_dir=setup["glue"])
+    run = result["runs"][0]
+    assert run["steps"] == 200 * 5 // 16 and run["warmup_steps"] == 6
+    assert run["dev"]["dev"]["accuracy"] >= 0.75, run  # chance is 0.5 (CPU fp32 reaches 1.0, GPU bf16 0.88)
+    report = json.loads((out / "results.json").read_text())
+    assert report["table"]["SST-2"] == pytest.approx(100 * run["dev"]["dev"]["accuracy"])
+    assert report["efficiency"]["pretrain_pfs_days"] == 2e-9  # the last record of the run's metrics.jsonl
+    rows = (out / "submission" / "SST-2.tsv").read_text().splitlines()
+    assert rows[0] == "index\tprediction" and [r.split("\t")[0] for r in rows[1:]] == [str(i) for i in range(10)]
+    assert sum(r.split("\t")[1] == str(i % 2) for i, r in enumerate(rows[1:])) >= 8  # test labels are i % 2
+    dev_rows = (out / "SST-2" / "seed_0" / "dev.tsv").read_text().splitlines()
+    assert len(dev_rows) == 101
+
+
+def test_pair_tasks_regression_and_mnli_submission_files(setup):
+    out = setup["root"] / "out_pairs"
+    args = FinetuneArgs(max_steps=2, batch_size=2, eval_batch_size=3)
+    for task in ("STS-B", "MNLI", "QNLI"):
+        result = run_task(setup["run"] / "model", task, out, seeds=[0, 1], args=args, glue_dir=setup["glue"],
+                          tokenizer_path=setup["tokenizer"])
+        assert result["status"] == "ok" and len(result["runs"]) == 2
+    sub = out / "submission"
+    assert sorted(p.name for p in sub.iterdir()) == ["AX.tsv", "MNLI-m.tsv", "MNLI-mm.tsv", "QNLI.tsv", "STS-B.tsv"]
+    for name, n_rows, allowed in (("MNLI-m", 1, TASKS["MNLI"].labels), ("AX", 2, TASKS["MNLI"].labels),
+                                  ("QNLI", 1, TASKS["QNLI"].labels)):
+        rows = (sub / f"{name}.tsv").read_text().splitlines()
+        assert rows[0] == "index\tprediction" and len(rows) == n_rows + 1
+        assert all(r.split("\t")[1] in allowed for r in rows[1:]), rows
+    score = (sub / "STS-B.tsv").read_text().splitlines()[1].split("\t")[1]
+    assert 0.0 <= float(score) <= 5.0 and len(score.split(".")[1]) == 3
+    tasks = json.loads((out / "results.json").read_text())["tasks"]
+    assert set(tasks["MNLI"]["summary"]) == {"dev_matched", "dev_mismatched"}
+    assert set(tasks["STS-B"]["summary"]["dev"]) == {"spearman", "pearson"}
+
+    absent = run_task(setup["run"], "QQP", out, seeds=[0], args=args, glue_dir=setup["root"] / "empty")
+    assert absent["status"] == "absent" and "QQP train" in absent["reason"]
+    assert "QQP: absent" in (out / "results.md").read_text()
+
+
+def test_encoding_pairs_and_truncation(setup):
+    tok = load_tokenizer(setup["tokenizer"])
+    ids = special_ids(tok)
+    long_a = " ".join(["movie"] * 20)
+    enc = encode(tok, [GlueExample("0", long_a, "good film", 1), GlueExample("1", "a", "the plot", 0)], 10)
+    first, second = enc.input_ids
+    assert len(first) == 10 and first[0] == ids["cls"] and first[-1] == ids["sep"]
+    # the longer segment is cut first: b keeps its tokens, a gives up the rest
+    b_len = len(tok.encode("good film", add_special_tokens=False).ids)
+    assert list(enc.token_type_ids[0]) == [0] * (10 - b_len - 1) + [1] * (b_len + 1)
+    assert second[0] == ids["cls"] and list(second).count(ids["sep"]) == 2
+    single = encode(tok, [GlueExample("0", long_a, None, 0)], 6).input_ids[0]
+    assert len(single) == 6 and single[-1] == ids["sep"]
+    batch = enc.batch([0, 1])
+    assert batch["input_ids"].shape == (2, 10) and batch["attention_mask"][1].sum() == len(second)
+    assert (batch["input_ids"][1, len(second):] == ids["pad"]).all()
+    order = train_order(10, 4, 6, seed=3)
+    assert order.shape == (6, 4) and sorted(order.reshape(-1)[:10]) == list(range(10))
+
+
+def _engine(setup, task_name: str, rule: str = "intended", warmup: int = 0):
+    disc = load_discriminator(setup["run"])
+    args = FinetuneArgs(layerwise_lr_decay_rule=rule, layerwise_lr_decay=0.5, batch_size=4)
+    model = build_classifier(disc, TASKS[task_name], seed=0)
+    return make_engine(model, args, lr=1e-3, steps=10, warmup=warmup)
+
+
+@pytest.mark.parametrize("rule,extra", [("intended", 0), ("original", 1)])
+def test_layerwise_lr_per_group(setup, rule, extra):
+    engine = _engine(setup, "RTE", rule)
+    num_layers = engine.module.config.num_hidden_layers  # 2 in the tiny preset
+    expected = {"head": 1.0, "embeddings": 0.5 ** (num_layers + 1 + extra)}
+    expected.update({f"layer_{l}": 0.5 ** (num_layers - l + extra) for l in range(num_layers)})
+    groups = engine.optimizer.param_groups
+    assert sorted(g["name"] for g in groups) == sorted(f"{d}_{k}" for d in expected for k in ("decay", "no_decay"))
+    for group, lr in zip(groups, engine.get_lr()):
+        depth, decays = group["name"].rsplit("_no_decay", 1)[0].rsplit("_decay", 1)[0], \
+            not group["name"].endswith("no_decay")
+        assert lr == pytest.approx(1e-3 * expected[depth]), group["name"]
+        assert group["weight_decay"] == (0.01 if decays else 0.0)
+    assert group_fn("electra.encoder.layer.1.output.LayerNorm.weight") == "layer_1_no_decay"
+    assert group_fn("electra.embeddings_project.weight") == "embeddings_decay"
+    assert group_fn("classifier.bias") == "head_no_decay"
+
+
+def test_evaluation_is_deterministic(setup):
+    engine = _engine(setup, "STS-B")
+    tok = load_tokenizer(setup["tokenizer"])
+    rows = [GlueExample(str(i), _sentence(random.Random(i), i % 2), "the plot was fine", 1.0) for i in range(12)]
+    data = encode(tok, rows, 32, regression=True)
+    first = predict(engine, data, 5, regression=True)
+    second = predict(engine, data, 12, regression=True)
+    np.testing.assert_array_equal(first, predict(engine, data, 5, regression=True))  # bit-identical again
+    np.testing.assert_allclose(first, second, rtol=2e-2, atol=2e-2)  # other batches: rounding only (bf16 on GPU)
+    assert engine.training  # predict restores training mode
+    batch = {k: v.to(engine.device) for k, v in data.batch(range(12)).items()}
+    with torch.no_grad():
+        engine.train()
+        noisy = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])[:, 0].float().cpu().numpy()
+    assert not np.allclose(noisy, second)  # dropout is active in training mode, so eval mode matters
+
+
+def test_hugging_face_discriminator_dir_and_bad_models(setup, tmp_path):
+    from safetensors.torch import save_file
+
+    disc = load_discriminator(setup["run"])
+    cfg = disc.config
+    hf_config = {"model_type": "electra", "architectures": ["ElectraForPreTraining"], "hidden_act": "gelu",
+                 **{k: getattr(cfg, k) for k in ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers",
+                                                 "num_attention_heads", "intermediate_size", "max_position_embeddings",
+                                                 "type_vocab_size", "layer_norm_eps")}}
+    hf_dir = tmp_path / "hf_disc"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps(hf_config))
+    save_file({k.removeprefix("discriminator."): v.contiguous() for k, v in disc.weights.items()},
+              str(hf_dir / "model.safetensors"))
+    shutil.copy(setup["tokenizer"] / "vocab.txt", hf_dir / "vocab.txt")
+    loaded = load_discriminator(hf_dir)
+    assert loaded.config.hidden_size == cfg.hidden_size and loaded.tokenizer_path == hf_dir
+    a = build_classifier(loaded, TASKS["RTE"], seed=0).named_weights()
+    b = build_classifier(disc, TASKS["RTE"], seed=0).named_weights()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    generator = tmp_path / "hf_gen"
+    shutil.copytree(hf_dir, generator)
+    (generator / "config.json").write_text(json.dumps({**hf_config, "architectures": ["ElectraForMaskedLM"]}))
+    with pytest.raises(ValueError, match="expected ElectraForPreTraining"):
+        load_discriminator(generator)
+    headless = tmp_path / "hf_headless"
+    shutil.copytree(hf_dir, headless)
+    (headless / "config.json").write_text(json.dumps({**hf_config, "architectures": []}))
+    save_file({"electra.embeddings.word_embeddings.weight": torch.zeros(3, 2)}, str(headless / "model.safetensors"))
+    with pytest.raises(ValueError, match="not an ElectraForPreTraining checkpoint"):
+        load_discriminator(headless)
+
+    other_vocab = tmp_path / "other_tok"
+    train_tokenizer(["completely different words here and there"] * 3, 40, other_vocab, min_frequency=1)
+    with pytest.raises(ValueError, match=r"has \d+ tokens but model .* has a vocabulary of"):
+        run_task(setup["run"], "RTE", tmp_path / "out", seeds=[0], args=FinetuneArgs(max_steps=1),
+                 glue_dir=setup["glue"], tokenizer_path=other_vocab)
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("glue_cli", REPO / "launch" / "glue.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_errors(setup, tmp_path, capsys):
+    cli = _cli()
+    assert cli.main(["--model", str(setup["run"]), "--task", "SQuAD", "--output_dir", str(tmp_path)]) == 2
+    assert "unknown GLUE task 'SQuAD'" in capsys.readouterr().err
+    bad = tmp_path / "glue"
+    (bad / "RTE").mkdir(parents=True)
+    (bad / "RTE" / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tyes\n")
+    (bad / "RTE" / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")
+    assert cli.main(["--model", str(setup["run"]), "--task", "RTE", "--output_dir", str(tmp_path / "o"),
+                     "--glue_dir", str(bad)]) == 2
+    assert "RTE/train.tsv:2: unknown RTE label 'yes'" in capsys.readouterr().err
+    assert cli.main(["--model", str(tmp_path / "nowhere"), "--task", "RTE", "--output_dir", str(tmp_path / "o"),
+                     "--glue_dir", str(setup["glue"])]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_glue_sh_end_to_end(setup):
+    out = setup["root"] / "out_sh"
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # set by this process's run
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher_vars},
+           "TASKS": "SST-2,QQP", "SEEDS": "1", "MAX_TRAIN_SAMPLES": "32", "EPOCHS": "1",
+           "SKIP_TEST": "1", "GLUE_DIR": str(setup["glue"]), "PYTHON": sys.executable}
+    shutil.rmtree(setup["glue"] / "QQP")
+    proc = subprocess.run(["bash", str(REPO / "launch" / "glue.sh"), str(setup["run"]), str(out), "--batch_size", "8"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert report["tasks"]["SST-2"]["status"] == "ok"
+    assert report["tasks"]["SST-2"]["runs"][0]["steps"] == 32 // 8
+    assert report["tasks"]["QQP"]["status"] == "absent"
+    assert "| SST-2 |" in proc.stdout and not (out / "submission").exists()
