@@ -1,0 +1,730 @@
+"""ELECTRA pretraining on the DeepSpeed engine: flags, set-up, the training step and the loop.
+
+One step (`pretraining_step`): masking on the device -> engine forward (generator, Gumbel sampling,
+discriminator) -> engine.backward -> engine.step. Statistics stay on the device and are read every
+`--logging_steps`; nothing in the step waits for the device. Masking and sampling noise are functions of
+(seed, step, rank), the data of (seed, step), and dropout noise comes from the saved RNG state, so a resumed run
+repeats the uninterrupted one.
+
+Runs under `deepspeed` (any number of GPUs and nodes), `torchrun`, or plain `python` (a one-process world).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from electra_ds.config import PRESETS, RECIPES, ElectraConfig, check_fields, max_predictions, preset
+from electra_ds.data.masking import mask_tokens
+from electra_ds.flops import PFS_DAY, electra_step_flops
+from electra_ds.train import engine as ds_engine
+from electra_ds.train.checkpoint import CheckpointError, CheckpointManager, tag_for
+from electra_ds.train.metrics_log import CollapseMonitor, DeviceMeter, MetricsFile, Wandb, format_line
+from electra_ds.train.plots import plot_training_curves
+
+log = logging.getLogger("electra_ds.pretrain")
+
+RUN_CONFIG = "run_config.json"
+DEFAULT_CACHE_ROOT = Path(".cache") / "token_caches"
+# Seed streams: masking, Gumbel sampling, dropout, evaluation data.
+MASK_STREAM, SAMPLE_STREAM, DROPOUT_STREAM, EVAL_STREAM = 1, 2, 3, 4
+# RC2020 counts --logging_steps/--eval_steps/--save_steps in samples; these are its defaults in steps of 128.
+DEFAULT_LOG_EVERY, DEFAULT_EVAL_EVERY, DEFAULT_SAVE_EVERY = 30, 100, 10_000
+
+
+# Words in the errors gloo / NCCL raise when a peer is gone or a collective timed out.
+COLLECTIVE_FAILURES = ("Connection reset", "Connection closed", "Broken pipe", "timed out", "Timeout", "NCCL",
+                       "gloo", "ProcessGroup")
+
+
+class SetupError(ValueError):
+    """Bad input found before training starts: what is wrong and where."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced non-finite values it cannot skip."""
+
+
+# -- flags ---------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch/pretrain.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="ELECTRA pretraining (generator + discriminator) on DeepSpeed. Unset values come from "
+                    "electra_ds.config.RECIPES[--model_size]; precision, ZeRO stage and offload come from the "
+                    "DeepSpeed JSON.")
+    rc = p.add_argument_group("RC2020 flags (same names and meanings as cccwam/rc2020_electra)")
+    rc.add_argument("--mlm_probability", type=float, help="share of tokens masked (recipe: 0.15)")
+    rc.add_argument("--mlm_replacement_probability", type=float, default=0.85,
+                    help="share of the masked tokens replaced by [MASK] (the rest stay unchanged)")
+    rc.add_argument("--max_length", type=int, help="sequence length (recipe: 128 for small)")
+    rc.add_argument("--per_device_train_batch_size", type=int,
+                    help="micro batch per process (default: the recipe batch / (world size x accumulation))")
+    rc.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    rc.add_argument("--logging_steps", type=int,
+                    help="log every this many SAMPLES, as in RC2020 (3840 = every 30 steps of 128); default "
+                         f"every {DEFAULT_LOG_EVERY} steps")
+    rc.add_argument("--eval_steps", type=int,
+                    help=f"evaluate every this many samples; default every {DEFAULT_EVAL_EVERY} steps")
+    rc.add_argument("--save_steps", type=int,
+                    help=f"checkpoint every this many samples; default every {DEFAULT_SAVE_EVERY} steps")
+    rc.add_argument("--experiment_name", default="pretraining")
+    rc.add_argument("--generator_size", type=float, help="generator width / discriminator width (preset's)")
+    rc.add_argument("--generator_layer_size", type=float, help="generator depth / discriminator depth")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--model_size", default="small", choices=sorted(PRESETS))
+    run.add_argument("--model_override", action="append", default=[], metavar="FIELD=VALUE",
+                     help="override an ElectraConfig field, e.g. hidden_dropout_prob=0 (repeatable)")
+    run.add_argument("--max_steps", type=int, help="optimizer steps")
+    run.add_argument("--learning_rate", "--lr", type=float)
+    run.add_argument("--warmup_steps", type=int)
+    run.add_argument("--weight_decay", type=float, default=0.01)
+    run.add_argument("--optimizer", default="auto", choices=ds_engine.OPTIMIZERS,
+                     help="auto: electra_adam (Adam without bias correction, as the recipe), or DeepSpeed's CPU "
+                          "Adam under ZeRO-Offload")
+    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--deepspeed_config", "--ds_config", default="auto",
+                     help="DeepSpeed JSON: a path or a name in ds_configs/ (bf16, bf16_zero2, ...); auto: bf16 on a "
+                          "bf16 GPU, fp16 on older GPUs, cpu.json without a GPU")
+    run.add_argument("--output_dir", help="default: runs/EXPERIMENT_NAME/MODEL_SIZE-genGxL")
+    run.add_argument("--resume", default="auto",
+                     help="auto: continue from the newest complete checkpoint in output_dir if there is one; "
+                          "none: start fresh (refused if output_dir holds checkpoints); or a checkpoint directory")
+    run.add_argument("--keep_checkpoints", type=int, default=3)
+    run.add_argument("--export_hf", action=argparse.BooleanOptionalAction, default=True,
+                     help="export the Hugging Face pair (discriminator/, generator/, tokenizer) to OUT/hf at the end")
+    run.add_argument("--eval_batches", type=int, default=100, help="held-out batches per evaluation")
+    run.add_argument("--wandb", default="offline", choices=("offline", "online", "disabled"))
+    run.add_argument("--wandb_project", default="electra_ds")
+    run.add_argument("--dist_timeout", type=float, default=600.0,
+                     help="seconds any collective may wait: a dead or stuck rank fails the others within it")
+    run.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default="openwebtext",
+                      help="a built token cache, or a source to tokenize and cache on first use: a Hugging Face "
+                           "dataset name, local text/jsonl/parquet files or folders, or 'builtin'")
+    data.add_argument("--cache_root", type=Path, default=DEFAULT_CACHE_ROOT, help="where built caches go")
+    data.add_argument("--tokenizer", help="tokenizer for building a cache (default: train one on the source)")
+    data.add_argument("--vocab_size_to_train", type=int, default=30522,
+                      help="vocabulary of the tokenizer trained when --tokenizer is not given")
+    data.add_argument("--doc_split", default="file", choices=("file", "blank_lines"),
+                      help="how local text files split into documents")
+    data.add_argument("--num_workers", type=int, default=0,
+                      help="data loader processes; 0 samples in the main process (about a millisecond a batch), "
+                           "which also keeps Ctrl-C from killing loader workers before the final checkpoint")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def _override_value(field: str, text: str) -> Any:
+    default = getattr(ElectraConfig(), field)
+    if isinstance(default, bool):
+        return text.lower() in ("1", "true", "yes")
+    if isinstance(default, int) or (default is None and field.startswith("generator_")):
+        return int(text)
+    return float(text)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for item in items:
+        field, sep, text = item.partition("=")
+        if not sep:
+            raise SetupError(f"--model_override {item!r}: expected FIELD=VALUE")
+        try:
+            check_fields({field: None})
+            overrides[field] = _override_value(field, text)
+        except ValueError as e:
+            raise SetupError(f"--model_override {item!r}: {e}") from None
+    return overrides
+
+
+# -- resolved settings ---------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """Everything the flags decide, checked before any process group or device is touched."""
+
+    config: ElectraConfig  # vocab_size still to be set from the cache
+    overrides: dict[str, Any]
+    ds_config: dict
+    micro_batch: int
+    accumulation: int
+    world_size: int
+    max_length: int
+    mlm_probability: float
+    max_predictions: int
+    learning_rate: float
+    max_steps: int
+    warmup_steps: int
+    log_every: int
+    eval_every: int
+    save_every: int
+    output_dir: Path
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accumulation * self.world_size
+
+
+def _every(samples: int | None, default_steps: int, global_batch: int, flag: str) -> int:
+    """RC2020 semantics: the flag counts samples; we act every max(1, samples // global batch) steps."""
+    if samples is None:
+        return default_steps
+    if samples < 1:
+        raise SetupError(f"{flag} must be >= 1 (it counts samples, as in RC2020), got {samples}")
+    steps = max(1, samples // global_batch)
+    if samples % global_batch:
+        log.warning("%s=%d samples is not a multiple of the global batch %d: acting every %d steps", flag, samples,
+                    global_batch, steps)
+    return steps
+
+
+def make_plan(args: argparse.Namespace, world_size: int) -> Plan:
+    recipe = RECIPES[args.model_size]
+    overrides = parse_overrides(args.model_override)
+    for flag in ("generator_size", "generator_layer_size"):
+        if getattr(args, flag) is not None:
+            overrides[flag] = getattr(args, flag)
+    try:
+        config = preset(args.model_size, **overrides)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+    max_length = args.max_length if args.max_length is not None else recipe["max_length"]
+    if max_length < 3:
+        raise SetupError(f"--max_length must be >= 3 ([CLS] text [SEP]), got {max_length}")
+    if max_length > config.max_position_embeddings:
+        raise SetupError(f"--max_length {max_length} is longer than the model's {config.max_position_embeddings} "
+                         f"positions (max_position_embeddings of preset {args.model_size!r}); lower --max_length or "
+                         "--model_override max_position_embeddings=N")
+    mlm_probability = args.mlm_probability if args.mlm_probability is not None else recipe["mlm_probability"]
+    if not 0 < mlm_probability < 1:
+        raise SetupError(f"--mlm_probability must be in (0, 1), got {mlm_probability}")
+    if not 0 <= args.mlm_replacement_probability <= 1:
+        raise SetupError(f"--mlm_replacement_probability must be in [0, 1], got {args.mlm_replacement_probability}")
+    accumulation = args.gradient_accumulation_steps
+    if accumulation < 1:
+        raise SetupError(f"--gradient_accumulation_steps must be >= 1, got {accumulation}")
+    micro = args.per_device_train_batch_size
+    if micro is None:
+        micro, rest = divmod(recipe["batch_size"], world_size * accumulation)
+        if rest or micro == 0:
+            raise SetupError(f"the {args.model_size} recipe's batch of {recipe['batch_size']} does not divide over "
+                             f"{world_size} processes x {accumulation} accumulation steps; set "
+                             "--per_device_train_batch_size")
+    elif micro < 1:
+        raise SetupError(f"--per_device_train_batch_size must be >= 1, got {micro}")
+    try:
+        ds_config = ds_engine.load_ds_config(args.deepspeed_config, micro_batch_size=micro,
+                                             gradient_accumulation_steps=accumulation, world_size=world_size)
+    except ds_engine.DSConfigError as e:
+        raise SetupError(str(e)) from None
+    max_steps = args.max_steps if args.max_steps is not None else recipe["max_steps"]
+    warmup = args.warmup_steps if args.warmup_steps is not None else recipe["warmup_steps"]
+    learning_rate = args.learning_rate if args.learning_rate is not None else recipe["learning_rate"]
+    if max_steps < 1 or warmup < 0 or learning_rate <= 0:
+        raise SetupError(f"--max_steps must be >= 1, --warmup_steps >= 0 and --learning_rate > 0 (got {max_steps}, "
+                         f"{warmup}, {learning_rate})")
+    global_batch = micro * accumulation * world_size
+    output_dir = Path(args.output_dir) if args.output_dir else (
+        Path("runs") / args.experiment_name /
+        f"{args.model_size}-gen{config.generator_size:g}x{config.generator_layer_size:g}")
+    return Plan(config=config, overrides=overrides, ds_config=ds_config, micro_batch=micro,
+                accumulation=accumulation, world_size=world_size, max_length=max_length,
+                mlm_probability=mlm_probability, max_predictions=max_predictions(max_length, mlm_probability),
+                learning_rate=learning_rate, max_steps=max_steps,
+                warmup_steps=warmup,
+                log_every=_every(args.logging_steps, DEFAULT_LOG_EVERY, global_batch, "--logging_steps"),
+                eval_every=_every(args.eval_steps, DEFAULT_EVAL_EVERY, global_batch, "--eval_steps"),
+                save_every=_every(args.save_steps, DEFAULT_SAVE_EVERY, global_batch, "--save_steps"),
+                output_dir=output_dir)
+
+
+# -- the step ------------------------------------------------------------------------------------------------
+
+def derive_seed(seed: int, step: int, rank: int, stream: int) -> int:
+    """A well-mixed 62-bit seed from (seed, step, rank, stream) (splitmix64 rounds)."""
+    mask = (1 << 64) - 1
+    x = 0
+    for part in (seed, stream, rank, step):
+        x = (x ^ (part & mask)) + 0x9E3779B97F4A7C15 & mask
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & mask
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & mask
+        x ^= x >> 31
+    return x >> 2
+
+
+_generators: dict[torch.device, torch.Generator] = {}
+
+
+def _masking_generator(device: torch.device, seed: int) -> torch.Generator:
+    gen = _generators.get(device)
+    if gen is None:
+        gen = _generators[device] = torch.Generator(device=device)
+    gen.manual_seed(seed)  # host-side: no device sync
+    return gen
+
+
+def forward(engine, batch: dict[str, torch.Tensor], *, special_ids: dict[str, int], mlm_probability: float,
+            max_predictions: int, step: int, seed: int, rank: int, mask_replace_prob: float = 0.85,
+            random_replace_prob: float = 0.0):
+    """Mask `batch` (noise from (seed, step, rank)) and run the engine's forward; returns PretrainOutput."""
+    input_ids = batch["input_ids"]
+    device = input_ids.device
+    plan = mask_tokens(input_ids, batch["attention_mask"], mask_token_id=special_ids["mask"],
+                       special_ids=[special_ids[k] for k in ("pad", "cls", "sep", "mask")],
+                       vocab_size=engine.module.config.vocab_size, mlm_probability=mlm_probability,
+                       max_predictions=max_predictions, mask_replace_prob=mask_replace_prob,
+                       random_replace_prob=random_replace_prob,
+                       generator=_masking_generator(device, derive_seed(seed, step, rank, MASK_STREAM)))
+    sample_seed = torch.full((), derive_seed(seed, step, rank, SAMPLE_STREAM), dtype=torch.int64, device=device)
+    return engine(input_ids, batch["attention_mask"], batch["token_type_ids"], plan, sample_seed)
+
+
+def pretraining_step(engine, batch: dict[str, torch.Tensor], *, special_ids: dict[str, int], mlm_probability: float,
+                     max_predictions: int, step: int, seed: int, mask_replace_prob: float = 0.85,
+                     random_replace_prob: float = 0.0):
+    """One micro-batch: masking -> forward -> backward -> step (DeepSpeed applies the optimizer at the
+    accumulation boundary). `step` counts micro-batches; `batch` is already on the engine's device."""
+    out = forward(engine, batch, special_ids=special_ids, mlm_probability=mlm_probability,
+                  max_predictions=max_predictions, step=step, seed=seed, rank=engine.global_rank,
+                  mask_replace_prob=mask_replace_prob, random_replace_prob=random_replace_prob)
+    engine.backward(out.loss)
+    engine.step()
+    return out
+
+
+@torch.no_grad()
+def evaluate(engine, sampler, *, batches: int, special_ids: dict[str, int], mlm_probability: float,
+             max_predictions: int, seed: int, mask_replace_prob: float) -> dict[str, float]:
+    """Held-out loss and accuracies: fixed batches, masks and samples, dropout off; training RNG untouched."""
+    device = engine.device
+    meter = DeviceMeter(device)
+    engine.eval()
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
+        for i in range(batches):
+            batch = {k: torch.from_numpy(v).to(device) for k, v in sampler.batch(i).items()}
+            meter.add(forward(engine, batch, special_ids=special_ids, mlm_probability=mlm_probability,
+                              max_predictions=max_predictions, step=i, seed=seed, rank=engine.global_rank,
+                              mask_replace_prob=mask_replace_prob))
+    engine.train()
+    values = meter.read()
+    values.pop("nonfinite_steps")
+    return values
+
+
+# -- signals -------------------------------------------------------------------------------------------------
+
+class GracefulStop:
+    """SIGTERM / SIGINT: finish the step, save a checkpoint, exit 0. A second signal exits at once."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "GracefulStop":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            raise KeyboardInterrupt(f"second {name}: exiting without saving")
+        self.requested = name
+        log.warning("%s received: finishing this step, saving a checkpoint, then exiting", name)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# -- set-up helpers ------------------------------------------------------------------------------------------
+
+def prepare_cache(args: argparse.Namespace, rank: int) -> Path:
+    """Rank 0 finds or builds the token cache while the others wait; every rank gets its path (or the error)."""
+    import torch.distributed as dist
+
+    result: list[Any] = [None]
+    if rank == 0:
+        try:
+            from electra_ds.data.cache import ensure_cache
+
+            result[0] = str(ensure_cache(args.data, args.cache_root, args.tokenizer,
+                                         vocab_size=args.vocab_size_to_train, doc_split=args.doc_split))
+        except Exception as e:  # noqa: BLE001 - every rank must hear about it, not just rank 0
+            result[0] = ValueError(f"--data {args.data!r}: {type(e).__name__}: {e}")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(result, src=0)
+    if isinstance(result[0], Exception):
+        raise SetupError(str(result[0]))
+    return Path(result[0])
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def check_output_dir(out: Path, run_config: dict, resume: str) -> None:
+    """Refuse an output_dir whose checkpoints belong to another model or tokenizer."""
+    ckpt = CheckpointManager(out / "checkpoints", keep=1, rank=0, world_size=1)
+    if not ckpt.tags():
+        return
+    if resume == "none":
+        raise SetupError(f"{out} already holds checkpoints and --resume none was given: choose another --output_dir "
+                         "or resume (--resume auto)")
+    path = out / RUN_CONFIG
+    if not path.is_file():
+        raise SetupError(f"{out / 'checkpoints'} holds checkpoints but {path} is missing, so they cannot be checked "
+                         "against this run: choose another --output_dir")
+    previous = json.loads(path.read_text())
+    if previous.get("tokenizer_hash") != run_config["tokenizer_hash"]:
+        raise SetupError(f"{out} holds checkpoints of a run with tokenizer {previous.get('tokenizer_hash')}, this "
+                         f"run's data uses {run_config['tokenizer_hash']}: choose another --output_dir")
+    if previous.get("model") != run_config["model"]:
+        diff = sorted(k for k in set(previous.get("model", {})) | set(run_config["model"])
+                      if previous.get("model", {}).get(k) != run_config["model"].get(k))
+        details = ", ".join(f"{k}: {previous.get('model', {}).get(k)} -> {run_config['model'].get(k)}" for k in diff)
+        raise SetupError(f"{out} holds checkpoints of another model ({details}): choose another --output_dir")
+    changed = sorted(k for k, v in run_config["flags"].items()
+                     if k not in ("resume", "local_rank") and previous.get("flags", {}).get(k) != v)
+    if changed:
+        log.warning("resuming %s with changed flags: %s", out,
+                    ", ".join(f"{k}: {previous['flags'].get(k)} -> {run_config['flags'][k]}" for k in changed))
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def loss_scale(engine) -> float | None:
+    opt = engine.optimizer
+    config = getattr(opt, "loss_scale_config", None)
+    scale = getattr(config, "cur_scale", None) if config is not None else getattr(opt, "cur_scale", None)
+    return None if scale is None else float(scale)
+
+
+def grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def _full_fp32(engine, param: torch.nn.Parameter) -> torch.Tensor:
+    """The fp32 master copy of `param` (all ranks call this: under ZeRO it gathers)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = safe_get_full_fp32_param(param)
+    if full is not None:
+        return full
+    opt = engine.optimizer
+    fp16_groups = getattr(opt, "fp16_groups", None)
+    if fp16_groups is not None:  # DeepSpeed's fp16/bf16 optimizers without ZeRO keep fp32 masters beside
+        masters = getattr(opt, "fp32_groups", None) or [[flat] for flat in opt.fp32_groups_flat]
+        for low, high in zip(fp16_groups, masters):
+            for p, master in zip(low, high):
+                if p is param:
+                    return master.view(param.shape)
+    return param.detach()
+
+
+def export_hf(engine, config: ElectraConfig, out_dir: Path, tokenizer_dir: Path, rank: int) -> Path | None:
+    """Write the fp32 master weights as the Hugging Face pair (rank 0 writes; every rank takes part)."""
+    from electra_ds.model import ElectraForPretraining, export_hf_pair
+
+    full = {name: _full_fp32(engine, p) for name, p in engine.module.named_parameters()}
+    if rank != 0:
+        return None
+    model = ElectraForPretraining(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(full[name].detach().float().cpu().view(p.shape))
+    return export_hf_pair(model, out_dir, tokenizer_dir=tokenizer_dir)
+
+
+def _weights_finite(engine) -> bool:
+    local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
+    return not _any_rank(not local, engine.device)
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> Path:
+    """Pretrain as `args` say; returns the output directory."""
+    from electra_ds.data.cache import TokenCache
+    from electra_ds.data.sampler import SegmentSampler, batches
+    from electra_ds.model import ElectraForPretraining
+
+    _, world_size, _ = ds_engine.world_from_env()
+    plan = make_plan(args, world_size)  # every flag checked before any process group or device work
+    if args.resume not in ("auto", "none") and not Path(args.resume).is_dir():
+        raise SetupError(f"--resume {args.resume!r}: not 'auto', 'none' or a checkpoint directory")
+    rank, world_size, _ = ds_engine.setup_distributed(args.dist_timeout)
+    out = plan.output_dir
+
+    cache_path = prepare_cache(args, rank)
+    cache = TokenCache(cache_path)
+    special = cache.special_ids
+    vocab = plan.overrides.get("vocab_size", cache.vocab_size)
+    if vocab < cache.vocab_size or max(special.values()) >= vocab:
+        raise SetupError(f"the model's vocab_size {vocab} is smaller than the vocabulary of the cache {cache_path} "
+                         f"({cache.vocab_size} tokens, tokenizer {cache.tokenizer_hash}): its token ids would not fit")
+    config = plan.config.replace(vocab_size=vocab, pad_token_id=special["pad"])
+    run_config = {"experiment_name": args.experiment_name, "model": config.to_dict(),
+                  "tokenizer_hash": cache.tokenizer_hash, "data": str(cache_path), "special_ids": special,
+                  "world_size": world_size, "global_batch_size": plan.global_batch, "max_length": plan.max_length,
+                  "max_predictions": plan.max_predictions, "ds_config": plan.ds_config,
+                  "flags": {k: _jsonable(v) for k, v in vars(args).items()}}
+    check_output_dir(out, run_config, args.resume)
+
+    seed_everything(args.seed)  # the same initial weights on every rank
+    model = ElectraForPretraining(config)
+    engine = ds_engine.initialize(model, plan.ds_config, learning_rate=plan.learning_rate,
+                                  warmup_steps=plan.warmup_steps, max_steps=plan.max_steps,
+                                  weight_decay=args.weight_decay, optimizer=args.optimizer)
+    device = engine.device
+    seed_everything(derive_seed(args.seed, 0, rank, DROPOUT_STREAM))  # dropout noise differs across ranks
+
+    checkpoints = CheckpointManager(out / "checkpoints", keep=args.keep_checkpoints, rank=rank, world_size=world_size)
+    source = checkpoints
+    resume_tag = None
+    if args.resume not in ("auto", "none"):
+        given = Path(args.resume)
+        source = CheckpointManager(given.parent, keep=args.keep_checkpoints, rank=rank, world_size=world_size)
+        resume_tag = given.name
+    try:
+        restored = None if args.resume == "none" else source.restore(engine, resume_tag)
+    except CheckpointError as e:
+        raise SetupError(str(e)) from None
+    start_step, state = restored if restored else (0, {})
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(out / RUN_CONFIG, run_config)
+        if restored:
+            log.info("resumed from step %d (%s)", start_step, source.root / tag_for(start_step))
+
+    metrics = MetricsFile(out / "metrics.jsonl")
+    if rank == 0:
+        metrics.truncate_after(start_step)
+    wandb = (Wandb(args.wandb, out, args.wandb_project, args.experiment_name, run_config, state.get("wandb_id"))
+             if rank == 0 else None)
+
+    sampler = SegmentSampler(cache, plan.max_length, plan.micro_batch, args.seed, rank, world_size,
+                             max_positions=config.max_position_embeddings)
+    eval_sampler = None
+    try:
+        eval_sampler = SegmentSampler(TokenCache(cache_path, split="heldout"), plan.max_length, plan.micro_batch,
+                                      derive_seed(args.seed, 0, 0, EVAL_STREAM), rank, world_size)
+    except Exception as e:  # noqa: BLE001 - a cache without held-out documents still trains
+        log.warning("no evaluation: %s", e)
+    with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global RNG: keep dropout's
+        data = batches(sampler, start_step * plan.accumulation, num_workers=args.num_workers,
+                       pin_memory=device.type == "cuda")
+
+    flops_per_step = electra_step_flops(config, plan.global_batch, plan.max_length).total
+    tokens_per_step = plan.global_batch * plan.max_length
+    step_kwargs = dict(special_ids=special, mlm_probability=plan.mlm_probability,
+                       max_predictions=plan.max_predictions, seed=args.seed,
+                       mask_replace_prob=args.mlm_replacement_probability)
+    collapse = CollapseMonitor(plan.warmup_steps)
+    meter = DeviceMeter(device)
+    elapsed_before = float(state.get("elapsed_s", 0.0))
+    t_start = time.perf_counter()
+    window = {"start": t_start, "step": start_step, "paused": 0.0}  # the logging interval; eval/saves don't count
+    last_train: dict[str, Any] = {}
+    last_eval: dict[str, Any] = {}
+    saved_at = start_step if restored else -1
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t_start
+
+    def emit(record: dict[str, Any]) -> None:
+        if rank == 0:
+            metrics.append(record)
+            wandb.log(record)
+            bar.write(format_line(record))
+
+    def log_train(step: int) -> None:
+        nonlocal last_train
+        seconds = max(time.perf_counter() - window["start"] - window["paused"], 1e-9)
+        last_train = {"step": step, "split": "train", **meter.read(), "lr": engine.get_lr()[0],
+                      "loss_scale": loss_scale(engine), "grad_norm": grad_norm(engine),
+                      "tokens_per_s": (step - window["step"]) * tokens_per_step / seconds, "elapsed_s": elapsed(),
+                      "flops": flops_per_step * step, "pfs_days": flops_per_step * step / PFS_DAY,
+                      "skipped_steps": engine.skipped_steps}
+        window.update(start=time.perf_counter(), step=step, paused=0.0)
+        _check_finite(last_train, engine, checkpoints)
+        collapse.update(step, last_train)
+        emit(last_train)
+        bar.set_postfix(loss=f"{last_train['loss']:.3f}", refresh=False)
+
+    def run_eval(step: int) -> None:
+        nonlocal last_eval
+        t = time.perf_counter()
+        last_eval = {"step": step, "split": "eval", **evaluate(
+            engine, eval_sampler, batches=args.eval_batches, special_ids=special, mlm_probability=plan.mlm_probability,
+            max_predictions=plan.max_predictions, seed=derive_seed(args.seed, 0, 0, EVAL_STREAM),
+            mask_replace_prob=args.mlm_replacement_probability)}
+        emit(last_eval)
+        if rank == 0:
+            plot_training_curves(metrics.records(), out / "training_curves.png", args.experiment_name)
+        window["paused"] += time.perf_counter() - t
+
+    def save(step: int) -> None:
+        nonlocal saved_at
+        t = time.perf_counter()
+        checkpoints.save(engine, step, {"elapsed_s": elapsed(), "run": args.experiment_name,
+                                        "wandb_id": wandb.id if wandb else state.get("wandb_id")})
+        saved_at = step
+        window["paused"] += time.perf_counter() - t
+
+    from tqdm.auto import tqdm
+
+    if rank == 0:
+        log.info("training %s: %d -> %d steps, global batch %d x %d tokens, %s, ZeRO %d, %d process(es); output %s",
+                 args.experiment_name, start_step, plan.max_steps, plan.global_batch, plan.max_length,
+                 ds_engine.precision(plan.ds_config), ds_engine.zero_stage(plan.ds_config), world_size, out)
+    bar = tqdm(total=plan.max_steps, initial=start_step, disable=True if rank else None, dynamic_ncols=True,
+               desc=args.experiment_name, unit="step")
+    evaluating = eval_sampler is not None and args.eval_batches > 0
+    step = start_step
+    stopped_by = None
+    engine.train()
+    with GracefulStop() as stop:
+        while step < plan.max_steps:
+            for micro in range(plan.accumulation):
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(data).items()}
+                meter.add(pretraining_step(engine, batch, step=step * plan.accumulation + micro, **step_kwargs))
+            step += 1
+            bar.update()
+            log_now = step % plan.log_every == 0 or step == plan.max_steps
+            if log_now:
+                log_train(step)
+            if evaluating and (step % plan.eval_every == 0 or step == plan.max_steps):
+                run_eval(step)
+            # the stop flag is agreed across ranks where the ranks sync anyway (logging steps); alone, every step
+            if (world_size == 1 or log_now) and _any_rank(stop.requested is not None, device):
+                stopped_by = stop.requested or "a signal on another rank"
+                break
+            if step % plan.save_every == 0:
+                save(step)
+        if saved_at != step:
+            save(step)
+    bar.close()
+
+    if stopped_by:
+        if rank == 0:
+            log.warning("stopped by %s at step %d; checkpoint %s. Run the same command again to resume.", stopped_by,
+                        step, checkpoints.root / tag_for(step))
+        if wandb:
+            wandb.finish()
+        return out
+    hf_dir = None
+    if args.export_hf:
+        hf_dir = export_hf(engine, config, out / "hf", cache.tokenizer_path, rank)
+    if rank == 0:
+        curves = plot_training_curves(metrics.records(), out / "training_curves.png", args.experiment_name)
+        _summary(out, step, last_train, last_eval, curves, checkpoints.root / tag_for(step), hf_dir, elapsed())
+    if wandb:
+        wandb.finish()
+    return out
+
+
+def _check_finite(record: dict[str, Any], engine, checkpoints: CheckpointManager) -> None:
+    """Skipped fp16/bf16 overflow steps are fine; non-finite weights, or a window of nothing but non-finite
+    losses, stop the run (pointing at the last good checkpoint)."""
+    if not record["nonfinite_steps"]:
+        return
+    every_step_bad = record["loss"] is None or not math.isfinite(record["loss"])
+    if every_step_bad or not _weights_finite(engine):
+        good = checkpoints.complete()
+        where = checkpoints.root / good[0][1] if good else "none saved yet"
+        raise NonFiniteError(f"non-finite loss/weights by step {record['step']} ({record['nonfinite_steps']} "
+                             f"non-finite micro-batches in the last logging interval); last good checkpoint: {where}. "
+                             "Lower --learning_rate, or use fp32/bf16 instead of fp16")
+
+
+def _summary(out: Path, step: int, train: dict, evaluation: dict, curves: Path | None, checkpoint: Path,
+             hf_dir: Path | None, elapsed: float) -> None:
+    def fmt(record: dict, key: str, spec: str) -> str:
+        v = record.get(key)
+        return "n/a" if v is None else format(v, spec)
+
+    lines = [f"done: {step} steps in {elapsed:.1f} s",
+             f"  final train: loss {fmt(train, 'loss', '.4f')} (mlm {fmt(train, 'mlm_loss', '.4f')}, disc "
+             f"{fmt(train, 'disc_loss', '.4f')}), gen_acc {fmt(train, 'gen_acc', '.3f')}, disc_acc replaced "
+             f"{fmt(train, 'disc_acc_replaced', '.3f')} / original {fmt(train, 'disc_acc_original', '.3f')}, "
+             f"{fmt(train, 'tokens_per_s', ',.0f')} tokens/s",
+             f"  final eval:  loss {fmt(evaluation, 'loss', '.4f')} (mlm {fmt(evaluation, 'mlm_loss', '.4f')}, disc "
+             f"{fmt(evaluation, 'disc_loss', '.4f')}), gen_acc {fmt(evaluation, 'gen_acc', '.3f')}",
+             f"  metrics:    {out / 'metrics.jsonl'}",
+             f"  curves:     {curves or 'n/a'}",
+             f"  checkpoint: {checkpoint}",
+             f"  HF export:  {hf_dir or 'not exported (--no-export_hf)'}"]
+    print("\n".join(lines), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        run(args)
+    except SetupError as e:
+        log.error("%s", e)
+        return 2
+    except NonFiniteError as e:
+        log.error("%s", e)
+        return 3
+    except RuntimeError as e:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and any(k in str(e) for k in COLLECTIVE_FAILURES):
+            log.error("a collective operation failed: another rank died, hung or was killed (see its log). "
+                      "Cause: %s", str(e).splitlines()[0][:500])
+            return 4
+        raise
+    return 0
+
+
+__all__ = ["GracefulStop", "NonFiniteError", "Plan", "SetupError", "build_parser", "derive_seed", "evaluate",
+           "forward", "main", "make_plan", "parse_args", "pretraining_step", "run"]
+
+if __name__ == "__main__":
+    sys.exit(main())

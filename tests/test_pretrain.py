@@ -1,0 +1,394 @@
+"""Pretraining loop on DeepSpeed's CPU accelerator: optimizer, schedule, JSON configs, the real engine in fp32,
+bf16 and fp16 with ZeRO 0/2/3, checkpoint/resume (SIGKILL, SIGTERM, truncated checkpoint), logging, bad input.
+
+Runs in-process where it can (one process group of size 1 for the whole module); kills need subprocesses.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from electra_ds.train import engine as ds_engine
+from electra_ds.train.checkpoint import MANIFEST, CheckpointManager
+from electra_ds.train.engine import DSConfigError, linear_warmup_decay, load_ds_config
+from electra_ds.train.metrics_log import CollapseMonitor, MetricsFile
+from electra_ds.train.optim import ElectraAdam
+from electra_ds.train.pretrain import SetupError, derive_seed, make_plan, parse_args, run
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "corpus" / "tinyshakespeare" / "input.txt"
+SHIPPED = ("fp32", "cpu", "fp16", "bf16", "bf16_zero1", "bf16_zero2", "bf16_zero3", "bf16_zero2_offload")
+
+
+def made_text() -> str:
+    rng = np.random.default_rng(0)
+    words = [f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "pe", "ro", "su", "ta") for b in ("n", "s", "t", "", "r")]
+    paras = []
+    for _ in range(400):
+        sentence = " ".join(words[i] for i in rng.integers(0, len(words), size=rng.integers(20, 60)))
+        paras.append(sentence.capitalize() + ".")
+    return "\n\n".join(paras)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A small real corpus (the first 300 kB of tinyshakespeare) tokenized into a cache with a 1000-token vocab."""
+    from electra_ds.data.cache import ensure_cache
+
+    root = tmp_path_factory.mktemp("corpus")
+    text = SHAKESPEARE.read_text()[:300_000] if SHAKESPEARE.is_file() else made_text()
+    (root / "text.txt").write_text(text)
+    return ensure_cache(str(root / "text.txt"), root / "caches", vocab_size=1000, doc_split="blank_lines",
+                        workers=1, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _restore_env():
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def argv(data: Path, out: Path, *extra: str, steps: int = 6, batch: int = 4) -> list[str]:
+    return ["--model_size", "tiny", "--data", str(data), "--output_dir", str(out), "--max_length", "32",
+            "--per_device_train_batch_size", str(batch), "--max_steps", str(steps), "--warmup_steps", "2",
+            "--logging_steps", str(batch), "--eval_steps", str(batch * steps), "--eval_batches", "2",
+            "--save_steps", str(batch * 1000), "--wandb", "disabled", "--num_workers", "0", "--no-export_hf",
+            "--deepspeed_config", "fp32", *extra]
+
+
+def train(data: Path, out: Path, *extra: str, **kw) -> list[dict]:
+    run(parse_args(argv(data, out, *extra, **kw)))
+    return MetricsFile(out / "metrics.jsonl").records()
+
+
+def losses(records: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+def subprocess_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def start(data: Path, out: Path, *extra: str, **kw) -> subprocess.Popen:
+    """launch/pretrain.py in a subprocess; its output goes to OUT.log (a pipe could fill and block it)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_file = open(out.with_suffix(".log"), "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "pretrain.py"), *argv(data, out, *extra, **kw)],
+                            env=subprocess_env(), stdout=log_file, stderr=subprocess.STDOUT, text=True)
+    proc.log_path = out.with_suffix(".log")
+    return proc
+
+
+def output_of(proc: subprocess.Popen) -> str:
+    return proc.log_path.read_text()
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended (rc {proc.returncode}) before the condition:\n{output_of(proc)}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
+
+
+# -- pieces ----------------------------------------------------------------------------------------------------
+
+def test_schedule_is_warmup_times_linear_decay():
+    f = linear_warmup_decay(10, 100)
+    assert f(0) == 0.0
+    assert f(5) == pytest.approx(0.5 * 0.95)
+    assert f(10) == pytest.approx(0.9)
+    assert f(50) == pytest.approx(0.5)
+    assert f(100) == 0.0 and f(150) == 0.0
+    assert linear_warmup_decay(0, 10)(0) == 1.0
+
+
+def test_electra_adam_is_adam_without_bias_correction_with_decoupled_decay():
+    torch.manual_seed(0)
+    decay, no_decay = torch.nn.Parameter(torch.randn(50)), torch.nn.Parameter(torch.randn(7))
+    ref = [decay.detach().clone().double(), no_decay.detach().clone().double()]
+    opt = ElectraAdam([{"params": [decay], "weight_decay": 0.01}, {"params": [no_decay], "weight_decay": 0.0}],
+                      lr=0.1, betas=(0.9, 0.999), eps=1e-6)
+    m = [torch.zeros_like(r) for r in ref]
+    v = [torch.zeros_like(r) for r in ref]
+    for _ in range(3):
+        grads = [torch.randn(50), torch.randn(7)]
+        decay.grad, no_decay.grad = grads[0].clone(), grads[1].clone()
+        opt.step()
+        for i, (g, wd) in enumerate(zip(grads, (0.01, 0.0))):
+            g = g.double()
+            m[i] = 0.9 * m[i] + 0.1 * g
+            v[i] = 0.999 * v[i] + 0.001 * g * g
+            ref[i] = ref[i] - 0.1 * (m[i] / (v[i].sqrt() + 1e-6) + wd * ref[i])
+    torch.testing.assert_close(decay.detach().double(), ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(no_decay.detach().double(), ref[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_ds_configs_fill_auto_batch_sizes(name):
+    config = load_ds_config(name, micro_batch_size=4, gradient_accumulation_steps=3, world_size=2)
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+            config["train_batch_size"]) == (4, 3, 24)
+    assert config["gradient_clipping"] == 1.0
+    assert not any(k.startswith("_") for k in config)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"zero_optimisation": {"stage": 2}}, "'zero_optimisation' (did you mean 'zero_optimization'?)"),
+    ({"zero_optimization": {"stage": 2, "overlap_com": True}}, "zero_optimization.overlap_com"),
+    ({"bf16": {"enabled": True, "loss_scale": 1}}, "bf16.loss_scale"),
+    ({"train_batch_size": 10}, "train_batch_size is 10 but the command line gives 8"),
+    ({"train_micro_batch_size_per_gpu": 3}, "train_micro_batch_size_per_gpu is 3"),
+    ({"optimizer": {"type": "Adam"}}, "remove the 'optimizer' section"),
+    ({"gradient_clipping": "auto"}, "gradient_clipping"),
+    ({"fp16": {"enabled": True}}, "fp16 needs zero_optimization.stage >= 1"),
+])
+def test_bad_ds_config_names_the_key(bad, message):
+    with pytest.raises(DSConfigError) as err:
+        load_ds_config(bad, micro_batch_size=4, gradient_accumulation_steps=1, world_size=2)
+    assert message in str(err.value)
+
+
+def test_invalid_json_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{\n  "bf16": {"enabled": true},\n  "gradient_clipping": \n}')
+    with pytest.raises(DSConfigError, match=r"broken.json: line 4"):
+        load_ds_config(path, micro_batch_size=1, gradient_accumulation_steps=1, world_size=1)
+
+
+def test_seeds_are_distinct_per_step_rank_and_stream():
+    seeds = {derive_seed(42, step, rank, stream) for step in range(50) for rank in range(4) for stream in (1, 2)}
+    assert len(seeds) == 400
+    assert derive_seed(42, 7, 1, 1) == derive_seed(42, 7, 1, 1) < 2 ** 62
+
+
+def test_rc2020_step_flags_count_samples_and_the_readme_command_parses():
+    readme = ("--mlm_probability 0.15  --mlm_replacement_probability 0.85 --max_length 128 "
+              "--per_device_train_batch_size 128 --gradient_accumulation_steps 1 --logging_steps 3840 "
+              "--eval_steps 12800 --save_steps 1280000 --experiment_name pretraining_OWT --generator_layer_size 1.0 "
+              "--generator_size 0.25").split()
+    plan = make_plan(parse_args(readme), world_size=1)
+    assert (plan.log_every, plan.eval_every, plan.save_every) == (30, 100, 10_000)
+    assert plan.max_steps == 1_000_000 and plan.learning_rate == 5e-4 and plan.max_predictions == 19
+    assert plan.output_dir == Path("runs/pretraining_OWT/small-gen0.25x1")
+    assert make_plan(parse_args(readme[:-1] + ["0.5"]), 1).output_dir != plan.output_dir  # the sweep's runs differ
+
+
+def test_collapse_monitor_warns_after_warmup_only(caplog):
+    monitor = CollapseMonitor(warmup_steps=10, window=3, min_steps=5)
+    collapsed = {"disc_acc_replaced": 0.01, "disc_acc_original": 0.999}
+    assert not any(monitor.update(step, collapsed) for step in (5, 10))
+    assert not monitor.update(11, collapsed) and not monitor.update(12, {"disc_acc_replaced": 0.3})
+    with caplog.at_level(logging.WARNING):
+        results = [monitor.update(step, collapsed) for step in (13, 14, 15)]
+    assert results == [False, False, True]
+    assert "collapse" in caplog.text
+    assert CollapseMonitor(warmup_steps=30).start_step == 1000  # a short run's early all-original phase is normal
+
+
+def test_engine_step_equals_a_hand_written_step(corpus):
+    """DeepSpeed (fp32, ZeRO 0) applies exactly: loss.backward, clip to norm 1, ElectraAdam with wd 0.01 on the
+    decay group only, at the schedule's learning rate."""
+    import copy
+
+    from electra_ds.config import preset
+    from electra_ds.data.cache import TokenCache
+    from electra_ds.data.sampler import SegmentSampler
+    from electra_ds.model import ElectraForPretraining
+    from electra_ds.train.pretrain import forward, pretraining_step
+
+    ds_engine.setup_distributed()
+    cache = TokenCache(corpus)
+    config = preset("tiny", vocab_size=cache.vocab_size, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = ElectraForPretraining(config)
+    manual = copy.deepcopy(model)
+    initial = [p.detach().clone() for p in model.parameters()]
+    engine = ds_engine.initialize(model, load_ds_config("fp32", micro_batch_size=4, gradient_accumulation_steps=1,
+                                                        world_size=1),
+                                  learning_rate=1e-2, warmup_steps=0, max_steps=4)
+    batch = {k: torch.from_numpy(v) for k, v in SegmentSampler(cache, 32, 4, seed=0).batch(0).items()}
+    kw = dict(special_ids=cache.special_ids, mlm_probability=0.15, max_predictions=5, step=0, seed=3)
+    pretraining_step(engine, batch, **kw)
+
+    class Bare:  # what forward() needs of an engine
+        module, global_rank = manual, 0
+
+        def __call__(self, *args):
+            return manual(*args)
+
+    opt = ElectraAdam(manual.param_groups(0.01), lr=1e-2, eps=1e-6)
+    forward(Bare(), batch, rank=0, **kw).loss.backward()
+    torch.nn.utils.clip_grad_norm_(manual.parameters(), 1.0)
+    opt.step()
+    for (name, a), b, start in zip(engine.module.named_parameters(), manual.parameters(), initial):
+        assert (a.detach() - start).abs().max() > 1e-3, f"{name} did not move"
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-7, msg=name)
+    assert engine.get_lr()[0] == pytest.approx(1e-2 * 0.75)  # the schedule stepped once: (1 - 1/4)
+
+
+# -- bad input: a clear error before any engine is built ------------------------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max_length", "256"], "longer than the model's 128 positions"),
+    (["--deepspeed_config", "no_such_config"], "not a shipped config name"),
+    (["--model_override", "vocab_size=100"], "smaller than the vocabulary of the cache"),
+    (["--model_override", "hiden_size=3"], "unknown ElectraConfig field"),
+    (["--logging_steps", "0"], "--logging_steps must be >= 1"),
+])
+def test_bad_flags_fail_clearly(corpus, tmp_path, extra, message):
+    with pytest.raises(SetupError, match=message):
+        run(parse_args(argv(corpus, tmp_path / "out") + extra))
+
+
+def test_batch_sizes_that_disagree_fail_clearly(corpus, tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 6, "gradient_clipping": 1.0}))
+    with pytest.raises(SetupError, match="train_batch_size is 6 but the command line gives 4"):
+        run(parse_args(argv(corpus, tmp_path / "out") + ["--deepspeed_config", str(path)]))
+    args = parse_args(["--model_size", "tiny", "--data", str(corpus)])
+    with pytest.raises(SetupError, match="does not divide over 3 processes"):
+        make_plan(args, world_size=3)
+
+
+def test_missing_data_fails_clearly(tmp_path):
+    with pytest.raises(SetupError, match="--data '.*no_such_cache'"):
+        run(parse_args(argv(tmp_path / "no_such_cache", tmp_path / "out")))
+
+
+# -- the real engine --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ds_config", ["fp32", "bf16", "bf16_zero2", "bf16_zero3"])
+def test_engine_trains_each_precision_and_zero_stage(corpus, tmp_path, ds_config):
+    out = tmp_path / "out"
+    records = train(corpus, out, "--deepspeed_config", ds_config, *(["--export_hf"] if "bf16" in ds_config else []),
+                    steps=4)
+    train_records = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+    for r in train_records:
+        assert np.isfinite(r["loss"]) and 0 <= r["gen_acc"] <= 1 and 0 < r["replaced_frac"] < 0.2
+        assert r["tokens_per_s"] > 0 and r["pfs_days"] > 0
+    assert [r["step"] for r in records if r["split"] == "eval"] == [4]
+    assert (out / "checkpoints" / "step00000004" / MANIFEST).is_file()
+    if "bf16" in ds_config:  # the export holds the fp32 master weights, not bf16-rounded copies
+        from electra_ds.model import load_pretrained
+
+        weights = torch.cat([p.detach().flatten() for p in load_pretrained(out).parameters()])
+        assert (weights != weights.bfloat16().float()).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("ds_config", ["bf16_zero2", "bf16_zero3"])
+def test_zero_resume_from_a_checkpoint_repeats_the_run(corpus, tmp_path, ds_config):
+    reference = losses(train(corpus, tmp_path / "reference", "--deepspeed_config", ds_config, "--save_steps", "8",
+                             steps=4))  # checkpoints at steps 2 and 4
+    checkpoint = tmp_path / "reference" / "checkpoints" / "step00000002"
+    resumed = losses(train(corpus, tmp_path / "resumed", "--deepspeed_config", ds_config, "--resume",
+                           str(checkpoint), steps=4))
+    assert resumed == {3: reference[3], 4: reference[4]}
+
+
+def test_loss_goes_down_and_outputs_are_written(corpus, tmp_path):
+    out = tmp_path / "out"
+    records = train(corpus, out, "--learning_rate", "2e-3", "--export_hf", steps=60, batch=8)
+    curve = [r["loss"] for r in records if r["split"] == "train"]
+    assert np.mean(curve[-5:]) < 0.8 * np.mean(curve[:5]), curve
+    last = records[-2]
+    assert {"loss", "mlm_loss", "disc_loss", "gen_acc", "disc_acc_replaced", "disc_acc_original", "replaced_frac",
+            "lr", "grad_norm", "loss_scale", "tokens_per_s", "elapsed_s", "flops", "pfs_days"} <= set(last)
+    assert (out / "training_curves.png").stat().st_size > 10_000
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["model"]["vocab_size"] == 1000 and config["tokenizer_hash"]
+    # the HF pair holds the trained weights and the tokenizer
+    from electra_ds.model import load_pretrained
+
+    model = load_pretrained(out)
+    assert model.config.vocab_size == 1000
+    assert (out / "hf" / "discriminator" / "tokenizer.json").is_file()
+    assert (out / "hf" / "generator" / "config.json").is_file()
+
+
+def test_fp16_overflow_skips_steps_and_keeps_weights_finite(corpus, tmp_path):
+    """A loss scale of 2^40 overflows fp16 gradients: DeepSpeed's scaler must skip those steps and lower the
+    scale, and training then proceeds with finite weights (fp16 runs on the CPU accelerator)."""
+    config = json.loads((ds_engine.DS_CONFIG_DIR / "fp16.json").read_text())
+    config["fp16"].update(initial_scale_power=40, hysteresis=1)
+    path = tmp_path / "fp16_huge_scale.json"
+    path.write_text(json.dumps(config))
+    records = train(corpus, tmp_path / "out", "--deepspeed_config", str(path), steps=30)
+    train_records = [r for r in records if r["split"] == "train"]
+    assert train_records[-1]["skipped_steps"] >= 20  # 2^40 -> below ~2^16 takes over 20 halvings
+    assert train_records[-1]["loss_scale"] < 2 ** 20
+    assert np.isfinite(train_records[-1]["loss"])
+    state = torch.load(next((tmp_path / "out" / "checkpoints").glob("step*/mp_rank_00_model_states.pt")),
+                       map_location="cpu", weights_only=False)
+    assert all(torch.isfinite(t).all() for t in state["module"].values())
+
+
+# -- checkpoints and resume -------------------------------------------------------------------------------------
+
+def test_resume_after_sigkill_repeats_the_uninterrupted_run(corpus, tmp_path):
+    steps = 24
+    reference = losses(train(corpus, tmp_path / "reference", "--save_steps", "12", steps=steps))
+    out = tmp_path / "killed"
+    proc = start(corpus, out, "--save_steps", "12", steps=steps)  # a checkpoint every 3 steps
+    wait_for(lambda: (out / "checkpoints" / "step00000006" / MANIFEST).is_file(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = losses(train(corpus, out, "--save_steps", "12", steps=steps))
+    assert sorted(resumed) == list(range(1, steps + 1))
+    np.testing.assert_allclose([resumed[s] for s in range(1, steps + 1)], [reference[s] for s in range(1, steps + 1)],
+                               rtol=1e-6, atol=0)
+    assert len(CheckpointManager(out / "checkpoints", 3, 0, 1).complete()) == 3  # keep-last-K pruning
+
+
+def test_sigterm_saves_and_exits_zero(corpus, tmp_path):
+    out = tmp_path / "out"
+    proc = start(corpus, out, steps=2000)
+    wait_for(lambda: len(MetricsFile(out / "metrics.jsonl").records()) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    output = output_of(proc)
+    assert proc.returncode == 0, output
+    assert "SIGTERM received" in output
+    complete = CheckpointManager(out / "checkpoints", 3, 0, 1).complete()
+    assert complete and 2 <= complete[0][0] < 2000
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(corpus, tmp_path, caplog):
+    out = tmp_path / "out"
+    train(corpus, out, "--save_steps", "8", steps=6)  # checkpoints at steps 2, 4, 6
+    model_file = out / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING):
+        resumed = losses(train(corpus, out, "--save_steps", "8", steps=8))
+    assert "step00000006 is unusable" in caplog.text and "truncated" in caplog.text
+    assert sorted(resumed) == list(range(1, 9))
+    assert json.loads((out / "checkpoints" / "step00000008" / MANIFEST).read_text())["step"] == 8
+
+
+def test_output_dir_of_another_experiment_is_refused(corpus, tmp_path):
+    out = tmp_path / "out"
+    train(corpus, out, steps=1)
+    with pytest.raises(SetupError, match=r"another model \(generator_size: 0.5 -> 1.0\)"):
+        train(corpus, out, "--generator_size", "1.0", steps=2)
+    with pytest.raises(SetupError, match="--resume none"):
+        train(corpus, out, "--resume", "none", steps=2)

@@ -1,0 +1,126 @@
+"""Two-process pretraining on DeepSpeed's CPU accelerator (gloo): ZeRO-2 over 2 ranks agrees with 1 rank at the
+same global batch, and a rank that dies makes the other exit with an error instead of hanging."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from electra_ds.train.engine import free_port
+from electra_ds.train.metrics_log import MetricsFile
+from electra_ds.train.pretrain import parse_args, run
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "corpus" / "tinyshakespeare" / "input.txt"
+NO_DROPOUT = ["--model_override", "hidden_dropout_prob=0", "--model_override", "attention_probs_dropout_prob=0"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from electra_ds.data.cache import ensure_cache
+
+    root = tmp_path_factory.mktemp("corpus")
+    if SHAKESPEARE.is_file():
+        text = SHAKESPEARE.read_text()[:200_000]
+    else:
+        rng = np.random.default_rng(0)
+        words = [f"w{i}" for i in range(300)]
+        text = "\n\n".join(" ".join(rng.choice(words, size=40)) for _ in range(500))
+    (root / "text.txt").write_text(text)
+    return ensure_cache(str(root / "text.txt"), root / "caches", vocab_size=800, doc_split="blank_lines",
+                        workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def zero2_fp32(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ds") / "fp32_zero2.json"
+    path.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                                "gradient_accumulation_steps": "auto", "gradient_clipping": 1.0,
+                                "zero_optimization": {"stage": 2}}))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _restore_env():
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def argv(data: Path, out: Path, ds_config: Path, micro_batch: int, steps: int, *extra: str) -> list[str]:
+    return ["--model_size", "tiny", "--data", str(data), "--output_dir", str(out), "--max_length", "32",
+            "--per_device_train_batch_size", str(micro_batch), "--max_steps", str(steps), "--warmup_steps", "2",
+            "--learning_rate", "2e-3", "--logging_steps", "8", "--eval_steps", str(8 * steps), "--eval_batches", "1",
+            "--wandb", "disabled", "--num_workers", "0", "--no-export_hf", "--deepspeed_config", str(ds_config),
+            "--dist_timeout", "30", *NO_DROPOUT, *extra]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def train_losses(out: Path) -> np.ndarray:
+    return np.array([r["loss"] for r in MetricsFile(out / "metrics.jsonl").records() if r["split"] == "train"])
+
+
+def test_two_ranks_zero2_agree_with_one_rank(corpus, zero2_fp32, tmp_path):
+    steps = 12
+    two = tmp_path / "two"
+    log = tmp_path / "two.log"
+    with log.open("w") as f:
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(free_port()), str(REPO / "launch" / "pretrain.py"),
+                               *argv(corpus, two, zero2_fp32, 4, steps)],
+                              env=child_env(), stdout=f, stderr=subprocess.STDOUT, timeout=240)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert json.loads((two / "run_config.json").read_text())["world_size"] == 2
+    one = tmp_path / "one"
+    run(parse_args(argv(corpus, one, zero2_fp32, 8, steps)))
+    a, b = train_losses(two), train_losses(one)
+    assert len(a) == len(b) == steps
+    # Same data, weights and schedule; only the masking/sampling noise differs (it is drawn per rank).
+    np.testing.assert_allclose(a[0], b[0], rtol=0.03)
+    np.testing.assert_allclose(a, b, rtol=0.1)
+    assert a[-3:].mean() < 0.85 * a[:2].mean() and b[-3:].mean() < 0.85 * b[:2].mean()
+
+
+def test_a_dead_rank_makes_the_other_fail_instead_of_hanging(corpus, zero2_fp32, tmp_path):
+    out = tmp_path / "out"
+    port = str(free_port())
+    procs, logs = [], []
+    for rank in (0, 1):
+        logs.append(tmp_path / f"rank{rank}.log")
+        env = child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, str(REPO / "launch" / "pretrain.py"),
+                                       *argv(corpus, out, zero2_fp32, 4, 100_000)],
+                                      env=env, stdout=logs[-1].open("w"), stderr=subprocess.STDOUT))
+    try:
+        deadline = time.time() + 180
+        while len(MetricsFile(out / "metrics.jsonl").records()) < 2:
+            assert time.time() < deadline and all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        rc = procs[0].wait(timeout=90)
+        assert rc == 4, logs[0].read_text()[-3000:]
+        assert "another rank died, hung or was killed" in logs[0].read_text()
+        assert time.time() - killed_at < 60  # --dist_timeout 30 bounds it; gloo usually notices at once
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
