@@ -325,6 +325,20 @@ def test_loss_goes_down_and_outputs_are_written(corpus, tmp_path):
     assert (out / "hf" / "generator" / "config.json").is_file()
 
 
+def test_discriminator_learns_to_spot_random_replacements(corpus, tmp_path):
+    """With a very hot generator (temperature 100) replacements are near-uniform random tokens, which a working
+    discriminator path learns to flag within a few dozen steps (a plausible generator's samples take far longer)."""
+    records = train(corpus, tmp_path / "out", "--learning_rate", "1e-3", "--warmup_steps", "30", "--max_length", "64",
+                    "--model_override", "temperature=100", steps=100, batch=32)
+    train_records = [r for r in records if r["split"] == "train"]
+    late = train_records[-3:]
+    assert np.mean([r["disc_acc_replaced"] for r in late]) > 0.1, [r["disc_acc_replaced"] for r in train_records]
+    assert np.mean([r["disc_acc_original"] for r in late]) > 0.8
+    # below the entropy of the replaced fraction: what a discriminator that learned nothing but the rate gets
+    p = np.mean([r["replaced_frac"] for r in late])
+    assert np.mean([r["disc_loss"] for r in late]) < 0.95 * -(p * np.log(p) + (1 - p) * np.log(1 - p))
+
+
 def test_fp16_overflow_skips_steps_and_keeps_weights_finite(corpus, tmp_path):
     """A loss scale of 2^40 overflows fp16 gradients: DeepSpeed's scaler must skip those steps and lower the
     scale, and training then proceeds with finite weights (fp16 runs on the CPU accelerator)."""

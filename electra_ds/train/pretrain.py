@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from electra_ds import kernels
 from electra_ds.config import PRESETS, RECIPES, ElectraConfig, check_fields, max_predictions, preset
 from electra_ds.data.masking import mask_tokens
 from electra_ds.flops import PFS_DAY, electra_step_flops
@@ -96,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: electra_adam (Adam without bias correction, as the recipe), or DeepSpeed's CPU "
                           "Adam under ZeRO-Offload")
     run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--compile", default="none", choices=("none", "default", "reduce-overhead"),
+                     help="torch.compile the model inside the engine; reduce-overhead also replays the forward and "
+                          "backward as CUDA graphs (the fast path on a GPU). Changes speed only: the compiled model "
+                          "runs the PyTorch twins of the kernels, which are their specification")
     run.add_argument("--deepspeed_config", "--ds_config", default="auto",
                      help="DeepSpeed JSON: a path or a name in ds_configs/ (bf16, bf16_zero2, ...); auto: bf16 on a "
                           "bf16 GPU, fp16 on older GPUs, cpu.json without a GPU")
@@ -288,6 +293,7 @@ def forward(engine, batch: dict[str, torch.Tensor], *, special_ids: dict[str, in
     """Mask `batch` (noise from (seed, step, rank)) and run the engine's forward; returns PretrainOutput."""
     input_ids = batch["input_ids"]
     device = input_ids.device
+    torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph replays (no-op without them)
     plan = mask_tokens(input_ids, batch["attention_mask"], mask_token_id=special_ids["mask"],
                        special_ids=[special_ids[k] for k in ("pad", "cls", "sep", "mask")],
                        vocab_size=engine.module.config.vocab_size, mlm_probability=mlm_probability,
@@ -518,6 +524,9 @@ def run(args: argparse.Namespace) -> Path:
     engine = ds_engine.initialize(model, plan.ds_config, learning_rate=plan.learning_rate,
                                   warmup_steps=plan.warmup_steps, max_steps=plan.max_steps,
                                   weight_decay=args.weight_decay, optimizer=args.optimizer)
+    if args.compile != "none":
+        kernels.set_backend("torch")  # inductor fuses the twins itself
+        engine.compile(compile_kwargs={} if args.compile == "default" else {"mode": args.compile})
     device = engine.device
     seed_everything(derive_seed(args.seed, 0, rank, DROPOUT_STREAM))  # dropout noise differs across ranks
 
