@@ -114,6 +114,18 @@ def test_tying_is_structural_and_survives_moves_and_reloads(tmp_path):
     assert word_grad(grad_from_gen).abs().sum() > 0 and word_grad(model.flat["decay"].grad).abs().sum() > 0
 
 
+def test_qkv_block_is_a_view_of_the_three_weights():
+    model = ElectraForPretraining(preset("tiny", vocab_size=100))
+    w = model.views(with_blocks=True)
+    layer = "discriminator.electra.encoder.layer.1.attention.self"
+    block = w[f"{layer}.qkv.weight"]
+    assert block.shape == (3 * 64, 64) and f"{layer}.qkv.weight" not in model.views()
+    for i, name in enumerate(("query", "key", "value")):
+        assert torch.equal(block[i * 64:(i + 1) * 64], w[f"{layer}.{name}.weight"])
+        assert w[f"{layer}.{name}.weight"].data_ptr() == block[i * 64].data_ptr()
+    assert torch.equal(w[f"{layer}.qkv.bias"], torch.cat([w[f"{layer}.{n}.bias"] for n in ("query", "key", "value")]))
+
+
 def test_export_import_round_trip_and_cli(tmp_path):
     from transformers import ElectraForMaskedLM
 

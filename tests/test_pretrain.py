@@ -339,6 +339,17 @@ def test_discriminator_learns_to_spot_random_replacements(corpus, tmp_path):
     assert np.mean([r["disc_loss"] for r in late]) < 0.95 * -(p * np.log(p) + (1 - p) * np.log(1 - p))
 
 
+@pytest.mark.slow
+def test_compile_changes_speed_only(corpus, tmp_path):
+    """--compile runs inductor over the PyTorch twins: the same losses as eager (dropout off: inductor draws its
+    own dropout noise). About a minute and a half of compilation on 2 CPU cores."""
+    no_dropout = ("--model_override", "hidden_dropout_prob=0", "--model_override", "attention_probs_dropout_prob=0")
+    eager = losses(train(corpus, tmp_path / "eager", *no_dropout, steps=3))
+    compiled = losses(train(corpus, tmp_path / "compiled", *no_dropout, "--compile", "default", steps=3))
+    assert eager.keys() == compiled.keys()
+    np.testing.assert_allclose([compiled[k] for k in eager], list(eager.values()), rtol=1e-4)
+
+
 def test_fp16_overflow_skips_steps_and_keeps_weights_finite(corpus, tmp_path):
     """A loss scale of 2^40 overflows fp16 gradients: DeepSpeed's scaler must skip those steps and lower the
     scale, and training then proceeds with finite weights (fp16 runs on the CPU accelerator)."""

@@ -5,7 +5,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from electra_ds.config import ElectraConfig
 from electra_ds.model.electra import DISC, check_token_ids

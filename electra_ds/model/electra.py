@@ -12,7 +12,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from electra_ds import kernels
 from electra_ds.config import ElectraConfig

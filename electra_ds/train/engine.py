@@ -309,15 +309,18 @@ def linear_warmup_decay(warmup_steps: int, max_steps: int) -> Callable[[int], fl
 
 
 def initialize(model: torch.nn.Module, ds_config: dict, *, learning_rate: float, warmup_steps: int, max_steps: int,
-               weight_decay: float = 0.01, optimizer: str = "auto"):
+               weight_decay: float = 0.01, optimizer: str = "auto", param_groups: list[dict] | None = None,
+               eps: float = 1e-6):
     """The DeepSpeed engine over `model` (which must offer `param_groups(weight_decay)`), with our optimizer,
-    the warmup x linear-decay schedule, and everything else from `ds_config` (see `load_ds_config`)."""
+    the warmup x linear-decay schedule, and everything else from `ds_config` (see `load_ds_config`).
+    `param_groups` replaces the model's groups (e.g. with a learning rate per group for fine-tuning)."""
     import deepspeed
 
     quiet_deepspeed()
     name = resolve_optimizer(optimizer, ds_config)
     model.to(device())
-    opt = build_optimizer(model.param_groups(weight_decay), lr=learning_rate, name=name)
+    groups = model.param_groups(weight_decay) if param_groups is None else param_groups
+    opt = build_optimizer(groups, lr=learning_rate, name=name, eps=eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(warmup_steps, max_steps))
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=schedule, config=ds_config)
     return engine

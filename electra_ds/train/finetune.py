@@ -221,10 +221,8 @@ def schedule(num_examples: int, args: FinetuneArgs, task: GlueTask) -> tuple[int
 
 
 def make_engine(model: ElectraClassifier, args: FinetuneArgs, lr: float, steps: int, warmup: int):
-    """The DeepSpeed engine over the classifier, one optimizer group per flat buffer, each with its own lr
-    (`engine.initialize` with per-group learning rates). Joins the launcher's process group if needed."""
-    import deepspeed
-
+    """The DeepSpeed engine over the classifier, one optimizer group per flat buffer, each with its own lr.
+    Joins the launcher's process group if needed."""
     _, world_size, _ = ds_engine.setup_distributed()
     micro = args.batch_size // (world_size * args.gradient_accumulation_steps)
     if micro * world_size * args.gradient_accumulation_steps != args.batch_size:
@@ -233,16 +231,11 @@ def make_engine(model: ElectraClassifier, args: FinetuneArgs, lr: float, steps: 
     ds_config = ds_engine.load_ds_config(ds_engine.resolve_ds_config(args.ds_config), micro_batch_size=micro,
                                          gradient_accumulation_steps=args.gradient_accumulation_steps,
                                          world_size=world_size)
-    ds_engine.quiet_deepspeed()
-    model.to(ds_engine.device())
     groups = with_layer_lrs(model.param_groups(args.weight_decay), lr=lr,
                             num_layers=model.config.num_hidden_layers, decay=args.layerwise_lr_decay,
                             rule=args.layerwise_lr_decay_rule)
-    optimizer = ds_engine.build_optimizer(groups, lr=lr, eps=args.adam_eps,
-                                          name=ds_engine.resolve_optimizer(args.optimizer, ds_config))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, ds_engine.linear_warmup_decay(warmup, steps))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    return engine
+    return ds_engine.initialize(model, ds_config, learning_rate=lr, warmup_steps=warmup, max_steps=steps,
+                                optimizer=args.optimizer, param_groups=groups, eps=args.adam_eps)
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
