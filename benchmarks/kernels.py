@@ -1,5 +1,5 @@
 """Time each fused op on CUDA at ELECTRA-Small sizes (bf16, batch 128 x 128): Triton kernel vs twin vs the
-plain torch ops a model would otherwise call. Usage: python -m electra_ds.kernels.bench [--json PATH]
+plain torch ops a model would otherwise call. Usage: python benchmarks/kernels.py [--json PATH]
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import add_layer_norm, bias_gelu, cross_entropy, gumbel_sample, set_backend, sigmoid_bce
+from electra_ds.kernels import add_layer_norm, bias_gelu, cross_entropy, gumbel_sample, set_backend, sigmoid_bce
 
 
 def _graphed(fn):
@@ -75,6 +75,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", help="also write the timings here")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/kernels.py times CUDA kernels: no CUDA device here")
     results = {}
     for name, (ours, native) in cases().items():
         row = results[name] = {}
