@@ -12,12 +12,17 @@ from electra_ds.model import ElectraForPretraining, load_pretrained
 
 @pytest.fixture(scope="module", autouse=True)
 def one_process_world():
-    import deepspeed
+    from electra_ds.train.engine import setup_distributed
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29641")
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    deepspeed.init_distributed(dist_backend="gloo")
+    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+    saved = {k: os.environ.get(k) for k in keys}
+    setup_distributed()
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.mark.parametrize("stage, bf16", [(0, False), (2, True)])
