@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from electra_ds.data.cache import TokenCache
 from electra_ds.train import engine as ds_engine
 from electra_ds.train.checkpoint import MANIFEST, CheckpointManager
 from electra_ds.train.engine import DSConfigError, linear_warmup_decay, load_ds_config
@@ -250,7 +251,7 @@ def test_engine_step_equals_a_hand_written_step(corpus):
 @pytest.mark.parametrize("extra, message", [
     (["--max_length", "256"], "longer than the model's 128 positions"),
     (["--deepspeed_config", "no_such_config"], "not a shipped config name"),
-    (["--model_override", "vocab_size=100"], "smaller than the vocabulary of the cache"),
+    (["--model_override", "vocab_size=20"], "smaller than the vocabulary of the cache"),
     (["--model_override", "hiden_size=3"], "unknown ElectraConfig field"),
     (["--logging_steps", "0"], "--logging_steps must be >= 1"),
 ])
@@ -315,12 +316,12 @@ def test_loss_goes_down_and_outputs_are_written(corpus, tmp_path):
             "lr", "grad_norm", "loss_scale", "tokens_per_s", "elapsed_s", "flops", "pfs_days"} <= set(last)
     assert (out / "training_curves.png").stat().st_size > 10_000
     config = json.loads((out / "run_config.json").read_text())
-    assert config["model"]["vocab_size"] == 1000 and config["tokenizer_hash"]
+    assert config["model"]["vocab_size"] == TokenCache(corpus).vocab_size and config["tokenizer_hash"]
     # the HF pair holds the trained weights and the tokenizer
     from electra_ds.model import load_pretrained
 
     model = load_pretrained(out)
-    assert model.config.vocab_size == 1000
+    assert model.config.vocab_size == TokenCache(corpus).vocab_size
     assert (out / "hf" / "discriminator" / "tokenizer.json").is_file()
     assert (out / "hf" / "generator" / "config.json").is_file()
 
