@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 import torch.nn.functional as F
 
+from electra_ds.files import atomic_write
 from electra_ds.kernels import add_layer_norm, bias_gelu, cross_entropy, gumbel_sample, set_backend, sigmoid_bce
 
 
@@ -88,10 +88,7 @@ def main() -> None:
     for name, row in results.items():
         print(f"{name:24s} " + "  ".join(f"{k} {v['eager']:.3f} / {v['graph']:.3f}" for k, v in row.items()))
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "ms": results}, f, indent=1)
-        os.replace(tmp, args.json)
+        atomic_write(args.json, json.dumps({"device": torch.cuda.get_device_name(), "ms": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -33,11 +33,9 @@ import argparse
 import gc
 import json
 import math
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -55,6 +53,7 @@ from benchmarks.hf_baseline import (build_hf_pair, check_same_loss, hf_param_gro
 from electra_ds import kernels
 from electra_ds.config import PRESETS, RECIPES, ElectraConfig, max_predictions, preset
 from electra_ds.data.masking import MaskingPlan, mask_tokens
+from electra_ds.files import atomic_write
 from electra_ds.flops import executed_step_flops, recipe_flops
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -485,15 +484,6 @@ def add_comparisons(run: dict[str, Any]) -> None:
 
 # -- output --------------------------------------------------------------------------------------------------
 
-def write_text(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename into place: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") -> str:
     return "-" if value is None else format(value * scale, spec) + suffix
 
@@ -635,9 +625,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             add_comparisons(run)
             meta["elapsed_s"] = time.monotonic() - t0
             if args.json:
-                write_text(args.json, json.dumps(result, indent=2) + "\n")
+                atomic_write(args.json, json.dumps(result, indent=2) + "\n")
             if args.markdown:
-                write_text(args.markdown, markdown(result) + "\n")
+                atomic_write(args.markdown, markdown(result) + "\n")
         del setup
         free_memory(device)
     print(markdown(result))

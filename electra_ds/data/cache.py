@@ -34,8 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
+from electra_ds.files import atomic_write
+
 from .sources import Builtin, LocalFiles, Source, open_source
-from .tokenizer import (atomic_write, load_tokenizer, save_tokenizer, special_ids, tokenizer_hash,
+
+from .tokenizer import (load_tokenizer, save_tokenizer, special_ids, tokenizer_hash,
                         train_tokenizer)
 from .tokenizer import vocab_size as tokenizer_vocab_size
 

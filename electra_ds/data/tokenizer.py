@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from electra_ds.files import atomic_write
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _SPECIAL_KEYS = dict(zip(("pad", "unk", "cls", "sep", "mask"), SPECIAL_TOKENS))
@@ -91,22 +92,6 @@ def _lowercases(normalizer: dict | None) -> bool:
     if kind == "Sequence":
         return any(_lowercases(n) for n in normalizer.get("normalizers", []))
     return kind == "Lowercase" or (kind == "BertNormalizer" and bool(normalizer.get("lowercase")))
-
-
-def atomic_write(path: Path, data: str | bytes | memoryview) -> None:
-    """Write ``data`` (text as UTF-8) to ``path`` through a temporary file in the same directory and a rename.
-
-    The temporary name is ``.NAME.PID.RANDOM.tmp``; the file gets the usual permissions (umask applied).
-    """
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _vocab_from_txt(path: Path) -> dict[str, int]:

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from electra_ds.files import atomic_write, replacing
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "electra_ds_checkpoint.json"
@@ -50,18 +52,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _barrier() -> None:
@@ -118,13 +108,14 @@ class CheckpointManager:
                 shutil.rmtree(directory)  # a leftover from a run killed while saving
             directory.mkdir(parents=True)
         _barrier()
-        _atomic_torch_save(rng_state(), directory / f"rng_rank{self.rank}.pt")
+        with replacing(directory / f"rng_rank{self.rank}.pt") as tmp:
+            torch.save(rng_state(), tmp)
         engine.save_checkpoint(str(self.root), tag=tag, client_state=dict(client_state, step=step))  # ends in a barrier
         if self.rank == 0:
             files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
                      if p.is_file() and p.name != MANIFEST}
-            _atomic_write_json({"step": step, "tag": tag, "world_size": self.world_size, "time": time.time(),
-                                "files": files}, directory / MANIFEST)
+            atomic_write(directory / MANIFEST, json.dumps({"step": step, "tag": tag, "world_size": self.world_size,
+                                                           "time": time.time(), "files": files}, indent=2))
         _barrier()
         if self.rank == 0:
             self.prune()

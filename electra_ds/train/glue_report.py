@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import warnings
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from electra_ds.data.glue import DIAGNOSTIC, TABLE_TASKS, TASKS, GlueTask, get_task
+from electra_ds.files import atomic_write, replacing
 from electra_ds.train.glue_metrics import METRIC_KEYS, summarize
 
 RESULT_FILE = "result.json"
@@ -31,17 +31,8 @@ METRIC_NAMES = {"mcc": "MCC", "accuracy": "Acc", "f1": "F1", "spearman": "Spearm
 SPLIT_NAMES = {"dev": "", "dev_matched": "-m", "dev_mismatched": "-mm"}
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write a file under a temporary name, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def seed_dir(out_dir: str | Path, task: GlueTask, seed: int) -> Path:
@@ -60,7 +51,7 @@ def write_predictions(path: str | Path, task: GlueTask, guids: Sequence[str], pr
     if len(guids) != len(predictions):
         raise ValueError(f"{path}: {len(guids)} ids but {len(predictions)} predictions")
     rows = [f"{g}\t{format_prediction(task, p)}" for g, p in zip(guids, predictions)]
-    write_text(path, "\n".join(["index\tprediction", *rows]) + "\n")
+    atomic_write(path, "\n".join(["index\tprediction", *rows]) + "\n")
 
 
 def write_task_result(out_dir: str | Path, result: dict[str, Any]) -> Path:
@@ -140,7 +131,7 @@ def build_report(out_dir: str | Path, *, model_name: str | None = None,
         "submission": write_submission(out_dir, tasks),
     }
     write_json(out_dir / "results.json", report)
-    write_text(out_dir / "results.md", render_markdown(report))
+    atomic_write(out_dir / "results.md", render_markdown(report))
     return report
 
 
@@ -168,10 +159,8 @@ def write_submission(out_dir: Path, tasks: dict[str, dict]) -> dict[str, dict]:
             source = seed_dir(out_dir, task, seed) / f"{stem}.tsv"
             if source.is_file():
                 target = out_dir / SUBMISSION_DIR / f"{stem}.tsv"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-                shutil.copyfile(source, tmp)
-                os.replace(tmp, target)
+                with replacing(target) as tmp:
+                    shutil.copyfile(source, tmp)
                 written[stem] = {"task": name, "seed": seed, "file": str(target.relative_to(out_dir))}
     return written
 
@@ -233,6 +222,6 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["RESULT_FILE", "SUBMISSION_DIR", "write_text", "write_json", "seed_dir", "format_prediction",
+__all__ = ["RESULT_FILE", "SUBMISSION_DIR", "write_json", "seed_dir", "format_prediction",
            "write_predictions", "write_task_result", "summarize_runs", "primary_score", "pretrain_pfs_days",
            "build_report", "efficiency", "best_seed", "write_submission", "render_markdown"]

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from electra_ds.files import atomic_write
 from electra_ds.model.electra import STAT_NAMES
 
 log = logging.getLogger(__name__)
@@ -93,9 +94,7 @@ class MetricsFile:
         if not self.path.is_file():
             return
         kept = [r for r in self.records() if r.get("step", 0) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def append(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:

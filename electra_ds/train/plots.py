@@ -5,6 +5,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from electra_ds.files import replacing
+
 
 def _series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[int], list[float]]:
     points = [(r["step"], r[key]) for r in records if r.get("split") == split and r.get(key) is not None]
@@ -45,10 +47,9 @@ def plot_training_curves(records: list[dict[str, Any]], path: str | os.PathLike,
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -29,6 +29,7 @@ import torch
 from electra_ds import kernels
 from electra_ds.config import PRESETS, RECIPES, ElectraConfig, check_fields, max_predictions, preset
 from electra_ds.data.masking import mask_tokens
+from electra_ds.files import atomic_write
 from electra_ds.flops import PFS_DAY, electra_step_flops
 from electra_ds.train import engine as ds_engine
 from electra_ds.train.checkpoint import CheckpointError, CheckpointManager, tag_for
@@ -428,12 +429,6 @@ def check_output_dir(out: Path, run_config: dict, resume: str) -> None:
                     ", ".join(f"{k}: {previous['flags'].get(k)} -> {run_config['flags'][k]}" for k in changed))
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
@@ -544,7 +539,7 @@ def run(args: argparse.Namespace) -> Path:
     start_step, state = restored if restored else (0, {})
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(out / RUN_CONFIG, run_config)
+        atomic_write(out / RUN_CONFIG, json.dumps(run_config, indent=2, default=str))
         if restored:
             log.info("resumed from step %d (%s)", start_step, source.root / tag_for(start_step))
 
