@@ -2,7 +2,6 @@
 baseline computes the same losses as our model."""
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of scripts, not an ins
 
 from benchmarks import hf_baseline  # noqa: E402
 from benchmarks.throughput import RECORD_FIELDS  # noqa: E402
+from conftest import child_env
 from electra_ds.config import preset  # noqa: E402
 
 CPU_VARIANTS = ["hf_eager", "ours_ds_torch", "ours_bare"]
@@ -30,7 +30,7 @@ def test_throughput_cpu_end_to_end(tmp_path):
            "--variants", ",".join(CPU_VARIANTS + ["ours_ds_triton", "hf_compile_cudagraphs"]),
            "--json", str(out_json), "--markdown", str(out_md)]
     # one thread: on a busy 2-core machine, spinning OpenMP threads make tiny steps 10x slower
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env = child_env(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

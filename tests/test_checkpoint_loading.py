@@ -1,10 +1,10 @@
 """A pretraining run's DeepSpeed checkpoint loads into our model and exports to Hugging Face (ZeRO 0 and 2)."""
 import json
-import os
 
 import pytest
 import torch
 
+from conftest import saved_environ
 from electra_ds.config import preset
 from electra_ds.convert import main as convert_main
 from electra_ds.model import ElectraForPretraining, load_pretrained
@@ -14,15 +14,9 @@ from electra_ds.model import ElectraForPretraining, load_pretrained
 def one_process_world():
     from electra_ds.train.engine import setup_distributed
 
-    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
-    saved = {k: os.environ.get(k) for k in keys}
-    setup_distributed()
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with saved_environ():
+        setup_distributed()
+        yield
 
 
 @pytest.mark.parametrize("stage, bf16", [(0, False), (2, True)])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import child_env
 from electra_ds.config import preset
 from electra_ds.data.glue import GlueExample, TASKS
 from electra_ds.data.tokenizer import load_tokenizer, special_ids, train_tokenizer
@@ -240,9 +240,7 @@ def test_cli_errors(setup, tmp_path, capsys):
 
 def test_glue_sh_end_to_end(setup):
     out = setup["root"] / "out_sh"
-    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # set by this process's run
-    env = {**{k: v for k, v in os.environ.items() if k not in launcher_vars},
-           "TASKS": "SST-2,QQP", "SEEDS": "1", "MAX_TRAIN_SAMPLES": "32", "EPOCHS": "1",
+    env = {**child_env(), "TASKS": "SST-2,QQP", "SEEDS": "1", "MAX_TRAIN_SAMPLES": "32", "EPOCHS": "1",
            "SKIP_TEST": "1", "GLUE_DIR": str(setup["glue"]), "PYTHON": sys.executable}
     shutil.rmtree(setup["glue"] / "QQP")
     proc = subprocess.run(["bash", str(REPO / "launch" / "glue.sh"), str(setup["run"]), str(out), "--batch_size", "8"],

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import child_env
 from electra_ds.data.cache import TokenCache
 from electra_ds.train import engine as ds_engine
 from electra_ds.train.checkpoint import MANIFEST, CheckpointManager
@@ -53,12 +53,7 @@ def corpus(tmp_path_factory) -> Path:
                         workers=1, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def _restore_env():
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("restore_environ")
 
 
 def argv(data: Path, out: Path, *extra: str, steps: int = 6, batch: int = 4) -> list[str]:
@@ -78,19 +73,12 @@ def losses(records: list[dict]) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
 
 
-def subprocess_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env["DS_ACCELERATOR"] = "cpu"
-    return env
-
-
 def start(data: Path, out: Path, *extra: str, **kw) -> subprocess.Popen:
     """launch/pretrain.py in a subprocess; its output goes to OUT.log (a pipe could fill and block it)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     log_file = open(out.with_suffix(".log"), "w")
     proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "pretrain.py"), *argv(data, out, *extra, **kw)],
-                            env=subprocess_env(), stdout=log_file, stderr=subprocess.STDOUT, text=True)
+                            env=child_env(), stdout=log_file, stderr=subprocess.STDOUT, text=True)
     proc.log_path = out.with_suffix(".log")
     return proc
 

@@ -3,7 +3,6 @@ same global batch, and a rank that dies makes the other exit with an error inste
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import child_env
 from electra_ds.train.engine import free_port
 from electra_ds.train.metrics_log import MetricsFile
 from electra_ds.train.pretrain import parse_args, run
@@ -49,12 +49,7 @@ def zero2_fp32(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _restore_env():
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("restore_environ")
 
 
 def argv(data: Path, out: Path, ds_config: Path, micro_batch: int, steps: int, *extra: str) -> list[str]:
@@ -63,13 +58,6 @@ def argv(data: Path, out: Path, ds_config: Path, micro_batch: int, steps: int, *
             "--learning_rate", "2e-3", "--logging_steps", "8", "--eval_steps", str(8 * steps), "--eval_batches", "1",
             "--wandb", "disabled", "--num_workers", "0", "--no-export_hf", "--deepspeed_config", str(ds_config),
             "--dist_timeout", "30", *NO_DROPOUT, *extra]
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **extra)
-    return env
 
 
 def train_losses(out: Path) -> np.ndarray:
@@ -84,7 +72,7 @@ def test_two_ranks_zero2_agree_with_one_rank(corpus, zero2_fp32, tmp_path):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                "--master_port", str(free_port()), str(REPO / "launch" / "pretrain.py"),
                                *argv(corpus, two, zero2_fp32, 4, steps)],
-                              env=child_env(), stdout=f, stderr=subprocess.STDOUT, timeout=240)
+                              env=child_env(OMP_NUM_THREADS="1"), stdout=f, stderr=subprocess.STDOUT, timeout=240)
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert json.loads((two / "run_config.json").read_text())["world_size"] == 2
     one = tmp_path / "one"
@@ -103,8 +91,8 @@ def test_a_dead_rank_makes_the_other_fail_instead_of_hanging(corpus, zero2_fp32,
     procs, logs = [], []
     for rank in (0, 1):
         logs.append(tmp_path / f"rank{rank}.log")
-        env = child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=port)
+        env = child_env(OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen([sys.executable, str(REPO / "launch" / "pretrain.py"),
                                        *argv(corpus, out, zero2_fp32, 4, 100_000)],
                                       env=env, stdout=logs[-1].open("w"), stderr=subprocess.STDOUT))

@@ -1,0 +1,36 @@
+"""Helpers shared by tests that start a process group in-process or launch training in subprocesses."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import pytest
+
+# Set by a launcher, or by electra_ds.train.engine.setup_distributed for a one-process world in this process.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextmanager
+def saved_environ() -> Iterator[None]:
+    """Put os.environ back as it was, whatever the body set."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture
+def restore_environ() -> Iterator[None]:
+    with saved_environ():
+        yield
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a training subprocess: this process's, minus its own process-group variables (a child
+    reusing MASTER_PORT would collide with this process's store), on the CPU accelerator, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(DS_ACCELERATOR="cpu", **extra)
+    return env
