@@ -52,7 +52,7 @@ from benchmarks.hf_baseline import (build_hf_pair, check_same_loss, hf_param_gro
                                     special_token_ids)
 from electra_ds import kernels
 from electra_ds.config import PRESETS, RECIPES, ElectraConfig, max_predictions, preset
-from electra_ds.data.masking import MaskingPlan, mask_tokens
+from electra_ds.data.masking import MaskingPlan
 from electra_ds.files import atomic_write
 from electra_ds.flops import executed_step_flops, recipe_flops
 
@@ -143,18 +143,13 @@ def set_kernel_backend(name: str) -> str:
     return name
 
 
-def masking_plan(setup: Setup, batch: dict[str, torch.Tensor], step: int,
-                 generator: torch.Generator) -> tuple[MaskingPlan, torch.Tensor]:
-    """The mask and the Gumbel seed of `step`, drawn as `pretraining_step` draws them (seeded on the host, no sync)."""
-    from electra_ds.train.pretrain import MASK_STREAM, SAMPLE_STREAM, derive_seed
+def masking_plan(setup: Setup, batch: dict[str, torch.Tensor], step: int) -> tuple[MaskingPlan, torch.Tensor]:
+    """The mask and the Gumbel seed of `step`, drawn exactly as `pretraining_step` draws them."""
+    from electra_ds.train.pretrain import masking_inputs
 
-    generator.manual_seed(derive_seed(setup.seed, step, 0, MASK_STREAM))
-    plan = mask_tokens(batch["input_ids"], batch["attention_mask"], mask_token_id=setup.specials["mask"],
-                       special_ids=[setup.specials[k] for k in ("pad", "cls", "sep", "mask")],
-                       vocab_size=setup.config.vocab_size, mlm_probability=setup.mlm_probability,
-                       max_predictions=setup.max_predictions, generator=generator)
-    seed = torch.full((), derive_seed(setup.seed, step, 0, SAMPLE_STREAM), dtype=torch.int64, device=setup.device)
-    return plan, seed
+    return masking_inputs(batch, vocab_size=setup.config.vocab_size, special_ids=setup.specials,
+                          mlm_probability=setup.mlm_probability, max_predictions=setup.max_predictions, step=step,
+                          seed=setup.seed, rank=0)
 
 
 def eager_training_step(setup: Setup, forward: Callable, optimizer: torch.optim.Optimizer,
@@ -164,13 +159,12 @@ def eager_training_step(setup: Setup, forward: Callable, optimizer: torch.optim.
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(setup.warmup_steps, setup.max_steps))
     scaler = torch.amp.GradScaler(setup.device.type) if setup.precision == "fp16" else None
-    generator = torch.Generator(device=setup.device)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     amp = setup.amp_dtype
 
     def step(i: int) -> torch.Tensor:
         batch = setup.batch(i)
-        plan, seed = masking_plan(setup, batch, i, generator)
+        plan, seed = masking_plan(setup, batch, i)
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(setup.device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -479,7 +473,8 @@ def add_comparisons(run: dict[str, Any]) -> None:
              ("ours_ds_compile_cudagraphs", "ours_compile_cudagraphs"))
     run["engine_overhead_ms"] = {engine: done[engine]["ms_per_step"] - done[bare]["ms_per_step"]
                                  for engine, bare in pairs
-                                 if engine in done and bare in done and done[engine]["kernels"] == done[bare]["kernels"]}
+                                 if engine in done and bare in done
+                                 and done[engine]["kernels"] == done[bare]["kernels"]}
 
 
 # -- output --------------------------------------------------------------------------------------------------

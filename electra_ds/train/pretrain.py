@@ -28,7 +28,7 @@ import torch
 
 from electra_ds import kernels
 from electra_ds.config import PRESETS, RECIPES, ElectraConfig, check_fields, max_predictions, preset
-from electra_ds.data.masking import mask_tokens
+from electra_ds.data.masking import MaskingPlan, mask_tokens
 from electra_ds.files import atomic_write
 from electra_ds.flops import PFS_DAY, electra_step_flops
 from electra_ds.train import engine as ds_engine
@@ -288,21 +288,28 @@ def _masking_generator(device: torch.device, seed: int) -> torch.Generator:
     return gen
 
 
-def forward(engine, batch: dict[str, torch.Tensor], *, special_ids: dict[str, int], mlm_probability: float,
-            max_predictions: int, step: int, seed: int, rank: int, mask_replace_prob: float = 0.85,
-            random_replace_prob: float = 0.0):
-    """Mask `batch` (noise from (seed, step, rank)) and run the engine's forward; returns PretrainOutput."""
+def masking_inputs(batch: dict[str, torch.Tensor], *, vocab_size: int, special_ids: dict[str, int],
+                   mlm_probability: float, max_predictions: int, step: int, seed: int, rank: int,
+                   mask_replace_prob: float = 0.85,
+                   random_replace_prob: float = 0.0) -> tuple[MaskingPlan, torch.Tensor]:
+    """The masking plan and the Gumbel seed of one micro-batch, both functions of (seed, step, rank)."""
     input_ids = batch["input_ids"]
     device = input_ids.device
-    torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph replays (no-op without them)
     plan = mask_tokens(input_ids, batch["attention_mask"], mask_token_id=special_ids["mask"],
                        special_ids=[special_ids[k] for k in ("pad", "cls", "sep", "mask")],
-                       vocab_size=engine.module.config.vocab_size, mlm_probability=mlm_probability,
+                       vocab_size=vocab_size, mlm_probability=mlm_probability,
                        max_predictions=max_predictions, mask_replace_prob=mask_replace_prob,
                        random_replace_prob=random_replace_prob,
                        generator=_masking_generator(device, derive_seed(seed, step, rank, MASK_STREAM)))
     sample_seed = torch.full((), derive_seed(seed, step, rank, SAMPLE_STREAM), dtype=torch.int64, device=device)
-    return engine(input_ids, batch["attention_mask"], batch["token_type_ids"], plan, sample_seed)
+    return plan, sample_seed
+
+
+def forward(engine, batch: dict[str, torch.Tensor], **masking):
+    """Mask `batch` (see `masking_inputs`) and run the engine's forward; returns PretrainOutput."""
+    torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph replays (no-op without them)
+    plan, sample_seed = masking_inputs(batch, vocab_size=engine.module.config.vocab_size, **masking)
+    return engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], plan, sample_seed)
 
 
 def pretraining_step(engine, batch: dict[str, torch.Tensor], *, special_ids: dict[str, int], mlm_probability: float,
