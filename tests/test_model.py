@@ -11,7 +11,7 @@ from electra_ds.convert import main as convert_main
 from electra_ds.data.masking import mask_tokens
 from electra_ds.model import ElectraClassifier, ElectraForPretraining, export_hf_pair, load_hf_pair, \
     load_pretrained, save_model
-from electra_ds.model.electra import EMB, GEN
+from electra_ds.model.electra import EMB
 
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
 SPECIAL = (PAD, CLS, SEP, MASK)
@@ -124,6 +124,17 @@ def test_qkv_block_is_a_view_of_the_three_weights():
         assert torch.equal(block[i * 64:(i + 1) * 64], w[f"{layer}.{name}.weight"])
         assert w[f"{layer}.{name}.weight"].data_ptr() == block[i * 64].data_ptr()
     assert torch.equal(w[f"{layer}.qkv.bias"], torch.cat([w[f"{layer}.{n}.bias"] for n in ("query", "key", "value")]))
+
+
+def test_block_weights_must_be_back_to_back():
+    from electra_ds.model.params import FlatModule, WeightSpec
+
+    specs = [WeightSpec("a.q", (4, 2), "normal", "a.qkv"), WeightSpec("a.x", (4, 2), "normal"),
+             WeightSpec("a.k", (4, 2), "normal", "a.qkv")]
+    with pytest.raises(ValueError, match="back to back"):
+        FlatModule().init_flat(specs)
+    with pytest.raises(ValueError, match="trailing shape"):
+        FlatModule().init_flat([WeightSpec("a.q", (4, 2), "normal", "a.qkv"), WeightSpec("a.k", (4, 3), "normal", "a.qkv")])
 
 
 def test_export_import_round_trip_and_cli(tmp_path):
@@ -299,4 +310,4 @@ def test_save_model_round_trip(tmp_path):
     back = load_pretrained(tmp_path / "m")
     assert back.config == model.config
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), back.parameters()))
-    assert GEN in next(iter(back.tied))
+    assert shares_storage(back)

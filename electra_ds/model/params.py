@@ -7,6 +7,7 @@ gradients straight into the flat buffers' `.grad`.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -33,10 +34,7 @@ class Slot:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -66,33 +64,28 @@ class FlatModule(nn.Module):
                   initializer_range: float = 0.02, padding_rows: dict[str, int] | None = None) -> None:
         group_fn = group_fn or default_group
         self.slots: dict[str, Slot] = {}
-        self.blocks: dict[str, tuple[str, ...]] = {}
         chunks: dict[str, list[Chunk]] = {}
-        sizes: dict[str, int] = {}
         for spec in specs:
             if spec.name in self.slots:
                 raise ValueError(f"weight {spec.name!r} declared twice")
             group = group_fn(spec.name)
             group_chunks = chunks.setdefault(group, [])
-            slot = Slot(group, sizes.get(group, 0), tuple(spec.shape))
-            self.slots[spec.name] = slot
             last = group_chunks[-1] if group_chunks else None
-            if spec.block is not None and last is not None and last.name == spec.block:
-                last.size += slot.numel  # extends the block
+            extends = spec.block is not None and last is not None and last.name == spec.block
+            if extends and self.slots[last.members[0]].shape[1:] != tuple(spec.shape[1:]):
+                raise ValueError(f"block {spec.block!r}: {spec.name} has another trailing shape than its block")
+            if spec.block is not None and not extends and any(c.name == spec.block for cs in chunks.values()
+                                                               for c in cs):
+                raise ValueError(f"block {spec.block!r}: its weights must be declared back to back in one group")
+            if not extends and last is not None and last.size % ALIGN:  # pad the previous chunk to the alignment
+                group_chunks.append(Chunk(None, ALIGN - last.size % ALIGN, []))
+            slot = self.slots[spec.name] = Slot(group, sum(c.size for c in group_chunks), tuple(spec.shape))
+            if extends:
+                last.size += slot.numel
                 last.members.append(spec.name)
             else:
-                if last is not None and last.size % ALIGN:  # pad the previous chunk to the alignment
-                    group_chunks.append(Chunk(None, ALIGN - last.size % ALIGN, []))
-                    slot = Slot(group, slot.offset + group_chunks[-1].size, slot.shape)
-                    self.slots[spec.name] = slot
                 group_chunks.append(Chunk(spec.block or spec.name, slot.numel, [spec.name]))
-            sizes[group] = slot.offset + slot.numel
-            if spec.block is not None:
-                self.blocks[spec.block] = self.blocks.get(spec.block, ()) + (spec.name,)
-        for block, members in self.blocks.items():
-            shapes = {self.slots[m].shape[1:] for m in members}
-            if len(shapes) != 1 or len({self.slots[m].group for m in members}) != 1:
-                raise ValueError(f"block {block!r}: members {members} must share a group and trailing shape")
+        sizes = {g: sum(c.size for c in cs) for g, cs in chunks.items()}
         self._chunks = chunks
         self.flat_names = {g: "flat_" + re.sub(r"\W", "_", g) for g in sizes}
         for g, n in sizes.items():
@@ -128,18 +121,11 @@ class FlatModule(nn.Module):
             for chunk, part in zip(chunks, parts):
                 if chunk.name is None:
                     continue
-                if len(chunk.members) == 1 and chunk.members[0] == chunk.name:
-                    out[chunk.name] = part.view(self.slots[chunk.name].shape)
-                    continue
-                first = self.slots[chunk.members[0]]
-                offset = 0
-                for member in chunk.members:
-                    shape = self.slots[member].shape
-                    numel = self.slots[member].numel
-                    out[member] = part.narrow(0, offset, numel).view(shape)
-                    offset += numel
-                if with_blocks:
-                    out[chunk.name] = part.view((-1,) + first.shape[1:])
+                is_block = chunk.members != [chunk.name]
+                pieces = part.split_with_sizes([self.slots[m].numel for m in chunk.members]) if is_block else (part,)
+                out.update({m: piece.view(self.slots[m].shape) for m, piece in zip(chunk.members, pieces)})
+                if is_block and with_blocks:
+                    out[chunk.name] = part.view((-1,) + self.slots[chunk.members[0]].shape[1:])
         return out
 
     def param_groups(self, weight_decay: float) -> list[dict]:
