@@ -19,7 +19,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -140,12 +140,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _override_value(field: str, text: str) -> Any:
-    default = getattr(ElectraConfig(), field)
-    if isinstance(default, bool):
-        return text.lower() in ("1", "true", "yes")
-    if isinstance(default, int) or (default is None and field.startswith("generator_")):
-        return int(text)
-    return float(text)
+    """The text as the field's declared type (ElectraConfig's fields are int, float or int | None)."""
+    kind = next(f.type for f in fields(ElectraConfig) if f.name == field)
+    return int(text) if str(kind).startswith("int") else float(text)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
