@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from electra_ds.files import atomic_write
+from electra_ds.files import atomic_write, replacing_dir
 
 from .sources import Builtin, LocalFiles, Source, open_source
 
@@ -298,13 +298,8 @@ def _obtain_tokenizer(out: Path, tokenizer: str | os.PathLike | None, source: So
     if not (stored / "tokenizer.json").is_file():
         log.info("training a %d-token WordPiece tokenizer on %s (up to %s MB of text)", vocab, source.spec,
                  sample_mb)
-        tmp = out / f".{TOKENIZER_DIR}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        with replacing_dir(stored) as tmp:
             train_tokenizer(source.texts(int(sample_mb * 1e6)), vocab, tmp)
-            os.replace(tmp, stored)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return load_tokenizer(stored)
 
 

@@ -3,14 +3,13 @@ and our own model directory format (`electra_config.json` + `model.safetensors` 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from electra_ds.config import ElectraConfig
+from electra_ds.files import replacing_dir
 from electra_ds.model.electra import DISC, GEN, ElectraForPretraining
 
 MODEL_CONFIG = "electra_config.json"
@@ -93,25 +92,6 @@ def load_hf_pair(disc_dir: str | Path, gen_dir: str | Path) -> ElectraForPretrai
     return model
 
 
-def _write_dir(out: Path, write) -> None:
-    """Write a directory under a temporary name, then swap it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def export_hf_pair(model: ElectraForPretraining, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
     """Write out_dir/discriminator (ElectraForPreTraining) and out_dir/generator (ElectraForMaskedLM)."""
     from transformers import ElectraForMaskedLM, ElectraForPreTraining
@@ -125,16 +105,13 @@ def export_hf_pair(model: ElectraForPretraining, out_dir: str | Path, tokenizer_
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing or unexpected:
             raise RuntimeError(f"export to {cls.__name__}: missing {missing}, unexpected {unexpected}")
-
-        def write(tmp: Path, hf_model=hf_model) -> None:
+        with replacing_dir(Path(out_dir) / tower) as tmp:
             hf_model.save_pretrained(tmp)
             if tokenizer_dir is not None:
                 for f in Path(tokenizer_dir).iterdir():
                     if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("vocab.txt",
                                                                                       "special_tokens_map.json")):
                         shutil.copy2(f, tmp / f.name)
-
-        _write_dir(Path(out_dir) / tower, write)
     return Path(out_dir)
 
 
@@ -143,12 +120,9 @@ def save_model(model: ElectraForPretraining, out_dir: str | Path) -> Path:
     from safetensors.torch import save_file
 
     weights = {k: v.detach().cpu().contiguous() for k, v in model.views().items()}
-
-    def write(tmp: Path) -> None:
+    with replacing_dir(out_dir) as tmp:
         (tmp / MODEL_CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2))
         save_file(weights, str(tmp / MODEL_WEIGHTS))
-
-    _write_dir(Path(out_dir), write)
     return Path(out_dir)
 
 
