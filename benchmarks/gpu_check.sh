@@ -6,18 +6,19 @@
 #
 # 1. installs the carried wheels (deepspeed and what it needs) into /tmp/site,
 # 2. prints the GPU (nvidia-smi) and the versions,
-# 3. runs the GPU-marked tests,
+# 3. runs the GPU-marked tests (kernels vs twins, no host sync in the engine step, eager and CUDA graphs),
 # 4. times ELECTRA-Small bf16, batch 128 x 128: every variant of benchmarks/throughput.py in the order of $VARIANTS
-#    (the JSON and the table are rewritten after each, so an overrun keeps what finished),
+#    (the JSON and the table are rewritten after each, so an overrun keeps what finished), each followed by its
+#    host syncs per step and a 3-step profile (GPU busy time per step, top kernels: benchmarks/step_profile.py),
 # 5. if time is left, a batch sweep (256, 512) of the eager variants.
 # Logs (gpu_check.log: everything; pytest_gpu.log), JSON and tables (throughput.*, sweep.*) go to $OUT (./gpu_out when OUT is unset). The whole script keeps within
-# GPU_CHECK_BUDGET_S seconds (default 470, about 8 minutes): every stage runs under `timeout`, sized from what
+# GPU_CHECK_BUDGET_S seconds (default 520, under 9 minutes): every stage runs under `timeout`, sized from what
 # is left. Without an NVIDIA GPU it says so and exits 0 at once.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
-BUDGET=${GPU_CHECK_BUDGET_S:-470}
+BUDGET=${GPU_CHECK_BUDGET_S:-520}
 # The headline pair first (HF eager, our engine step with CUDA graphs), then the HF CUDA-graph baseline that the
 # first H200 run (benchmarks/results/) had no time left for, then the rest.
 VARIANTS=${VARIANTS:-hf_eager,ours_ds_compile_cudagraphs,hf_compile_cudagraphs,ours_compile_cudagraphs,ours_ds_triton,ours_ds_torch,ours_bare,hf_compile,ours_compile}
@@ -69,7 +70,7 @@ PY
   fi
 
   local t
-  t=$(limit 90 330)
+  t=$(limit 130 350)
   banner "GPU tests (pytest -m gpu, at most ${t}s)"
   timeout -k 10 "$t" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/ 2>&1 | tee "$OUT/pytest_gpu.log"
   echo "gpu_check: pytest exit status ${PIPESTATUS[0]} (124 = timed out)"
@@ -77,7 +78,7 @@ PY
   t=$(limit 330 15)
   banner "throughput: ELECTRA-Small bf16 128 x 128, all variants (at most ${t}s)"
   timeout -k 10 "$t" python3 benchmarks/throughput.py --model_size small --batch_size 128 --max_length 128 \
-    --precision bf16 --steps 30 --warmup 10 --max_seconds $((t > 70 ? t - 70 : 0)) \
+    --precision bf16 --steps 30 --warmup 10 --profile_steps 3 --max_seconds $((t > 70 ? t - 70 : 0)) \
     --variants "$VARIANTS" --json "$OUT/throughput.json" --markdown "$OUT/throughput.md"
   echo "gpu_check: throughput exit status $? (124 = timed out; the JSON keeps finished variants)"
 

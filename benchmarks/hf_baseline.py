@@ -140,7 +140,7 @@ def check_same_loss(config: ElectraConfig, *, batch_size: int = 3, max_length: i
     token_type_ids = torch.zeros_like(input_ids)
     token_type_ids[1, max_length // 2:] = 1
     plan = mask_tokens(input_ids, attention_mask, mask_token_id=specials["mask"], special_ids=list(specials.values()),
-                       vocab_size=config.vocab_size, max_predictions=max_predictions(max_length, 0.15), generator=g)
+                       vocab_size=config.vocab_size, max_predictions=max_predictions(max_length, 0.15), seed=seed)
     with torch.no_grad():
         out = ours(input_ids, attention_mask, token_type_ids, plan, torch.tensor(seed, dtype=torch.int64))
         with tempfile.TemporaryDirectory(prefix="electra_check_") as tmp, quiet_transformers():

@@ -3,13 +3,15 @@
 Every variant runs the same training step on the same batches (random token ids of the preset's vocabulary,
 masked on the device with `mask_tokens`, the masking noise seeded per step as `pretraining_step` seeds it):
 masking -> generator -> Gumbel sampling -> discriminator -> loss -> backward -> clip 1.0 -> optimizer -> schedule.
+Our variants get the batch as the training loop does (`pretrain.device_batch`: no attention mask when every
+row is full); compiled ones compile the masking too (`pretrain.compiled_masking`).
 
   hf_eager                 transformers' ElectraForMaskedLM + ElectraForPreTraining wired as the seed code does
                            (benchmarks/hf_baseline.py), torch AdamW (fused on CUDA), autocast (+ GradScaler for fp16)
   ours_ds_triton           our model through the DeepSpeed engine (`pretraining_step`), Triton kernels (CUDA only)
   ours_ds_torch            the same with the kernels' PyTorch twins
-  ours_bare                our model + our optimizer without DeepSpeed, autocast: the engine's overhead is the
-                           difference to ours_ds_*
+  ours_bare                our model + our optimizer (clipping on the device) without DeepSpeed, autocast: the
+                           engine's overhead is the difference to ours_ds_*
   ours_compile             ours_bare with torch.compile(model), over the kernels' PyTorch twins
   ours_compile_cudagraphs  torch.compile(model, mode="reduce-overhead") (CUDA graphs; CUDA only)
   hf_compile               hf_eager with torch.compile(model)
@@ -23,6 +25,8 @@ Timing: after `--warmup` steps, each of `--steps` steps is timed with CUDA event
 we report the median and p10/p90. FLOPs are `electra_ds.flops.executed_step_flops` (the HF wiring runs the
 generator head on every position: max_predictions = max_length). MFU is against a bf16 matrix-product rate
 measured on the device at start and against the datasheet's dense bf16 peak when the device is known.
+Host syncs per step: one more step after the timed ones, counted with torch.cuda.set_sync_debug_mode on a GPU,
+and with `electra_ds.host_sync.SyncCounter` for our eager variants on the CPU.
 
   python benchmarks/throughput.py --model_size small --batch_size 128 --precision bf16 --json out.json
   python benchmarks/throughput.py --device cpu --model_size tiny --batch_size 4 --steps 3 --warmup 1
@@ -38,23 +42,28 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks.hf_baseline` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script: import `benchmarks.*` from the repository root, and keep
+    # benchmarks/ itself off the path (transformers probes for a `kernels` package and would find kernels.py)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
+from benchmarks import step_profile
 from benchmarks.hf_baseline import (build_hf_pair, check_same_loss, hf_param_groups, random_batch,
                                     special_token_ids)
 from electra_ds import kernels
 from electra_ds.config import PRESETS, RECIPES, ElectraConfig, max_predictions, preset
-from electra_ds.data.masking import MaskingPlan
+from electra_ds.data.masking import MaskingPlan, mask_tokens
 from electra_ds.files import atomic_write
 from electra_ds.flops import executed_step_flops, recipe_flops
+from electra_ds.host_sync import SyncCounter
+from electra_ds.train.pretrain import device_batch
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Dense bf16 tensor-core peak from the datasheets, by a substring of torch.cuda.get_device_name().
@@ -67,7 +76,8 @@ ERROR_CHARS = 2000
 RECORD_FIELDS = ("name", "description", "status", "error", "traceback", "kernels", "notes",
                  "executed_flops_per_step", "build_s", "warmup_s", "ms_per_step", "ms_p10", "ms_p90", "ms_wall_mean",
                  "tokens_per_s", "tflops", "mfu_measured_peak", "mfu_datasheet", "peak_memory_mib", "memory_kind",
-                 "speedup_vs_hf_eager", "hours_per_1m_steps", "final_loss", "step_ms")
+                 "speedup_vs_hf_eager", "hours_per_1m_steps", "final_loss", "host_syncs_per_step", "profile",
+                 "step_ms")
 
 
 # -- the variants --------------------------------------------------------------------------------------------
@@ -107,7 +117,8 @@ class Setup:
     max_length: int
     precision: str
     device: torch.device
-    batches: list[dict[str, torch.Tensor]]
+    batches: list[dict[str, torch.Tensor]]  # with their all-ones attention masks (what HF gets)
+    our_batches: list[dict[str, torch.Tensor | None]]  # the same, as `pretrain.device_batch` gives them
     specials: dict[str, int]
     mlm_probability: float
     max_predictions: int
@@ -123,6 +134,9 @@ class Setup:
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         return self.batches[step % len(self.batches)]
 
+    def our_batch(self, step: int) -> dict[str, torch.Tensor | None]:
+        return self.our_batches[step % len(self.our_batches)]
+
 
 @dataclass
 class Runner:
@@ -134,6 +148,16 @@ class Runner:
     close: Callable[[], None] | None = None  # releases what the variant holds beyond its memory
 
 
+def kernel_choice(setup: Setup, name: str, compiled: bool) -> str:
+    """Select the kernels for variant `name`; returns its label. Compiled variants trace the twins (inductor
+    fuses them) except the Gumbel sampler, an opaque op that runs the Triton kernel on CUDA."""
+    triton_here = setup.device.type == "cuda" and kernels.triton_available() and name != "ours_ds_torch"
+    backend = set_kernel_backend("triton" if triton_here else "torch")
+    if compiled:
+        return "inductor + Triton Gumbel" if triton_here else "inductor"
+    return backend
+
+
 def set_kernel_backend(name: str) -> str:
     """Select the kernels' backend when the library offers the switch; returns what is in effect."""
     setter = getattr(kernels, "set_backend", None)
@@ -143,18 +167,20 @@ def set_kernel_backend(name: str) -> str:
     return name
 
 
-def masking_plan(setup: Setup, batch: dict[str, torch.Tensor], step: int) -> tuple[MaskingPlan, torch.Tensor]:
+def masking_plan(setup: Setup, batch: dict[str, torch.Tensor | None], step: int,
+                 mask_fn: Callable[..., MaskingPlan] = mask_tokens) -> tuple[MaskingPlan, torch.Tensor]:
     """The mask and the Gumbel seed of `step`, drawn exactly as `pretraining_step` draws them."""
     from electra_ds.train.pretrain import masking_inputs
 
     return masking_inputs(batch, vocab_size=setup.config.vocab_size, special_ids=setup.specials,
                           mlm_probability=setup.mlm_probability, max_predictions=setup.max_predictions, step=step,
-                          seed=setup.seed, rank=0)
+                          seed=setup.seed, rank=0, mask_fn=mask_fn)
 
 
-def eager_training_step(setup: Setup, forward: Callable, optimizer: torch.optim.Optimizer,
-                        cudagraphs: bool) -> Callable[[int], torch.Tensor]:
-    """masking -> forward under autocast -> backward (GradScaler for fp16) -> clip 1.0 -> step -> schedule."""
+def eager_training_step(setup: Setup, forward: Callable, optimizer: torch.optim.Optimizer, cudagraphs: bool, *,
+                        ours: bool) -> Callable[[int], torch.Tensor]:
+    """masking -> forward under autocast -> backward (GradScaler for fp16) -> clip 1.0 -> step -> schedule.
+    `ours`: our batches and masking (compiled with the model when `cudagraphs`), and the optimizer clips itself."""
     from electra_ds.train.engine import linear_warmup_decay
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(setup.warmup_steps, setup.max_steps))
@@ -162,21 +188,31 @@ def eager_training_step(setup: Setup, forward: Callable, optimizer: torch.optim.
     params = [p for group in optimizer.param_groups for p in group["params"]]
     amp = setup.amp_dtype
 
+    mask_fn = mask_tokens
+    if ours and cudagraphs:
+        from electra_ds.train.pretrain import compiled_masking
+
+        mask_fn = compiled_masking("reduce-overhead")
+
+    def clip() -> None:
+        if not ours:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+
     def step(i: int) -> torch.Tensor:
-        batch = setup.batch(i)
-        plan, seed = masking_plan(setup, batch, i)
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
+        batch = setup.our_batch(i) if ours else setup.batch(i)
+        plan, seed = masking_plan(setup, batch, i, mask_fn)
         with torch.autocast(setup.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = forward(batch, plan, seed)
         if scaler is None:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            clip()
             optimizer.step()
         else:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            clip()
             scaler.step(optimizer)
             scaler.update()
         schedule.step()
@@ -206,7 +242,8 @@ def build_hf(setup: Setup, name: str) -> Runner:
 
     notes = "torch AdamW " + ("fused" if setup.device.type == "cuda" else "foreach") + \
         (f", torch.compile(mode={mode!r})" if compiled else "")
-    return Runner(eager_training_step(setup, forward, optimizer, mode == "reduce-overhead"), "n/a (HF)", notes)
+    return Runner(eager_training_step(setup, forward, optimizer, mode == "reduce-overhead", ours=False), "n/a (HF)",
+                  notes)
 
 
 def build_ours_bare(setup: Setup, name: str) -> Runner:
@@ -214,27 +251,28 @@ def build_ours_bare(setup: Setup, name: str) -> Runner:
     from electra_ds.train.engine import build_optimizer
 
     compiled, mode = compile_mode(name)
-    cuda_kernels = setup.device.type == "cuda" and not compiled and kernels.triton_available()
-    backend = set_kernel_backend("triton" if cuda_kernels else "torch")
+    backend = kernel_choice(setup, name, compiled)
     torch.manual_seed(setup.seed)
     model = ElectraForPretraining(setup.config).to(setup.device).train()
     optimizer = build_optimizer(model.param_groups(0.01), lr=setup.learning_rate, name="electra_adam")
+    optimizer.max_grad_norm = 1.0  # clipping on the device, as the engine hands it over
     module = torch.compile(model, mode=mode) if compiled else model
 
     def forward(batch: dict[str, torch.Tensor], plan: MaskingPlan, seed: torch.Tensor) -> torch.Tensor:
         return module(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], plan, seed).loss
 
-    notes = "ElectraAdam" + (f", torch.compile(mode={mode!r}) over the PyTorch twins" if compiled else "")
-    return Runner(eager_training_step(setup, forward, optimizer, mode == "reduce-overhead"), backend, notes)
+    notes = "ElectraAdam" + (f", torch.compile(mode={mode!r})" if compiled else "")
+    return Runner(eager_training_step(setup, forward, optimizer, mode == "reduce-overhead", ours=True), backend,
+                  notes)
 
 
 def build_ours_ds(setup: Setup, name: str) -> Runner:
     from electra_ds.model.electra import ElectraForPretraining
     from electra_ds.train import engine as ds_engine
-    from electra_ds.train.pretrain import pretraining_step
+    from electra_ds.train.pretrain import compiled_masking, pretraining_step
 
     compiled, mode = compile_mode(name)
-    backend = set_kernel_backend("triton" if name == "ours_ds_triton" else "torch")
+    backend = kernel_choice(setup, name, compiled)
     ds_engine.setup_distributed()
     ds_config = ds_engine.load_ds_config(setup.precision, micro_batch_size=setup.batch_size,
                                          gradient_accumulation_steps=1, world_size=1)
@@ -243,19 +281,21 @@ def build_ours_ds(setup: Setup, name: str) -> Runner:
     engine = ds_engine.initialize(model, ds_config, learning_rate=setup.learning_rate,
                                   warmup_steps=setup.warmup_steps, max_steps=setup.max_steps, weight_decay=0.01,
                                   optimizer="electra_adam")
+    mask_fn = mask_tokens
     if compiled:
         engine.compile(compile_kwargs={"mode": mode} if mode else {})
+        mask_fn = compiled_masking(mode)
 
     def step(i: int) -> torch.Tensor:
-        if mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()
-        out = pretraining_step(engine, setup.batch(i), special_ids=setup.specials,
+        out = pretraining_step(engine, setup.our_batch(i), special_ids=setup.specials,
                                mlm_probability=setup.mlm_probability, max_predictions=setup.max_predictions, step=i,
-                               seed=setup.seed)
+                               seed=setup.seed, mask_fn=mask_fn)
         return out.loss.detach()
 
-    notes = f"DeepSpeed ds_configs/{setup.precision}.json, ElectraAdam" + \
-        (f", engine.compile(mode={mode!r}) over the PyTorch twins" if compiled else "")
+    clipping = "ElectraAdam, clipping on the device" if engine.basic_optimizer.max_grad_norm else \
+        "ElectraAdam, DeepSpeed's clipping"
+    notes = f"DeepSpeed ds_configs/{setup.precision}.json ({ds_engine.precision(ds_config)}), {clipping}" + \
+        (f", engine.compile(mode={mode!r})" if compiled else "")
     return Runner(step, backend, notes, engine.destroy)
 
 
@@ -300,6 +340,28 @@ def time_steps(step: Callable[[int], torch.Tensor], device: torch.device, warmup
             times.append((time.perf_counter() - t) * 1e3)
         wall = (time.perf_counter() - first) * 1e3 / steps
     return times, wall, warmup_s, loss
+
+
+def count_host_syncs(step: Callable[[int], torch.Tensor], index: int, device: torch.device,
+                     variant: Variant) -> int | None:
+    """Host synchronisations in step `index`: torch.cuda.set_sync_debug_mode's warnings on a GPU. On the CPU,
+    `SyncCounter` for our eager variants; None for compiled ones (it cannot see traced code) and for HF's,
+    whose optimizer reads step counters that a GPU run keeps on the host (no sync there, a false count here)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step(index)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+    if compile_mode(variant.name)[0] or variant.family != "ours":
+        return None
+    with SyncCounter(ignore=("check_token_ids",)) as syncs:  # the model's id check runs for CPU tensors only
+        step(index)
+    return syncs.total
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -392,14 +454,16 @@ def make_setup(args: argparse.Namespace, batch_size: int, device: torch.device) 
     recipe = RECIPES[args.model_size]
     specials = special_token_ids(config.vocab_size)
     g = torch.Generator().manual_seed(args.seed)
-    batches = []
+    batches, our_batches = [], []
     for _ in range(args.num_batches):
         input_ids, attention_mask = random_batch(config.vocab_size, batch_size, args.max_length, specials, g)
-        batches.append({"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-                        "token_type_ids": torch.zeros_like(input_ids).to(device)})
+        host = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
+        batches.append({k: v.to(device) for k, v in host.items()})
+        our_batches.append(device_batch(host, device))
     mlm = recipe["mlm_probability"]
     return Setup(config=config, model_size=args.model_size, batch_size=batch_size, max_length=args.max_length,
-                 precision=args.precision, device=device, batches=batches, specials=specials, mlm_probability=mlm,
+                 precision=args.precision, device=device, batches=batches, our_batches=our_batches,
+                 specials=specials, mlm_probability=mlm,
                  max_predictions=max_predictions(args.max_length, mlm), learning_rate=recipe["learning_rate"],
                  warmup_steps=recipe["warmup_steps"], max_steps=recipe["max_steps"], seed=args.seed)
 
@@ -411,7 +475,7 @@ def free_memory(device: torch.device) -> None:
 
 
 def run_variant(setup: Setup, variant: Variant, *, warmup: int, steps: int, peak_tflops: float,
-                datasheet_tflops: float | None) -> dict[str, Any]:
+                datasheet_tflops: float | None, profile_steps: int = 0) -> dict[str, Any]:
     """Build, warm up and time one variant; every number of its JSON record."""
     tokens = setup.batch_size * setup.max_length
     flops = executed_step_flops(setup.config, setup.batch_size, setup.max_length,
@@ -426,6 +490,9 @@ def run_variant(setup: Setup, variant: Variant, *, warmup: int, steps: int, peak
         runner = BUILDERS[variant.name](setup, variant.name)
         build_s = time.perf_counter() - start
         times, wall, warmup_s, loss = time_steps(runner.step, setup.device, warmup, steps)
+        syncs = count_host_syncs(runner.step, warmup + steps, setup.device, variant)
+        profile = (step_profile.profile_steps(runner.step, warmup + steps + 1, profile_steps, setup.device)
+                   if profile_steps else None)
         median = statistics.median(times)
         tflops = flops / (median / 1e3) / 1e12
         final_loss = float(loss)
@@ -438,7 +505,8 @@ def run_variant(setup: Setup, variant: Variant, *, warmup: int, steps: int, peak
             "mfu_datasheet": tflops / datasheet_tflops if datasheet_tflops else None,
             "peak_memory_mib": peak_memory_bytes(setup.device) / 2 ** 20, "memory_kind": memory_kind,
             "hours_per_1m_steps": median * SPEED_OF_RECIPE_STEPS / 3.6e6,
-            "final_loss": final_loss if math.isfinite(final_loss) else None, "step_ms": times})
+            "final_loss": final_loss if math.isfinite(final_loss) else None, "host_syncs_per_step": syncs,
+            "profile": profile, "step_ms": times})
     except Exception as e:  # one variant failing must not lose the others' numbers
         record.update(status="error", error=f"{type(e).__name__}: {e}"[:ERROR_CHARS],
                       traceback=traceback.format_exc()[-ERROR_CHARS:])
@@ -497,23 +565,26 @@ def markdown(result: dict[str, Any]) -> str:
              f"{meta['recipe']['max_length']}): {meta['recipe']['pfs_days']:.4g} pfs-days (paper convention).",
              "",
              "| batch | variant | kernels | ms/step | p10-p90 | tokens/s | TFLOP/s | MFU (measured) | MFU (datasheet) "
-             "| peak MiB | x HF eager | h / 1M steps |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| peak MiB | x HF eager | h / 1M steps | host syncs/step |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in result["runs"]:
         for v in run["variants"]:
             if v["status"] != "ok":
                 reason = (v.get("error") or "").splitlines()[0][:90] if v.get("error") else ""
-                lines.append(f"| {run['batch_size']} | {v['name']} | | {v['status']} | {reason} | | | | | | | |")
+                lines.append(f"| {run['batch_size']} | {v['name']} | | {v['status']} | {reason} | | | | | | | | |")
                 continue
             lines.append(
                 f"| {run['batch_size']} | {v['name']} | {v['kernels']} | {v['ms_per_step']:.2f} "
                 f"| {v['ms_p10']:.2f}-{v['ms_p90']:.2f} | {v['tokens_per_s']:,.0f} | {v['tflops']:.3g} "
                 f"| {100 * v['mfu_measured_peak']:.3g}% | {fmt(v['mfu_datasheet'], '.3g', 100, '%')} "
                 f"| {v['peak_memory_mib']:,.0f} "
-                f"| {fmt(v['speedup_vs_hf_eager'], '.2f')} | {v['hours_per_1m_steps']:.1f} |")
+                f"| {fmt(v['speedup_vs_hf_eager'], '.2f')} | {v['hours_per_1m_steps']:.1f} "
+                f"| {fmt(v['host_syncs_per_step'], '.0f')} |")
     overheads = [f"Batch {run['batch_size']}: DeepSpeed engine cost, {name} minus the same step without the engine: "
                  f"{ms:+.2f} ms/step." for run in result["runs"] for name, ms in run["engine_overhead_ms"].items()]
-    return "\n".join(lines + [""] * bool(overheads) + overheads)
+    profiles = [f"\nBatch {run['batch_size']}, " + step_profile.markdown(v["name"], v["ms_per_step"], v["profile"])
+                for run in result["runs"] for v in run["variants"] if v.get("profile")]
+    return "\n".join(lines + [""] * bool(overheads) + overheads + profiles)
 
 
 # -- command line --------------------------------------------------------------------------------------------
@@ -537,6 +608,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_seconds", type=float,
                    help="start no variant after this many seconds; the rest are recorded as skipped")
     p.add_argument("--num_batches", type=int, default=4, help="distinct batches the steps cycle through")
+    p.add_argument("--profile_steps", type=int, default=0,
+                   help="after timing, profile this many more steps of each variant (benchmarks/step_profile.py): "
+                        "GPU busy time per step and the top kernels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_check", action="store_true",
                    help="skip the check that the HF wiring computes our losses (check_same_loss)")
@@ -613,7 +687,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 print(f"[throughput] batch {batch_size}: {variant.name} ...", file=sys.stderr, flush=True)
                 record = run_variant(setup, variant, warmup=warmup, steps=steps, peak_tflops=peak["tflops"],
-                                     datasheet_tflops=sheet_tflops)
+                                     datasheet_tflops=sheet_tflops, profile_steps=args.profile_steps)
                 summary = f"{record['ms_per_step']:.2f} ms/step" if record["status"] == "ok" else record["error"]
                 print(f"[throughput] batch {batch_size}: {variant.name}: {summary}", file=sys.stderr, flush=True)
             run["variants"].append(record)

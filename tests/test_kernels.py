@@ -201,6 +201,26 @@ def test_cuda_graph_replays_with_new_seed():
         assert torch.equal(out, reference.gumbel_sample(logits, seed, 1.0))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_model_ops_trace_twins_and_keep_the_gumbel_kernel(triton_backend, device):
+    """Under torch.compile (the --compile path): the autograd ops trace as twins, the Gumbel sampler stays one
+    opaque op whose samples equal the eager kernel's bit for bit."""
+    x = _make((6, 50), torch.float32, device, seed=3, grad=False)
+    bias = _make((50,), torch.float32, device, seed=4, grad=False)
+    seed = torch.tensor(2**33 + 5, dtype=torch.int64, device=device)
+
+    def step(x, bias, seed):
+        return kernels.bias_gelu(x, bias), kernels.gumbel_sample(x, seed, 1.0)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    gelu, sample = compiled(x, bias, seed)
+    torch.testing.assert_close(gelu, reference.bias_gelu(x, bias), **TOL[torch.float32])
+    assert torch.equal(sample, kernels.gumbel_sample(x, seed, 1.0))
+    assert torch.equal(sample, reference.gumbel_sample(x, seed, 1.0))
+    torch.library.opcheck(torch.ops.electra_ds.gumbel_sample.default, (x, seed, 1.0))
+
+
 def test_backend_choice(monkeypatch):
     calls = []
     monkeypatch.setattr(reference, "bias_gelu", lambda x, b: calls.append("twin") or x + b)

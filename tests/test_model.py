@@ -197,9 +197,8 @@ def test_masking_respects_specials_cap_and_split():
     vocab, length = 1000, 128
     ids, mask = make_batch(vocab, batch=512, length=length, pad_from={i: 40 + i % 80 for i in range(0, 512, 2)})
     slots = max_predictions(length, 0.15)
-    g = torch.Generator().manual_seed(0)
     plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=vocab,
-                       max_predictions=slots, generator=g)
+                       max_predictions=slots, seed=0)
     real = plan.masked_weights > 0
     chosen = plan.masked_ids[real]
     assert not torch.isin(chosen, torch.tensor(SPECIAL)).any()
@@ -221,7 +220,7 @@ def test_masking_respects_specials_cap_and_split():
 def test_masking_random_share_and_short_rows():
     ids, mask = make_batch(50, batch=256, length=16)
     plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=50, max_predictions=3,
-                       mask_replace_prob=0.5, random_replace_prob=0.3, generator=torch.Generator().manual_seed(1))
+                       mask_replace_prob=0.5, random_replace_prob=0.3, seed=1)
     real = plan.masked_weights > 0
     new = plan.generator_input_ids.gather(1, plan.masked_positions)[real]
     assert abs((new == MASK).float().mean().item() - 0.5) < 0.05
@@ -238,7 +237,7 @@ def test_labels_mark_only_changed_tokens_and_losses_are_finite():
     model = ElectraForPretraining(preset("tiny", vocab_size=vocab))
     ids, mask = make_batch(vocab, batch=16, length=32, pad_from={0: 20, 5: 9})
     plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=vocab, max_predictions=6,
-                       generator=torch.Generator().manual_seed(0))
+                       seed=0)
     out = model(ids, mask, None, plan, torch.tensor(7))
     assert torch.equal(out.labels, out.disc_input != ids)
     in_slots = torch.zeros_like(ids, dtype=torch.bool).scatter(1, plan.masked_positions, plan.masked_weights > 0)
@@ -260,7 +259,7 @@ def test_forward_is_deterministic_given_seeds():
     model = ElectraForPretraining(preset("tiny", vocab_size=200)).eval()
     ids, mask = make_batch(200, batch=4, length=32)
     plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=200, max_predictions=5,
-                       generator=torch.Generator().manual_seed(3))
+                       seed=3)
     a = model(ids, mask, None, plan, torch.tensor(11))
     b = model(ids, mask, None, plan, torch.tensor(11))
     assert torch.equal(a.disc_input, b.disc_input) and torch.equal(a.loss, b.loss)

@@ -24,7 +24,7 @@ from electra_ds.train.checkpoint import MANIFEST, CheckpointManager
 from electra_ds.train.engine import DSConfigError, linear_warmup_decay, load_ds_config
 from electra_ds.train.metrics_log import CollapseMonitor, MetricsFile
 from electra_ds.train.optim import ElectraAdam
-from electra_ds.train.pretrain import SetupError, derive_seed, make_plan, parse_args, run
+from electra_ds.train.pretrain import SetupError, derive_seed, grad_norm, make_plan, parse_args, run
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "corpus" / "tinyshakespeare" / "input.txt"
@@ -226,8 +226,10 @@ def test_engine_step_equals_a_hand_written_step(corpus):
 
     opt = ElectraAdam(manual.param_groups(0.01), lr=1e-2, eps=1e-6)
     forward(Bare(), batch, rank=0, **kw).loss.backward()
-    torch.nn.utils.clip_grad_norm_(manual.parameters(), 1.0)
+    norm = torch.nn.utils.clip_grad_norm_(manual.parameters(), 1.0)
     opt.step()
+    assert norm > 1.0  # so the clipping (which the engine hands to ElectraAdam, on the device) mattered
+    assert grad_norm(engine) == pytest.approx(float(norm), rel=1e-5)
     for (name, a), b, start in zip(engine.module.named_parameters(), manual.parameters(), initial):
         assert (a.detach() - start).abs().max() > 1e-3, f"{name} did not move"
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-7, msg=name)

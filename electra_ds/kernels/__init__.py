@@ -1,5 +1,6 @@
 """Fused ops used by the model: a Triton kernel per op, and a plain-PyTorch twin (reference.py) that is its
-specification.
+specification. Under torch.compile the ops trace as their twins, which inductor fuses into its own kernels,
+except `gumbel_sample`, which stays an opaque custom op (see there).
 
 Backend choice: "auto" (default) runs Triton for CUDA tensors when triton imports and the twin otherwise;
 "triton" forces the kernels (CPU tensors then need TRITON_INTERPRET=1 set before the first kernel call);
@@ -49,7 +50,7 @@ def triton_available() -> bool:
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    if _backend == "torch":
+    if _backend == "torch" or torch.compiler.is_compiling():  # inductor fuses the twins itself
         return False
     if _backend == "auto":
         return t.is_cuda and triton_available()
@@ -95,10 +96,36 @@ def sigmoid_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def gumbel_sample(logits: torch.Tensor, seed: torch.Tensor, temperature: float) -> torch.Tensor:
     """Gumbel-max sample per row of logits (N, V) -> (N,) long, in fp32 with no gradient; the noise depends
-    only on (seed, row, col) and seed is a 0-d int64 device tensor (no host sync)."""
+    only on (seed, row, col) and seed is a 0-d int64 device tensor (no host sync).
+
+    Under torch.compile it stays one opaque op (the Triton kernel on CUDA): the twin's hash is 64-bit integer
+    arithmetic over every vocabulary logit, which the kernel does in native 32-bit (same bits either way)."""
+    if torch.compiler.is_compiling():
+        return _gumbel_sample_op(logits, seed, temperature)
     impl = _op("gumbel") if _use_triton(logits) else reference
     return impl.gumbel_sample(logits, seed, temperature)
 
 
-__all__ = ["BACKENDS", "add_layer_norm", "bias_gelu", "cross_entropy", "get_backend", "gumbel_sample",
-           "reference", "set_backend", "sigmoid_bce", "triton_available"]
+@torch.library.custom_op("electra_ds::gumbel_sample", mutates_args=())
+def _gumbel_sample_op(logits: torch.Tensor, seed: torch.Tensor, temperature: float) -> torch.Tensor:
+    return gumbel_sample(logits, seed, temperature)
+
+
+@_gumbel_sample_op.register_fake
+def _(logits: torch.Tensor, seed: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits.new_empty(logits.shape[:-1], dtype=torch.long)
+
+
+def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+              lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+              grad_scale: torch.Tensor | None = None) -> None:
+    """One in-place ElectraAdam step in fp32 (no bias correction, decoupled weight decay): updates param (any
+    float dtype), exp_avg and exp_avg_sq (fp32), all contiguous with param's numel. grad is multiplied by
+    grad_scale, a 0-d fp32 tensor on param's device read there (no host sync), or by 1 when None."""
+    impl = _op("adam") if _use_triton(param) else reference
+    impl.adam_step(param, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                   weight_decay=weight_decay, grad_scale=grad_scale)
+
+
+__all__ = ["BACKENDS", "adam_step", "add_layer_norm", "bias_gelu", "cross_entropy", "get_backend",
+           "gumbel_sample", "reference", "set_backend", "sigmoid_bce", "triton_available"]

@@ -33,6 +33,30 @@ def sigmoid_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), labels.detach().float(), reduction="none")
 
 
+@torch.no_grad()
+def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+              lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+              grad_scale: torch.Tensor | None = None) -> None:
+    """One in-place ElectraAdam step (no bias correction, decoupled weight decay), elementwise in fp32:
+
+        g = grad * grad_scale;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+        p = p - lr (m / (sqrt(v) + eps) + weight_decay p)
+
+    exp_avg (m) and exp_avg_sq (v) are fp32; param is stored back in its own dtype. grad_scale is a 0-d fp32
+    tensor on param's device (None: 1), read there. For fp32 this is ElectraAdam's foreach update op for op.
+    """
+    g = grad.float() if grad_scale is None else grad.float() * grad_scale
+    exp_avg.lerp_(g, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    denom = exp_avg_sq.sqrt().add_(eps)
+    p = param.float()  # param itself when fp32
+    if weight_decay:
+        p.mul_(1.0 - lr * weight_decay)  # p - lr * (m / d + wd * p) == p * (1 - lr * wd) - lr * m / d
+    p.addcdiv_(exp_avg, denom, value=-lr)
+    if p is not param:
+        param.copy_(p)
+
+
 # Gumbel noise is a counter-based hash of (seed, row, col), so the Triton kernel (gumbel.py) reproduces it
 # bit for bit. uint32 values are held in int64 tensors; _mul32 keeps every product below 2**63.
 _MASK32 = 0xFFFFFFFF
@@ -52,17 +76,21 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def gumbel_noise(seed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """fp32 Gumbel(0, 1) noise for int64 index tensors rows, cols (broadcast together) under a 0-d int64 seed.
+def hash_uniform(seed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """fp32 uniform noise in (0, 1) for int64 index tensors rows, cols (broadcast together) under a 0-d int64 seed.
 
     key = mix32(seed_lo ^ mix32(seed_hi ^ 0x9E3779B9)); h = mix32(mix32(key ^ mix32(row)) ^ mix32(col));
-    u = ((h >> 8) | 1) * 2**-24, an odd multiple of 2**-24 strictly inside (0, 1); noise = -log(-log(u)).
+    u = ((h >> 8) | 1) * 2**-24, an odd multiple of 2**-24 strictly inside (0, 1). The same on every device.
     """
     seed = seed.to(torch.int64)
     key = mix32((seed & _MASK32) ^ mix32(((seed >> 32) & _MASK32) ^ 0x9E3779B9))
     h = mix32(mix32(key ^ mix32(rows)) ^ mix32(cols))
-    u = ((h >> 8) | 1).float() * 2.0 ** -24
-    return -torch.log(-torch.log(u))
+    return ((h >> 8) | 1).float() * 2.0 ** -24
+
+
+def gumbel_noise(seed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """fp32 Gumbel(0, 1) noise -log(-log(u)) of `hash_uniform(seed, rows, cols)`."""
+    return -torch.log(-torch.log(hash_uniform(seed, rows, cols)))
 
 
 def gumbel_sample(logits: torch.Tensor, seed: torch.Tensor, temperature: float,

@@ -168,6 +168,8 @@ def load_ds_config(path_or_dict: str | os.PathLike | dict, *, micro_batch_size: 
     "optimizer" and "scheduler" sections are refused: the optimizer and the schedule come from our flags.
     fp16 without ZeRO is refused (a DeepSpeed 0.19 bug leaves its loss unscaled; see the error message).
     With ZeRO, `zero_allow_untested_optimizer` defaults to true, since our optimizer is a client optimizer.
+    DeepSpeed's throughput timer is off unless the JSON has a "timers" section: by default it synchronises the
+    device twice a step to time it, and our loop measures tokens/s itself.
     """
     if isinstance(path_or_dict, dict):
         source, raw = "DeepSpeed config", dict(path_or_dict)
@@ -217,6 +219,7 @@ def load_ds_config(path_or_dict: str | os.PathLike | dict, *, micro_batch_size: 
                             "PR 8393), so training would stall; ds_configs/fp16.json uses stage 1")
     if zero_stage(config) > 0:
         config.setdefault("zero_allow_untested_optimizer", True)
+    config.setdefault("timers", {"throughput": {"enabled": False}})
     return config
 
 
@@ -242,11 +245,23 @@ def zero_stage(config: dict) -> int:
 
 
 def precision(config: dict) -> str:
+    """"fp16", "bf16" (DeepSpeed's low-precision weights), "bf16 autocast"/"fp16 autocast" (fp32 weights,
+    torch.autocast), or "fp32"."""
     if config.get("fp16", {}).get("enabled"):
         return "fp16"
     if config.get("bf16", config.get("bfloat16", {})).get("enabled"):
         return "bf16"
+    autocast = config.get("torch_autocast", {})
+    if autocast.get("enabled"):
+        return ("fp16" if str(autocast.get("dtype", "bfloat16")) in ("fp16", "float16", "torch.float16") else
+                "bf16") + " autocast"
     return "fp32"
+
+
+def runs_client_optimizer(config: dict) -> bool:
+    """True where DeepSpeed steps our optimizer on the full fp32 parameters and gradients itself (no ZeRO and
+    no fp16/bf16 wrapper): the optimizer then sees the whole (all-reduced) gradient and may clip it."""
+    return zero_stage(config) == 0 and precision(config) in ("fp32", "bf16 autocast")
 
 
 def offloads_optimizer(config: dict) -> bool:
@@ -321,12 +336,21 @@ def initialize(model: torch.nn.Module, ds_config: dict, *, learning_rate: float,
     model.to(device())
     groups = model.param_groups(weight_decay) if param_groups is None else param_groups
     opt = build_optimizer(groups, lr=learning_rate, name=name, eps=eps)
+    clip = float(ds_config.get("gradient_clipping", 0.0))
+    if isinstance(opt, ElectraAdam) and clip > 0 and runs_client_optimizer(ds_config):
+        # Same clipping, done on the device by the optimizer: DeepSpeed's reads the norm on the host every step.
+        ds_config = {**ds_config, "gradient_clipping": 0.0}
+        opt.max_grad_norm = clip
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(warmup_steps, max_steps))
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=schedule, config=ds_config)
+    if zero_stage(ds_config) == 0 and engine.dp_world_size == 1:
+        # Without ZeRO, DeepSpeed all-reduces the gradients even across one rank: a flatten, a collective and a
+        # copy back per step that change nothing.
+        engine.enable_backward_allreduce = False
     return engine
 
 
 __all__ = ["DSConfigError", "DS_CONFIG_DIR", "OPTIMIZERS", "build_optimizer", "default_ds_config", "device",
            "free_port", "initialize", "linear_warmup_decay", "load_ds_config", "offloads_optimizer", "precision",
-           "quiet_deepspeed", "resolve_ds_config", "resolve_optimizer", "setup_distributed", "world_from_env",
-           "zero_stage"]
+           "quiet_deepspeed", "resolve_ds_config", "resolve_optimizer", "runs_client_optimizer", "setup_distributed",
+           "world_from_env", "zero_stage"]

@@ -21,12 +21,11 @@ import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from electra_ds import kernels
 from electra_ds.config import PRESETS, RECIPES, ElectraConfig, check_fields, max_predictions, preset
 from electra_ds.data.masking import MaskingPlan, mask_tokens
 from electra_ds.files import atomic_write
@@ -99,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "Adam under ZeRO-Offload")
     run.add_argument("--seed", type=int, default=42)
     run.add_argument("--compile", default="none", choices=("none", "default", "reduce-overhead"),
-                     help="torch.compile the model inside the engine; reduce-overhead also replays the forward and "
-                          "backward as CUDA graphs (the fast path on a GPU). Changes speed only: the compiled model "
-                          "runs the PyTorch twins of the kernels, which are their specification")
+                     help="torch.compile the model inside the engine and the masking; reduce-overhead also replays "
+                          "them (forward and backward) as CUDA graphs (the fast path on a GPU). Changes speed only: "
+                          "the compiled model runs the PyTorch twins of the kernels, which are their specification, "
+                          "and the Triton Gumbel sampler, which matches its twin bit for bit")
     run.add_argument("--deepspeed_config", "--ds_config", default="auto",
                      help="DeepSpeed JSON: a path or a name in ds_configs/ (bf16, bf16_zero2, ...); auto: bf16 on a "
                           "bf16 GPU, fp16 on older GPUs, cpu.json without a GPU")
@@ -274,32 +274,29 @@ def derive_seed(seed: int, step: int, rank: int, stream: int) -> int:
     return x >> 2
 
 
-_generators: dict[torch.device, torch.Generator] = {}
-
-
-def _masking_generator(device: torch.device, seed: int) -> torch.Generator:
-    gen = _generators.get(device)
-    if gen is None:
-        gen = _generators[device] = torch.Generator(device=device)
-    gen.manual_seed(seed)  # host-side: no device sync
-    return gen
-
-
 def masking_inputs(batch: dict[str, torch.Tensor], *, vocab_size: int, special_ids: dict[str, int],
                    mlm_probability: float, max_predictions: int, step: int, seed: int, rank: int,
-                   mask_replace_prob: float = 0.85,
-                   random_replace_prob: float = 0.0) -> tuple[MaskingPlan, torch.Tensor]:
-    """The masking plan and the Gumbel seed of one micro-batch, both functions of (seed, step, rank)."""
+                   mask_replace_prob: float = 0.85, random_replace_prob: float = 0.0,
+                   mask_fn: Callable[..., MaskingPlan] = mask_tokens) -> tuple[MaskingPlan, torch.Tensor]:
+    """The masking plan and the Gumbel seed of one micro-batch, both functions of (seed, step, rank).
+    `mask_fn` is `mask_tokens` or a compiled copy of it (see `compiled_masking`)."""
     input_ids = batch["input_ids"]
     device = input_ids.device
-    plan = mask_tokens(input_ids, batch["attention_mask"], mask_token_id=special_ids["mask"],
-                       special_ids=[special_ids[k] for k in ("pad", "cls", "sep", "mask")],
-                       vocab_size=vocab_size, mlm_probability=mlm_probability,
-                       max_predictions=max_predictions, mask_replace_prob=mask_replace_prob,
-                       random_replace_prob=random_replace_prob,
-                       generator=_masking_generator(device, derive_seed(seed, step, rank, MASK_STREAM)))
-    sample_seed = torch.full((), derive_seed(seed, step, rank, SAMPLE_STREAM), dtype=torch.int64, device=device)
-    return plan, sample_seed
+
+    def seed_tensor(stream: int) -> torch.Tensor:  # filled on the device: no host-to-device copy
+        return torch.full((), derive_seed(seed, step, rank, stream), dtype=torch.int64, device=device)
+
+    plan = mask_fn(input_ids, batch["attention_mask"], mask_token_id=special_ids["mask"],
+                   special_ids=[special_ids[k] for k in ("pad", "cls", "sep", "mask")], vocab_size=vocab_size,
+                   mlm_probability=mlm_probability, max_predictions=max_predictions,
+                   mask_replace_prob=mask_replace_prob, random_replace_prob=random_replace_prob,
+                   seed=seed_tensor(MASK_STREAM))
+    return plan, seed_tensor(SAMPLE_STREAM)
+
+
+def compiled_masking(mode: str | None) -> Callable[..., MaskingPlan]:
+    """`mask_tokens` through torch.compile (one graph; with mode="reduce-overhead", a CUDA graph of its own)."""
+    return torch.compile(mask_tokens, fullgraph=True, dynamic=False, mode=mode)
 
 
 def forward(engine, batch: dict[str, torch.Tensor], **masking):
@@ -309,14 +306,23 @@ def forward(engine, batch: dict[str, torch.Tensor], **masking):
     return engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], plan, sample_seed)
 
 
-def pretraining_step(engine, batch: dict[str, torch.Tensor], *, special_ids: dict[str, int], mlm_probability: float,
-                     max_predictions: int, step: int, seed: int, mask_replace_prob: float = 0.85,
-                     random_replace_prob: float = 0.0):
+def device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor | None]:
+    """A host batch on `device` (asynchronous from pinned memory). An attention mask of all ones, checked on the
+    host before the copy, becomes None: attention then runs unmasked (SDPA's flash kernels), same results."""
+    full = "attention_mask" in batch and bool(batch["attention_mask"].all())
+    return {k: None if (k == "attention_mask" and full) else v.to(device, non_blocking=True)
+            for k, v in batch.items()}
+
+
+def pretraining_step(engine, batch: dict[str, torch.Tensor | None], *, special_ids: dict[str, int],
+                     mlm_probability: float, max_predictions: int, step: int, seed: int,
+                     mask_replace_prob: float = 0.85, random_replace_prob: float = 0.0,
+                     mask_fn: Callable[..., MaskingPlan] = mask_tokens):
     """One micro-batch: masking -> forward -> backward -> step (DeepSpeed applies the optimizer at the
     accumulation boundary). `step` counts micro-batches; `batch` is already on the engine's device."""
     out = forward(engine, batch, special_ids=special_ids, mlm_probability=mlm_probability,
                   max_predictions=max_predictions, step=step, seed=seed, rank=engine.global_rank,
-                  mask_replace_prob=mask_replace_prob, random_replace_prob=random_replace_prob)
+                  mask_replace_prob=mask_replace_prob, random_replace_prob=random_replace_prob, mask_fn=mask_fn)
     engine.backward(out.loss)
     engine.step()
     return out
@@ -331,7 +337,7 @@ def evaluate(engine, sampler, *, batches: int, special_ids: dict[str, int], mlm_
     engine.eval()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
         for i in range(batches):
-            batch = {k: torch.from_numpy(v).to(device) for k, v in sampler.batch(i).items()}
+            batch = device_batch({k: torch.from_numpy(v) for k, v in sampler.batch(i).items()}, device)
             meter.add(forward(engine, batch, special_ids=special_ids, mlm_probability=mlm_probability,
                               max_predictions=max_predictions, step=i, seed=seed, rank=engine.global_rank,
                               mask_replace_prob=mask_replace_prob))
@@ -447,7 +453,10 @@ def loss_scale(engine) -> float | None:
 
 
 def grad_norm(engine) -> float | None:
+    """The last step's global gradient norm (before clipping): DeepSpeed's, or ElectraAdam's where it clips."""
     norm = engine.get_global_grad_norm()
+    if norm is None:
+        norm = getattr(engine.basic_optimizer, "grad_norm", None)
     return None if norm is None else float(norm)
 
 
@@ -523,9 +532,11 @@ def run(args: argparse.Namespace) -> Path:
     engine = ds_engine.initialize(model, plan.ds_config, learning_rate=plan.learning_rate,
                                   warmup_steps=plan.warmup_steps, max_steps=plan.max_steps,
                                   weight_decay=args.weight_decay, optimizer=args.optimizer)
+    mask_fn = mask_tokens
     if args.compile != "none":
-        kernels.set_backend("torch")  # inductor fuses the twins itself
-        engine.compile(compile_kwargs={} if args.compile == "default" else {"mode": args.compile})
+        mode = None if args.compile == "default" else args.compile
+        engine.compile(compile_kwargs={"mode": mode} if mode else {})
+        mask_fn = compiled_masking(mode)
     device = engine.device
     seed_everything(derive_seed(args.seed, 0, rank, DROPOUT_STREAM))  # dropout noise differs across ranks
 
@@ -569,7 +580,7 @@ def run(args: argparse.Namespace) -> Path:
     tokens_per_step = plan.global_batch * plan.max_length
     step_kwargs = dict(special_ids=special, mlm_probability=plan.mlm_probability,
                        max_predictions=plan.max_predictions, seed=args.seed,
-                       mask_replace_prob=args.mlm_replacement_probability)
+                       mask_replace_prob=args.mlm_replacement_probability, mask_fn=mask_fn)
     collapse = CollapseMonitor(plan.warmup_steps)
     meter = DeviceMeter(device)
     elapsed_before = float(state.get("elapsed_s", 0.0))
@@ -637,7 +648,7 @@ def run(args: argparse.Namespace) -> Path:
     with GracefulStop() as stop:
         while step < plan.max_steps:
             for micro in range(plan.accumulation):
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(data).items()}
+                batch = device_batch(next(data), device)
                 meter.add(pretraining_step(engine, batch, step=step * plan.accumulation + micro, **step_kwargs))
             step += 1
             bar.update()

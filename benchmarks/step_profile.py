@@ -1,0 +1,60 @@
+"""Where a training step's time goes: a few steps under torch.profiler, summed per kernel.
+
+On a GPU it answers the two questions a step-time figure leaves open: is the step bound by the GPU (its kernels
+are busy for most of the step) or by the host (the GPU idles between launches), and which kernels dominate.
+Kernels replayed from CUDA graphs are traced too (CUPTI records graph kernels). On the CPU it lists the
+operators by their own CPU time instead, and reports no busy time.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+TOP = 15
+
+
+def _device_us(event: Any) -> float:
+    return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0))
+
+
+def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: torch.device) -> dict[str, Any]:
+    """Run steps first .. first+steps-1 under torch.profiler; per step: GPU busy ms (the sum of kernel, copy and
+    memset times; None on the CPU) and the TOP operators by time, each as (name, ms per step, calls per step)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    if cuda:
+        torch.cuda.synchronize(device)
+    with profile(activities=activities) as prof:
+        for k in range(steps):
+            step(first + k)
+        if cuda:
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    if cuda:
+        timed = [(e.key, _device_us(e), e.count) for e in events if e.device_type == DeviceType.CUDA]
+    else:
+        timed = [(e.key, float(e.self_cpu_time_total), e.count) for e in events]
+    timed = [t for t in timed if t[1] > 0]
+    timed.sort(key=lambda t: -t[1])
+    busy = sum(us for _, us, _ in timed) / steps / 1e3 if cuda else None
+    return {"profiled_steps": steps, "gpu_busy_ms_per_step": busy,
+            "top_ops": [{"name": name, "ms_per_step": us / steps / 1e3, "calls_per_step": count / steps}
+                        for name, us, count in timed[:TOP]]}
+
+
+def markdown(name: str, ms_per_step: float | None, profile: dict[str, Any]) -> str:
+    """A small section: busy fraction and the top operators of one variant."""
+    busy = profile["gpu_busy_ms_per_step"]
+    head = f"**{name}**: " + (f"GPU busy {busy:.2f} ms of a {ms_per_step:.2f} ms step ({100 * busy / ms_per_step:.0f}%)"
+                              if busy is not None and ms_per_step else "operators by own CPU time")
+    rows = ["| op | ms/step | calls/step |", "|---|---:|---:|"]
+    rows += [f"| `{op['name'][:90]}` | {op['ms_per_step']:.3f} | {op['calls_per_step']:g} |"
+             for op in profile["top_ops"]]
+    return "\n".join([head, "", *rows])
+
+
+__all__ = ["markdown", "profile_steps"]
