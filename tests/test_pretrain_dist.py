@@ -1,5 +1,5 @@
-"""Two-process pretraining on DeepSpeed's CPU accelerator (gloo): ZeRO-2 over 2 ranks agrees with 1 rank at the
-same global batch, and a rank that dies makes the other exit with an error instead of hanging."""
+"""Two-process pretraining on DeepSpeed's CPU accelerator (gloo): ZeRO-0 and ZeRO-2 over 2 ranks agree with 1 rank
+at the same global batch, and a rank that dies makes the other exit with an error instead of hanging."""
 from __future__ import annotations
 
 import json
@@ -52,7 +52,7 @@ def zero2_fp32(tmp_path_factory) -> Path:
 pytestmark = pytest.mark.usefixtures("restore_environ")
 
 
-def argv(data: Path, out: Path, ds_config: Path, micro_batch: int, steps: int, *extra: str) -> list[str]:
+def argv(data: Path, out: Path, ds_config: Path | str, micro_batch: int, steps: int, *extra: str) -> list[str]:
     return ["--model_size", "tiny", "--data", str(data), "--output_dir", str(out), "--max_length", "32",
             "--per_device_train_batch_size", str(micro_batch), "--max_steps", str(steps), "--warmup_steps", "2",
             "--learning_rate", "2e-3", "--logging_steps", "8", "--eval_steps", str(8 * steps), "--eval_batches", "1",
@@ -64,19 +64,21 @@ def train_losses(out: Path) -> np.ndarray:
     return np.array([r["loss"] for r in MetricsFile(out / "metrics.jsonl").records() if r["split"] == "train"])
 
 
-def test_two_ranks_zero2_agree_with_one_rank(corpus, zero2_fp32, tmp_path):
+@pytest.mark.parametrize("zero", [2, 0])  # ZeRO-0: the all-reduced gradient is clipped inside ElectraAdam
+def test_two_ranks_agree_with_one_rank(corpus, zero2_fp32, tmp_path, zero):
+    config = zero2_fp32 if zero == 2 else "cpu"
     steps = 12
     two = tmp_path / "two"
     log = tmp_path / "two.log"
     with log.open("w") as f:
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                "--master_port", str(free_port()), str(REPO / "launch" / "pretrain.py"),
-                               *argv(corpus, two, zero2_fp32, 4, steps)],
+                               *argv(corpus, two, config, 4, steps)],
                               env=child_env(OMP_NUM_THREADS="1"), stdout=f, stderr=subprocess.STDOUT, timeout=240)
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert json.loads((two / "run_config.json").read_text())["world_size"] == 2
     one = tmp_path / "one"
-    run(parse_args(argv(corpus, one, zero2_fp32, 8, steps)))
+    run(parse_args(argv(corpus, one, config, 8, steps)))
     a, b = train_losses(two), train_losses(one)
     assert len(a) == len(b) == steps
     # Same data, weights and schedule; only the masking/sampling noise differs (it is drawn per rank).
