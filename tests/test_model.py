@@ -255,6 +255,41 @@ def test_labels_mark_only_changed_tokens_and_losses_are_finite():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_autocast_casts_each_buffer_once_with_the_same_results(monkeypatch):
+    """forward_views: under autocast the matmul operands are views of one bf16 copy per flat buffer; autocast itself
+    would cast each at each use. Same loss; gradients equal up to fp32 summation order."""
+    from electra_ds.model.electra import LM_HEAD
+
+    torch.manual_seed(0)
+    model = ElectraForPretraining(preset("tiny", vocab_size=100, hidden_dropout_prob=0.0,
+                                         attention_probs_dropout_prob=0.0))
+    ids, mask = make_batch(100, batch=4, length=16, pad_from={1: 9})
+    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=100, max_predictions=3, seed=2)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, mask, None, plan, torch.tensor(3))
+        out.loss.backward()
+        return out.loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w = model.forward_views()
+    qkv = "discriminator.electra.encoder.layer.0.attention.self.qkv"
+    assert w[f"{qkv}.weight"].dtype == w[f"{qkv}.bias"].dtype == w[LM_HEAD].dtype == torch.bfloat16
+    assert w[f"{EMB}.word_embeddings.weight"].dtype == torch.float32  # embedding lookups stay fp32, as autocast does
+    assert w["discriminator.electra.encoder.layer.0.intermediate.dense.bias"].dtype == torch.float32  # bias_gelu's
+    assert w[f"{EMB}.LayerNorm.weight"].dtype == torch.float32
+    loss, grads = step()
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *args: False)  # fp32 views; autocast casts per use
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.forward_views()[f"{qkv}.weight"].dtype == torch.float32
+    ref_loss, ref_grads = step()
+    assert torch.equal(loss, ref_loss)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_forward_is_deterministic_given_seeds():
     model = ElectraForPretraining(preset("tiny", vocab_size=200)).eval()
     ids, mask = make_batch(200, batch=4, length=32)

@@ -27,7 +27,7 @@ class ElectraClassifier(FlatModule):
         specs = [*embedding_specs(f"{PREFIX}.embeddings", config), *tower_specs(PREFIX, config, config.discriminator),
                  *linear_specs("classifier", num_labels, config.hidden_size)]
         self.init_flat(specs, group_fn, config.initializer_range,
-                                     padding_rows={f"{PREFIX}.embeddings.word_embeddings.weight": config.pad_token_id})
+                       padding_rows={f"{PREFIX}.embeddings.word_embeddings.weight": config.pad_token_id})
 
     def named_weights(self) -> dict[str, torch.Tensor]:
         return self.views()
@@ -50,7 +50,7 @@ class ElectraClassifier(FlatModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        cfg, w = self.config, self.views(with_blocks=True)
+        cfg, w = self.config, self.forward_views()
         if input_ids.device.type == "cpu":
             check_token_ids(input_ids, cfg.vocab_size)
         x = embed(w, f"{PREFIX}.embeddings", input_ids, token_type_ids, cfg, self.training)

@@ -22,6 +22,7 @@ from electra_ds.model.params import FlatModule, WeightSpec
 
 DISC, GEN = "discriminator", "generator"
 EMB = f"{DISC}.electra.embeddings"
+LM_HEAD = f"{GEN}.generator_lm_head.weight"  # tied: the word embeddings
 STAT_NAMES = ("gen_correct", "gen_count", "disc_replaced_correct", "replaced_count", "disc_original_correct",
               "original_count", "token_count")
 
@@ -39,12 +40,12 @@ def pretraining_specs(config: ElectraConfig) -> list[WeightSpec]:
     h, hg, e = config.hidden_size, config.generator.hidden_size, config.embedding_size
     return [*embedding_specs(EMB, config),
             *tower_specs(f"{DISC}.electra", config, config.discriminator),
-            *linear_specs(f"{DISC}.discriminator_predictions.dense", h, h),
+            *linear_specs(f"{DISC}.discriminator_predictions.dense", h, h, bias_in_matmul=False),
             *linear_specs(f"{DISC}.discriminator_predictions.dense_prediction", 1, h),
             *tower_specs(f"{GEN}.electra", config, config.generator),
-            *linear_specs(f"{GEN}.generator_predictions.dense", e, hg),
+            *linear_specs(f"{GEN}.generator_predictions.dense", e, hg, bias_in_matmul=False),
             *layer_norm_specs(f"{GEN}.generator_predictions.LayerNorm", e),
-            WeightSpec(f"{GEN}.generator_lm_head.bias", (config.vocab_size,), "zeros")]
+            WeightSpec(f"{GEN}.generator_lm_head.bias", (config.vocab_size,), "zeros", matmul=True)]
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -71,7 +72,8 @@ class ElectraForPretraining(FlatModule):
         self.config = config
         self.tied = tied_names(config)
         self.init_flat(pretraining_specs(config), group_fn, config.initializer_range,
-                                     padding_rows={f"{EMB}.word_embeddings.weight": config.pad_token_id})
+                       padding_rows={f"{EMB}.word_embeddings.weight": config.pad_token_id},
+                       matmul_aliases={LM_HEAD: f"{EMB}.word_embeddings.weight"})
 
     # -- weights --------------------------------------------------------------------------------------------
     def named_weights(self) -> dict[str, torch.Tensor]:
@@ -101,7 +103,7 @@ class ElectraForPretraining(FlatModule):
         h = kernels.bias_gelu(F.linear(hidden, w[f"{p}.dense.weight"]), w[f"{p}.dense.bias"])
         h = kernels.add_layer_norm(h, None, w[f"{p}.LayerNorm.weight"], w[f"{p}.LayerNorm.bias"],
                                    self.config.layer_norm_eps)
-        return F.linear(h, w[f"{EMB}.word_embeddings.weight"], w[f"{GEN}.generator_lm_head.bias"])
+        return F.linear(h, w[LM_HEAD], w[f"{GEN}.generator_lm_head.bias"])
 
     def _discriminator_head(self, w: dict, hidden: torch.Tensor) -> torch.Tensor:
         p = f"{DISC}.discriminator_predictions"
@@ -112,19 +114,19 @@ class ElectraForPretraining(FlatModule):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Discriminator hidden states (B, L, H)."""
-        return self._tower(self.views(with_blocks=True), DISC, input_ids, attention_mask, token_type_ids)
+        return self._tower(self.forward_views(), DISC, input_ids, attention_mask, token_type_ids)
 
     def discriminator_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                              token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Replaced-token logits (B, L); > 0 means "replaced"."""
-        w = self.views(with_blocks=True)
+        w = self.forward_views()
         return self._discriminator_head(w, self._tower(w, DISC, input_ids, attention_mask, token_type_ids))
 
     def generator_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                          token_type_ids: torch.Tensor | None = None,
                          positions: torch.Tensor | None = None) -> torch.Tensor:
         """Vocabulary logits at `positions` (B, P) -> (B, P, V); all positions when None."""
-        w = self.views(with_blocks=True)
+        w = self.forward_views()
         hidden = self._tower(w, GEN, input_ids, attention_mask, token_type_ids)
         if positions is not None:
             hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -133,7 +135,7 @@ class ElectraForPretraining(FlatModule):
     # -- training -------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 token_type_ids: torch.Tensor | None, plan: MaskingPlan, sample_seed: torch.Tensor) -> PretrainOutput:
-        cfg, w = self.config, self.views(with_blocks=True)
+        cfg, w = self.config, self.forward_views()
         batch, slots = plan.masked_positions.shape
 
         gen_hidden = self._tower(w, GEN, plan.generator_input_ids, attention_mask, token_type_ids)

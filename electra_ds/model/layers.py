@@ -11,8 +11,10 @@ from electra_ds.model.params import WeightSpec
 Weights = dict[str, torch.Tensor]
 
 
-def linear_specs(name: str, n_out: int, n_in: int) -> list[WeightSpec]:
-    return [WeightSpec(f"{name}.weight", (n_out, n_in), "normal"), WeightSpec(f"{name}.bias", (n_out,), "zeros")]
+def linear_specs(name: str, n_out: int, n_in: int, bias_in_matmul: bool = True) -> list[WeightSpec]:
+    """`bias_in_matmul=False` where the bias is added after the product (by `kernels.bias_gelu`, in fp32)."""
+    return [WeightSpec(f"{name}.weight", (n_out, n_in), "normal", matmul=True),
+            WeightSpec(f"{name}.bias", (n_out,), "zeros", matmul=bias_in_matmul)]
 
 
 def layer_norm_specs(name: str, size: int) -> list[WeightSpec]:
@@ -41,11 +43,11 @@ def tower_specs(prefix: str, config: ElectraConfig, tower: TowerConfig) -> list[
         layer = f"{prefix}.encoder.layer.{i}"
         qkv = [f"{layer}.attention.self.{n}" for n in ("query", "key", "value")]
         block = f"{layer}.attention.self.qkv"
-        specs += [WeightSpec(f"{n}.weight", (h, h), "normal", f"{block}.weight") for n in qkv]
-        specs += [WeightSpec(f"{n}.bias", (h,), "zeros", f"{block}.bias") for n in qkv]
+        specs += [WeightSpec(f"{n}.weight", (h, h), "normal", f"{block}.weight", matmul=True) for n in qkv]
+        specs += [WeightSpec(f"{n}.bias", (h,), "zeros", f"{block}.bias", matmul=True) for n in qkv]
         specs += linear_specs(f"{layer}.attention.output.dense", h, h)
         specs += layer_norm_specs(f"{layer}.attention.output.LayerNorm", h)
-        specs += linear_specs(f"{layer}.intermediate.dense", f, h)
+        specs += linear_specs(f"{layer}.intermediate.dense", f, h, bias_in_matmul=False)
         specs += linear_specs(f"{layer}.output.dense", h, f)
         specs += layer_norm_specs(f"{layer}.output.LayerNorm", h)
     return specs
@@ -97,7 +99,7 @@ def tower_forward(w: Weights, prefix: str, embeddings: torch.Tensor, mask: torch
                   tower: TowerConfig, config: ElectraConfig, training: bool) -> torch.Tensor:
     """`ElectraModel` after the embeddings: optional projection to the tower's width, then the encoder.
 
-    `w` must hold the QKV blocks (`views(with_blocks=True)`)."""
+    `w` must hold the QKV blocks (`forward_views()`)."""
     h = embeddings
     if f"{prefix}.embeddings_project.weight" in w:
         h = F.linear(h, w[f"{prefix}.embeddings_project.weight"], w[f"{prefix}.embeddings_project.bias"])

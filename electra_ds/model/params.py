@@ -3,7 +3,8 @@
 DeepSpeed's engine pays host time per parameter tensor and step (DESIGN.md section 4), so every weight
 lives as a slice of one flat `nn.Parameter` per optimizer group ("decay", "no_decay", or per-layer groups
 for fine-tuning). `views()` returns the named weights as views into those buffers; autograd sends their
-gradients straight into the flat buffers' `.grad`.
+gradients straight into the flat buffers' `.grad`. `forward_views()` is what a forward reads: the same, except that
+under autocast every matrix-product operand comes from one cast of its whole buffer (see there).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class WeightSpec:
     shape: tuple[int, ...]
     init: str  # "normal", "zeros" or "ones"
     block: str | None = None  # consecutive specs with the same block name are also viewable as one tensor
+    matmul: bool = False  # passed to F.linear: autocast would cast it to its low precision at every use
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,10 @@ class FlatModule(nn.Module):
     """
 
     def init_flat(self, specs: Sequence[WeightSpec], group_fn: Callable[[str], str] | None = None,
-                  initializer_range: float = 0.02, padding_rows: dict[str, int] | None = None) -> None:
+                  initializer_range: float = 0.02, padding_rows: dict[str, int] | None = None,
+                  matmul_aliases: dict[str, str] | None = None) -> None:
+        """`matmul_aliases`: extra names for weights that are also matrix-product operands under another name
+        (a tied output layer: alias -> the embedding it reuses)."""
         group_fn = group_fn or default_group
         self.slots: dict[str, Slot] = {}
         chunks: dict[str, list[Chunk]] = {}
@@ -91,6 +96,10 @@ class FlatModule(nn.Module):
         for g, n in sizes.items():
             self.register_parameter(self.flat_names[g], nn.Parameter(torch.zeros(n)))
         self._specs = list(specs)
+        matmul = {spec.name for spec in specs if spec.matmul}
+        self._matmul = matmul | {c.name for cs in chunks.values() for c in cs
+                                 if len(c.members) > 1 and set(c.members) <= matmul}
+        self._matmul_aliases = dict(matmul_aliases or {})
         self.reset_parameters(initializer_range, padding_rows or {})
 
     @torch.no_grad()
@@ -112,10 +121,12 @@ class FlatModule(nn.Module):
         """Group name -> its flat parameter."""
         return {g: getattr(self, attr) for g, attr in self.flat_names.items()}
 
-    def views(self, with_blocks: bool = False) -> dict[str, torch.Tensor]:
-        """Weight name -> view into its flat buffer; with_blocks adds each block (e.g. fused QKV) as one tensor."""
+    def views(self, with_blocks: bool = False,
+              flats: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Weight name -> view into its flat buffer; with_blocks adds each block (e.g. fused QKV) as one tensor.
+        `flats` replaces the flat parameters (e.g. by copies in another dtype)."""
         out: dict[str, torch.Tensor] = {}
-        flats = self.flat
+        flats = self.flat if flats is None else flats
         for group, chunks in self._chunks.items():
             parts = flats[group].split_with_sizes([c.size for c in chunks])
             for chunk, part in zip(chunks, parts):
@@ -127,6 +138,22 @@ class FlatModule(nn.Module):
                 if is_block and with_blocks:
                     out[chunk.name] = part.view((-1,) + self.slots[chunk.members[0]].shape[1:])
         return out
+
+    def forward_views(self) -> dict[str, torch.Tensor]:
+        """`views(with_blocks=True)` plus the matmul aliases, for a forward. Under autocast the matrix-product
+        operands are views of one cast of each flat buffer to the autocast dtype: autocast would cast each operand at
+        each use to the same values, so results do not change, but two cast kernels replace hundreds."""
+        w = self.views(with_blocks=True)
+        flats = self.flat
+        device_type = next(iter(flats.values())).device.type
+        if self._matmul and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            low = self.views(with_blocks=True, flats={g: p.to(dtype) for g, p in flats.items()})
+            w.update({name: low[name] for name in self._matmul})
+        else:
+            low = w
+        w.update({alias: low[target] for alias, target in self._matmul_aliases.items()})
+        return w
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """One optimizer group per flat buffer; "no_decay" groups get weight decay 0."""
