@@ -11,7 +11,7 @@
 #    (the JSON and the table are rewritten after each, so an overrun keeps what finished), each followed by its
 #    host syncs per step and a 3-step profile (GPU busy time per step, top kernels: benchmarks/step_profile.py),
 # 5. if time is left, a batch sweep (256, 512) of the eager variants.
-# Logs (gpu_check.log: everything; pytest_gpu.log), JSON and tables (throughput.*, sweep.*) go to $OUT (./gpu_out when OUT is unset). The whole script keeps within
+# Logs (gpu_check.log: everything; pytest_gpu_kernels.log, pytest_gpu.log), JSON and tables (throughput.*, sweep.*) go to $OUT (./gpu_out when OUT is unset). The whole script keeps within
 # GPU_CHECK_BUDGET_S seconds (default 520, under 9 minutes): every stage runs under `timeout`, sized from what
 # is left. Without an NVIDIA GPU it says so and exits 0 at once.
 set -uo pipefail
@@ -70,9 +70,15 @@ PY
   fi
 
   local t
-  t=$(limit 130 350)
-  banner "GPU tests (pytest -m gpu, at most ${t}s)"
-  timeout -k 10 "$t" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/ 2>&1 | tee "$OUT/pytest_gpu.log"
+  t=$(limit 60 420)
+  banner "GPU kernel tests (kernels vs twins, at most ${t}s)"
+  timeout -k 10 "$t" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/test_kernels.py \
+    tests/test_kernel_adam.py 2>&1 | tee "$OUT/pytest_gpu_kernels.log"
+  echo "gpu_check: pytest exit status ${PIPESTATUS[0]} (124 = timed out)"
+  t=$(limit 90 350)
+  banner "the other GPU tests (engine step without host syncs, compiled too; at most ${t}s)"
+  timeout -k 10 "$t" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/ --deselect tests/test_kernels.py \
+    --deselect tests/test_kernel_adam.py 2>&1 | tee "$OUT/pytest_gpu.log"
   echo "gpu_check: pytest exit status ${PIPESTATUS[0]} (124 = timed out)"
 
   t=$(limit 330 15)
