@@ -4,7 +4,7 @@ Every variant runs the same training step on the same batches (random token ids 
 masked on the device with `mask_tokens`, the masking noise seeded per step as `pretraining_step` seeds it):
 masking -> generator -> Gumbel sampling -> discriminator -> loss -> backward -> clip 1.0 -> optimizer -> schedule.
 Our variants get the batch as the training loop does (`pretrain.device_batch`: no attention mask when every
-row is full); compiled ones compile the masking too (`pretrain.compiled_masking`).
+row is full); compiled variants, ours and HF's, compile the masking too (`pretrain.compiled_masking`).
 
   hf_eager                 transformers' ElectraForMaskedLM + ElectraForPreTraining wired as the seed code does
                            (benchmarks/hf_baseline.py), torch AdamW (fused on CUDA), autocast (+ GradScaler for fp16)
@@ -177,10 +177,11 @@ def masking_plan(setup: Setup, batch: dict[str, torch.Tensor | None], step: int,
                           seed=setup.seed, rank=0, mask_fn=mask_fn)
 
 
-def eager_training_step(setup: Setup, forward: Callable, optimizer: torch.optim.Optimizer, cudagraphs: bool, *,
-                        ours: bool) -> Callable[[int], torch.Tensor]:
+def eager_training_step(setup: Setup, forward: Callable, optimizer: torch.optim.Optimizer, mode: str | None | bool,
+                        *, ours: bool) -> Callable[[int], torch.Tensor]:
     """masking -> forward under autocast -> backward (GradScaler for fp16) -> clip 1.0 -> step -> schedule.
-    `ours`: our batches and masking (compiled with the model when `cudagraphs`), and the optimizer clips itself."""
+    `mode`: False for an eager model, else the torch.compile mode it was compiled with; the masking is then
+    compiled the same way. `ours`: our batches (`device_batch`), and the optimizer clips itself."""
     from electra_ds.train.engine import linear_warmup_decay
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(setup.warmup_steps, setup.max_steps))
@@ -189,10 +190,11 @@ def eager_training_step(setup: Setup, forward: Callable, optimizer: torch.optim.
     amp = setup.amp_dtype
 
     mask_fn = mask_tokens
-    if ours and cudagraphs:
+    if mode is not False:
         from electra_ds.train.pretrain import compiled_masking
 
-        mask_fn = compiled_masking("reduce-overhead")
+        mask_fn = compiled_masking(mode)
+    cudagraphs = mode == "reduce-overhead"
 
     def clip() -> None:
         if not ours:
@@ -242,8 +244,7 @@ def build_hf(setup: Setup, name: str) -> Runner:
 
     notes = "torch AdamW " + ("fused" if setup.device.type == "cuda" else "foreach") + \
         (f", torch.compile(mode={mode!r})" if compiled else "")
-    return Runner(eager_training_step(setup, forward, optimizer, mode == "reduce-overhead", ours=False), "n/a (HF)",
-                  notes)
+    return Runner(eager_training_step(setup, forward, optimizer, mode if compiled else False, ours=False), "n/a (HF)", notes)
 
 
 def build_ours_bare(setup: Setup, name: str) -> Runner:
@@ -262,8 +263,7 @@ def build_ours_bare(setup: Setup, name: str) -> Runner:
         return module(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], plan, seed).loss
 
     notes = "ElectraAdam" + (f", torch.compile(mode={mode!r})" if compiled else "")
-    return Runner(eager_training_step(setup, forward, optimizer, mode == "reduce-overhead", ours=True), backend,
-                  notes)
+    return Runner(eager_training_step(setup, forward, optimizer, mode if compiled else False, ours=True), backend, notes)
 
 
 def build_ours_ds(setup: Setup, name: str) -> Runner:
