@@ -59,12 +59,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str | os.
     tok.train_from_iterator(texts, trainer=trainer)
     if tok.get_vocab_size() <= len(SPECIAL_TOKENS):
         raise TokenizerError("tokenizer training saw no text: the source is empty")
-    # The trainer numbers tokens of equal count in a different order from run to run, so the same corpus would
-    # give other token ids, caches and trajectories; WordPiece only needs the set, so renumber it. (Where merges
-    # tie, the trainer can also learn a slightly different set: that part is upstream's.)
-    learned = sorted(t for t in tok.get_vocab() if t not in SPECIAL_TOKENS)
-    tok = _bert_uncased({t: i for i, t in enumerate([*SPECIAL_TOKENS, *learned])})
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
     _add_post_processor(tok)
     return save_tokenizer(tok, output_dir)
 
