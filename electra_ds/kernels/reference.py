@@ -43,7 +43,7 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
         p = p - lr (m / (sqrt(v) + eps) + weight_decay p)
 
     exp_avg (m) and exp_avg_sq (v) are fp32; param is stored back in its own dtype. grad_scale is a 0-d fp32
-    tensor on param's device (None: 1), read there. For fp32 this is ElectraAdam's foreach update op for op.
+    tensor on param's device (None: 1), read there.
     """
     g = grad.float() if grad_scale is None else grad.float() * grad_scale
     exp_avg.lerp_(g, 1.0 - beta1)

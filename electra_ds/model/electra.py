@@ -22,7 +22,6 @@ from electra_ds.model.params import FlatModule, WeightSpec
 
 DISC, GEN = "discriminator", "generator"
 EMB = f"{DISC}.electra.embeddings"
-LM_HEAD = f"{GEN}.generator_lm_head.weight"  # tied: the word embeddings
 STAT_NAMES = ("gen_correct", "gen_count", "disc_replaced_correct", "replaced_count", "disc_original_correct",
               "original_count", "token_count")
 
@@ -72,8 +71,7 @@ class ElectraForPretraining(FlatModule):
         self.config = config
         self.tied = tied_names(config)
         self.init_flat(pretraining_specs(config), group_fn, config.initializer_range,
-                       padding_rows={f"{EMB}.word_embeddings.weight": config.pad_token_id},
-                       matmul_aliases={LM_HEAD: f"{EMB}.word_embeddings.weight"})
+                       padding_rows={f"{EMB}.word_embeddings.weight": config.pad_token_id})
 
     # -- weights --------------------------------------------------------------------------------------------
     def named_weights(self) -> dict[str, torch.Tensor]:
@@ -103,7 +101,7 @@ class ElectraForPretraining(FlatModule):
         h = kernels.bias_gelu(F.linear(hidden, w[f"{p}.dense.weight"]), w[f"{p}.dense.bias"])
         h = kernels.add_layer_norm(h, None, w[f"{p}.LayerNorm.weight"], w[f"{p}.LayerNorm.bias"],
                                    self.config.layer_norm_eps)
-        return F.linear(h, w[LM_HEAD], w[f"{GEN}.generator_lm_head.bias"])
+        return F.linear(h, w[f"{EMB}.word_embeddings.weight"], w[f"{GEN}.generator_lm_head.bias"])
 
     def _discriminator_head(self, w: dict, hidden: torch.Tensor) -> torch.Tensor:
         p = f"{DISC}.discriminator_predictions"

@@ -63,10 +63,7 @@ class FlatModule(nn.Module):
     """
 
     def init_flat(self, specs: Sequence[WeightSpec], group_fn: Callable[[str], str] | None = None,
-                  initializer_range: float = 0.02, padding_rows: dict[str, int] | None = None,
-                  matmul_aliases: dict[str, str] | None = None) -> None:
-        """`matmul_aliases`: extra names for weights that are also matrix-product operands under another name
-        (a tied output layer: alias -> the embedding it reuses)."""
+                  initializer_range: float = 0.02, padding_rows: dict[str, int] | None = None) -> None:
         group_fn = group_fn or default_group
         self.slots: dict[str, Slot] = {}
         chunks: dict[str, list[Chunk]] = {}
@@ -99,7 +96,6 @@ class FlatModule(nn.Module):
         matmul = {spec.name for spec in specs if spec.matmul}
         self._matmul = matmul | {c.name for cs in chunks.values() for c in cs
                                  if len(c.members) > 1 and set(c.members) <= matmul}
-        self._matmul_aliases = dict(matmul_aliases or {})
         self.reset_parameters(initializer_range, padding_rows or {})
 
     @torch.no_grad()
@@ -140,9 +136,9 @@ class FlatModule(nn.Module):
         return out
 
     def forward_views(self) -> dict[str, torch.Tensor]:
-        """`views(with_blocks=True)` plus the matmul aliases, for a forward. Under autocast the matrix-product
-        operands are views of one cast of each flat buffer to the autocast dtype: autocast would cast each operand at
-        each use to the same values, so results do not change, but two cast kernels replace hundreds."""
+        """`views(with_blocks=True)` for a forward. Under autocast the matrix-product operands (specs marked
+        `matmul`) are views of one cast of each flat buffer to the autocast dtype: autocast would cast each operand
+        at each use to the same values, so results do not change, but two cast kernels replace hundreds."""
         w = self.views(with_blocks=True)
         flats = self.flat
         device_type = next(iter(flats.values())).device.type
@@ -150,9 +146,6 @@ class FlatModule(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
             low = self.views(with_blocks=True, flats={g: p.to(dtype) for g, p in flats.items()})
             w.update({name: low[name] for name in self._matmul})
-        else:
-            low = w
-        w.update({alias: low[target] for alias, target in self._matmul_aliases.items()})
         return w
 
     def param_groups(self, weight_decay: float) -> list[dict]:
