@@ -177,11 +177,11 @@ def masking_plan(setup: Setup, batch: dict[str, torch.Tensor | None], step: int,
                           seed=setup.seed, rank=0, mask_fn=mask_fn)
 
 
-def eager_training_step(setup: Setup, forward: Callable, optimizer: torch.optim.Optimizer, mode: str | None | bool,
-                        *, ours: bool) -> Callable[[int], torch.Tensor]:
+def eager_training_step(setup: Setup, forward: Callable, optimizer: torch.optim.Optimizer, name: str, *,
+                        ours: bool) -> Callable[[int], torch.Tensor]:
     """masking -> forward under autocast -> backward (GradScaler for fp16) -> clip 1.0 -> step -> schedule.
-    `mode`: False for an eager model, else the torch.compile mode it was compiled with; the masking is then
-    compiled the same way. `ours`: our batches (`device_batch`), and the optimizer clips itself."""
+    Where variant `name` compiles the model, the masking is compiled the same way. `ours`: our batches
+    (`device_batch`), and the optimizer clips itself."""
     from electra_ds.train.engine import linear_warmup_decay
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(setup.warmup_steps, setup.max_steps))
@@ -189,8 +189,9 @@ def eager_training_step(setup: Setup, forward: Callable, optimizer: torch.optim.
     params = [p for group in optimizer.param_groups for p in group["params"]]
     amp = setup.amp_dtype
 
+    compiled, mode = compile_mode(name)
     mask_fn = mask_tokens
-    if mode is not False:
+    if compiled:
         from electra_ds.train.pretrain import compiled_masking
 
         mask_fn = compiled_masking(mode)
@@ -244,7 +245,7 @@ def build_hf(setup: Setup, name: str) -> Runner:
 
     notes = "torch AdamW " + ("fused" if setup.device.type == "cuda" else "foreach") + \
         (f", torch.compile(mode={mode!r})" if compiled else "")
-    return Runner(eager_training_step(setup, forward, optimizer, mode if compiled else False, ours=False), "n/a (HF)", notes)
+    return Runner(eager_training_step(setup, forward, optimizer, name, ours=False), "n/a (HF)", notes)
 
 
 def build_ours_bare(setup: Setup, name: str) -> Runner:
@@ -255,15 +256,15 @@ def build_ours_bare(setup: Setup, name: str) -> Runner:
     backend = kernel_choice(setup, name, compiled)
     torch.manual_seed(setup.seed)
     model = ElectraForPretraining(setup.config).to(setup.device).train()
-    optimizer = build_optimizer(model.param_groups(0.01), lr=setup.learning_rate, name="electra_adam")
-    optimizer.max_grad_norm = 1.0  # clipping on the device, as the engine hands it over
+    optimizer = build_optimizer(model.param_groups(0.01), lr=setup.learning_rate, name="electra_adam",
+                                max_grad_norm=1.0)  # clipping on the device, as the engine hands it over
     module = torch.compile(model, mode=mode) if compiled else model
 
     def forward(batch: dict[str, torch.Tensor], plan: MaskingPlan, seed: torch.Tensor) -> torch.Tensor:
         return module(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], plan, seed).loss
 
     notes = "ElectraAdam" + (f", torch.compile(mode={mode!r})" if compiled else "")
-    return Runner(eager_training_step(setup, forward, optimizer, mode if compiled else False, ours=True), backend, notes)
+    return Runner(eager_training_step(setup, forward, optimizer, name, ours=True), backend, notes)
 
 
 def build_ours_ds(setup: Setup, name: str) -> Runner:

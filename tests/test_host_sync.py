@@ -125,6 +125,9 @@ def test_optimizer_clipping_equals_clip_then_step():
 def test_bad_max_grad_norm_is_refused():
     with pytest.raises(ValueError, match="max_grad_norm"):
         ElectraAdam([torch.nn.Parameter(torch.zeros(1))], max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match="only electra_adam clips"):
+        ds_engine.build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=1e-3, name="adamw",
+                                  max_grad_norm=1.0)
 
 
 @pytest.mark.gpu

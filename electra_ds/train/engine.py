@@ -272,16 +272,20 @@ def offloads_optimizer(config: dict) -> bool:
 # -- optimizer and schedule ----------------------------------------------------------------------------------
 
 def build_optimizer(param_groups: list[dict], *, lr: float, name: str = "electra_adam",
-                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6) -> torch.optim.Optimizer:
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                    max_grad_norm: float = 0.0) -> torch.optim.Optimizer:
     """The optimizer over `param_groups` (each with its own "weight_decay", and optionally "lr").
 
     electra_adam: ours, Adam without bias correction, decoupled weight decay (the faithful recipe).
     fused_adam:   DeepSpeed FusedAdam(bias_correction=False, adam_w_mode=True) (CUDA; builds the op).
     cpu_adam:     DeepSpeed DeepSpeedCPUAdam(bias_correction=False, adamw_mode=True), for ZeRO-Offload.
     adamw:        torch AdamW (fused on CUDA); note it applies bias correction, unlike the recipe.
+    `max_grad_norm` > 0 (electra_adam only): clip by the global gradient norm inside the step, on the device.
     """
+    if max_grad_norm and name != "electra_adam":
+        raise ValueError(f"only electra_adam clips inside its step, not {name}")
     if name == "electra_adam":
-        return ElectraAdam(param_groups, lr=lr, betas=betas, eps=eps)
+        return ElectraAdam(param_groups, lr=lr, betas=betas, eps=eps, max_grad_norm=max_grad_norm)
     if name == "adamw":
         on_cuda = all(p.is_cuda for g in param_groups for p in g["params"])
         return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, fused=on_cuda or None)
@@ -335,12 +339,12 @@ def initialize(model: torch.nn.Module, ds_config: dict, *, learning_rate: float,
     name = resolve_optimizer(optimizer, ds_config)
     model.to(device())
     groups = model.param_groups(weight_decay) if param_groups is None else param_groups
-    opt = build_optimizer(groups, lr=learning_rate, name=name, eps=eps)
     clip = float(ds_config.get("gradient_clipping", 0.0))
-    if isinstance(opt, ElectraAdam) and clip > 0 and runs_client_optimizer(ds_config):
-        # Same clipping, done on the device by the optimizer: DeepSpeed's reads the norm on the host every step.
+    clip_in_optimizer = name == "electra_adam" and clip > 0 and runs_client_optimizer(ds_config)
+    if clip_in_optimizer:  # the same clipping, on the device: DeepSpeed's reads the norm on the host every step
         ds_config = {**ds_config, "gradient_clipping": 0.0}
-        opt.max_grad_norm = clip
+    opt = build_optimizer(groups, lr=learning_rate, name=name, eps=eps,
+                          max_grad_norm=clip if clip_in_optimizer else 0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(warmup_steps, max_steps))
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=schedule, config=ds_config)
     if zero_stage(ds_config) == 0 and engine.dp_world_size == 1:
