@@ -81,19 +81,15 @@ def test_deepspeed_defaults_we_avoid_do_wait(config, where):
     assert syncs.total >= 2 and any(where in site for site in syncs.sites), dict(syncs.sites)
 
 
-def test_engine_hands_clipping_to_the_optimizer_without_zero():
-    engine = engine_for("bf16")
+@pytest.mark.parametrize("name, deepspeed_clip, optimizer_clip", [
+    ("bf16", 0.0, 1.0),  # no ZeRO: ElectraAdam sees the whole gradient and clips it on the device
+    ("bf16_zero2", 1.0, 0.0),  # ZeRO: the optimizer sees one partition, so only DeepSpeed has the global norm
+])
+def test_who_clips(name, deepspeed_clip, optimizer_clip):
+    engine = engine_for(name)
     try:
-        assert engine.gradient_clipping() == 0.0 and engine.basic_optimizer.max_grad_norm == 1.0
-    finally:
-        engine.destroy()
-
-
-def test_zero_keeps_deepspeeds_clipping():
-    """Under ZeRO the optimizer sees one partition of the gradient, so only DeepSpeed can take the global norm."""
-    engine = engine_for("bf16_zero2")
-    try:
-        assert engine.gradient_clipping() == 1.0 and engine.basic_optimizer.max_grad_norm == 0.0
+        assert engine.gradient_clipping() == deepspeed_clip
+        assert engine.basic_optimizer.max_grad_norm == optimizer_clip
     finally:
         engine.destroy()
 
