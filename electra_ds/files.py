@@ -1,4 +1,7 @@
-"""Writing files so that an interruption never leaves a half-written one: a temporary name, then a rename."""
+"""Writing files so that an interruption never leaves a half-written one: a temporary name, then a rename.
+
+Every temporary name here matches `TEMP_GLOB` (a dot, the target's name, ".tmp"), so what a killed process left
+behind can be found and removed (`remove_stale_temps`)."""
 from __future__ import annotations
 
 import os
@@ -8,6 +11,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+TEMP_GLOB = ".*.tmp*"
 
 
 @contextmanager
@@ -37,11 +42,11 @@ def replacing_dir(path: str | os.PathLike) -> Iterator[Path]:
     existing one is moved aside first and removed after), on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.{os.getpid()}.old")
+            old = path.with_name(f".{path.name}.{os.getpid()}.tmp.old")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -49,3 +54,11 @@ def replacing_dir(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> int:
+    """Remove the temporary files and directories that interrupted writes left in `directory`; returns how many."""
+    stale = list(Path(directory).glob(TEMP_GLOB))
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return len(stale)

@@ -17,6 +17,7 @@ from electra_ds.data.sampler import SegmentSampler
 from electra_ds.data.sources import SourceError, open_source
 from electra_ds.data.tokenizer import (TokenizerError, load_tokenizer, special_ids, tokenizer_hash, train_tokenizer,
                                        vocab_size)
+from electra_ds.files import TEMP_GLOB
 
 WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but "
          "have an they you were her she there been one all we their has would when what if more no out so said "
@@ -188,6 +189,8 @@ def test_interrupted_build_resumes_without_redoing_shards(data_files, data_token
     done = {p.name: p.stat().st_mtime_ns for p in out.glob("*-*.bin")}
     assert len(done) == 4
     monkeypatch.setattr(cache_mod._ShardWriter, "_flush", flush)
+    (out / ".train-00004.bin.123.abcd.tmp.bin").write_bytes(b"half")  # what a killed writer leaves
+    (out / ".tokenizer.x1y2.tmp").mkdir()
     encoded = []
     real_encode = cache_mod._encode
     monkeypatch.setattr(cache_mod, "_encode", lambda tok, texts: encoded.extend(texts) or real_encode(tok, texts))
@@ -197,7 +200,7 @@ def test_interrupted_build_resumes_without_redoing_shards(data_files, data_token
     assert 0 < sum(map(len, encoded)) < total  # finished shards' documents were not tokenized again
     m_clean, m_resumed = (json.loads((p / "manifest.json").read_text()) for p in (clean, out))
     assert m_clean["splits"] == m_resumed["splits"]
-    assert not (out / "build_state.json").exists() and not list(out.glob(".*.tmp"))
+    assert not (out / "build_state.json").exists() and not list(out.glob(TEMP_GLOB))
     verify_cache(out)
     # a different setting does not silently continue or overwrite
     with pytest.raises(CacheError, match="shard_tokens"):

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from electra_ds.files import atomic_write, replacing_dir
+from electra_ds.files import atomic_write, remove_stale_temps, replacing_dir
 
 from .sources import Builtin, LocalFiles, Source, open_source
 
@@ -273,8 +272,7 @@ def _prepare_output(out: Path) -> dict | None:
         raise CacheError(f"{out} exists and is not a directory")
     if (out / BUILD_STATE).is_file():
         state = _read_json(out / BUILD_STATE)
-        for stale in out.glob(".*.tmp"):  # temporary files of the interrupted run
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        remove_stale_temps(out)  # what the interrupted run was writing
         return state
     if out.exists() and any(out.iterdir()):
         raise CacheError(f"{out} is not empty and holds no token cache; choose a new or empty directory")
