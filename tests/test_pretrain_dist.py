@@ -17,8 +17,6 @@ from electra_ds.train.engine import free_port
 from electra_ds.train.metrics_log import MetricsFile
 from electra_ds.train.pretrain import parse_args, run
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "corpus" / "tinyshakespeare" / "input.txt"
 NO_DROPOUT = ["--model_override", "hidden_dropout_prob=0", "--model_override", "attention_probs_dropout_prob=0"]
@@ -49,7 +47,7 @@ def zero2_fp32(tmp_path_factory) -> Path:
     return path
 
 
-pytestmark = pytest.mark.usefixtures("restore_environ")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_environ")]
 
 
 def argv(data: Path, out: Path, ds_config: Path | str, micro_batch: int, steps: int, *extra: str) -> list[str]:
