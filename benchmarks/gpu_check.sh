@@ -13,7 +13,7 @@
 # 5. if time is left, a batch sweep (256, 512) of the eager variants.
 # Logs (gpu_check.log: everything; pytest_gpu_kernels.log, pytest_gpu.log), JSON and tables (throughput.*, sweep.*) go to $OUT (./gpu_out when OUT is unset). The whole script keeps within
 # GPU_CHECK_BUDGET_S seconds (default 520, under 9 minutes): every stage runs under `timeout`, sized from what
-# is left. Without an NVIDIA GPU it says so and exits 0 at once.
+# is left. Without an NVIDIA GPU it says so and exits 0 at once; otherwise it exits 1 if a stage failed or timed out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -34,6 +34,13 @@ limit() {
 }
 
 banner() { echo; echo "=== [gpu_check +$((SECONDS - START))s] $*"; }
+
+# A stage's exit status: reported, and remembered as the script's (1) unless 0, or 5 (pytest: nothing selected).
+RC=0
+status() {
+  echo "gpu_check: $1 exit status $2 (124 = timed out)"
+  if [ "$2" -ne 0 ] && [ "$2" -ne 5 ]; then RC=1; fi
+}
 
 main() {
   if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
@@ -74,19 +81,19 @@ PY
   banner "GPU kernel tests (kernels vs twins, at most ${t}s)"
   timeout -k 10 "$t" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/test_kernels.py \
     tests/test_kernel_adam.py 2>&1 | tee "$OUT/pytest_gpu_kernels.log"
-  echo "gpu_check: pytest exit status ${PIPESTATUS[0]} (124 = timed out)"
+  status "kernel tests" "${PIPESTATUS[0]}"
   t=$(limit 90 350)
   banner "the other GPU tests (engine step without host syncs, compiled too; at most ${t}s)"
   timeout -k 10 "$t" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/ --deselect tests/test_kernels.py \
     --deselect tests/test_kernel_adam.py 2>&1 | tee "$OUT/pytest_gpu.log"
-  echo "gpu_check: pytest exit status ${PIPESTATUS[0]} (124 = timed out)"
+  status "other GPU tests" "${PIPESTATUS[0]}"
 
   t=$(limit 330 15)
   banner "throughput: ELECTRA-Small bf16 128 x 128, all variants (at most ${t}s)"
   timeout -k 10 "$t" python3 benchmarks/throughput.py --model_size small --batch_size 128 --max_length 128 \
     --precision bf16 --steps 30 --warmup 10 --profile_steps 3 --max_seconds $((t > 70 ? t - 70 : 0)) \
     --variants "$VARIANTS" --json "$OUT/throughput.json" --markdown "$OUT/throughput.md"
-  echo "gpu_check: throughput exit status $? (124 = timed out; the JSON keeps finished variants)"
+  status "throughput (the JSON keeps finished variants)" $?
 
   if (( $(left) >= 60 )); then
     t=$(limit 120 5)
@@ -95,7 +102,7 @@ PY
       --precision bf16 --steps 20 --warmup 5 --no_check --max_seconds $((t > 30 ? t - 30 : 0)) \
       --variants hf_eager,ours_ds_triton,ours_bare,ours_ds_torch \
       --json "$OUT/sweep.json" --markdown "$OUT/sweep.md"
-    echo "gpu_check: sweep exit status $?"
+    status sweep $?
   else
     banner "throughput sweep skipped: $(left)s left"
   fi
@@ -104,7 +111,7 @@ PY
   for f in throughput.md sweep.md; do
     [ -f "$OUT/$f" ] && { echo "--- $f"; cat "$OUT/$f"; }
   done
-  return 0
+  return "$RC"
 }
 
 main 2>&1 | tee "$OUT/gpu_check.log"
