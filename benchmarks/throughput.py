@@ -3,7 +3,7 @@
 Every variant runs the same training step on the same batches (random token ids of the preset's vocabulary,
 masked on the device with `mask_tokens`, the masking noise seeded per step as `pretraining_step` seeds it):
 masking -> generator -> Gumbel sampling -> discriminator -> loss -> backward -> clip 1.0 -> optimizer -> schedule.
-Our variants get the batch as the training loop does (`pretrain.device_batch`: no attention mask when every
+Our variants get the batch as the training loop does (`engine.device_batch`: no attention mask when every
 row is full); compiled variants, ours and HF's, compile the masking too (`pretrain.compiled_masking`).
 
   hf_eager                 transformers' ElectraForMaskedLM + ElectraForPreTraining wired as the seed code does
@@ -63,7 +63,7 @@ from electra_ds.data.masking import MaskingPlan, mask_tokens
 from electra_ds.files import atomic_write
 from electra_ds.flops import executed_step_flops, recipe_flops
 from electra_ds.host_sync import SyncCounter
-from electra_ds.train.pretrain import device_batch
+from electra_ds.train.engine import device_batch
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Dense bf16 tensor-core peak from the datasheets, by a substring of torch.cuda.get_device_name().
@@ -118,7 +118,7 @@ class Setup:
     precision: str
     device: torch.device
     batches: list[dict[str, torch.Tensor]]  # with their all-ones attention masks (what HF gets)
-    our_batches: list[dict[str, torch.Tensor | None]]  # the same, as `pretrain.device_batch` gives them
+    our_batches: list[dict[str, torch.Tensor | None]]  # the same, as `engine.device_batch` gives them
     specials: dict[str, int]
     mlm_probability: float
     max_predictions: int

@@ -108,7 +108,7 @@ def count_engine_step(ds_config: str | dict, steps: int = 2) -> SyncCounter:
     from electra_ds.config import preset
     from electra_ds.model import ElectraForPretraining
     from electra_ds.train import engine as ds_engine
-    from electra_ds.train.pretrain import device_batch, pretraining_step
+    from electra_ds.train.pretrain import pretraining_step
 
     ds_engine.setup_distributed()
     config = ds_engine.load_ds_config(ds_config, micro_batch_size=2, gradient_accumulation_steps=1, world_size=1)
@@ -116,7 +116,7 @@ def count_engine_step(ds_config: str | dict, steps: int = 2) -> SyncCounter:
     model = ElectraForPretraining(preset("tiny", vocab_size=64))
     engine = ds_engine.initialize(model, config, learning_rate=1e-3, warmup_steps=1, max_steps=10)
     ids = torch.randint(4, 64, (2, 16), generator=torch.Generator().manual_seed(0))
-    batch = device_batch({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+    batch = ds_engine.device_batch({"input_ids": ids, "attention_mask": torch.ones_like(ids),
                           "token_type_ids": torch.zeros_like(ids)}, engine.device)
     kw = dict(special_ids={"pad": 0, "cls": 1, "sep": 2, "mask": 3}, mlm_probability=0.15, max_predictions=3, seed=0)
     try:

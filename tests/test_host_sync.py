@@ -132,7 +132,7 @@ def test_bad_max_grad_norm_is_refused():
 def test_cuda_step_never_waits_for_the_device(compile_mode):
     """The real check on a GPU: torch.cuda.set_sync_debug_mode("error") raises at any synchronising call."""
     from electra_ds.data.masking import mask_tokens
-    from electra_ds.train.pretrain import compiled_masking, device_batch
+    from electra_ds.train.pretrain import compiled_masking
 
     engine = engine_for("bf16")
     mask_fn = mask_tokens
@@ -141,7 +141,7 @@ def test_cuda_step_never_waits_for_the_device(compile_mode):
         mask_fn = compiled_masking(compile_mode)
     ids = torch.randint(4, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     host = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
-    batch = device_batch(host, engine.device)
+    batch = ds_engine.device_batch(host, engine.device)
     kw = dict(special_ids=SPECIALS, mlm_probability=0.15, max_predictions=3, seed=0, mask_fn=mask_fn)
     try:
         for step in range(4):  # compilation and CUDA-graph recording happen here

@@ -97,6 +97,14 @@ def device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
+def device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor | None]:
+    """A host batch on `device` (asynchronous from pinned memory). An attention mask of all ones, checked on the
+    host before the copy, becomes None: attention then runs unmasked (SDPA's flash kernels), same results."""
+    full = "attention_mask" in batch and bool(batch["attention_mask"].all())
+    return {k: None if (k == "attention_mask" and full) else v.to(device, non_blocking=True)
+            for k, v in batch.items()}
+
+
 def quiet_deepspeed() -> None:
     """DeepSpeed logs every engine detail at INFO; keep warnings and errors."""
     from deepspeed.utils import logger as ds_logger
@@ -355,6 +363,6 @@ def initialize(model: torch.nn.Module, ds_config: dict, *, learning_rate: float,
 
 
 __all__ = ["DSConfigError", "DS_CONFIG_DIR", "OPTIMIZERS", "build_optimizer", "default_ds_config", "device",
-           "free_port", "initialize", "linear_warmup_decay", "load_ds_config", "offloads_optimizer", "precision",
-           "quiet_deepspeed", "resolve_ds_config", "resolve_optimizer", "runs_client_optimizer", "setup_distributed",
-           "world_from_env", "zero_stage"]
+           "device_batch", "free_port", "initialize", "linear_warmup_decay", "load_ds_config", "offloads_optimizer",
+           "precision", "quiet_deepspeed", "resolve_ds_config", "resolve_optimizer", "runs_client_optimizer",
+           "setup_distributed", "world_from_env", "zero_stage"]

@@ -252,13 +252,14 @@ def predict(engine, data: Encoded, batch_size: int, regression: bool) -> np.ndar
     engine.eval()
     order = np.argsort([len(ids) for ids in data.input_ids], kind="stable")
     out = np.zeros(len(data), dtype=np.float32 if regression else np.int64)
+    preds = []
     for start in range(0, len(data), batch_size):
         rows = order[start:start + batch_size]
-        batch = data.batch(rows)
-        logits = engine(batch["input_ids"].to(engine.device), batch["attention_mask"].to(engine.device),
-                        batch["token_type_ids"].to(engine.device)).float().cpu()
-        out[rows] = logits[:, 0].numpy() if regression else logits.argmax(dim=-1).numpy()
+        batch = ds_engine.device_batch(data.batch(rows), engine.device)
+        logits = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).float()
+        preds.append(logits[:, 0] if regression else logits.argmax(dim=-1))
     engine.train(was_training)
+    out[order] = torch.cat(preds).cpu().numpy()  # one copy to the host, after the last batch
     return out
 
 
@@ -276,10 +277,9 @@ def train(engine, data: Encoded, args: FinetuneArgs, steps: int, seed: int, regr
     for step in tqdm(range(steps), desc="fine-tune", disable=rank != 0 or None, mininterval=5):
         for acc in range(args.gradient_accumulation_steps):
             start = (acc * world_size + rank) * micro
-            batch = data.batch(order[step, start:start + micro])
-            logits = engine(batch["input_ids"].to(engine.device), batch["attention_mask"].to(engine.device),
-                            batch["token_type_ids"].to(engine.device))
-            loss = loss_fn(logits, batch["labels"].to(engine.device), regression)
+            batch = ds_engine.device_batch(data.batch(order[step, start:start + micro]), engine.device)
+            logits = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            loss = loss_fn(logits, batch["labels"], regression)
             engine.backward(loss)
             engine.step()
             if step >= steps - tail:

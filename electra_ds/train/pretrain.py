@@ -306,14 +306,6 @@ def forward(engine, batch: dict[str, torch.Tensor], **masking):
     return engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], plan, sample_seed)
 
 
-def device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor | None]:
-    """A host batch on `device` (asynchronous from pinned memory). An attention mask of all ones, checked on the
-    host before the copy, becomes None: attention then runs unmasked (SDPA's flash kernels), same results."""
-    full = "attention_mask" in batch and bool(batch["attention_mask"].all())
-    return {k: None if (k == "attention_mask" and full) else v.to(device, non_blocking=True)
-            for k, v in batch.items()}
-
-
 def pretraining_step(engine, batch: dict[str, torch.Tensor | None], *, special_ids: dict[str, int],
                      mlm_probability: float, max_predictions: int, step: int, seed: int,
                      mask_replace_prob: float = 0.85, random_replace_prob: float = 0.0,
@@ -337,7 +329,7 @@ def evaluate(engine, sampler, *, batches: int, special_ids: dict[str, int], mlm_
     engine.eval()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
         for i in range(batches):
-            batch = device_batch({k: torch.from_numpy(v) for k, v in sampler.batch(i).items()}, device)
+            batch = ds_engine.device_batch({k: torch.from_numpy(v) for k, v in sampler.batch(i).items()}, device)
             meter.add(forward(engine, batch, special_ids=special_ids, mlm_probability=mlm_probability,
                               max_predictions=max_predictions, step=i, seed=seed, rank=engine.global_rank,
                               mask_replace_prob=mask_replace_prob))
@@ -648,7 +640,7 @@ def run(args: argparse.Namespace) -> Path:
     with GracefulStop() as stop:
         while step < plan.max_steps:
             for micro in range(plan.accumulation):
-                batch = device_batch(next(data), device)
+                batch = ds_engine.device_batch(next(data), device)
                 meter.add(pretraining_step(engine, batch, step=step * plan.accumulation + micro, **step_kwargs))
             step += 1
             bar.update()
