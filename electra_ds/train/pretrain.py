@@ -580,7 +580,6 @@ def run(args: argparse.Namespace) -> Path:
     window = {"start": t_start, "step": start_step, "paused": 0.0}  # the logging interval; eval/saves don't count
     last_train: dict[str, Any] = {}
     last_eval: dict[str, Any] = {}
-    saved_at = start_step if restored else -1
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - t_start
@@ -618,11 +617,9 @@ def run(args: argparse.Namespace) -> Path:
         window["paused"] += time.perf_counter() - t
 
     def save(step: int) -> None:
-        nonlocal saved_at
         t = time.perf_counter()
         checkpoints.save(engine, step, {"elapsed_s": elapsed(), "run": args.experiment_name,
                                         "wandb_id": wandb.id if wandb else state.get("wandb_id")})
-        saved_at = step
         window["paused"] += time.perf_counter() - t
 
     from tqdm.auto import tqdm
@@ -655,8 +652,7 @@ def run(args: argparse.Namespace) -> Path:
                 break
             if step % plan.save_every == 0:
                 save(step)
-        if saved_at != step:
-            save(step)
+        save(step)  # a no-op when this step is saved already (CheckpointManager.save)
     bar.close()
 
     if stopped_by:
