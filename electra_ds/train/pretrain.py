@@ -276,7 +276,7 @@ def derive_seed(seed: int, step: int, rank: int, stream: int) -> int:
 
 def masking_inputs(batch: dict[str, torch.Tensor], *, vocab_size: int, special_ids: dict[str, int],
                    mlm_probability: float, max_predictions: int, step: int, seed: int, rank: int,
-                   mask_replace_prob: float = 0.85, random_replace_prob: float = 0.0,
+                   mask_replace_prob: float = 0.85,
                    mask_fn: Callable[..., MaskingPlan] = mask_tokens) -> tuple[MaskingPlan, torch.Tensor]:
     """The masking plan and the Gumbel seed of one micro-batch, both functions of (seed, step, rank).
     `mask_fn` is `mask_tokens` or a compiled copy of it (see `compiled_masking`)."""
@@ -289,7 +289,7 @@ def masking_inputs(batch: dict[str, torch.Tensor], *, vocab_size: int, special_i
     plan = mask_fn(input_ids, batch["attention_mask"], mask_token_id=special_ids["mask"],
                    special_ids=[special_ids[k] for k in ("pad", "cls", "sep", "mask")], vocab_size=vocab_size,
                    mlm_probability=mlm_probability, max_predictions=max_predictions,
-                   mask_replace_prob=mask_replace_prob, random_replace_prob=random_replace_prob,
+                   mask_replace_prob=mask_replace_prob,
                    seed=seed_tensor(MASK_STREAM))
     return plan, seed_tensor(SAMPLE_STREAM)
 
@@ -308,13 +308,13 @@ def forward(engine, batch: dict[str, torch.Tensor], **masking):
 
 def pretraining_step(engine, batch: dict[str, torch.Tensor | None], *, special_ids: dict[str, int],
                      mlm_probability: float, max_predictions: int, step: int, seed: int,
-                     mask_replace_prob: float = 0.85, random_replace_prob: float = 0.0,
+                     mask_replace_prob: float = 0.85,
                      mask_fn: Callable[..., MaskingPlan] = mask_tokens):
     """One micro-batch: masking -> forward -> backward -> step (DeepSpeed applies the optimizer at the
     accumulation boundary). `step` counts micro-batches; `batch` is already on the engine's device."""
     out = forward(engine, batch, special_ids=special_ids, mlm_probability=mlm_probability,
                   max_predictions=max_predictions, step=step, seed=seed, rank=engine.global_rank,
-                  mask_replace_prob=mask_replace_prob, random_replace_prob=random_replace_prob, mask_fn=mask_fn)
+                  mask_replace_prob=mask_replace_prob, mask_fn=mask_fn)
     engine.backward(out.loss)
     engine.step()
     return out
