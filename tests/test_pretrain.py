@@ -181,6 +181,19 @@ def test_rc2020_step_flags_count_samples_and_the_readme_command_parses():
     assert make_plan(parse_args(readme[:-1] + ["0.5"]), 1).output_dir != plan.output_dir  # the sweep's runs differ
 
 
+def test_device_meter_sums_finite_losses_and_all_stats():
+    from types import SimpleNamespace
+
+    from electra_ds.train.metrics_log import DeviceMeter
+
+    meter = DeviceMeter(torch.device("cpu"))
+    for loss, stats in ((2.0, torch.arange(7.0)), (float("nan"), torch.ones(7))):
+        meter.add(SimpleNamespace(loss=torch.tensor(loss), mlm_loss=torch.tensor(1.0), disc_loss=torch.tensor(0.5),
+                                  stats=stats))
+    assert meter.sums.tolist() == [2.0, 1.0, 0.5, 1.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    assert meter.micro_batches == 2
+
+
 def test_collapse_monitor_warns_after_warmup_only(caplog):
     monitor = CollapseMonitor(warmup_steps=10, window=3, min_steps=5)
     collapsed = {"disc_acc_replaced": 0.01, "disc_acc_original": 0.999}
