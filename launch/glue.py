@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hp.add_argument("--max_train_samples", type=int, help="use at most this many training examples")
     hp.add_argument("--max_steps", type=int, help="stop after this many optimizer steps")
     hp.add_argument("--ds_config", help="DeepSpeed JSON path or shipped name (ds_configs/: fp32, bf16, bf16_zero2, "
-                    "...); default bf16 on a GPU, fp32 on CPU")
+                    "...); default bf16 on a bf16 GPU, fp16 on older GPUs, cpu.json without a GPU")
     hp.add_argument("--optimizer", choices=OPTIMIZERS, default="auto",
                     help="auto: ELECTRA's Adam without bias correction (cpu_adam under ZeRO-Offload)")
     args = p.parse_args(argv)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quickstart: tokenize the `builtin` corpus (English text that ships with Python) into a token cache, then pretrain
 # the `tiny` ELECTRA preset for 300 steps on whatever device there is (a GPU with bf16, else the CPU), and say where
-# the metrics, training curves, checkpoint and Hugging Face export are. A few minutes on 2 CPU cores.
+# the metrics, training curves, checkpoint and Hugging Face export are. About half a minute on 2 CPU cores.
 #
 #   pip install -e .
 #   bash launch/quickstart.sh                      # output in runs/quickstart

@@ -47,7 +47,7 @@ class FinetuneArgs:
     gradient_accumulation_steps: int = 1
     max_train_samples: int | None = None        # cap on training examples (quick runs)
     max_steps: int | None = None                # cap on optimizer steps (quick runs)
-    ds_config: str | None = None                # DeepSpeed JSON path or shipped name; None: bf16 on GPU, fp32 on CPU
+    ds_config: str | None = None                # DeepSpeed JSON path or shipped name; None: engine.default_ds_config()
     optimizer: str = "auto"                     # electra_ds.train.engine.OPTIMIZERS; auto: ELECTRA's Adam
 
     def __post_init__(self) -> None:

@@ -342,7 +342,8 @@ def evaluate(engine, sampler, *, batches: int, special_ids: dict[str, int], mlm_
 # -- signals -------------------------------------------------------------------------------------------------
 
 class GracefulStop:
-    """SIGTERM / SIGINT: finish the step, save a checkpoint, exit 0. A second signal exits at once."""
+    """SIGTERM / SIGINT: finish the step (with several ranks: up to the next logging step, where the ranks agree
+    to stop), save a checkpoint, exit 0. A second signal exits at once."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
@@ -362,7 +363,8 @@ class GracefulStop:
         if self.requested:
             raise KeyboardInterrupt(f"second {name}: exiting without saving")
         self.requested = name
-        log.warning("%s received: finishing this step, saving a checkpoint, then exiting", name)
+        log.warning("%s received: finishing this step (several ranks: the next logging step), saving a checkpoint, "
+                    "then exiting", name)
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -493,7 +495,7 @@ def _weights_finite(engine) -> bool:
 
 def run(args: argparse.Namespace) -> Path:
     """Pretrain as `args` say; returns the output directory."""
-    from electra_ds.data.cache import TokenCache
+    from electra_ds.data.cache import CacheError, TokenCache
     from electra_ds.data.sampler import SegmentSampler, batches
     from electra_ds.model import ElectraForPretraining
 
@@ -562,7 +564,7 @@ def run(args: argparse.Namespace) -> Path:
     try:
         eval_sampler = SegmentSampler(TokenCache(cache_path, split="heldout"), plan.max_length, plan.micro_batch,
                                       derive_seed(args.seed, 0, 0, EVAL_STREAM), rank, world_size)
-    except Exception as e:  # noqa: BLE001 - a cache without held-out documents still trains
+    except CacheError as e:  # a cache without held-out documents still trains
         log.warning("no evaluation: %s", e)
     with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global RNG: keep dropout's
         data = batches(sampler, start_step * plan.accumulation, num_workers=args.num_workers,
