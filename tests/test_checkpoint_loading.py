@@ -8,6 +8,7 @@ from conftest import saved_environ
 from electra_ds.config import preset
 from electra_ds.convert import main as convert_main
 from electra_ds.model import ElectraForPretraining, load_pretrained
+from electra_ds.train.checkpoint import CheckpointManager
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,7 +32,7 @@ def test_deepspeed_checkpoint_loads(tmp_path, stage, bf16):
                  "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     out = tmp_path / "run"
-    engine.save_checkpoint(str(out / "checkpoints"), tag="step00000001")
+    CheckpointManager(out / "checkpoints", keep=2, rank=0, world_size=1).save(engine, 1, {})
     (out / "run_config.json").write_text(json.dumps({"model": config.to_dict()}))
     expected = {k: v.detach().float().clone() for k, v in engine.module.views().items()}
     engine.destroy()
@@ -40,7 +41,12 @@ def test_deepspeed_checkpoint_loads(tmp_path, stage, bf16):
     got = loaded.views()
     tol = 1e-2 if bf16 else 0.0  # bf16 module weights vs the fp32 master copy zero_to_fp32 returns
     assert all(torch.allclose(got[k], v, atol=tol, rtol=tol) for k, v in expected.items())
-    assert type(load_pretrained(out)).__name__ == "ElectraForPretraining"  # via checkpoints/latest
+    broken = out / "checkpoints" / "step00000002"  # newer, but unfinished: no manifest; DeepSpeed's `latest` names it
+    broken.mkdir()
+    (broken / "mp_rank_00_model_states.pt").write_bytes(b"cut off")
+    (out / "checkpoints" / "latest").write_text(broken.name)
+    newest_complete = load_pretrained(out).views()
+    assert all(torch.equal(newest_complete[k], got[k]) for k in got)
     assert convert_main(["to-hf", str(out / "checkpoints" / "step00000001"), str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "discriminator" / "config.json").is_file()
 

@@ -161,7 +161,8 @@ def load_deepspeed_checkpoint(path: str | Path) -> ElectraForPretraining:
 
 def load_pretrained(path: str | Path) -> ElectraForPretraining:
     """Our model directory, a HF pair directory (discriminator/ + generator/), a DeepSpeed checkpoint directory
-    of a pretraining run, or a pretraining output directory (its `hf/` export or `model/` directory, else its latest checkpoint)."""
+    of a pretraining run, or a pretraining output directory (its `hf/` export or `model/` directory, else its newest
+    complete checkpoint)."""
     path = Path(path)
     if (path / DS_MODEL_STATES).is_file():
         return load_deepspeed_checkpoint(path)
@@ -177,9 +178,12 @@ def load_pretrained(path: str | Path) -> ElectraForPretraining:
     for sub in ("hf", "model"):
         if (path / sub).is_dir():
             return load_pretrained(path / sub)
-    latest = path / "checkpoints" / "latest"
-    if latest.is_file() and (path / "checkpoints" / latest.read_text().strip()).is_dir():
-        return load_deepspeed_checkpoint(path / "checkpoints" / latest.read_text().strip())
+    from electra_ds.train.checkpoint import CheckpointManager
+
+    checkpoints = CheckpointManager(path / "checkpoints", keep=1, rank=0, world_size=1)
+    for _, tag in checkpoints.complete():  # newest first; the same choice a resumed run makes
+        if checkpoints.problem(tag) is None:
+            return load_deepspeed_checkpoint(checkpoints.root / tag)
     raise FileNotFoundError(f"{path}: not an electra_ds model directory ({MODEL_CONFIG}), a Hugging Face pair "
                             f"({DISC}/ and {GEN}/), a DeepSpeed checkpoint ({DS_MODEL_STATES}) or a pretraining "
-                            f"output directory (hf/, model/ or checkpoints/latest)")
+                            f"output directory (hf/, model/ or a complete checkpoint in checkpoints/)")

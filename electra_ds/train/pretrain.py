@@ -30,6 +30,7 @@ from electra_ds.config import PRESETS, RECIPES, ElectraConfig, check_fields, max
 from electra_ds.data.masking import MaskingPlan, mask_tokens
 from electra_ds.files import atomic_write
 from electra_ds.flops import PFS_DAY, electra_step_flops
+from electra_ds.model.hf import RUN_CONFIG
 from electra_ds.train import engine as ds_engine
 from electra_ds.train.checkpoint import CheckpointError, CheckpointManager, tag_for
 from electra_ds.train.metrics_log import CollapseMonitor, DeviceMeter, MetricsFile, Wandb, format_line
@@ -37,7 +38,6 @@ from electra_ds.train.plots import plot_training_curves
 
 log = logging.getLogger("electra_ds.pretrain")
 
-RUN_CONFIG = "run_config.json"
 DEFAULT_CACHE_ROOT = Path(".cache") / "token_caches"
 # Seed streams: masking, Gumbel sampling, dropout, evaluation data.
 MASK_STREAM, SAMPLE_STREAM, DROPOUT_STREAM, EVAL_STREAM = 1, 2, 3, 4
