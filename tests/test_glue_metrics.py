@@ -73,6 +73,10 @@ def test_report_table_efficiency_and_submission(tmp_path):
     assert pretrain_pfs_days(run_dir / "hf" / "discriminator") == pytest.approx(0.002)
     assert pretrain_pfs_days(run_dir / "checkpoints" / "step00000015") == pytest.approx(0.001)
     assert pretrain_pfs_days(tmp_path / "elsewhere") is None
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 30, "pfs_da')  # cut off by a kill mid-write
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:3: not a JSON record"):
+        assert pretrain_pfs_days(run_dir) == pytest.approx(0.002)
 
     values = {"CoLA": [0.5, 0.6, 0.55], "SST-2": [0.9, 0.8, 0.85], "MRPC": [0.8], "STS-B": [0.85, 0.87],
               "MNLI": [0.8, 0.78, 0.79], "RTE": [0.6, 0.7, 0.65]}

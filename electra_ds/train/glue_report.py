@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from electra_ds.data.glue import DIAGNOSTIC, TABLE_TASKS, TASKS, GlueTask, get_task
 from electra_ds.files import atomic_write, replacing
+from electra_ds.train.checkpoint import TAG
 from electra_ds.train.glue_metrics import METRIC_KEYS, summarize
+from electra_ds.train.metrics_log import MetricsFile
 
 RESULT_FILE = "result.json"
 SUBMISSION_DIR = "submission"
@@ -83,23 +83,13 @@ def pretrain_pfs_days(model_path: str | Path) -> float | None:
     the model directory (a pretraining output directory, or a checkpoint / export inside one). For a checkpoint
     directory named `step<N>` only records up to step N count."""
     path = Path(model_path).resolve()
-    tag = re.fullmatch(r"step(\d+)", path.name)
+    tag = TAG.match(path.name)
     last_step = int(tag.group(1)) if tag else None
     for folder in [path, *list(path.parents)[:3]]:
-        metrics = folder / "metrics.jsonl"
-        if metrics.is_file():
-            value = None
-            for line_no, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # e.g. a line cut short by an interrupted run
-                    warnings.warn(f"{metrics}:{line_no}: not a JSON record; skipped for the pfs-days figure")
-                    continue
-                if "pfs_days" in record and (last_step is None or record.get("step", 0) <= last_step):
-                    value = record["pfs_days"]
-            return None if value is None else float(value)
+        if (folder / "metrics.jsonl").is_file():
+            values = [r["pfs_days"] for r in MetricsFile(folder / "metrics.jsonl").records()
+                      if "pfs_days" in r and (last_step is None or r.get("step", 0) <= last_step)]
+            return float(values[-1]) if values else None
     return None
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -103,11 +104,13 @@ class MetricsFile:
         if not self.path.is_file():
             return []
         records = []
-        for line in self.path.read_text().splitlines():
+        for line_no, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill mid-write
+            except json.JSONDecodeError:  # e.g. a line cut short by a kill mid-write
+                warnings.warn(f"{self.path}:{line_no}: not a JSON record; skipped")
         return records
 
 
