@@ -96,6 +96,7 @@ class FlatModule(nn.Module):
         matmul = {spec.name for spec in specs if spec.matmul}
         self._matmul = matmul | {c.name for cs in chunks.values() for c in cs
                                  if len(c.members) > 1 and set(c.members) <= matmul}
+        self._matmul_groups = {self.slots[name].group for name in matmul}
         self.reset_parameters(initializer_range, padding_rows or {})
 
     @torch.no_grad()
@@ -120,10 +121,12 @@ class FlatModule(nn.Module):
     def views(self, with_blocks: bool = False,
               flats: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Weight name -> view into its flat buffer; with_blocks adds each block (e.g. fused QKV) as one tensor.
-        `flats` replaces the flat parameters (e.g. by copies in another dtype)."""
+        `flats` replaces the flat parameters (e.g. by copies in another dtype); groups it lacks are left out."""
         out: dict[str, torch.Tensor] = {}
         flats = self.flat if flats is None else flats
         for group, chunks in self._chunks.items():
+            if group not in flats:
+                continue
             parts = flats[group].split_with_sizes([c.size for c in chunks])
             for chunk, part in zip(chunks, parts):
                 if chunk.name is None:
@@ -137,14 +140,14 @@ class FlatModule(nn.Module):
 
     def forward_views(self) -> dict[str, torch.Tensor]:
         """`views(with_blocks=True)` for a forward. Under autocast the matrix-product operands (specs marked
-        `matmul`) are views of one cast of each flat buffer to the autocast dtype: autocast would cast each operand
-        at each use to the same values, so results do not change, but two cast kernels replace hundreds."""
+        `matmul`) are views of one cast of each flat buffer holding any to the autocast dtype: autocast would cast
+        each operand at each use to the same values, so results do not change, but a cast or two replace hundreds."""
         w = self.views(with_blocks=True)
         flats = self.flat
         device_type = next(iter(flats.values())).device.type
         if self._matmul and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
-            low = self.views(with_blocks=True, flats={g: p.to(dtype) for g, p in flats.items()})
+            low = self.views(with_blocks=True, flats={g: flats[g].to(dtype) for g in self._matmul_groups})
             w.update({name: low[name] for name in self._matmul})
         return w
 
