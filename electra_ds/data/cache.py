@@ -488,10 +488,7 @@ class TokenCache:
         self.special_ids: dict[str, int] = dict(manifest["special_ids"])
         self.tokenizer_hash: str = manifest["tokenizer_hash"]
         self.tokenizer_path = self.path / TOKENIZER_DIR
-        stored = tokenizer_hash(load_tokenizer(self.tokenizer_path))
-        if stored != self.tokenizer_hash:
-            raise CacheError(f"{self.tokenizer_path} has hash {stored}, but {self.path / MANIFEST} says "
-                             f"{self.tokenizer_hash}: the cache's tokenizer was replaced; rebuild the cache")
+        _check_stored_tokenizer(self.path, manifest)
         self.shards: list[dict] = manifest["splits"][split]["shards"]
         if not self.shards:
             raise CacheError(f"{self.path} has no {split} documents"
@@ -543,9 +540,6 @@ class TokenCache:
         start = int(self.doc_start[i])
         return np.asarray(self.shard(int(self.doc_shard[i]))[start:start + int(self.doc_length[i])])
 
-    def load_tokenizer(self):
-        return load_tokenizer(self.tokenizer_path)
-
     def check_tokenizer(self, tok) -> None:
         """Refuse a tokenizer other than the one the cache was built with."""
         other = tokenizer_hash(tok)
@@ -553,6 +547,13 @@ class TokenCache:
             raise CacheError(f"{self.path} was built with tokenizer {self.tokenizer_hash}, not {other}: "
                              "token ids would not match; rebuild the cache with this tokenizer or use its "
                              f"own ({self.tokenizer_path})")
+
+
+def _check_stored_tokenizer(root: Path, manifest: dict) -> None:
+    stored = tokenizer_hash(load_tokenizer(root / TOKENIZER_DIR))
+    if stored != manifest["tokenizer_hash"]:
+        raise CacheError(f"{root / TOKENIZER_DIR} has hash {stored}, but {root / MANIFEST} says "
+                         f"{manifest['tokenizer_hash']}: the cache's tokenizer was replaced; rebuild the cache")
 
 
 def _check_shard_files(root: Path, shard: dict, dtype: np.dtype) -> np.ndarray:
@@ -581,10 +582,7 @@ def verify_cache(path: str | os.PathLike, progress: bool = False) -> None:
     root = Path(path)
     manifest = _read_manifest(root)
     dtype = np.dtype(_DTYPES[manifest["dtype"]])
-    stored = tokenizer_hash(load_tokenizer(root / TOKENIZER_DIR))
-    if stored != manifest["tokenizer_hash"]:
-        raise CacheError(f"{root / TOKENIZER_DIR}: tokenizer hash {stored}, manifest says "
-                         f"{manifest['tokenizer_hash']}")
+    _check_stored_tokenizer(root, manifest)
     shards = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
     from tqdm.auto import tqdm
 
