@@ -112,7 +112,6 @@ class Setup:
     """What every variant of one run shares: the model shape, the batches and the training settings."""
 
     config: ElectraConfig
-    model_size: str
     batch_size: int
     max_length: int
     precision: str
@@ -152,19 +151,11 @@ def kernel_choice(setup: Setup, name: str, compiled: bool) -> str:
     """Select the kernels for variant `name`; returns its label. Compiled variants trace the twins (inductor
     fuses them) except the Gumbel sampler, an opaque op that runs the Triton kernel on CUDA."""
     triton_here = setup.device.type == "cuda" and kernels.triton_available() and name != "ours_ds_torch"
-    backend = set_kernel_backend("triton" if triton_here else "torch")
+    backend = "triton" if triton_here else "torch"
+    kernels.set_backend(backend)
     if compiled:
         return "inductor + Triton Gumbel" if triton_here else "inductor"
     return backend
-
-
-def set_kernel_backend(name: str) -> str:
-    """Select the kernels' backend when the library offers the switch; returns what is in effect."""
-    setter = getattr(kernels, "set_backend", None)
-    if setter is None:
-        return "default"
-    setter(name)
-    return name
 
 
 def masking_plan(setup: Setup, batch: dict[str, torch.Tensor | None], step: int,
@@ -444,8 +435,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     return {"device": str(device), "device_name": name, "cpu_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "transformers": package_version("transformers"), "deepspeed": package_version("deepspeed"),
-            "triton": package_version("triton"), "kernels_default_backend": getattr(kernels, "get_backend",
-                                                                                   lambda: "default")()}
+            "triton": package_version("triton"), "kernels_default_backend": kernels.get_backend()}
 
 
 # -- one run (batch size) ------------------------------------------------------------------------------------
@@ -462,7 +452,7 @@ def make_setup(args: argparse.Namespace, batch_size: int, device: torch.device) 
         batches.append({k: v.to(device) for k, v in host.items()})
         our_batches.append(device_batch(host, device))
     mlm = recipe["mlm_probability"]
-    return Setup(config=config, model_size=args.model_size, batch_size=batch_size, max_length=args.max_length,
+    return Setup(config=config, batch_size=batch_size, max_length=args.max_length,
                  precision=args.precision, device=device, batches=batches, our_batches=our_batches,
                  specials=specials, mlm_probability=mlm,
                  max_predictions=max_predictions(args.max_length, mlm), learning_rate=recipe["learning_rate"],
@@ -484,7 +474,7 @@ def run_variant(setup: Setup, variant: Variant, *, warmup: int, steps: int, peak
     record = new_record(variant, "ok", None)
     record["executed_flops_per_step"] = flops
     memory_kind = reset_peak_memory(setup.device)
-    previous_backend = getattr(kernels, "get_backend", lambda: "auto")()
+    previous_backend = kernels.get_backend()
     runner = None
     try:
         start = time.perf_counter()
@@ -518,7 +508,7 @@ def run_variant(setup: Setup, variant: Variant, *, warmup: int, steps: int, peak
             except Exception as e:  # noqa: BLE001 - a failed clean-up must not stop the next variants
                 print(f"[throughput] {variant.name}: clean-up failed: {e}", file=sys.stderr)
         del runner
-        set_kernel_backend(previous_backend)
+        kernels.set_backend(previous_backend)
         if compile_mode(variant.name)[0]:
             torch._dynamo.reset()
         free_memory(setup.device)
