@@ -62,7 +62,8 @@ def cases(tokens: int = 16384, masked: int = 2432, hidden: int = 256, ffn: int =
     adam = dict(lr=5e-4, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01)
     torch_param = torch.nn.Parameter(p.clone())
     torch_param.grad = g
-    torch_adamw = torch.optim.AdamW([torch_param], lr=5e-4, eps=1e-6, weight_decay=0.01, fused=True)
+    torch_adamw = torch.optim.AdamW([torch_param], lr=5e-4, eps=1e-6, weight_decay=0.01, fused=True,
+                                    capturable=True)  # its step count on the device, so a CUDA graph can hold it
     return {
         "add_layer_norm fwd+bwd": (_fwd_bwd(add_layer_norm, x, r, w, b, 1e-12),
                                    _fwd_bwd(lambda *a: F.layer_norm(a[0] + a[1], (hidden,), a[2], a[3], 1e-12),
