@@ -10,8 +10,9 @@
 # 4. times ELECTRA-Small bf16, batch 128 x 128: every variant of benchmarks/throughput.py in the order of $VARIANTS
 #    (the JSON and the table are rewritten after each, so an overrun keeps what finished), each followed by its
 #    host syncs per step and a 3-step profile (GPU busy time per step, top kernels: benchmarks/step_profile.py),
-# 5. if time is left, a batch sweep (256, 512) of the eager variants.
-# Logs (gpu_check.log: everything; pytest_gpu_kernels.log, pytest_gpu.log), JSON and tables (throughput.*, sweep.*) go to $OUT (./gpu_out when OUT is unset). The whole script keeps within
+# 5. if time is left, each fused kernel timed against its twin and plain torch (benchmarks/kernels.py),
+# 6. and a batch sweep (256, 512) of the eager variants.
+# Logs (gpu_check.log: everything; pytest_gpu_kernels.log, pytest_gpu.log), JSON and tables (throughput.*, kernels.json, sweep.*) go to $OUT (./gpu_out when OUT is unset). The whole script keeps within
 # GPU_CHECK_BUDGET_S seconds (default 520, under 9 minutes): every stage runs under `timeout`, sized from what
 # is left. Without an NVIDIA GPU it says so and exits 0 at once; otherwise it exits 1 if a stage failed or timed out.
 set -uo pipefail
@@ -88,12 +89,19 @@ PY
     --deselect tests/test_kernel_adam.py 2>&1 | tee "$OUT/pytest_gpu.log"
   status "other GPU tests" "${PIPESTATUS[0]}"
 
-  t=$(limit 330 15)
+  t=$(limit 330 45)
   banner "throughput: ELECTRA-Small bf16 128 x 128, all variants (at most ${t}s)"
   timeout -k 10 "$t" python3 benchmarks/throughput.py --model_size small --batch_size 128 --max_length 128 \
     --precision bf16 --steps 30 --warmup 10 --profile_steps 3 --max_seconds $((t > 70 ? t - 70 : 0)) \
     --variants "$VARIANTS" --json "$OUT/throughput.json" --markdown "$OUT/throughput.md"
   status "throughput (the JSON keeps finished variants)" $?
+
+  if (( $(left) >= 30 )); then
+    t=$(limit 40 5)
+    banner "fused kernels vs twins vs torch, ELECTRA-Small shapes (at most ${t}s)"
+    timeout -k 10 "$t" python3 benchmarks/kernels.py --json "$OUT/kernels.json"
+    status kernels $?
+  fi
 
   if (( $(left) >= 60 )); then
     t=$(limit 120 5)
