@@ -58,18 +58,27 @@ def read_hf_dir(path: str | Path, expect: str) -> tuple[dict, dict[str, torch.Te
     return cfg, state
 
 
+def _check_activation(cfg: dict, source: str) -> None:
+    if cfg.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (ELECTRA uses exact gelu)")
+
+
+def discriminator_config_from_hf(cfg: dict, source: str = "config.json", **generator: float | int) -> ElectraConfig:
+    """Our ElectraConfig from a HF discriminator's config.json; `generator` fields as given (else the preset rule)."""
+    _check_activation(cfg, source)
+    return ElectraConfig(**{k: cfg[k] for k in HF_FIELDS if k in cfg},
+                         **{k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                "intermediate_size")}, **generator)
+
+
 def config_from_hf(disc_cfg: dict, gen_cfg: dict) -> ElectraConfig:
     for key in ("vocab_size", "embedding_size", "max_position_embeddings", "type_vocab_size"):
         if disc_cfg.get(key) != gen_cfg.get(key):
             raise ValueError(f"discriminator and generator disagree on {key}: {disc_cfg.get(key)} vs "
                              f"{gen_cfg.get(key)}; they cannot share embeddings")
-    for cfg in (disc_cfg, gen_cfg):
-        if cfg.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (ELECTRA uses exact gelu)")
-    return ElectraConfig(
-        **{k: disc_cfg[k] for k in HF_FIELDS if k in disc_cfg},
-        hidden_size=disc_cfg["hidden_size"], num_hidden_layers=disc_cfg["num_hidden_layers"],
-        num_attention_heads=disc_cfg["num_attention_heads"], intermediate_size=disc_cfg["intermediate_size"],
+    _check_activation(gen_cfg, "generator config.json")
+    return discriminator_config_from_hf(
+        disc_cfg, "discriminator config.json",
         generator_size=gen_cfg["hidden_size"] / disc_cfg["hidden_size"],
         generator_layer_size=gen_cfg["num_hidden_layers"] / disc_cfg["num_hidden_layers"],
         generator_hidden_size=gen_cfg["hidden_size"], generator_num_hidden_layers=gen_cfg["num_hidden_layers"],

@@ -22,7 +22,7 @@ from electra_ds.config import ElectraConfig
 from electra_ds.data.glue import DIAGNOSTIC, GlueExample, GlueTask, MissingData, get_task, load_split
 from electra_ds.data.tokenizer import load_tokenizer, special_ids
 from electra_ds.model.classifier import ElectraClassifier
-from electra_ds.model.hf import HF_FIELDS, load_pretrained, read_hf_dir
+from electra_ds.model.hf import discriminator_config_from_hf, load_pretrained, read_hf_dir
 from electra_ds.train import engine as ds_engine
 from electra_ds.train.glue_metrics import compute_metrics
 from electra_ds.train.glue_report import (build_report, primary_score, pretrain_pfs_days, seed_dir, write_json,
@@ -94,12 +94,7 @@ def load_discriminator(path: str | Path) -> Discriminator:
         raise FileNotFoundError(f"model {path} does not exist")
     if (path / "config.json").is_file():
         cfg, state = read_hf_dir(path, "ElectraForPreTraining")
-        if cfg.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"{path}/config.json: hidden_act {cfg['hidden_act']!r} is not supported (ELECTRA uses "
-                             f"exact gelu)")
-        config = ElectraConfig(**{k: cfg[k] for k in HF_FIELDS if k in cfg},
-                               **{k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                      "intermediate_size")})
+        config = discriminator_config_from_hf(cfg, f"{path}/config.json")
         weights = {k: v for k, v in state.items() if not k.endswith("position_ids")}
     else:
         model = load_pretrained(path)
