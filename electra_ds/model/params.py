@@ -31,7 +31,6 @@ class WeightSpec:
 @dataclass(frozen=True)
 class Slot:
     group: str
-    offset: int
     shape: tuple[int, ...]
 
     @property
@@ -81,7 +80,7 @@ class FlatModule(nn.Module):
                 raise ValueError(f"block {spec.block!r}: its weights must be declared back to back in one group")
             if not extends and last is not None and last.size % ALIGN:  # pad the previous chunk to the alignment
                 group_chunks.append(Chunk(None, ALIGN - last.size % ALIGN, []))
-            slot = self.slots[spec.name] = Slot(group, sum(c.size for c in group_chunks), tuple(spec.shape))
+            slot = self.slots[spec.name] = Slot(group, tuple(spec.shape))
             if extends:
                 last.size += slot.numel
                 last.members.append(spec.name)
