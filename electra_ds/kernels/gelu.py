@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import num_row_groups
+from .launch import row_partition
 
 _TILE = 4096  # values per program tile: BLOCK_M rows x BLOCK_F columns
 
@@ -73,10 +73,7 @@ class BiasGelu(torch.autograd.Function):
         dy2 = dy.reshape(-1, f).contiguous()
         dx = torch.empty_like(x2)
         block_m, block_f = _blocks(f)
-        tiles = triton.cdiv(n, block_m)
-        groups = num_row_groups(tiles, x2.device)
-        rows_per_program = max(1, triton.cdiv(tiles, groups)) * block_m
-        groups = max(1, triton.cdiv(n, rows_per_program))
+        rows_per_program, groups = row_partition(n, block_m, x2.device)
         db = torch.zeros(groups, f, dtype=torch.float32, device=x2.device)
         if n:
             _bwd_kernel[(groups, triton.cdiv(f, block_f))](x2, bias, dy2, dx, db, n, f, rows_per_program,

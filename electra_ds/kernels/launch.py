@@ -16,8 +16,11 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_row_groups(rows: int, device: torch.device) -> int:
-    """Programs for a reduction over rows: a few per streaming multiprocessor on CUDA, 8 elsewhere."""
+def row_partition(rows: int, block_m: int, device: torch.device) -> tuple[int, int]:
+    """How a reduction over `rows` splits into programs: (rows per program, a multiple of `block_m`; programs),
+    a few programs per streaming multiprocessor on CUDA, 8 elsewhere."""
     slots = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 8
-    return max(1, min(rows, slots))
+    tiles = -(-rows // block_m)
+    rows_per_program = max(1, -(-tiles // max(1, min(tiles, slots)))) * block_m
+    return rows_per_program, max(1, -(-rows // rows_per_program))

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import num_row_groups, tile_warps
+from .launch import row_partition, tile_warps
 
 
 _TILE = 2048  # values per program tile: BLOCK_M whole rows x BLOCK_H columns
@@ -103,9 +103,7 @@ class AddLayerNorm(torch.autograd.Function):
         block_m, block_h = _blocks(h)
         dy2 = dy.reshape(-1, h).contiguous()
         dx = torch.empty_like(x2)
-        tiles = triton.cdiv(n, block_m)
-        rows_per_program = max(1, triton.cdiv(tiles, num_row_groups(tiles, x2.device))) * block_m
-        groups = max(1, triton.cdiv(n, rows_per_program))
+        rows_per_program, groups = row_partition(n, block_m, x2.device)
         dw = torch.zeros(groups, h, dtype=torch.float32, device=x2.device)
         db = torch.zeros_like(dw)
         if n:
