@@ -1,4 +1,5 @@
-"""Helpers shared by tests that start a process group in-process or launch training in subprocesses."""
+"""Helpers shared by tests: the environment of in-process process groups and training subprocesses, and the
+kernels' backend switch."""
 from __future__ import annotations
 
 import os
@@ -34,3 +35,13 @@ def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env.update(DS_ACCELERATOR="cpu", **extra)
     return env
+
+
+@pytest.fixture
+def triton_backend() -> Iterator[None]:
+    """The Triton kernels forced for the test (CPU tensors need TRITON_INTERPRET=1), "auto" again after it."""
+    from electra_ds import kernels
+
+    kernels.set_backend("triton")
+    yield
+    kernels.set_backend("auto")

@@ -31,13 +31,6 @@ PARAM_TOL = {torch.float32: STATE_TOL, torch.bfloat16: dict(atol=1e-3, rtol=1.6e
 INTERPRETED_BF16_TOL = dict(atol=1e-3, rtol=(len(LRS) + 1) * 2**-7)
 
 
-@pytest.fixture
-def triton_backend():
-    kernels.set_backend("triton")
-    yield
-    kernels.set_backend("auto")
-
-
 def _randn(shape, seed, dtype=torch.float32, device="cpu", scale=1.0):
     return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale).to(device, dtype)
 

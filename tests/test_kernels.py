@@ -33,13 +33,6 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5),
        torch.float16: dict(atol=1e-4, rtol=2e-3)}
 
 
-@pytest.fixture
-def triton_backend():
-    kernels.set_backend("triton")
-    yield
-    kernels.set_backend("auto")
-
-
 def _make(shape, dtype, device, scale=1.0, seed=0, grad=True):
     g = torch.Generator().manual_seed(seed)
     t = (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dtype)
