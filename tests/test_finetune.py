@@ -24,8 +24,7 @@ from electra_ds.train.finetune import (FinetuneArgs, build_classifier, encode, l
                                        run_task, train_order)
 from electra_ds.train.layerwise_lr import group_fn
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_glue_data import make_glue_dir  # noqa: E402
+from test_glue_data import make_glue_dir
 
 REPO = Path(__file__).resolve().parents[1]
 POSITIVE, NEGATIVE = ["good", "great", "fine", "lovely", "superb"], ["bad", "awful", "poor", "dull", "terrible"]

@@ -223,7 +223,7 @@ def make_engine(model: ElectraClassifier, args: FinetuneArgs, lr: float, steps: 
     if micro * world_size * args.gradient_accumulation_steps != args.batch_size:
         raise ValueError(f"batch_size {args.batch_size} is not divisible by world size {world_size} x "
                          f"gradient_accumulation_steps {args.gradient_accumulation_steps}")
-    ds_config = ds_engine.load_ds_config(ds_engine.resolve_ds_config(args.ds_config), micro_batch_size=micro,
+    ds_config = ds_engine.load_ds_config(args.ds_config, micro_batch_size=micro,
                                          gradient_accumulation_steps=args.gradient_accumulation_steps,
                                          world_size=world_size)
     groups = with_layer_lrs(model.param_groups(args.weight_decay), lr=lr,
@@ -341,6 +341,7 @@ def finetune_seed(disc: Discriminator, task: GlueTask, data: TaskData, encoded: 
     run["seconds"] = time.time() - started
     if rank == 0:
         write_json(folder / "run.json", run)
+    engine.destroy()
     del engine, model
     gc.collect()
     return run
