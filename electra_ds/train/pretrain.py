@@ -710,6 +710,8 @@ def _summary(out: Path, step: int, train: dict, evaluation: dict, curves: Path |
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done or stopped by a signal, 2 bad set-up, 3 non-finite training; a failed collective (another
+    rank died or hung) ends the process at once with 4."""
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -727,7 +729,12 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1 and any(k in str(e) for k in COLLECTIVE_FAILURES):
             log.error("a collective operation failed: another rank died, hung or was killed (see its log). "
                       "Cause: %s", str(e).splitlines()[0][:500])
-            return 4
+            # Leave without running the broken process group's destructors: at interpreter exit they can abort
+            # the process (std::terminate, exit status -6 instead of 4).
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(4)
         raise
     return 0
 
