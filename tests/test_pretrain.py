@@ -349,7 +349,10 @@ def test_compile_changes_speed_only(corpus, tmp_path):
     own dropout noise). About a minute and a half of compilation on 2 CPU cores."""
     no_dropout = ("--model_override", "hidden_dropout_prob=0", "--model_override", "attention_probs_dropout_prob=0")
     eager = losses(train(corpus, tmp_path / "eager", *no_dropout, steps=3))
+    torch._dynamo.utils.counters.clear()
     compiled = losses(train(corpus, tmp_path / "compiled", *no_dropout, "--compile", "default", steps=3))
+    # one graph per forward (and its backward): a graph break would split the CUDA graphs of reduce-overhead
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     assert eager.keys() == compiled.keys()
     np.testing.assert_allclose([compiled[k] for k in eager], list(eager.values()), rtol=1e-4)
 

@@ -89,8 +89,8 @@ class ElectraForPretraining(FlatModule):
     def _tower(self, w: dict, tower: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                token_type_ids: torch.Tensor | None) -> torch.Tensor:
         cfg = self.config
-        if input_ids.device.type == "cpu":  # on accelerators this check would cost a host sync every step
-            check_token_ids(input_ids, cfg.vocab_size)
+        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_token_ids(input_ids, cfg.vocab_size)  # on accelerators (or traced) it would cost a host sync
         x = embed(w, EMB, input_ids, token_type_ids, cfg, self.training)
         shape = cfg.discriminator if tower == DISC else cfg.generator
         return tower_forward(w, f"{tower}.electra", x, attention_mask_for_sdpa(attention_mask),
