@@ -9,9 +9,25 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import re
+
 import torch
 
-TOP = 15
+TOP = 15  # operators per variant in the table (the JSON keeps TOP_JSON)
+TOP_JSON = 60
+# Kernel families by name, first match first: where a GPU-bound step's time goes, in a handful of numbers.
+CATEGORIES = (("attention", r"flash|fmha|attention|sdpa|cudnn"),
+              ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|wgmma"),
+              ("electra_ds Triton kernels", r"^_electra_"),  # the kernels' names in electra_ds/kernels/
+              ("inductor (torch.compile)", r"^triton_"),
+              ("copy / fill", r"memcpy|memset|copy|fill"),
+              ("communication", r"nccl|all_?reduce|reduce_scatter|all_?gather"),
+              ("other", r""))
+
+
+def category(kernel: str) -> str:
+    """The family of a GPU kernel name (see CATEGORIES)."""
+    return next(name for name, pattern in CATEGORIES if re.search(pattern, kernel, re.IGNORECASE))
 
 
 def _device_us(event: Any) -> float:
@@ -20,7 +36,8 @@ def _device_us(event: Any) -> float:
 
 def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: torch.device) -> dict[str, Any]:
     """Run steps first .. first+steps-1 under torch.profiler; per step: GPU busy ms (the sum of kernel, copy and
-    memset times; None on the CPU) and the TOP operators by time, each as (name, ms per step, calls per step)."""
+    memset times; None on the CPU), the number of GPU kernels and ms per kernel family (GPU only), and the
+    TOP_JSON operators by time, each as (name, ms per step, calls per step)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -41,9 +58,14 @@ def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: to
     timed = [t for t in timed if t[1] > 0]
     timed.sort(key=lambda t: -t[1])
     busy = sum(us for _, us, _ in timed) / steps / 1e3 if cuda else None
+    families: dict[str, float] = {}
+    for name, us, _ in timed if cuda else ():
+        families[category(name)] = families.get(category(name), 0.0) + us / steps / 1e3
     return {"profiled_steps": steps, "gpu_busy_ms_per_step": busy,
+            "gpu_kernels_per_step": sum(count for *_, count in timed) / steps if cuda else None,
+            "ms_per_kernel_family": families or None,
             "top_ops": [{"name": name, "ms_per_step": us / steps / 1e3, "calls_per_step": count / steps}
-                        for name, us, count in timed[:TOP]]}
+                        for name, us, count in timed[:TOP_JSON]]}
 
 
 def markdown(name: str, ms_per_step: float | None, profile: dict[str, Any]) -> str:
@@ -51,10 +73,14 @@ def markdown(name: str, ms_per_step: float | None, profile: dict[str, Any]) -> s
     busy = profile["gpu_busy_ms_per_step"]
     head = f"**{name}**: " + (f"GPU busy {busy:.2f} ms of a {ms_per_step:.2f} ms step ({100 * busy / ms_per_step:.0f}%)"
                               if busy is not None and ms_per_step else "operators by own CPU time")
+    if profile.get("gpu_kernels_per_step") is not None:
+        families = sorted(profile["ms_per_kernel_family"].items(), key=lambda kv: -kv[1])
+        head += (f", {profile['gpu_kernels_per_step']:g} kernels per step; by family: "
+                 + ", ".join(f"{family} {ms:.2f} ms" for family, ms in families))
     rows = ["| op | ms/step | calls/step |", "|---|---:|---:|"]
     rows += [f"| `{op['name'][:90]}` | {op['ms_per_step']:.3f} | {op['calls_per_step']:g} |"
-             for op in profile["top_ops"]]
+             for op in profile["top_ops"][:TOP]]
     return "\n".join([head, "", *rows])
 
 
-__all__ = ["markdown", "profile_steps"]
+__all__ = ["CATEGORIES", "category", "markdown", "profile_steps"]

@@ -100,3 +100,27 @@ def test_the_guard_catches_a_wrong_wiring(monkeypatch):
     monkeypatch.setattr(hf_baseline.HFElectraPretraining, "forward", unmasked)
     with pytest.raises(AssertionError, match="does not compute our losses"):
         hf_baseline.check_same_loss(preset("tiny"), batch_size=2, max_length=24)
+
+
+def test_step_profile_on_cpu_and_kernel_families():
+    from benchmarks import step_profile
+
+    x = torch.randn(64, 64, requires_grad=True)
+    profile = step_profile.profile_steps(lambda i: (x @ x).relu().sum().backward(), 0, 2, torch.device("cpu"))
+    assert profile["profiled_steps"] == 2 and profile["gpu_busy_ms_per_step"] is None
+    assert any("mm" in op["name"] for op in profile["top_ops"]), profile["top_ops"]
+    assert "operators by own CPU time" in step_profile.markdown("cpu", 1.0, profile)
+
+    names = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n": "matmul", "nvjet_tst_128x64_64x8_1x1_v_bz_TNT": "matmul",
+             "pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel": "attention",
+             "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "attention",
+             "_electra_gumbel_sample": "electra_ds Triton kernels",
+             "triton_per_fused__to_copy_add_native_layer_norm_7": "inductor (torch.compile)",
+             "Memcpy DtoD (Device -> Device)": "copy / fill", "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "communication",
+             "void at::native::(anonymous namespace)::cunn_SoftMaxForward<8, float>": "other"}
+    assert {name: step_profile.category(name) for name in names} == names
+    gpu = {"gpu_busy_ms_per_step": 6.0, "gpu_kernels_per_step": 412.0, "top_ops": profile["top_ops"],
+           "ms_per_kernel_family": {"matmul": 3.5, "inductor (torch.compile)": 2.5}}
+    head = step_profile.markdown("ours", 8.0, gpu).splitlines()[0]
+    assert head == ("**ours**: GPU busy 6.00 ms of a 8.00 ms step (75%), 412 kernels per step; by family: "
+                    "matmul 3.50 ms, inductor (torch.compile) 2.50 ms")

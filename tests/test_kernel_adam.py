@@ -102,7 +102,7 @@ def test_new_lr_reuses_compiled_kernel(triton_backend, device):
     p, m, v = _states((5000,), torch.bfloat16, device)
     g = _randn((5000,), 4, torch.bfloat16, device)
     kernels.adam_step(p, g, m, v, lr=1e-3, weight_decay=0.01, **HYPER)
-    caches = getattr(adam._step_kernel, "device_caches", None)
+    caches = getattr(adam._electra_adam_step, "device_caches", None)
     if caches is None:
         pytest.skip("this triton version keeps no device_caches")
     compiled = sum(len(c[0]) for c in caches.values())

@@ -13,8 +13,8 @@ _BLOCK = 1024
 # millions of weights still give thousands of programs. Hyperparameters are plain fp32 scalar arguments, so a
 # new lr each step reuses the compiled kernel; HAS_SCALE drops the grad_scale load when there is none.
 @triton.jit
-def _step_kernel(P, G, M, V, Scale, n, lr, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
-                 HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+def _electra_adam_step(P, G, M, V, Scale, n, lr, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
+                       HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     p = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
@@ -55,7 +55,7 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
     _check(param, grad, exp_avg, exp_avg_sq, grad_scale)
     n = param.numel()
     if n:
-        _step_kernel[(triton.cdiv(n, _BLOCK),)](
+        _electra_adam_step[(triton.cdiv(n, _BLOCK),)](
             param, grad, exp_avg, exp_avg_sq, grad if grad_scale is None else grad_scale, n, float(lr),
             1.0 - beta1, float(beta2), 1.0 - beta2, float(eps), 1.0 - lr * weight_decay,
             HAS_SCALE=grad_scale is not None, BLOCK=_BLOCK, num_warps=4)

@@ -10,7 +10,7 @@ _BLOCK = 1024
 
 # Blocking: a flat elementwise sweep, 1024 values per program (8 per thread with 4 warps).
 @triton.jit
-def _fwd_kernel(X, Y, Loss, n, BLOCK: tl.constexpr):
+def _electra_sigmoid_bce_fwd(X, Y, Loss, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
@@ -23,7 +23,7 @@ def _fwd_kernel(X, Y, Loss, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _bwd_kernel(X, Y, DLoss, DX, n, BLOCK: tl.constexpr):
+def _electra_sigmoid_bce_bwd(X, Y, DLoss, DX, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
@@ -43,7 +43,8 @@ class SigmoidBCE(torch.autograd.Function):
             y = y.view(torch.uint8)
         loss = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         if x.numel():
-            _fwd_kernel[(triton.cdiv(x.numel(), _BLOCK),)](x, y, loss, x.numel(), BLOCK=_BLOCK, num_warps=4)
+            _electra_sigmoid_bce_fwd[(triton.cdiv(x.numel(), _BLOCK),)](
+                x, y, loss, x.numel(), BLOCK=_BLOCK, num_warps=4)
         ctx.save_for_backward(x, y)
         return loss
 
@@ -52,8 +53,8 @@ class SigmoidBCE(torch.autograd.Function):
         x, y = ctx.saved_tensors
         dx = torch.empty_like(x)
         if x.numel():
-            _bwd_kernel[(triton.cdiv(x.numel(), _BLOCK),)](x, y, dloss.float().contiguous(), dx, x.numel(),
-                                                           BLOCK=_BLOCK, num_warps=4)
+            _electra_sigmoid_bce_bwd[(triton.cdiv(x.numel(), _BLOCK),)](
+                x, y, dloss.float().contiguous(), dx, x.numel(), BLOCK=_BLOCK, num_warps=4)
         return dx, None
 
 

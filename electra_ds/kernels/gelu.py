@@ -14,7 +14,7 @@ _TILE = 4096  # values per program tile: BLOCK_M rows x BLOCK_F columns
 # tile. The backward program walks a run of row tiles for one column tile and keeps the bias-gradient
 # column sums in fp32 registers; one partial row per program is then summed by torch.
 @triton.jit
-def _fwd_kernel(X, B, Y, N, F, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
+def _electra_bias_gelu_fwd(X, B, Y, N, F, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     mask = (rows < N)[:, None] & (cols < F)[None, :]
@@ -26,7 +26,7 @@ def _fwd_kernel(X, B, Y, N, F, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
 
 
 @triton.jit
-def _bwd_kernel(X, B, DY, DX, DB, N, F, rows_per_program, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
+def _electra_bias_gelu_bwd(X, B, DY, DX, DB, N, F, rows_per_program, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     b = tl.load(B + cols, mask=cols < F, other=0.0).to(tl.float32)
@@ -61,8 +61,8 @@ class BiasGelu(torch.autograd.Function):
         y = torch.empty_like(x2)
         block_m, block_f = _blocks(f)
         if n:
-            _fwd_kernel[(triton.cdiv(n, block_m), triton.cdiv(f, block_f))](x2, bias, y, n, f, BLOCK_M=block_m,
-                                                                             BLOCK_F=block_f, num_warps=4)
+            grid = (triton.cdiv(n, block_m), triton.cdiv(f, block_f))
+            _electra_bias_gelu_fwd[grid](x2, bias, y, n, f, BLOCK_M=block_m, BLOCK_F=block_f, num_warps=4)
         ctx.save_for_backward(x2, bias)
         return y.view(x.shape)
 
@@ -76,8 +76,8 @@ class BiasGelu(torch.autograd.Function):
         rows_per_program, groups = row_partition(n, block_m, x2.device)
         db = torch.zeros(groups, f, dtype=torch.float32, device=x2.device)
         if n:
-            _bwd_kernel[(groups, triton.cdiv(f, block_f))](x2, bias, dy2, dx, db, n, f, rows_per_program,
-                                                           BLOCK_M=block_m, BLOCK_F=block_f, num_warps=4)
+            _electra_bias_gelu_bwd[(groups, triton.cdiv(f, block_f))](
+                x2, bias, dy2, dx, db, n, f, rows_per_program, BLOCK_M=block_m, BLOCK_F=block_f, num_warps=4)
         return dx.view(dy.shape), db.sum(0).to(bias.dtype)
 
 

@@ -27,7 +27,7 @@ def _mix32(x):
 # Blocking: one program per row, sweeping the vocabulary in chunks of up to 4096 columns; each lane keeps
 # its best (value, column) and the row's first maximal column is picked at the end, as torch.argmax does.
 @triton.jit
-def _sample_kernel(Logits, Seed, Out, V, stride, inv_t, BLOCK: tl.constexpr):
+def _electra_gumbel_sample(Logits, Seed, Out, V, stride, inv_t, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     seed = tl.load(Seed)
     key = _mix32(seed.to(tl.uint32) ^ _mix32((seed >> 32).to(tl.uint32) ^ 0x9E3779B9))
@@ -58,6 +58,7 @@ def gumbel_sample(logits: torch.Tensor, seed: torch.Tensor, temperature: float) 
     if n:
         block = min(_MAX_BLOCK, triton.next_power_of_2(v))
         # fp fusion off: x * inv_t + noise must round like the twin's separate multiply and add
-        _sample_kernel[(n,)](flat, seed.to(device=flat.device, dtype=torch.int64), out, v, flat.stride(0),
-                             1.0 / temperature, BLOCK=block, num_warps=tile_warps(block), enable_fp_fusion=False)
+        _electra_gumbel_sample[(n,)](flat, seed.to(device=flat.device, dtype=torch.int64), out, v, flat.stride(0),
+                                     1.0 / temperature, BLOCK=block, num_warps=tile_warps(block),
+                                     enable_fp_fusion=False)
     return out.reshape(logits.shape[:-1])

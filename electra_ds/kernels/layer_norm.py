@@ -16,8 +16,8 @@ _TILE = 2048  # values per program tile: BLOCK_M whole rows x BLOCK_H columns
 # hidden sizes still give each program enough work. The backward program walks a contiguous run of row
 # tiles and keeps the weight/bias gradient sums in fp32 registers; torch adds up the per-program partials.
 @triton.jit
-def _fwd_kernel(X, R, W, B, Y, Mean, Rstd, N, H, eps,
-                HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+def _electra_add_layer_norm_fwd(X, R, W, B, Y, Mean, Rstd, N, H, eps,
+                                HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_H)
     mask = (rows < N)[:, None] & (cols < H)[None, :]
@@ -37,8 +37,8 @@ def _fwd_kernel(X, R, W, B, Y, Mean, Rstd, N, H, eps,
 
 
 @triton.jit
-def _bwd_kernel(X, R, W, DY, Mean, Rstd, DX, DW, DB, N, H, rows_per_program,
-                HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+def _electra_add_layer_norm_bwd(X, R, W, DY, Mean, Rstd, DX, DW, DB, N, H, rows_per_program,
+                                HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     w = tl.load(W + cols, mask=cols < H, other=0.0).to(tl.float32)
@@ -88,9 +88,9 @@ class AddLayerNorm(torch.autograd.Function):
         mean = torch.empty(n, dtype=torch.float32, device=x.device)
         rstd = torch.empty(n, dtype=torch.float32, device=x.device)
         if n:
-            _fwd_kernel[(triton.cdiv(n, block_m),)](x2, r2, weight, bias, y, mean, rstd, n, h, eps,
-                                                    HAS_RES=residual is not None, BLOCK_M=block_m,
-                                                    BLOCK_H=block_h, num_warps=tile_warps(block_m * block_h))
+            _electra_add_layer_norm_fwd[(triton.cdiv(n, block_m),)](
+                x2, r2, weight, bias, y, mean, rstd, n, h, eps, HAS_RES=residual is not None, BLOCK_M=block_m,
+                BLOCK_H=block_h, num_warps=tile_warps(block_m * block_h))
         ctx.save_for_backward(x2, r2, weight, bias, mean, rstd)
         ctx.has_res = residual is not None
         ctx.res_dtype = None if residual is None else residual.dtype
@@ -107,9 +107,9 @@ class AddLayerNorm(torch.autograd.Function):
         dw = torch.zeros(groups, h, dtype=torch.float32, device=x2.device)
         db = torch.zeros_like(dw)
         if n:
-            _bwd_kernel[(groups,)](x2, r2, weight, dy2, mean, rstd, dx, dw, db, n, h, rows_per_program,
-                                   HAS_RES=ctx.has_res, BLOCK_M=block_m, BLOCK_H=block_h,
-                                   num_warps=tile_warps(block_m * block_h))
+            _electra_add_layer_norm_bwd[(groups,)](
+                x2, r2, weight, dy2, mean, rstd, dx, dw, db, n, h, rows_per_program, HAS_RES=ctx.has_res,
+                BLOCK_M=block_m, BLOCK_H=block_h, num_warps=tile_warps(block_m * block_h))
         dx = dx.view(dy.shape)
         dres = dx.to(ctx.res_dtype) if ctx.has_res else None
         return dx, dres, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype), None

@@ -18,7 +18,7 @@ _MAX_BLOCK = 4096
 # Blocking: one program per row, sweeping the vocabulary in chunks of up to 4096 columns with an online
 # (per-lane running max and rescaled sum) log-sum-exp, so a 30522-wide row needs 8 chunks and no spills.
 @triton.jit
-def _fwd_kernel(Logits, Targets, Loss, Lse, V, stride, IGNORE: tl.constexpr, BLOCK: tl.constexpr):
+def _electra_xentropy_fwd(Logits, Targets, Loss, Lse, V, stride, IGNORE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = Logits + row * stride
     cols = tl.arange(0, BLOCK)
@@ -39,7 +39,7 @@ def _fwd_kernel(Logits, Targets, Loss, Lse, V, stride, IGNORE: tl.constexpr, BLO
 
 
 @triton.jit
-def _bwd_kernel(Logits, Targets, Lse, DLoss, DLogits, V, stride, IGNORE: tl.constexpr, BLOCK: tl.constexpr):
+def _electra_xentropy_bwd(Logits, Targets, Lse, DLoss, DLogits, V, stride, IGNORE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(Targets + row)
     g = tl.where(target != IGNORE, tl.load(DLoss + row), 0.0)
@@ -66,8 +66,8 @@ class CrossEntropy(torch.autograd.Function):
         loss = torch.empty(n, dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(loss)
         if n:
-            _fwd_kernel[(n,)](logits, targets, loss, lse, v, logits.stride(0), IGNORE=IGNORE_INDEX, BLOCK=block,
-                              num_warps=tile_warps(block))
+            _electra_xentropy_fwd[(n,)](logits, targets, loss, lse, v, logits.stride(0), IGNORE=IGNORE_INDEX,
+                                        BLOCK=block, num_warps=tile_warps(block))
         ctx.save_for_backward(logits, targets, lse)
         return loss
 
@@ -78,8 +78,9 @@ class CrossEntropy(torch.autograd.Function):
         block = min(_MAX_BLOCK, triton.next_power_of_2(v))
         dlogits = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
         if n:
-            _bwd_kernel[(n,)](logits, targets, lse, dloss.float().contiguous(), dlogits, v, logits.stride(0),
-                              IGNORE=IGNORE_INDEX, BLOCK=block, num_warps=tile_warps(block))
+            _electra_xentropy_bwd[(n,)](logits, targets, lse, dloss.float().contiguous(), dlogits, v,
+                                        logits.stride(0), IGNORE=IGNORE_INDEX, BLOCK=block,
+                                        num_warps=tile_warps(block))
         return dlogits, None
 
 
