@@ -28,7 +28,7 @@ from electra_ds.train.pretrain import SetupError, derive_seed, grad_norm, make_p
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "corpus" / "tinyshakespeare" / "input.txt"
-SHIPPED = ("fp32", "cpu", "fp16", "bf16", "bf16_zero1", "bf16_zero2", "bf16_zero3", "bf16_zero2_offload")
+SHIPPED = ("fp32", "fp16", "bf16", "bf16_zero1", "bf16_zero2", "bf16_zero3", "bf16_zero2_offload")
 
 
 def made_text() -> str:

@@ -118,7 +118,7 @@ def default_ds_config() -> Path:
     """bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU."""
     if torch.cuda.is_available():
         return DS_CONFIG_DIR / ("bf16.json" if torch.cuda.is_bf16_supported() else "fp16.json")
-    return DS_CONFIG_DIR / "cpu.json"
+    return DS_CONFIG_DIR / "fp32.json"
 
 
 def resolve_ds_config(name: str | os.PathLike | None) -> Path:

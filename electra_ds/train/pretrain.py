@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "and the Triton Gumbel sampler, which matches its twin bit for bit")
     run.add_argument("--deepspeed_config", "--ds_config", default="auto",
                      help="DeepSpeed JSON: a path or a name in ds_configs/ (bf16, bf16_zero2, ...); auto: bf16 on a "
-                          "bf16 GPU, fp16 on older GPUs, cpu.json without a GPU")
+                          "bf16 GPU, fp16 on older GPUs, fp32 without a GPU")
     run.add_argument("--output_dir", help="default: runs/EXPERIMENT_NAME/MODEL_SIZE-genGxL")
     run.add_argument("--resume", default="auto",
                      help="auto: continue from the newest complete checkpoint in output_dir if there is one; "
