@@ -1,12 +1,17 @@
-"""Helpers shared by tests: the environment of in-process process groups and training subprocesses, and the
-kernels' backend switch."""
+"""Helpers shared by tests: the environment of in-process process groups and training subprocesses, the
+kernels' backend switch, and a small token cache to pretrain on."""
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pytest
+
+# Real text where ../shared/data is present (CI, this project's machines); made text elsewhere.
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus" / "tinyshakespeare" / "input.txt"
 
 # Set by a launcher, or by electra_ds.train.engine.setup_distributed for a one-process world in this process.
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -45,3 +50,26 @@ def triton_backend() -> Iterator[None]:
     kernels.set_backend("triton")
     yield
     kernels.set_backend("auto")
+
+
+def made_text() -> str:
+    """About 400 paragraphs of made-up words: the corpus where ../shared/data is absent."""
+    rng = np.random.default_rng(0)
+    words = [f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "pe", "ro", "su", "ta") for b in ("n", "s", "t", "", "r")]
+    paras = []
+    for _ in range(400):
+        sentence = " ".join(words[i] for i in rng.integers(0, len(words), size=rng.integers(20, 60)))
+        paras.append(sentence.capitalize() + ".")
+    return "\n\n".join(paras)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A token cache with a 1000-token vocabulary of the first 300 kB of tinyshakespeare (or of `made_text`)."""
+    from electra_ds.data.cache import ensure_cache
+
+    root = tmp_path_factory.mktemp("corpus")
+    text = SHAKESPEARE.read_text()[:300_000] if SHAKESPEARE.is_file() else made_text()
+    (root / "text.txt").write_text(text)
+    return ensure_cache(str(root / "text.txt"), root / "caches", vocab_size=1000, doc_split="blank_lines",
+                        workers=1, progress=False)

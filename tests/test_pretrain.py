@@ -27,30 +27,7 @@ from electra_ds.train.optim import ElectraAdam
 from electra_ds.train.pretrain import SetupError, derive_seed, grad_norm, make_plan, parse_args, run
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "corpus" / "tinyshakespeare" / "input.txt"
 SHIPPED = ("fp32", "fp16", "bf16", "bf16_zero1", "bf16_zero2", "bf16_zero3", "bf16_zero2_offload")
-
-
-def made_text() -> str:
-    rng = np.random.default_rng(0)
-    words = [f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "pe", "ro", "su", "ta") for b in ("n", "s", "t", "", "r")]
-    paras = []
-    for _ in range(400):
-        sentence = " ".join(words[i] for i in rng.integers(0, len(words), size=rng.integers(20, 60)))
-        paras.append(sentence.capitalize() + ".")
-    return "\n\n".join(paras)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A small real corpus (the first 300 kB of tinyshakespeare) tokenized into a cache with a 1000-token vocab."""
-    from electra_ds.data.cache import ensure_cache
-
-    root = tmp_path_factory.mktemp("corpus")
-    text = SHAKESPEARE.read_text()[:300_000] if SHAKESPEARE.is_file() else made_text()
-    (root / "text.txt").write_text(text)
-    return ensure_cache(str(root / "text.txt"), root / "caches", vocab_size=1000, doc_split="blank_lines",
-                        workers=1, progress=False)
 
 
 pytestmark = pytest.mark.usefixtures("restore_environ")

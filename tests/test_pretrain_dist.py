@@ -18,24 +18,7 @@ from electra_ds.train.metrics_log import MetricsFile
 from electra_ds.train.pretrain import parse_args, run
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "corpus" / "tinyshakespeare" / "input.txt"
 NO_DROPOUT = ["--model_override", "hidden_dropout_prob=0", "--model_override", "attention_probs_dropout_prob=0"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from electra_ds.data.cache import ensure_cache
-
-    root = tmp_path_factory.mktemp("corpus")
-    if SHAKESPEARE.is_file():
-        text = SHAKESPEARE.read_text()[:200_000]
-    else:
-        rng = np.random.default_rng(0)
-        words = [f"w{i}" for i in range(300)]
-        text = "\n\n".join(" ".join(rng.choice(words, size=40)) for _ in range(500))
-    (root / "text.txt").write_text(text)
-    return ensure_cache(str(root / "text.txt"), root / "caches", vocab_size=800, doc_split="blank_lines",
-                        workers=1, progress=False)
 
 
 @pytest.fixture(scope="module")
