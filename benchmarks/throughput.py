@@ -583,8 +583,8 @@ def markdown(result: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model_size", default="small", choices=sorted(PRESETS))
-    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--model_size", choices=sorted(PRESETS), help="default: small on CUDA, tiny on the CPU")
+    p.add_argument("--batch_size", type=int, help="default: 128 on CUDA, 8 on the CPU")
     p.add_argument("--batch_sizes", help="comma-separated batch sizes to sweep (overrides --batch_size)")
     p.add_argument("--max_length", type=int, default=128)
     p.add_argument("--precision", default="bf16", choices=tuple(PRECISIONS))
@@ -606,6 +606,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_check", action="store_true",
                    help="skip the check that the HF wiring computes our losses (check_same_loss)")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cpu" and (args.model_size is None or args.batch_size is None and not args.batch_sizes):
+        print("[throughput] CPU: the tiny preset and batch 8 unless --model_size / --batch_size say otherwise "
+              "(ELECTRA-Small at batch 128 takes minutes per variant on a few cores)", file=sys.stderr)
+    args.model_size = args.model_size or ("small" if args.device == "cuda" else "tiny")
+    args.batch_size = args.batch_size or (128 if args.device == "cuda" else 8)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANT_NAMES]
     if unknown or not names:
@@ -619,15 +627,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("batch sizes must be >= 1 and --max_length >= 2")
     if args.max_length > preset(args.model_size).max_position_embeddings:
         p.error(f"--max_length {args.max_length} exceeds the {args.model_size} preset's max_position_embeddings")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device here")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t0 = time.monotonic()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
     cuda = device.type == "cuda"
