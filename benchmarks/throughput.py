@@ -14,6 +14,11 @@ row is full); compiled variants, ours and HF's, compile the masking too (`pretra
                            engine's overhead is the difference to ours_ds_*
   ours_compile             ours_bare with torch.compile(model), over the kernels' PyTorch twins
   ours_compile_cudagraphs  torch.compile(model, mode="reduce-overhead") (CUDA graphs; CUDA only)
+  ours_ds_compile_cudagraphs    the training path of `pretrain.py --compile reduce-overhead`: ours_ds_torch with
+                                engine.compile(mode="reduce-overhead") (CUDA only); minus ours_compile_cudagraphs,
+                                the engine's cost
+  ours_ds_compile_max_autotune  likewise with mode="max-autotune": autotuned Triton matrix products with fused
+                                epilogues, CUDA graphs (CUDA only; minutes of autotuning in its warm-up)
   hf_compile               hf_eager with torch.compile(model)
   hf_compile_cudagraphs    likewise with mode="reduce-overhead" (CUDA only)
 
@@ -100,6 +105,8 @@ VARIANTS = (
             cuda_only=True),
     Variant("ours_ds_compile_cudagraphs", "ours, DeepSpeed engine, engine.compile reduce-overhead (CUDA graphs)",
             "ours", cuda_only=True),
+    Variant("ours_ds_compile_max_autotune", "ours, DeepSpeed engine, engine.compile max-autotune (autotuned matrix "
+            "products with fused epilogues, CUDA graphs)", "ours", cuda_only=True),
     Variant("hf_compile", "HF modules, torch.compile", "hf"),
     Variant("hf_compile_cudagraphs", "HF modules, torch.compile reduce-overhead (CUDA graphs)", "hf",
             cuda_only=True),
@@ -186,7 +193,7 @@ def eager_training_step(setup: Setup, forward: Callable, optimizer: torch.optim.
         from electra_ds.train.pretrain import compiled_masking
 
         mask_fn = compiled_masking(mode)
-    cudagraphs = mode == "reduce-overhead"
+    cudagraphs = mode in ("reduce-overhead", "max-autotune")
 
     def clip() -> None:
         if not ours:
@@ -220,6 +227,8 @@ def compile_mode(name: str) -> tuple[bool, str | None]:
     """(compiled?, torch.compile mode) of a variant."""
     if name.endswith("_cudagraphs"):
         return True, "reduce-overhead"
+    if name.endswith("_max_autotune"):
+        return True, "max-autotune"
     return name.endswith("_compile"), None
 
 
@@ -295,6 +304,7 @@ BUILDERS: dict[str, Callable[[Setup, str], Runner]] = {
     "hf_eager": build_hf, "hf_compile": build_hf, "hf_compile_cudagraphs": build_hf,
     "ours_bare": build_ours_bare, "ours_compile": build_ours_bare, "ours_compile_cudagraphs": build_ours_bare,
     "ours_ds_triton": build_ours_ds, "ours_ds_torch": build_ours_ds, "ours_ds_compile_cudagraphs": build_ours_ds,
+    "ours_ds_compile_max_autotune": build_ours_ds,
 }
 
 

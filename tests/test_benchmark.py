@@ -124,3 +124,30 @@ def test_step_profile_on_cpu_and_kernel_families():
     head = step_profile.markdown("ours", 8.0, gpu).splitlines()[0]
     assert head == ("**ours**: GPU busy 6.00 ms of a 8.00 ms step (75%), 412 kernels per step; by family: "
                     "matmul 3.50 ms, inductor (torch.compile) 2.50 ms")
+
+
+@pytest.mark.parametrize("fake_nvidia_smi", [False, True])
+def test_gpu_check_without_a_gpu_says_so_and_succeeds(tmp_path, fake_nvidia_smi):
+    """benchmarks/gpu_check.sh on a machine without a GPU: without nvidia-smi it stops at once; with an
+    nvidia-smi that works but no CUDA torch, after the set-up and versions stage. Both exit 0 and leave the log."""
+    root = tmp_path / "repo"
+    (root / "benchmarks").mkdir(parents=True)
+    (root / "benchmarks" / "gpu_check.sh").write_text((ROOT / "benchmarks" / "gpu_check.sh").read_text())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "python3", "dirname", "mkdir", "tee", "timeout", "ls", "cat"):
+        path = subprocess.run(["which", tool], capture_output=True, text=True).stdout.strip()
+        if path:
+            (bin_dir / tool).symlink_to(path)
+    if fake_nvidia_smi:
+        (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: Fake GPU'\n")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+    env = child_env(PATH=str(bin_dir), OUT=str(tmp_path / "out"), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    if fake_nvidia_smi:
+        assert "no .whl/ here" in log and "python3 torch" in log and "torch sees no CUDA device" in log, log
+    else:
+        assert "no NVIDIA GPU here" in log and "python3 torch" not in log, log

@@ -97,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: electra_adam (Adam without bias correction, as the recipe), or DeepSpeed's CPU "
                           "Adam under ZeRO-Offload")
     run.add_argument("--seed", type=int, default=42)
-    run.add_argument("--compile", default="none", choices=("none", "default", "reduce-overhead"),
+    run.add_argument("--compile", default="none", choices=("none", "default", "reduce-overhead", "max-autotune"),
                      help="torch.compile the model inside the engine and the masking; reduce-overhead also replays "
-                          "them (forward and backward) as CUDA graphs (the fast path on a GPU). Changes speed only: "
+                          "them (forward and backward) as CUDA graphs (the fast path on a GPU); max-autotune also "
+                          "autotunes the matrix products (minutes at start). Changes speed only: "
                           "the compiled model runs the PyTorch twins of the kernels, which are their specification, "
                           "and the Triton Gumbel sampler, which matches its twin bit for bit")
     run.add_argument("--deepspeed_config", "--ds_config", default="auto",
