@@ -544,6 +544,13 @@ def add_comparisons(run: dict[str, Any]) -> None:
                                  for engine, bare in pairs
                                  if engine in done and bare in done
                                  and done[engine]["kernels"] == done[bare]["kernels"]}
+    # The training path's best: the fastest step through the DeepSpeed engine, against both HF baselines.
+    engine_steps = [v for name, v in done.items() if name.startswith("ours_ds_")]
+    best = min(engine_steps, key=lambda v: v["ms_per_step"], default=None)
+    run["fastest_engine_step"] = None if best is None else {
+        "name": best["name"], "ms_per_step": best["ms_per_step"],
+        **{f"x_{hf}": done[hf]["ms_per_step"] / best["ms_per_step"] if hf in done else None
+           for hf in ("hf_eager", "hf_compile_cudagraphs")}}
 
 
 # -- output --------------------------------------------------------------------------------------------------
@@ -583,6 +590,10 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {fmt(v['host_syncs_per_step'], '.0f')} |")
     overheads = [f"Batch {run['batch_size']}: DeepSpeed engine cost, {name} minus the same step without the engine: "
                  f"{ms:+.2f} ms/step." for run in result["runs"] for name, ms in run["engine_overhead_ms"].items()]
+    overheads += [f"Batch {run['batch_size']}: fastest step through the DeepSpeed engine: {best['name']}, "
+                  f"{best['ms_per_step']:.2f} ms; {fmt(best['x_hf_eager'], '.2f', suffix='x')} HF eager, "
+                  f"{fmt(best['x_hf_compile_cudagraphs'], '.2f', suffix='x')} HF with CUDA graphs."
+                  for run in result["runs"] if (best := run.get("fastest_engine_step"))]
     profiles = [f"\nBatch {run['batch_size']}, " + step_profile.markdown(v["name"], v["ms_per_step"], v["profile"])
                 for run in result["runs"] for v in run["variants"] if v.get("profile")]
     return "\n".join(lines + [""] * bool(overheads) + overheads + profiles)

@@ -68,12 +68,16 @@ def test_throughput_cpu_end_to_end(tmp_path):
         assert records["hf_eager"]["executed_flops_per_step"] > records["ours_bare"]["executed_flops_per_step"]
         assert records["ours_ds_torch"]["kernels"] == "torch"
         assert set(run["engine_overhead_ms"]) == {"ours_ds_torch"}  # the same kernels as ours_bare on CPU
+        fastest = run["fastest_engine_step"]  # the only engine variant that runs on a CPU
+        assert fastest["name"] == "ours_ds_torch" and fastest["x_hf_compile_cudagraphs"] is None
+        assert fastest["x_hf_eager"] == pytest.approx(records["hf_eager"]["ms_per_step"] / fastest["ms_per_step"])
         for name in ("ours_ds_triton", "hf_compile_cudagraphs"):
             assert records[name]["status"] == "skipped" and records[name]["error"] == "needs CUDA"
 
     table = out_md.read_text()
     assert table == proc.stdout[proc.stdout.index(table.splitlines()[0]):]
     assert "| 3 | ours_ds_torch | torch |" in table and "| 2 | ours_ds_triton | | skipped |" in table
+    assert "Batch 3: fastest step through the DeepSpeed engine: ours_ds_torch, " in table
 
 
 def test_throughput_rejects_unknown_variant():
