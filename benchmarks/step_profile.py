@@ -7,9 +7,8 @@ operators by their own CPU time instead, and reports no busy time.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import re
+from typing import Any, Callable
 
 import torch
 
