@@ -80,8 +80,10 @@ def test_report_table_efficiency_and_submission(tmp_path):
 
     values = {"CoLA": [0.5, 0.6, 0.55], "SST-2": [0.9, 0.8, 0.85], "MRPC": [0.8], "STS-B": [0.85, 0.87],
               "MNLI": [0.8, 0.78, 0.79], "RTE": [0.6, 0.7, 0.65]}
+    test_files = {"SST-2": ["SST-2"], "MNLI": ["AX", "MNLI-m"]}  # what their runs predicted (results' test_files)
     for name, vals in values.items():
-        write_task_result(out, _ok_result(TASKS[name], vals, {"pretrain_pfs_days": 0.002}))
+        write_task_result(out, _ok_result(TASKS[name], vals, {"pretrain_pfs_days": 0.002,
+                                                              "test_files": test_files.get(name, [])}))
     write_task_result(out, {"task": "QNLI", "status": "absent", "reason": "no file QNLI/train.tsv"})
     # test predictions of the best-dev seeds (SST-2 seed 0, MNLI seed 0) and of a worse seed
     sst2, mnli = TASKS["SST-2"], TASKS["MNLI"]
@@ -89,6 +91,10 @@ def test_report_table_efficiency_and_submission(tmp_path):
     write_predictions(seed_dir(out, sst2, 1) / "SST-2.tsv", sst2, ["0", "1", "2"], [0, 0, 0])
     write_predictions(seed_dir(out, mnli, 0) / "MNLI-m.tsv", mnli, ["0", "1"], [0, 2])
     write_predictions(seed_dir(out, mnli, 0) / "AX.tsv", mnli, ["0", "1", "2"], [1, 1, 0])
+    # left by an earlier run of CoLA into the same folder; this run of CoLA wrote no test predictions
+    cola = TASKS["CoLA"]
+    write_predictions(seed_dir(out, cola, 1) / "CoLA.tsv", cola, ["0"], [1])
+    write_predictions(out / "submission" / "CoLA.tsv", cola, ["0"], [1])
 
     report = build_report(out)
     assert report["table"]["CoLA"] == pytest.approx(55.0) and report["table"]["STS-B"] == pytest.approx(86.0)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from electra_ds.data.glue import DIAGNOSTIC, TABLE_TASKS, TASKS, GlueTask, get_task
+from electra_ds.data.glue import TABLE_TASKS, TASKS, GlueTask, get_task
 from electra_ds.files import atomic_write, replacing
 from electra_ds.train.checkpoint import TAG
 from electra_ds.train.glue_metrics import METRIC_KEYS, summarize
@@ -137,21 +137,22 @@ def best_seed(task: GlueTask, result: dict) -> int:
 
 
 def write_submission(out_dir: Path, tasks: dict[str, dict]) -> dict[str, dict]:
-    """Copy each task's best-dev seed's test predictions to submission/<file>.tsv; returns what was written."""
+    """Copy the test predictions each task's run wrote (its result's `test_files`), from its best-dev seed, to
+    submission/<file>.tsv, and remove submission files no current result names; returns what was written."""
     written: dict[str, dict] = {}
     for name, result in tasks.items():
         if result["status"] != "ok":
             continue
         task = TASKS[name]
         seed = best_seed(task, result)
-        stems = list(task.test_splits.values()) + (list(DIAGNOSTIC.test_splits.values()) if name == "MNLI" else [])
-        for stem in stems:
-            source = seed_dir(out_dir, task, seed) / f"{stem}.tsv"
-            if source.is_file():
-                target = out_dir / SUBMISSION_DIR / f"{stem}.tsv"
-                with replacing(target) as tmp:
-                    shutil.copyfile(source, tmp)
-                written[stem] = {"task": name, "seed": seed, "file": str(target.relative_to(out_dir))}
+        for stem in result.get("test_files", []):
+            target = out_dir / SUBMISSION_DIR / f"{stem}.tsv"
+            with replacing(target) as tmp:
+                shutil.copyfile(seed_dir(out_dir, task, seed) / f"{stem}.tsv", tmp)
+            written[stem] = {"task": name, "seed": seed, "file": str(target.relative_to(out_dir))}
+    for old in (out_dir / SUBMISSION_DIR).glob("*.tsv"):  # left by an earlier run of a task, e.g. with test files
+        if old.stem not in written:
+            old.unlink()
     return written
 
 
