@@ -395,6 +395,10 @@ def test_gutenberg_strip_jsonl_parquet(tmp_path, data_tokenizer):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     pq.write_table(pa.table({"body": ["she said no", None]}), tmp_path / "t.parquet")
     assert [t for t, _ in open_source(tmp_path / "r.jsonl.gz").chunks()] == ["the world", "was great"]
+    # a record is stripped as a file is: the header up to START (an END line above it included), the licence
+    (tmp_path / "g.jsonl").write_text(json.dumps({"text": "*** END OF LINE NOTE\n*** START OF X ***\nbody\n"
+                                                          "*** END OF X ***\nlicence\n"}))
+    assert [t for t, _ in open_source(tmp_path / "g.jsonl", strip_gutenberg=True).chunks()] == ["\nbody\n"]
     assert [t for t, _ in open_source(tmp_path / "t.parquet", text_field="body").chunks()] == ["she said no", ""]
     with pytest.raises(SourceError, match="no column 'text'"):
         list(open_source(tmp_path / "t.parquet").chunks())

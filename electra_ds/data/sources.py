@@ -105,19 +105,10 @@ class Source(ABC):
     def _record(self, text: str, name: str) -> Iterator[Chunk]:
         """One record (jsonl line, parquet row, dataset item) as a document."""
         if self.strip_gutenberg:
-            text = self._strip_whole(text, name)
+            text = "".join(self._strip_blocks([text], name))
         pieces = list(_split_long(text))
         for i, piece in enumerate(pieces):
             yield piece, i == len(pieces) - 1
-
-    def _strip_whole(self, text: str, name: str) -> str:
-        start, end = _START.search(text), _END.search(text)
-        if start is None:
-            self._note_unmarked(name)
-        begin = start.end() if start else 0
-        if end is not None and end.start() >= begin:
-            return text[begin:end.start()]
-        return text[begin:]
 
     def _note_unmarked(self, name: str) -> None:
         self.stats.gutenberg_without_markers += 1
