@@ -595,8 +595,9 @@ def run(args: argparse.Namespace) -> Path:
 
     def log_train(step: int) -> None:
         nonlocal last_train
+        stats = meter.read()  # waits for the device: the interval then covers its work, not just the queueing
         seconds = max(time.perf_counter() - window["start"] - window["paused"], 1e-9)
-        last_train = {"step": step, "split": "train", **meter.read(), "lr": engine.get_lr()[0],
+        last_train = {"step": step, "split": "train", **stats, "lr": engine.get_lr()[0],
                       "loss_scale": loss_scale(engine), "grad_norm": grad_norm(engine),
                       "tokens_per_s": (step - window["step"]) * tokens_per_step / seconds, "elapsed_s": elapsed(),
                       "flops": flops_per_step * step, "pfs_days": flops_per_step * step / PFS_DAY,
@@ -607,9 +608,15 @@ def run(args: argparse.Namespace) -> Path:
         emit(last_train)
         bar.set_postfix(loss=f"{last_train['loss']:.3f}", refresh=False)
 
+    def pause_start() -> float:
+        """Now, once the queued training steps are done (their time belongs to training, not to the pause)."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     def run_eval(step: int) -> None:
         nonlocal last_eval
-        t = time.perf_counter()
+        t = pause_start()
         last_eval = {"step": step, "split": "eval", **evaluate(
             engine, eval_sampler, batches=args.eval_batches, special_ids=special, mlm_probability=plan.mlm_probability,
             max_predictions=plan.max_predictions, seed=derive_seed(args.seed, 0, 0, EVAL_STREAM),
@@ -620,7 +627,7 @@ def run(args: argparse.Namespace) -> Path:
         window["paused"] += time.perf_counter() - t
 
     def save(step: int) -> None:
-        t = time.perf_counter()
+        t = pause_start()
         checkpoints.save(engine, step, {"elapsed_s": elapsed(), "run": args.experiment_name,
                                         "wandb_id": wandb.id if wandb else state.get("wandb_id")})
         window["paused"] += time.perf_counter() - t
