@@ -622,15 +622,17 @@ def run(args: argparse.Namespace) -> Path:
             max_predictions=plan.max_predictions, seed=derive_seed(args.seed, 0, 0, EVAL_STREAM),
             mask_replace_prob=args.mlm_replacement_probability)}
         emit(last_eval)
-        if rank == 0:
-            plot_training_curves(metrics.records(), out / "training_curves.png", args.experiment_name)
         window["paused"] += time.perf_counter() - t
 
-    def save(step: int) -> None:
+    def save(step: int) -> Path | None:
+        """A checkpoint, and the training curves redrawn from metrics.jsonl (rank 0: their path)."""
         t = pause_start()
         checkpoints.save(engine, step, {"elapsed_s": elapsed(), "run": args.experiment_name,
                                         "wandb_id": wandb.id if wandb else state.get("wandb_id")})
+        curves = plot_training_curves(metrics.records(), out / "training_curves.png", args.experiment_name) \
+            if rank == 0 else None
         window["paused"] += time.perf_counter() - t
+        return curves
 
     from tqdm.auto import tqdm
 
@@ -662,7 +664,7 @@ def run(args: argparse.Namespace) -> Path:
                 break
             if step % plan.save_every == 0:
                 save(step)
-        save(step)  # a no-op when this step is saved already (CheckpointManager.save)
+        curves = save(step)  # the checkpoint is a no-op when this step is saved already (CheckpointManager.save)
     bar.close()
 
     if stopped_by:
@@ -676,7 +678,6 @@ def run(args: argparse.Namespace) -> Path:
     if args.export_hf:
         hf_dir = export_hf(engine, config, out / "hf", cache.tokenizer_path, rank)
     if rank == 0:
-        curves = plot_training_curves(metrics.records(), out / "training_curves.png", args.experiment_name)
         _summary(out, step, last_train, last_eval, curves, checkpoints.root / tag_for(step), hf_dir, elapsed())
     if wandb:
         wandb.finish()
