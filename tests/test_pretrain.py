@@ -286,9 +286,13 @@ def test_zero_resume_from_a_checkpoint_repeats_the_run(corpus, tmp_path, ds_conf
     assert resumed == {3: reference[3], 4: reference[4]}
 
 
-def test_loss_goes_down_and_outputs_are_written(corpus, tmp_path):
+def test_loss_goes_down_and_outputs_are_written(corpus, tmp_path, capsys):
     out = tmp_path / "out"
     records = train(corpus, out, "--learning_rate", "2e-3", "--export_hf", steps=60, batch=8)
+    capsys.readouterr()
+    train(corpus, out, "--learning_rate", "2e-3", "--export_hf", steps=60, batch=8)  # finished: resumes, returns
+    summary = capsys.readouterr().out  # from metrics.jsonl, not from this (stepless) process
+    assert f"final train: loss {records[-2]['loss']:.4f}" in summary and "final eval:  loss n/a" not in summary
     curve = [r["loss"] for r in records if r["split"] == "train"]
     assert np.mean(curve[-5:]) < 0.8 * np.mean(curve[:5]), curve
     last = records[-2]

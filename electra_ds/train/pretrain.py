@@ -581,8 +581,6 @@ def run(args: argparse.Namespace) -> Path:
     elapsed_before = float(state.get("elapsed_s", 0.0))
     t_start = time.perf_counter()
     window = {"start": t_start, "step": start_step, "paused": 0.0}  # the logging interval; eval/saves don't count
-    last_train: dict[str, Any] = {}
-    last_eval: dict[str, Any] = {}
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - t_start
@@ -594,19 +592,18 @@ def run(args: argparse.Namespace) -> Path:
             bar.write(format_line(record))
 
     def log_train(step: int) -> None:
-        nonlocal last_train
         stats = meter.read()  # waits for the device: the interval then covers its work, not just the queueing
         seconds = max(time.perf_counter() - window["start"] - window["paused"], 1e-9)
-        last_train = {"step": step, "split": "train", **stats, "lr": engine.get_lr()[0],
+        record = {"step": step, "split": "train", **stats, "lr": engine.get_lr()[0],
                       "loss_scale": loss_scale(engine), "grad_norm": grad_norm(engine),
                       "tokens_per_s": (step - window["step"]) * tokens_per_step / seconds, "elapsed_s": elapsed(),
                       "flops": flops_per_step * step, "pfs_days": flops_per_step * step / PFS_DAY,
                       "skipped_steps": engine.skipped_steps}
         window.update(start=time.perf_counter(), step=step, paused=0.0)
-        _check_finite(last_train, engine, checkpoints)
-        collapse.update(step, last_train)
-        emit(last_train)
-        bar.set_postfix(loss=f"{last_train['loss']:.3f}", refresh=False)
+        _check_finite(record, engine, checkpoints)
+        collapse.update(step, record)
+        emit(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
 
     def pause_start() -> float:
         """Now, once the queued training steps are done (their time belongs to training, not to the pause)."""
@@ -615,13 +612,11 @@ def run(args: argparse.Namespace) -> Path:
         return time.perf_counter()
 
     def run_eval(step: int) -> None:
-        nonlocal last_eval
         t = pause_start()
-        last_eval = {"step": step, "split": "eval", **evaluate(
+        emit({"step": step, "split": "eval", **evaluate(
             engine, eval_sampler, batches=args.eval_batches, special_ids=special, mlm_probability=plan.mlm_probability,
             max_predictions=plan.max_predictions, seed=derive_seed(args.seed, 0, 0, EVAL_STREAM),
-            mask_replace_prob=args.mlm_replacement_probability)}
-        emit(last_eval)
+            mask_replace_prob=args.mlm_replacement_probability)})
         window["paused"] += time.perf_counter() - t
 
     def save(step: int) -> Path | None:
@@ -678,7 +673,10 @@ def run(args: argparse.Namespace) -> Path:
     if args.export_hf:
         hf_dir = export_hf(engine, config, out / "hf", cache.tokenizer_path, rank)
     if rank == 0:
-        _summary(out, step, last_train, last_eval, curves, checkpoints.root / tag_for(step), hf_dir, elapsed())
+        records = metrics.records()  # this run's and, after a resume, the earlier runs' records
+        last = {split: next((r for r in reversed(records) if r.get("split") == split), {})
+                for split in ("train", "eval")}
+        _summary(out, step, last["train"], last["eval"], curves, checkpoints.root / tag_for(step), hf_dir, elapsed())
     if wandb:
         wandb.finish()
     return out
@@ -689,7 +687,7 @@ def _check_finite(record: dict[str, Any], engine, checkpoints: CheckpointManager
     losses, stop the run (pointing at the last good checkpoint)."""
     if not record["nonfinite_steps"]:
         return
-    every_step_bad = record["loss"] is None or not math.isfinite(record["loss"])
+    every_step_bad = not math.isfinite(record["loss"])
     if every_step_bad or not _weights_finite(engine):
         good = checkpoints.complete()
         where = checkpoints.root / good[0][1] if good else "none saved yet"
