@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 from electra_ds.data.glue import GlueDataError
 from electra_ds.data.tokenizer import TokenizerError
@@ -39,24 +39,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     hp = p.add_argument_group("fine-tuning hyperparameters (the ELECTRA recipe by default)")
     hp.add_argument("--learning_rate", type=float, help="default by model size: small 3e-4, base 1e-4, large 5e-5")
-    hp.add_argument("--layerwise_lr_decay", type=float, default=0.8)
-    hp.add_argument("--layerwise_lr_decay_rule", choices=RULES, default="intended",
+    hp.add_argument("--layerwise_lr_decay", type=float)
+    hp.add_argument("--layerwise_lr_decay_rule", choices=RULES,
                     help="intended: layer l gets decay^(L-l), embeddings decay^(L+1); original: one more power "
                          "of decay on every group but the head (the original code)")
-    hp.add_argument("--warmup_proportion", type=float, default=0.1)
+    hp.add_argument("--warmup_proportion", type=float)
     hp.add_argument("--epochs", type=float, help="default: 3, or 10 for RTE and STS-B")
-    hp.add_argument("--batch_size", type=int, default=32)
-    hp.add_argument("--eval_batch_size", type=int, default=128)
-    hp.add_argument("--max_length", type=int, default=128)
-    hp.add_argument("--weight_decay", type=float, default=0.01)
-    hp.add_argument("--adam_eps", type=float, default=1e-6)
-    hp.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    hp.add_argument("--batch_size", type=int)
+    hp.add_argument("--eval_batch_size", type=int)
+    hp.add_argument("--max_length", type=int)
+    hp.add_argument("--weight_decay", type=float)
+    hp.add_argument("--adam_eps", type=float)
+    hp.add_argument("--gradient_accumulation_steps", type=int)
     hp.add_argument("--max_train_samples", type=int, help="use at most this many training examples")
     hp.add_argument("--max_steps", type=int, help="stop after this many optimizer steps")
     hp.add_argument("--ds_config", help="DeepSpeed JSON path or shipped name (ds_configs/: fp32, bf16, bf16_zero2, "
-                    "...); default bf16 on a bf16 GPU, fp16 on older GPUs, cpu.json without a GPU")
-    hp.add_argument("--optimizer", choices=OPTIMIZERS, default="auto",
+                    "...); default bf16 on a bf16 GPU, fp16 on older GPUs, fp32 without a GPU")
+    hp.add_argument("--optimizer", choices=OPTIMIZERS,
                     help="auto: ELECTRA's Adam without bias correction (cpu_adam under ZeRO-Offload)")
+    p.set_defaults(**asdict(FinetuneArgs()))  # the hyperparameters' defaults are FinetuneArgs' own
     args = p.parse_args(argv)
     if not args.report_only and not (args.model and args.task):
         p.error("--model and --task are required (or --report_only)")
