@@ -152,6 +152,18 @@ def test_gumbel_seeds_rows_and_shapes(triton_backend, device):
     assert torch.equal(a, reference.gumbel_sample(logits, torch.tensor(7, device=device), 1.0))
 
 
+def test_gumbel_twin_chunks_change_nothing():
+    """The twin's row chunks (one per 2**18 values on a CPU: 8 rows of a 30522 vocabulary) only bound memory: any
+    chunking gives each row the noise of its own flat index, hash_uniform(seed, row, col)."""
+    logits = torch.randn(20, 300, generator=torch.Generator().manual_seed(0))
+    seed = torch.tensor(11)
+    whole = reference.gumbel_sample(logits, seed, 0.7, chunk_elements=1 << 22)
+    for chunk in (300, 700, 2000):  # 1, 2 and 6 rows per chunk
+        assert torch.equal(reference.gumbel_sample(logits, seed, 0.7, chunk_elements=chunk), whole), chunk
+    u = reference.hash_uniform(seed, torch.arange(20)[:, None], torch.arange(300)[None, :])
+    assert torch.equal(whole, (logits * (1 / 0.7) - torch.log(-torch.log(u))).argmax(-1))
+
+
 CHI2_999 = {5: 20.52}  # chi-square 0.999 quantile, 5 degrees of freedom
 
 

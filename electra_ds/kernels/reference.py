@@ -89,33 +89,38 @@ def hash_uniform(seed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> 
     key = mix32(seed_lo ^ mix32(seed_hi ^ 0x9E3779B9)); h = mix32(mix32(key ^ mix32(row)) ^ mix32(col));
     u = ((h >> 8) | 1) * 2**-24, an odd multiple of 2**-24 strictly inside (0, 1). The same on every device.
     """
+    return _uniform(_seed_key(seed), rows, mix32(cols))
+
+
+def _seed_key(seed: torch.Tensor) -> torch.Tensor:
     seed = seed.to(torch.int64)
-    key = mix32_((seed & _MASK32) ^ mix32_(((seed >> 32) & _MASK32) ^ 0x9E3779B9))
-    h = mix32_(mix32_(key ^ mix32(rows)) ^ mix32(cols))
+    return mix32_((seed & _MASK32) ^ mix32_(((seed >> 32) & _MASK32) ^ 0x9E3779B9))
+
+
+def _uniform(key: torch.Tensor, rows: torch.Tensor, col_hash: torch.Tensor) -> torch.Tensor:
+    """`hash_uniform` from the seed's key and mix32 of the columns (both loop-invariant in `gumbel_sample`)."""
+    h = mix32_(mix32_(key ^ mix32(rows)) ^ col_hash)
     return h.bitwise_right_shift_(8).bitwise_or_(1).float().mul_(2.0 ** -24)
 
 
-def gumbel_noise(seed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """fp32 Gumbel(0, 1) noise -log(-log(u)) of `hash_uniform(seed, rows, cols)`."""
-    return hash_uniform(seed, rows, cols).log_().neg_().log_().neg_()
-
-
 def gumbel_sample(logits: torch.Tensor, seed: torch.Tensor, temperature: float,
-                  chunk_elements: int = 1 << 18) -> torch.Tensor:
-    """Gumbel-max sample per row of logits (..., V) in fp32 -> (...) long; argmax(logits / T + noise).
+                  chunk_elements: int | None = None) -> torch.Tensor:
+    """Gumbel-max sample per row of logits (..., V) in fp32 -> (...) long; argmax(logits / T + noise), the noise
+    -log(-log(u)) of `hash_uniform(seed, flat row, col)`.
 
-    The noise depends only on (seed, flat row, col); seed is a 0-d int64 tensor read on its device (no host
-    sync). Rows go in chunks of about chunk_elements values: the int64 temporaries stay small (in cache on a CPU).
+    seed is a 0-d int64 tensor read on its device (no host sync). Rows go in chunks of about chunk_elements values
+    (default: 2**18 on a CPU, where the int64 temporaries then stay in cache, 2**22 elsewhere).
     """
     flat = logits.detach().reshape(-1, logits.shape[-1])
     n, v = flat.shape
-    seed = seed.to(flat.device)
-    cols = torch.arange(v, device=flat.device)
+    key, col_hash = _seed_key(seed.to(flat.device)), mix32(torch.arange(v, device=flat.device))
     inv_t = 1.0 / temperature
+    if chunk_elements is None:
+        chunk_elements = 1 << 18 if flat.device.type == "cpu" else 1 << 22
     step = max(1, chunk_elements // max(v, 1))
     out = torch.empty(n, dtype=torch.long, device=flat.device)
     for start in range(0, n, step):
         rows = torch.arange(start, min(start + step, n), device=flat.device)[:, None]
-        z = flat[start:start + step].float() * inv_t + gumbel_noise(seed, rows, cols)
-        out[start:start + step] = z.argmax(dim=-1)
+        noise = _uniform(key, rows, col_hash).log_().neg_().log_().neg_()
+        out[start:start + step] = (flat[start:start + step].float() * inv_t + noise).argmax(dim=-1)
     return out.reshape(logits.shape[:-1])
