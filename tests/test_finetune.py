@@ -166,7 +166,10 @@ def test_evaluation_is_deterministic(setup):
     second = predict(engine, data, 12, regression=True)
     np.testing.assert_array_equal(first, predict(engine, data, 5, regression=True))  # bit-identical again
     np.testing.assert_allclose(first, second, rtol=2e-2, atol=2e-2)  # other batches: rounding only (bf16 on GPU)
-    assert engine.training  # predict restores training mode
+    assert engine.module.training  # predict restores the mode it found: training ...
+    engine.eval()
+    predict(engine, data, 5, regression=True)
+    assert not engine.module.training  # ... or eval (DeepSpeedEngine.training itself never changes)
     batch = {k: v.to(engine.device) for k, v in data.batch(range(12)).items()}
     with torch.no_grad():
         engine.train()

@@ -243,7 +243,7 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> tor
 def predict(engine, data: Encoded, batch_size: int, regression: bool) -> np.ndarray:
     """Deterministic predictions in input order (eval mode: no dropout): class index or score.
     Batches hold examples of similar length (less padding); the order is a fixed function of the data."""
-    was_training = engine.training
+    was_training = engine.module.training  # DeepSpeedEngine.train/eval set only its module's mode
     engine.eval()
     order = np.argsort([len(ids) for ids in data.input_ids], kind="stable")
     out = np.zeros(len(data), dtype=np.float32 if regression else np.int64)
