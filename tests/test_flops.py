@@ -12,7 +12,7 @@ from electra_ds.flops import (PFS_DAY, FlopCount, bert_step_flops, count_paramet
                               executed_step_flops, main, recipe_flops)
 
 
-def close(value: float, expected: float, rel: float = 0.01) -> bool:
+def close(value: float, expected: float, rel: float = 6e-4) -> bool:  # README: "within 0.06%"
     return abs(value - expected) <= rel * abs(expected)
 
 
@@ -20,9 +20,9 @@ def close(value: float, expected: float, rel: float = 0.01) -> bool:
 def test_electra_small_matches_paper_script():
     run = recipe_flops(preset("small"), 128, 128, 1_000_000)
     assert close(run.total, 1.294e18)
-    assert close(run.discriminator, 9.41e17)
-    assert close(run.generator, 3.52e17)
-    assert close(run.pfs_days, 0.0150)
+    assert close(run.discriminator, 9.41e17, rel=2e-3)  # these three are printed to 3 digits
+    assert close(run.generator, 3.52e17, rel=2e-3)
+    assert close(run.pfs_days, 0.0150, rel=2e-3)
 
 
 @pytest.mark.parametrize("name, expected", [("base", 6.425e19), ("large", 7.118e20)])
