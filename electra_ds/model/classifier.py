@@ -51,8 +51,7 @@ class ElectraClassifier(FlatModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         cfg, w = self.config, self.forward_views()
-        if input_ids.device.type == "cpu":
-            check_token_ids(input_ids, cfg.vocab_size)
+        check_token_ids(input_ids, cfg.vocab_size)
         x = embed(w, f"{PREFIX}.embeddings", input_ids, token_type_ids, cfg, self.training)
         h = tower_forward(w, PREFIX, x, attention_mask_for_sdpa(attention_mask),
                           cfg.discriminator, cfg, self.training)

@@ -48,8 +48,12 @@ def pretraining_specs(config: ElectraConfig) -> list[WeightSpec]:
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    top = int(input_ids.max()) if input_ids.numel() else 0
-    if top >= vocab_size or (input_ids.numel() and int(input_ids.min()) < 0):
+    """A clear error for ids outside the vocabulary. CPU tensors only, and not while compiling: elsewhere reading the
+    range back would be a host sync (or a graph break) per step."""
+    if input_ids.device.type != "cpu" or torch.compiler.is_compiling() or not input_ids.numel():
+        return
+    top = int(input_ids.max())
+    if top >= vocab_size or int(input_ids.min()) < 0:
         raise ValueError(f"token id {top} is outside the model's vocabulary of {vocab_size}: the data was "
                          "tokenized with another vocabulary (rebuild the cache or set vocab_size)")
 
@@ -89,8 +93,7 @@ class ElectraForPretraining(FlatModule):
     def _tower(self, w: dict, tower: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                token_type_ids: torch.Tensor | None) -> torch.Tensor:
         cfg = self.config
-        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
-            check_token_ids(input_ids, cfg.vocab_size)  # on accelerators (or traced) it would cost a host sync
+        check_token_ids(input_ids, cfg.vocab_size)
         x = embed(w, EMB, input_ids, token_type_ids, cfg, self.training)
         shape = cfg.discriminator if tower == DISC else cfg.generator
         return tower_forward(w, f"{tower}.electra", x, attention_mask_for_sdpa(attention_mask),
