@@ -95,3 +95,46 @@ def test_a_dead_rank_makes_the_other_fail_instead_of_hanging(corpus, zero2_fp32,
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+AGREE_SCRIPT = """
+import datetime, json, os, sys
+import torch.distributed as dist
+from electra_ds.train.checkpoint import CheckpointError, CheckpointManager
+
+class LoadsAnything:  # stands in for the DeepSpeed engine
+    def load_checkpoint(self, root, tag, **kw):
+        return root, {}
+
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
+root = os.path.join(sys.argv[1], f"rank{rank}")
+if rank == 0:  # only rank 0 sees a checkpoint (e.g. a directory that is not shared between nodes)
+    os.makedirs(os.path.join(root, "step00000005"))
+    with open(os.path.join(root, "step00000005", "MANIFEST.json"), "w") as f:
+        json.dump({"files": {}}, f)
+try:
+    CheckpointManager(root, 3, rank, 2).restore(LoadsAnything())
+    outcome = "restored"
+except CheckpointError as e:
+    outcome = str(e)
+with open(os.path.join(sys.argv[1], f"outcome{rank}"), "w") as f:
+    f.write(outcome)
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_that_restore_different_steps_stop_with_a_clear_error(tmp_path):
+    """A rank that finds no checkpoint still takes part in the check: every rank stops with CheckpointError, none
+    is left waiting in a collective."""
+    from electra_ds.train.checkpoint import MANIFEST
+
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE_SCRIPT.replace("MANIFEST.json", MANIFEST))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script), str(tmp_path)], env=child_env(OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=120)
+    outcomes = [(tmp_path / f"outcome{r}").read_text() if (tmp_path / f"outcome{r}").is_file() else proc.stderr[-2000:]
+                for r in (0, 1)]
+    for outcome in outcomes:
+        assert "ranks restored different checkpoints (steps -1..5" in outcome, outcome

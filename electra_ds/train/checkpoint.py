@@ -137,7 +137,17 @@ class CheckpointManager:
 
         Returns (step, client_state), or None when there is no checkpoint at all. A damaged checkpoint is skipped
         with a warning; if checkpoints exist but none loads, raises CheckpointError (never silently restarts).
+        Every rank then checks that all restored the same step, whatever each found (no rank is left waiting).
         """
+        try:
+            found = self._restore(engine, tag)
+        except CheckpointError:
+            self._agree(-2)
+            raise
+        self._agree(found[0] if found else -1)
+        return found
+
+    def _restore(self, engine, tag: str | None) -> tuple[int, dict[str, Any]] | None:
         candidates = [(s, t) for s, t in self.complete() if tag is None or t == tag]
         if tag is not None and not candidates:
             raise CheckpointError(f"{self.root / tag}: no such complete checkpoint")
@@ -152,7 +162,6 @@ class CheckpointManager:
             if issue is None:
                 issue, client_state = self._load(engine, name)
             if issue is None:
-                self._agree(step)
                 return step, client_state
             problems.append(f"{name}: {issue}")
             log.warning("checkpoint %s is unusable (%s); falling back to the previous one", self.root / name, issue)
@@ -176,7 +185,8 @@ class CheckpointManager:
         return None, client_state or {}
 
     def _agree(self, step: int) -> None:
-        """Every rank must have restored the same step, or the run would silently mix states."""
+        """Every rank must have restored the same step (-1: none found, -2: failed), or the run would silently mix
+        states."""
         import torch.distributed as dist
 
         if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -186,8 +196,9 @@ class CheckpointManager:
         steps = torch.tensor([step, -step], dtype=torch.int64, device=device())
         dist.all_reduce(steps, op=dist.ReduceOp.MAX)
         if int(steps[0]) != step or int(-steps[1]) != step:
-            raise CheckpointError(f"ranks restored different checkpoints (steps {int(-steps[1])}..{int(steps[0])}); "
-                                  f"check that {self.root} is on a filesystem every node sees")
+            raise CheckpointError(f"ranks restored different checkpoints (steps {int(-steps[1])}..{int(steps[0])}; "
+                                  f"-1: none found, -2: failed); check that {self.root} is on a filesystem every "
+                                  "node sees")
 
 
 __all__ = ["CheckpointError", "CheckpointManager", "MANIFEST", "rng_state", "set_rng_state", "tag_for"]
