@@ -2,6 +2,7 @@
 and the real files' row counts when ../shared/data is present."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,12 @@ def test_hugging_face_rows_map_to_examples(monkeypatch):
     assert calls == [("nyu-mll/glue", "mnli", "validation_mismatched")]
     with pytest.raises(MissingData, match="could not load nyu-mll/glue/qqp split train"):
         load_split(TASKS["QQP"], "train")
+
+
+def test_hugging_face_without_datasets_says_what_to_do(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    with pytest.raises(GlueDataError, match="pip install datasets.*--glue_dir"):
+        load_split(TASKS["RTE"], "train")
 
 
 REAL_SIZES = {("CoLA", "train"): 8551, ("CoLA", "dev"): 1043, ("CoLA", "test"): 1063, ("SST-2", "train"): 67349,

@@ -121,9 +121,8 @@ DIAGNOSTIC = GlueTask("AX", "ax", TASKS["MNLI"].labels, "accuracy", "accuracy", 
 # The results table's columns (the seeds' layout); AVG is over these 8 (WNLI excluded).
 TABLE_TASKS: tuple[str, ...] = ("CoLA", "SST-2", "MRPC", "STS-B", "QQP", "MNLI", "QNLI", "RTE")
 
-_ALIASES = {name.lower().replace("-", ""): name for name in TASKS}
-_ALIASES.update({t.hf_config: t.name for t in TASKS.values()})
-_ALIASES.update({"stsb": "STS-B", "sts": "STS-B", "sst": "SST-2"})
+_ALIASES = {name.lower().replace("-", ""): name for name in TASKS}  # also the Hugging Face configs' names
+_ALIASES.update({"sts": "STS-B", "sst": "SST-2"})
 
 
 def get_task(name: str) -> GlueTask:
@@ -190,7 +189,11 @@ def read_tsv(task: GlueTask, split: str, path: str | Path) -> list[GlueExample]:
 def read_hf(task: GlueTask, split: str) -> list[GlueExample]:
     """Examples of `split` from Hugging Face `datasets` (`nyu-mll/glue`); needs internet or a local HF cache."""
     _check_split(task, split)
-    import datasets  # optional dependency (extras "hub")
+    try:
+        import datasets  # optional dependency (extras "hub")
+    except ImportError:
+        raise GlueDataError(f"{task.name} {split}: reading GLUE from Hugging Face needs `pip install datasets`; or "
+                            "pass --glue_dir (GLUE_DIR for glue.sh) with the TSV files") from None
 
     hf_split = _HF_SPLITS.get(split, split)
     try:
