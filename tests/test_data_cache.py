@@ -338,6 +338,13 @@ def test_dtype_and_output_checks(tmp_path, data_files, data_tokenizer):
         build_cache(data_files, data_files / "cache", data_tokenizer, workers=1, progress=False)
     out = build_cache(data_files, tmp_path / "c32", data_tokenizer, workers=1, dtype="uint32", progress=False)
     assert TokenCache(out).dtype == np.uint32
+    # a complete cache is returned only for the settings it was built with, dtype and tokenizer training included
+    with pytest.raises(CacheError, match=r"dtype: 'uint32' there, None now"):
+        build_cache(data_files, out, data_tokenizer, workers=1, progress=False)
+    trained = build_cache(data_files, tmp_path / "trained", workers=1, vocab_size=200, progress=False)
+    assert build_cache(data_files, trained, workers=1, vocab_size=200, progress=False) == trained
+    with pytest.raises(CacheError, match="train_tokenizer: .*'vocab_size': 200.* there, .*'vocab_size': 300"):
+        build_cache(data_files, trained, workers=1, vocab_size=300, progress=False)
     empty = tmp_path / "blank.txt"
     empty.write_text("\n\n   \n")
     with pytest.raises(CacheError, match="produced no tokens"):

@@ -250,12 +250,14 @@ class _ShardWriter:
 # ------------------------------------------------------------------------------------------- building
 
 def _settings(source: Source, *, shard_tokens: int, heldout_fraction: float, doc_split: str,
-              strip_gutenberg: bool, text_field: str, hf_config: str | None, hf_split: str) -> dict:
-    """Everything besides the tokenizer that decides the cache's content."""
+              strip_gutenberg: bool, text_field: str, hf_config: str | None, hf_split: str, dtype: str | None,
+              train_tokenizer: dict | None) -> dict:
+    """Everything that decides the cache's content besides a given tokenizer (checked by its hash); a tokenizer
+    to train is decided by `train_tokenizer` (its vocab size and text sample)."""
     return {"format_version": FORMAT_VERSION, "source": source.spec, "source_fingerprint": source.fingerprint(),
             "shard_tokens": shard_tokens, "heldout_fraction": heldout_fraction, "doc_split": doc_split,
             "strip_gutenberg": strip_gutenberg, "text_field": text_field, "hf_config": hf_config,
-            "hf_split": hf_split}
+            "hf_split": hf_split, "dtype": dtype, "train_tokenizer": train_tokenizer}
 
 
 def _compare(expected: dict, found: dict, where: Path) -> None:
@@ -323,7 +325,9 @@ def build_cache(source: str | os.PathLike, output: str | os.PathLike, tokenizer:
                       hf_config=hf_config, hf_split=hf_split)
     settings = _settings(src, shard_tokens=shard_tokens, heldout_fraction=heldout_fraction, doc_split=doc_split,
                          strip_gutenberg=strip_gutenberg, text_field=text_field, hf_config=hf_config,
-                         hf_split=hf_split)
+                         hf_split=hf_split, dtype=dtype,
+                         train_tokenizer=None if tokenizer is not None else {"vocab_size": vocab_size,
+                                                                             "sample_mb": tokenizer_sample_mb})
     out = Path(output)
     if isinstance(src, LocalFiles) and out.resolve().is_relative_to(src.root) and src.root.is_dir():
         raise CacheError(f"the output {out} is inside the source folder {src.root}; put the cache elsewhere")
@@ -348,10 +352,7 @@ def build_cache(source: str | os.PathLike, output: str | os.PathLike, tokenizer:
     if state["tokenizer_hash"] not in (None, tok_hash):
         raise CacheError(f"{out} holds a partial build made with tokenizer {state['tokenizer_hash']}, "
                          f"not {tok_hash}; use the same tokenizer or delete {out}")
-    dtype_name = dtype_for(vocab, dtype)
-    if state.get("dtype") not in (None, dtype_name):
-        raise CacheError(f"{out} holds a partial build with dtype {state['dtype']}, not {dtype_name}")
-    state.update(tokenizer_hash=tok_hash, vocab_size=vocab, dtype=dtype_name)
+    state.update(tokenizer_hash=tok_hash, vocab_size=vocab, dtype=dtype_for(vocab, dtype))
     _write_json(out / BUILD_STATE, state)
 
     n_workers = workers if workers is not None else _default_workers(src)
