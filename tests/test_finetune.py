@@ -20,8 +20,8 @@ from electra_ds.data.glue import GlueExample, TASKS
 from electra_ds.data.tokenizer import load_tokenizer, special_ids, train_tokenizer
 from electra_ds.model.electra import ElectraForPretraining
 from electra_ds.model.hf import save_model
-from electra_ds.train.finetune import (FinetuneArgs, build_classifier, encode, load_discriminator, make_engine, predict,
-                                       run_task, train_order)
+from electra_ds.train.finetune import (FinetuneArgs, build_classifier, encode, find_tokenizer, load_discriminator,
+                                       make_engine, predict, run_task, train_order)
 from electra_ds.train.layerwise_lr import group_fn
 
 from test_glue_data import make_glue_dir
@@ -253,3 +253,16 @@ def test_glue_sh_end_to_end(setup):
     assert report["tasks"]["SST-2"]["runs"][0]["steps"] == 32 // 8
     assert report["tasks"]["QQP"]["status"] == "absent"
     assert "| SST-2 |" in proc.stdout and not (out / "submission").exists()
+
+
+def test_tokenizer_of_a_pretraining_run_is_found_in_its_cache(setup, tmp_path):
+    """Pretraining keeps its tokenizer in the token cache that run_config.json names (the HF export copies it, but
+    --no-export_hf runs and checkpoints have only the cache)."""
+    cache = tmp_path / "caches" / "corpus-abc"
+    shutil.copytree(setup["tokenizer"], cache / "tokenizer")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step00000002").mkdir(parents=True)
+    (run / "run_config.json").write_text(json.dumps({"data": str(cache)}))
+    assert find_tokenizer(run) == cache / "tokenizer"
+    assert find_tokenizer(run / "checkpoints" / "step00000002") == cache / "tokenizer"
+    assert find_tokenizer(tmp_path / "caches") is None

@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from electra_ds.config import ElectraConfig
+from electra_ds.data.cache import TOKENIZER_DIR
 from electra_ds.data.glue import DIAGNOSTIC, GlueExample, GlueTask, MissingData, get_task, load_split
 from electra_ds.data.tokenizer import load_tokenizer, special_ids
 from electra_ds.model.classifier import ElectraClassifier
-from electra_ds.model.hf import discriminator_config_from_hf, load_pretrained, read_hf_dir
+from electra_ds.model.hf import RUN_CONFIG, discriminator_config_from_hf, load_pretrained, read_hf_dir
 from electra_ds.train import engine as ds_engine
 from electra_ds.train.glue_metrics import compute_metrics
 from electra_ds.train.glue_report import (build_report, primary_score, pretrain_pfs_days, seed_dir, write_json,
@@ -114,10 +115,14 @@ def display_name(model_path: str | Path) -> str:
 
 
 def find_tokenizer(path: Path) -> Path | None:
-    """The tokenizer stored with a model: in the directory, its HF export, or its pretraining output dir."""
+    """The tokenizer stored with a model: in the directory, its HF export, its pretraining output dir, or the token
+    cache that run_config.json of the pretraining run (OUT, or OUT/checkpoints/stepN) names."""
     candidates = [path, path / "discriminator", path / "hf" / "discriminator", path / "tokenizer"]
     for parent in list(path.resolve().parents)[:2]:
         candidates += [parent, parent / "tokenizer", parent / "hf" / "discriminator"]
+    for run_config in (path / RUN_CONFIG, path.parent.parent / RUN_CONFIG):
+        if run_config.is_file():
+            candidates.append(Path(json.loads(run_config.read_text()).get("data", "")) / TOKENIZER_DIR)
     for folder in candidates:
         if any((folder / f).is_file() for f in TOKENIZER_FILES):
             return folder
@@ -370,8 +375,9 @@ def run_task(model_path: str | Path, task_name: str, out_dir: str | Path, *, see
     disc = load_discriminator(model_path)
     tok_path = tokenizer_path or disc.tokenizer_path
     if tok_path is None:
-        raise FileNotFoundError(f"{model_path}: no tokenizer (tokenizer.json or vocab.txt) next to the model or in "
-                                f"its pretraining output directory; pass --tokenizer")
+        raise FileNotFoundError(f"{model_path}: no tokenizer (tokenizer.json or vocab.txt) next to the model, in "
+                                "its pretraining output directory or in the token cache its run_config.json names; "
+                                "pass --tokenizer")
     tokenizer = load_tokenizer(tok_path)
     if tokenizer.get_vocab_size() != disc.config.vocab_size:
         raise ValueError(f"tokenizer {tok_path} has {tokenizer.get_vocab_size()} tokens but model {model_path} has a "
