@@ -29,6 +29,7 @@ from electra_ds.data.cache import BATCH_CHARS, TokenCache, build_cache
 from electra_ds.data.sampler import SegmentSampler
 from electra_ds.data.sources import DOC_SPLITS, open_source
 from electra_ds.data.tokenizer import load_tokenizer, train_tokenizer
+from electra_ds.files import atomic_write
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus" / "tinyshakespeare"
 
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['real_tokens_per_s'] / 1e6:7.1f} M real tokens/s  "
                       f"{r['positions_per_cpu_s'] / 1e6:7.1f} M positions/cpu-s")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        atomic_write(args.json, json.dumps(results, indent=1) + "\n")
     return 0
 
 
