@@ -370,7 +370,7 @@ def _tokenize_into_shards(out: Path, state: dict, src: Source, tok, period: int,
     """Stream the source through the tokenizer into both splits' shards, resuming from ``state``."""
     writers = {s: _ShardWriter(out, s, state["dtype"], state["settings"]["shard_tokens"], state["splits"][s],
                                lambda: _write_json(out / BUILD_STATE, state)) for s in SPLITS}
-    if min(w.resume_doc for w in writers.values()):
+    if any(w.resume_doc for w in writers.values()):  # the held-out split's first shard fills much later
         log.info("resuming %s: %d train and %d heldout shards already done", out,
                  len(state["splits"]["train"]["shards"]), len(state["splits"]["heldout"]["shards"]))
     from tqdm.auto import tqdm
