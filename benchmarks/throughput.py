@@ -44,6 +44,7 @@ import json
 import math
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -445,7 +446,21 @@ def environment(device: torch.device) -> dict[str, Any]:
     return {"device": str(device), "device_name": name, "cpu_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "transformers": package_version("transformers"), "deepspeed": package_version("deepspeed"),
-            "triton": package_version("triton"), "kernels_default_backend": kernels.get_backend()}
+            "triton": package_version("triton"), "kernels_default_backend": kernels.get_backend(),
+            "code": code_version()}
+
+
+def code_version() -> str | None:
+    """The commit the benchmark ran (with "+changes" when the tree differs from it); None outside a git clone."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+changes" if dirty else "")
 
 
 # -- one run (batch size) ------------------------------------------------------------------------------------
@@ -491,12 +506,12 @@ def run_variant(setup: Setup, variant: Variant, *, warmup: int, steps: int, peak
         runner = BUILDERS[variant.name](setup, variant.name)
         build_s = time.perf_counter() - start
         times, wall, warmup_s, loss = time_steps(runner.step, setup.device, warmup, steps)
+        final_loss = float(loss)  # now: a CUDA-graph replay below would overwrite the loss's static buffer
         syncs = count_host_syncs(runner.step, warmup + steps, setup.device, variant)
         profile = (step_profile.profile_steps(runner.step, warmup + steps + 1, profile_steps, setup.device)
                    if profile_steps else None)
         median = statistics.median(times)
         tflops = flops / (median / 1e3) / 1e12
-        final_loss = float(loss)
         notes = runner.notes if math.isfinite(final_loss) else f"{runner.notes}; final loss {final_loss}"
         record.update({
             "kernels": runner.kernels, "notes": notes, "build_s": build_s, "warmup_s": warmup_s,
@@ -565,7 +580,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"ELECTRA-{meta['model_size']} training step, {meta['precision']}, seq {meta['max_length']} "
              f"(max_predictions {meta['max_predictions']}), on {env['device_name']} ({env['device']}); "
              f"torch {env['torch']}, CUDA {env['cuda']}, transformers {env['transformers']}, "
-             f"deepspeed {env['deepspeed']}, triton {env['triton']}.",
+             f"deepspeed {env['deepspeed']}, triton {env['triton']}; code {env.get('code') or 'unknown'}.",
              f"Measured peak: {meta['matmul_peak']['shape']} at {meta['matmul_peak']['tflops']:.1f} TFLOP/s; "
              f"datasheet: {meta['datasheet_peak']['name']}"
              + (f" {meta['datasheet_peak']['tflops']:.0f} TFLOP/s" if meta['datasheet_peak']['tflops'] else "")

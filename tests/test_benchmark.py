@@ -40,8 +40,11 @@ def test_throughput_cpu_end_to_end(tmp_path):
                 "matmul_peak", "datasheet_peak", "recipe", "fair_check", "elapsed_s"):
         assert key in meta, key
     env_info = meta["environment"]
-    for key in ("device", "device_name", "torch", "cuda", "transformers", "deepspeed", "triton"):
+    for key in ("device", "device_name", "torch", "cuda", "transformers", "deepspeed", "triton", "code"):
         assert key in env_info, key
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:  # a git clone: the record names the commit
+        assert env_info["code"].startswith(head.stdout.strip())
     assert env_info["device"] == "cpu" and env_info["torch"] == torch.__version__
     assert meta["precision"] == "fp32" and meta["max_predictions"] == 2
     assert meta["matmul_peak"]["tflops"] > 0 and meta["datasheet_peak"] == {"name": "unknown", "tflops": None}
