@@ -432,7 +432,9 @@ def test_hub_dataset_source(monkeypatch, tmp_path, data_tokenizer):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     src = open_source("openwebtext")
+    assert src.progress_total == 3  # known before reading, for the progress bar
     assert [c for c in src.chunks()] == [("the world", True), ("", True), ("was great", True)]
+    assert len(calls) == 1  # loaded once
     out = build_cache("openwebtext", tmp_path / "c", data_tokenizer, workers=1, heldout_fraction=0, progress=False)
     assert TokenCache(out).num_documents == 2 and calls[0] == ("openwebtext", None, "train")
 

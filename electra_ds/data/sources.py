@@ -12,6 +12,7 @@ in sorted order. Invalid UTF-8 is replaced with U+FFFD and counted per file.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import inspect
@@ -323,7 +324,12 @@ class HubDataset(Source):
     def fingerprint(self) -> str:
         return f"hf:{self.name}:{self.config}:{self.split}"
 
-    def _load(self):
+    @property
+    def progress_total(self) -> int:  # records, known once the dataset is loaded (the progress bar asks first)
+        return len(self.dataset)
+
+    @functools.cached_property
+    def dataset(self):
         try:
             import datasets
         except ImportError:
@@ -340,8 +346,7 @@ class HubDataset(Source):
         return ds
 
     def _chunks(self, progress: Progress) -> Iterator[Chunk]:
-        ds = self._load()
-        self.progress_total = len(ds)
+        ds = self.dataset
         for start in range(0, len(ds), 1000):
             texts = ds[start:start + 1000][self.text_field]
             for i, text in enumerate(texts):
