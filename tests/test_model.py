@@ -135,6 +135,9 @@ def test_block_weights_must_be_back_to_back():
         FlatModule().init_flat(specs)
     with pytest.raises(ValueError, match="trailing shape"):
         FlatModule().init_flat([WeightSpec("a.q", (4, 2), "normal", "a.qkv"), WeightSpec("a.k", (4, 3), "normal", "a.qkv")])
+    with pytest.raises(ValueError, match="differs from its block in `matmul`"):  # one dtype per block under autocast
+        FlatModule().init_flat([WeightSpec("a.q", (4, 2), "normal", "a.qkv", matmul=True),
+                                WeightSpec("a.k", (4, 2), "normal", "a.qkv")])
 
 
 def test_export_import_round_trip_and_cli(tmp_path):

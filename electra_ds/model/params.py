@@ -64,6 +64,7 @@ class FlatModule(nn.Module):
     def init_flat(self, specs: Sequence[WeightSpec], group_fn: Callable[[str], str] | None = None,
                   initializer_range: float = 0.02, padding_rows: dict[str, int] | None = None) -> None:
         group_fn = group_fn or default_group
+        matmul = {spec.name for spec in specs if spec.matmul}
         self.slots: dict[str, Slot] = {}
         chunks: dict[str, list[Chunk]] = {}
         for spec in specs:
@@ -75,6 +76,8 @@ class FlatModule(nn.Module):
             extends = spec.block is not None and last is not None and last.name == spec.block
             if extends and self.slots[last.members[0]].shape[1:] != tuple(spec.shape[1:]):
                 raise ValueError(f"block {spec.block!r}: {spec.name} has another trailing shape than its block")
+            if extends and spec.matmul != (last.members[0] in matmul):
+                raise ValueError(f"block {spec.block!r}: {spec.name} differs from its block in `matmul`")
             if spec.block is not None and not extends and any(c.name == spec.block for cs in chunks.values()
                                                                for c in cs):
                 raise ValueError(f"block {spec.block!r}: its weights must be declared back to back in one group")
@@ -92,9 +95,7 @@ class FlatModule(nn.Module):
         for g, n in sizes.items():
             self.register_parameter(self.flat_names[g], nn.Parameter(torch.zeros(n)))
         self._specs = list(specs)
-        matmul = {spec.name for spec in specs if spec.matmul}
-        self._matmul = matmul | {c.name for cs in chunks.values() for c in cs
-                                 if len(c.members) > 1 and set(c.members) <= matmul}
+        self._matmul = {c.name for cs in chunks.values() for c in cs if c.name is not None and c.members[0] in matmul}
         self._matmul_groups = {self.slots[name].group for name in matmul}
         self.reset_parameters(initializer_range, padding_rows or {})
 
@@ -117,19 +118,25 @@ class FlatModule(nn.Module):
         """Group name -> its flat parameter."""
         return {g: getattr(self, attr) for g, attr in self.flat_names.items()}
 
-    def views(self, with_blocks: bool = False,
-              flats: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def views(self, with_blocks: bool = False, flats: dict[str, torch.Tensor] | None = None,
+              matmul_flats: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Weight name -> view into its flat buffer; with_blocks adds each block (e.g. fused QKV) as one tensor.
-        `flats` replaces the flat parameters (e.g. by copies in another dtype); groups it lacks are left out."""
+        `flats` replaces the flat parameters (e.g. by copies in another dtype); groups it lacks are left out.
+        `matmul_flats` (group -> a copy of its buffer) serves the matrix-product operands (specs marked `matmul`)."""
         out: dict[str, torch.Tensor] = {}
         flats = self.flat if flats is None else flats
+        matmul_flats = matmul_flats or {}
         for group, chunks in self._chunks.items():
             if group not in flats:
                 continue
-            parts = flats[group].split_with_sizes([c.size for c in chunks])
-            for chunk, part in zip(chunks, parts):
+            sizes = [c.size for c in chunks]
+            parts = flats[group].split_with_sizes(sizes)
+            matmul_parts = matmul_flats[group].split_with_sizes(sizes) if group in matmul_flats else parts
+            for chunk, part, matmul_part in zip(chunks, parts, matmul_parts):
                 if chunk.name is None:
                     continue
+                if chunk.name in self._matmul:
+                    part = matmul_part
                 is_block = chunk.members != [chunk.name]
                 pieces = part.split_with_sizes([self.slots[m].numel for m in chunk.members]) if is_block else (part,)
                 out.update({m: piece.view(self.slots[m].shape) for m, piece in zip(chunk.members, pieces)})
@@ -141,14 +148,12 @@ class FlatModule(nn.Module):
         """`views(with_blocks=True)` for a forward. Under autocast the matrix-product operands (specs marked
         `matmul`) are views of one cast of each flat buffer holding any to the autocast dtype: autocast would cast
         each operand at each use to the same values, so results do not change, but a cast or two replace hundreds."""
-        w = self.views(with_blocks=True)
         flats = self.flat
         device_type = next(iter(flats.values())).device.type
-        if self._matmul and torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            low = self.views(with_blocks=True, flats={g: flats[g].to(dtype) for g in self._matmul_groups})
-            w.update({name: low[name] for name in self._matmul})
-        return w
+        if not (self._matmul and torch.is_autocast_enabled(device_type)):
+            return self.views(with_blocks=True)
+        dtype = torch.get_autocast_dtype(device_type)
+        return self.views(with_blocks=True, matmul_flats={g: flats[g].to(dtype) for g in self._matmul_groups})
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """One optimizer group per flat buffer; "no_decay" groups get weight decay 0."""
