@@ -26,11 +26,31 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+# Calls whose result needs values on the host: reads, formatting, comparisons to a Python bool, and ops whose
+# output shape depends on the values (the host learns the size before it can allocate).
 READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
-         torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu, torch.Tensor.nonzero,
-         torch.nonzero}
+         torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu, torch.Tensor.__format__,
+         torch.Tensor.__repr__, torch.Tensor.nonzero, torch.nonzero, torch.Tensor.masked_select, torch.masked_select,
+         torch.Tensor.unique, torch.unique, torch.unique_consecutive, torch.equal, torch.Tensor.equal,
+         torch.allclose, torch.Tensor.allclose}
 FROM_HOST = {torch.tensor, torch.as_tensor}
+MASK_INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__}
+
 _TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _by_mask(func: Any, args: tuple) -> bool:
+    """`t[mask]` or `t[mask] = v` with a boolean mask: the selected count is read first."""
+    if func not in MASK_INDEXING or len(args) < 2:
+        return False
+    index = args[1] if isinstance(args[1], tuple) else (args[1],)
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in index)
+
+
+def _sized_by_values(func: Any, args: tuple, kwargs: dict) -> bool:
+    """repeat_interleave with tensor repeats and no output_size: the output size is their sum, read on the host."""
+    return (func in (torch.repeat_interleave, torch.Tensor.repeat_interleave) and kwargs.get("output_size") is None
+            and any(isinstance(a, torch.Tensor) and a.numel() > 1 for a in (*args[1:2], kwargs.get("repeats"))))
 
 
 def _to_host(func: Any, args: tuple, kwargs: dict) -> bool:
@@ -80,8 +100,8 @@ class SyncCounter(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if (func in READS or (func in FROM_HOST and kwargs.get("device") is not None)
-                or _to_host(func, args, kwargs)):
+        if (func in READS or (func in FROM_HOST and kwargs.get("device") is not None) or _by_mask(func, args)
+                or _sized_by_values(func, args, kwargs) or _to_host(func, args, kwargs)):
             self._count()
         return func(*args, **kwargs)
 

@@ -30,6 +30,23 @@ def test_counter_names_each_reading_call_site():
                for site in syncs.sites), syncs.sites
 
 
+def test_counter_sees_value_dependent_shapes_and_formatting():
+    t = torch.arange(6.0)
+    mask = t > 2
+    with SyncCounter() as syncs:
+        t[mask]
+        t[mask] = 0.0
+        t.masked_select(mask)
+        torch.unique(t)
+        torch.equal(t, t)
+        f"{t.sum():.3f}"
+        torch.repeat_interleave(t, torch.ones(6, dtype=torch.long))
+    assert syncs.total == 7, syncs.sites
+    with SyncCounter() as syncs:
+        t[1:3], t[torch.tensor([0, 1])], t.repeat_interleave(2), t + 1  # shapes known without the values
+    assert syncs.total == 0, syncs.sites
+
+
 def test_counter_sees_deepspeed_accelerator_synchronize():
     from deepspeed.accelerator import get_accelerator
 
