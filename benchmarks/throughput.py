@@ -271,7 +271,7 @@ def build_ours_bare(setup: Setup, name: str) -> Runner:
 def build_ours_ds(setup: Setup, name: str) -> Runner:
     from electra_ds.model.electra import ElectraForPretraining
     from electra_ds.train import engine as ds_engine
-    from electra_ds.train.pretrain import compiled_masking, pretraining_step
+    from electra_ds.train.pretrain import compile_engine, pretraining_step
 
     compiled, mode = compile_mode(name)
     backend = kernel_choice(setup, name, compiled)
@@ -283,10 +283,7 @@ def build_ours_ds(setup: Setup, name: str) -> Runner:
     engine = ds_engine.initialize(model, ds_config, learning_rate=setup.learning_rate,
                                   warmup_steps=setup.warmup_steps, max_steps=setup.max_steps, weight_decay=0.01,
                                   optimizer="electra_adam")
-    mask_fn = mask_tokens
-    if compiled:
-        engine.compile(compile_kwargs={"mode": mode} if mode else {})
-        mask_fn = compiled_masking(mode)
+    mask_fn = compile_engine(engine, mode) if compiled else mask_tokens
 
     def step(i: int) -> torch.Tensor:
         out = pretraining_step(engine, setup.our_batch(i), special_ids=setup.specials,

@@ -149,13 +149,10 @@ def test_bad_max_grad_norm_is_refused():
 def test_cuda_step_never_waits_for_the_device(compile_mode):
     """The real check on a GPU: torch.cuda.set_sync_debug_mode("error") raises at any synchronising call."""
     from electra_ds.data.masking import mask_tokens
-    from electra_ds.train.pretrain import compiled_masking
+    from electra_ds.train.pretrain import compile_engine
 
     engine = engine_for("bf16")
-    mask_fn = mask_tokens
-    if compile_mode:
-        engine.compile(compile_kwargs={"mode": compile_mode})
-        mask_fn = compiled_masking(compile_mode)
+    mask_fn = compile_engine(engine, compile_mode) if compile_mode else mask_tokens
     ids = torch.randint(4, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     host = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
     batch = ds_engine.device_batch(host, engine.device)

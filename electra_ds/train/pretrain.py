@@ -300,6 +300,13 @@ def compiled_masking(mode: str | None) -> Callable[..., MaskingPlan]:
     return torch.compile(mask_tokens, fullgraph=True, dynamic=False, mode=mode)
 
 
+def compile_engine(engine, mode: str | None) -> Callable[..., MaskingPlan]:
+    """What `--compile` does: torch.compile the engine's model (mode None: the default) and the masking; returns
+    the masking function for `pretraining_step`."""
+    engine.compile(compile_kwargs={"mode": mode} if mode else {})
+    return compiled_masking(mode)
+
+
 def forward(engine, batch: dict[str, torch.Tensor], **masking):
     """Mask `batch` (see `masking_inputs`) and run the engine's forward; returns PretrainOutput."""
     torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph replays (no-op without them)
@@ -529,9 +536,7 @@ def run(args: argparse.Namespace) -> Path:
                                   weight_decay=args.weight_decay, optimizer=args.optimizer)
     mask_fn = mask_tokens
     if args.compile != "none":
-        mode = None if args.compile == "default" else args.compile
-        engine.compile(compile_kwargs={"mode": mode} if mode else {})
-        mask_fn = compiled_masking(mode)
+        mask_fn = compile_engine(engine, None if args.compile == "default" else args.compile)
     device = engine.device
     seed_everything(derive_seed(args.seed, 0, rank, DROPOUT_STREAM))  # dropout noise differs across ranks
 
