@@ -226,11 +226,11 @@ class _ShardWriter:
     def _flush(self, next_doc: int) -> None:
         """Write the buffer as the next shard; ``next_doc`` is the first document not wholly in it."""
         name = f"{self.split}-{len(self.state['shards']):05d}"
-        starts = np.asarray(self.starts + [self.fill], dtype=np.int64)
+        starts = np.asarray(self.starts + [self.fill], dtype=np.int64).tobytes()
         tokens = memoryview(self.buffer[:self.fill]).cast("B")
-        atomic_write(self.root / f"{name}.idx", starts.tobytes())
+        atomic_write(self.root / f"{name}.idx", starts)
         atomic_write(self.root / f"{name}.bin", tokens)
-        checksum = _checksum(tokens, starts.tobytes())
+        checksum = _checksum(tokens, starts)
         self.state["shards"].append({"name": name, "tokens": int(self.fill), "documents": len(self.starts),
                                      "checksum": checksum})
         self.state["documents"] += self.done_docs
