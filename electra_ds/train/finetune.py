@@ -96,7 +96,7 @@ def load_discriminator(path: str | Path) -> Discriminator:
     if (path / "config.json").is_file():
         cfg, state = read_hf_dir(path, "ElectraForPreTraining")
         config = discriminator_config_from_hf(cfg, f"{path}/config.json")
-        weights = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+        weights = state  # load_discriminator_weights keeps the encoder's weights (no position_ids buffer)
     else:
         model = load_pretrained(path)
         config = model.config
