@@ -1,5 +1,6 @@
 """A pretraining run's DeepSpeed checkpoint loads into our model and exports to Hugging Face (ZeRO 0 and 2)."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -47,6 +48,19 @@ def test_deepspeed_checkpoint_loads(tmp_path, stage, bf16):
     (out / "checkpoints" / "latest").write_text(broken.name)
     newest_complete = load_pretrained(out).views()
     assert all(torch.equal(newest_complete[k], got[k]) for k in got)
+    if stage == 0:  # a complete checkpoint whose weights file is damaged (same size): the older one loads
+        damaged = out / "checkpoints" / "step00000003"
+        shutil.copytree(out / "checkpoints" / "step00000001", damaged)
+        states = damaged / "mp_rank_00_model_states.pt"
+        states.write_bytes(b"x" * states.stat().st_size)
+        assert all(torch.equal(load_pretrained(out).views()[k], got[k]) for k in got)
+        good = out / "checkpoints" / "step00000001" / states.name
+        intact = good.read_bytes()
+        shutil.copyfile(states, good)
+        with pytest.raises(ValueError, match="no usable checkpoint.*step00000003: .*step00000001: "):
+            load_pretrained(out)
+        good.write_bytes(intact)
+        shutil.rmtree(damaged)
     assert convert_main(["to-hf", str(out / "checkpoints" / "step00000001"), str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "discriminator" / "config.json").is_file()
 

@@ -3,6 +3,7 @@ and our own model directory format (`electra_config.json` + `model.safetensors` 
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -190,9 +191,17 @@ def load_pretrained(path: str | Path) -> ElectraForPretraining:
     from electra_ds.train.checkpoint import CheckpointManager
 
     checkpoints = CheckpointManager(path / "checkpoints", keep=1, rank=0, world_size=1)
-    for _, tag in checkpoints.complete():  # newest first; the same choice a resumed run makes
-        if checkpoints.problem(tag) is None:
-            return load_deepspeed_checkpoint(checkpoints.root / tag)
+    problems = []
+    for _, tag in checkpoints.complete():  # newest first, past damaged ones, as a resumed run chooses
+        issue = checkpoints.problem(tag)
+        if issue is None:
+            try:
+                return load_deepspeed_checkpoint(checkpoints.root / tag)
+            except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
+                issue = f"{type(e).__name__}: {str(e)[:300]}"
+        problems.append(f"{tag}: {issue}")
+    if problems:
+        raise ValueError(f"{path}: no usable checkpoint in {checkpoints.root}: " + "; ".join(problems))
     raise FileNotFoundError(f"{path}: not an electra_ds model directory ({MODEL_CONFIG}), a Hugging Face pair "
                             f"({DISC}/ and {GEN}/), a DeepSpeed checkpoint ({DS_MODEL_STATES}) or a pretraining "
                             f"output directory (hf/, model/ or a complete checkpoint in checkpoints/)")
