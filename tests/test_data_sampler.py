@@ -193,6 +193,8 @@ def test_loader_matches_batches_and_cache_pickles(data_word_cache_sharded):
             got, want = next(it), sampler.batch(step)
             assert all(got[k].dtype == torch.int64 and np.array_equal(got[k].numpy(), want[k]) for k in want)
         del it
+    assert any(m is not None for m in sampler.cache._maps)  # shards mapped by the batches above
     clone = pickle.loads(pickle.dumps(sampler))
+    assert all(m is None for m in clone.cache._maps)  # not copied: a worker maps the shards itself
     assert np.array_equal(clone.batch(3)["input_ids"], sampler.batch(3)["input_ids"])
     assert clone.cache.num_tokens == sum(DOC_LENGTHS)

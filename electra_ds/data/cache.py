@@ -509,15 +509,8 @@ class TokenCache:
         self.shard_length = np.array([s["tokens"] for s in self.shards], dtype=np.int64)
         self._maps: list[np.ndarray | None] = [None] * len(self.shards)
 
-    def __getstate__(self) -> dict:  # workers reopen the shards instead of receiving copies of them
-        state = self.__dict__.copy()
-        for key in ("doc_start", "doc_length", "doc_shard", "shard_length", "_maps"):
-            state.pop(key)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._load_index()
+    def __getstate__(self) -> dict:  # workers map the shards again instead of receiving copies of them
+        return {**self.__dict__, "_maps": [None] * len(self.shards)}
 
     @property
     def num_tokens(self) -> int:
