@@ -601,7 +601,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {fmt(v['speedup_vs_hf_eager'], '.2f')} | {v['hours_per_1m_steps']:.1f} "
                 f"| {fmt(v['host_syncs_per_step'], '.0f')} |")
     overheads = [f"Batch {run['batch_size']}: DeepSpeed engine cost, {name} minus the same step without the engine: "
-                 f"{ms:+.2f} ms/step." for run in result["runs"] for name, ms in run["engine_overhead_ms"].items()]
+                 f"{ms:+.2f} ms/step" + (" (below zero: the two medians' noise exceeds the cost)." if ms < 0 else ".")
+                 for run in result["runs"] for name, ms in run["engine_overhead_ms"].items()]
     overheads += [f"Batch {run['batch_size']}: fastest step through the DeepSpeed engine: {best['name']}, "
                   f"{best['ms_per_step']:.2f} ms; {fmt(best['x_hf_eager'], '.2f', suffix='x')} HF eager, "
                   f"{fmt(best['x_hf_compile_cudagraphs'], '.2f', suffix='x')} HF with CUDA graphs."
