@@ -286,6 +286,22 @@ def test_zero_resume_from_a_checkpoint_repeats_the_run(corpus, tmp_path, ds_conf
     assert resumed == {3: reference[3], 4: reference[4]}
 
 
+def test_sample_layout_flags_reach_both_samplers(corpus, tmp_path, monkeypatch):
+    from electra_ds.data import sampler as sampler_module
+
+    made = []
+
+    class Recording(sampler_module.SegmentSampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append((self.pack, self.two_segments))
+
+    monkeypatch.setattr(sampler_module, "SegmentSampler", Recording)
+    records = train(corpus, tmp_path / "out", "--two_segments", "--pack_documents", steps=2)
+    assert made == [(True, True), (True, True)]  # training and held-out
+    assert all(np.isfinite(r["loss"]) for r in records)
+
+
 def test_loss_goes_down_and_outputs_are_written(corpus, tmp_path, capsys):
     out = tmp_path / "out"
     records = train(corpus, out, "--learning_rate", "2e-3", "--export_hf", steps=60, batch=8)

@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="vocabulary of the tokenizer trained when --tokenizer is not given")
     data.add_argument("--doc_split", default="file", choices=("file", "blank_lines"),
                       help="how local text files split into documents")
+    data.add_argument("--two_segments", action="store_true",
+                      help="samples of two segments, [CLS] A [SEP] B [SEP] (90%%; the rest one segment), as the "
+                           "original ELECTRA data builder makes them; default one segment, as RC2020")
+    data.add_argument("--pack_documents", action="store_true",
+                      help="windows may span consecutive documents (within a shard) instead of staying inside one")
     data.add_argument("--num_workers", type=int, default=0,
                       help="data loader processes; 0 samples in the main process (about a millisecond a batch), "
                            "which also keeps Ctrl-C from killing loader workers before the final checkpoint")
@@ -564,12 +569,13 @@ def run(args: argparse.Namespace) -> Path:
     wandb = (Wandb(args.wandb, out, args.wandb_project, args.experiment_name, run_config, state.get("wandb_id"))
              if rank == 0 else None)
 
-    sampler = SegmentSampler(cache, plan.max_length, plan.micro_batch, args.seed, rank, world_size,
+    layout = {"pack": args.pack_documents, "two_segments": args.two_segments}
+    sampler = SegmentSampler(cache, plan.max_length, plan.micro_batch, args.seed, rank, world_size, **layout,
                              max_positions=config.max_position_embeddings)
     eval_sampler = None
     try:
         eval_sampler = SegmentSampler(TokenCache(cache_path, split="heldout"), plan.max_length, plan.micro_batch,
-                                      derive_seed(args.seed, 0, 0, EVAL_STREAM), rank, world_size)
+                                      derive_seed(args.seed, 0, 0, EVAL_STREAM), rank, world_size, **layout)
     except CacheError as e:  # a cache without held-out documents still trains
         log.warning("no evaluation: %s", e)
     with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global RNG: keep dropout's
