@@ -28,6 +28,7 @@ import torch
 
 from electra_ds.config import PRESETS, RECIPES, ElectraConfig, check_fields, max_predictions, preset
 from electra_ds.data.masking import MaskingPlan, mask_tokens
+from electra_ds.data.sources import DOC_SPLITS
 from electra_ds.files import atomic_write
 from electra_ds.flops import PFS_DAY, electra_step_flops
 from electra_ds.model.hf import RUN_CONFIG
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--tokenizer", help="tokenizer for building a cache (default: train one on the source)")
     data.add_argument("--vocab_size_to_train", type=int, default=30522,
                       help="vocabulary of the tokenizer trained when --tokenizer is not given")
-    data.add_argument("--doc_split", default="file", choices=("file", "blank_lines"),
+    data.add_argument("--doc_split", default="file", choices=DOC_SPLITS,
                       help="how local text files split into documents")
     data.add_argument("--two_segments", action="store_true",
                       help="samples of two segments, [CLS] A [SEP] B [SEP] (90%%; the rest one segment), as the "
