@@ -266,3 +266,40 @@ def test_tokenizer_of_a_pretraining_run_is_found_in_its_cache(setup, tmp_path):
     assert find_tokenizer(run) == cache / "tokenizer"
     assert find_tokenizer(run / "checkpoints" / "step00000002") == cache / "tokenizer"
     assert find_tokenizer(tmp_path / "caches") is None
+
+
+@pytest.mark.slow
+def test_two_ranks_fine_tune_like_one(setup, tmp_path):
+    """Data parallelism: 2 ranks, each on its half of every batch (gradients averaged), make the same STS-B dev
+    predictions as 1 rank on the whole batch (dropout off, so the only difference is summation order)."""
+    from electra_ds.train.engine import free_port
+
+    model = tmp_path / "no_dropout"
+    torch.manual_seed(0)
+    save_model(ElectraForPretraining(preset("tiny", vocab_size=setup["vocab"], hidden_dropout_prob=0.0,
+                                            attention_probs_dropout_prob=0.0)), model / "model")
+    shutil.copytree(setup["tokenizer"], model / "tokenizer")
+    glue = tmp_path / "glue"
+    rng = random.Random(2)
+    for split, n in (("train", 64), ("dev", 40)):  # STS-B layout; the score follows the keyword's polarity
+        rows = [f"{i}\tmain\tMSRvid\t2012\t{i:04d}\tnone\tnone\t{_sentence(rng, i % 2)}\t{_sentence(rng, 1)}\t"
+                f"{4 * (i % 2) + rng.random():.3f}" for i in range(n)]
+        header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+        (glue / "STS-B").mkdir(parents=True, exist_ok=True)
+        (glue / "STS-B" / f"{split}.tsv").write_text("\n".join([header, *rows]) + "\n")
+    common = ["--model", str(model), "--task", "STS-B", "--glue_dir", str(glue), "--seeds", "1",
+              "--max_train_samples", "64", "--epochs", "1", "--batch_size", "16", "--learning_rate", "1e-3",
+              "--no_test"]
+    glue_py = str(REPO / "launch" / "glue.py")
+    launchers = {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                  "2", "--master_port", str(free_port())]}
+    preds = {}
+    for name, launcher in launchers.items():
+        out = tmp_path / name
+        proc = subprocess.run([*launcher, glue_py, *common, "--output_dir", str(out)],
+                              env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (dev,) = out.glob("STS-B/**/dev.tsv")
+        preds[name] = np.array([float(line.split("\t")[1]) for line in dev.read_text().splitlines()[1:]])
+    assert len(preds["one"]) == len(preds["two"]) > 10 and preds["one"].std() > 0
+    np.testing.assert_allclose(preds["two"], preds["one"], atol=1.5e-3)  # the TSV rounds scores to 0.001

@@ -24,7 +24,8 @@ from electra_ds.train.checkpoint import MANIFEST, CheckpointManager
 from electra_ds.train.engine import DSConfigError, linear_warmup_decay, load_ds_config
 from electra_ds.train.metrics_log import CollapseMonitor, MetricsFile
 from electra_ds.train.optim import ElectraAdam
-from electra_ds.train.pretrain import SetupError, derive_seed, grad_norm, make_plan, parse_args, run
+from electra_ds.seeding import derive_seed
+from electra_ds.train.pretrain import SetupError, grad_norm, make_plan, parse_args, run
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ("fp32", "fp16", "bf16", "bf16_zero1", "bf16_zero2", "bf16_zero3", "bf16_zero2_offload")

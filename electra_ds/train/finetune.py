@@ -24,6 +24,7 @@ from electra_ds.data.glue import DIAGNOSTIC, GlueExample, GlueTask, MissingData,
 from electra_ds.data.tokenizer import load_tokenizer, special_ids
 from electra_ds.model.classifier import ElectraClassifier
 from electra_ds.model.hf import RUN_CONFIG, discriminator_config_from_hf, load_pretrained, read_hf_dir
+from electra_ds.seeding import DROPOUT_STREAM, derive_seed
 from electra_ds.train import engine as ds_engine
 from electra_ds.train.glue_metrics import compute_metrics
 from electra_ds.train.glue_report import (build_report, primary_score, pretrain_pfs_days, seed_dir, write_json,
@@ -329,6 +330,7 @@ def finetune_seed(disc: Discriminator, task: GlueTask, data: TaskData, encoded: 
     steps, warmup = schedule(len(data.train), args, task)
     model = build_classifier(disc, task, seed)
     engine = make_engine(model, args, lr, steps, warmup)
+    torch.manual_seed(derive_seed(seed, 0, rank, DROPOUT_STREAM))  # same head on every rank, own dropout noise
     train_loss = train(engine, encoded["train"], args, steps, seed, task.is_regression, rank, world_size)
     run: dict[str, Any] = {"seed": seed, "steps": steps, "warmup_steps": warmup, "learning_rate": lr,
                            "train_examples": len(data.train), "train_loss": train_loss,

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -23,7 +22,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from electra_ds.config import PRESETS, RECIPES, ElectraConfig, check_fields, max_predictions, preset
@@ -32,6 +30,8 @@ from electra_ds.data.sources import DOC_SPLITS
 from electra_ds.files import atomic_write
 from electra_ds.flops import PFS_DAY, electra_step_flops
 from electra_ds.model.hf import RUN_CONFIG
+from electra_ds.seeding import (DROPOUT_STREAM, EVAL_STREAM, MASK_STREAM, SAMPLE_STREAM, derive_seed,
+                               seed_everything)
 from electra_ds.train import engine as ds_engine
 from electra_ds.train.checkpoint import CheckpointError, CheckpointManager, tag_for
 from electra_ds.train.metrics_log import CollapseMonitor, DeviceMeter, MetricsFile, Wandb, format_line
@@ -40,8 +40,6 @@ from electra_ds.train.plots import plot_training_curves
 log = logging.getLogger("electra_ds.pretrain")
 
 DEFAULT_CACHE_ROOT = Path(".cache") / "token_caches"
-# Seed streams: masking, Gumbel sampling, dropout, evaluation data.
-MASK_STREAM, SAMPLE_STREAM, DROPOUT_STREAM, EVAL_STREAM = 1, 2, 3, 4
 # RC2020 counts --logging_steps/--eval_steps/--save_steps in samples; these are its defaults in steps of 128.
 DEFAULT_LOG_EVERY, DEFAULT_EVAL_EVERY, DEFAULT_SAVE_EVERY = 30, 100, 10_000
 
@@ -269,18 +267,6 @@ def make_plan(args: argparse.Namespace, world_size: int) -> Plan:
 
 # -- the step ------------------------------------------------------------------------------------------------
 
-def derive_seed(seed: int, step: int, rank: int, stream: int) -> int:
-    """A well-mixed 62-bit seed from (seed, step, rank, stream) (splitmix64 rounds)."""
-    mask = (1 << 64) - 1
-    x = 0
-    for part in (seed, stream, rank, step):
-        x = (x ^ (part & mask)) + 0x9E3779B97F4A7C15 & mask
-        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & mask
-        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & mask
-        x ^= x >> 31
-    return x >> 2
-
-
 def masking_inputs(batch: dict[str, torch.Tensor], *, vocab_size: int, special_ids: dict[str, int],
                    mlm_probability: float, max_predictions: int, step: int, seed: int, rank: int,
                    mask_replace_prob: float = 0.85,
@@ -445,12 +431,6 @@ def check_output_dir(out: Path, run_config: dict, resume: str) -> None:
     if changed:
         log.warning("resuming %s with changed flags: %s", out,
                     ", ".join(f"{k}: {previous['flags'].get(k)} -> {run_config['flags'][k]}" for k in changed))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
 
 
 def loss_scale(engine) -> float | None:
@@ -758,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["GracefulStop", "NonFiniteError", "Plan", "SetupError", "build_parser", "derive_seed", "evaluate",
+__all__ = ["GracefulStop", "NonFiniteError", "Plan", "SetupError", "build_parser", "evaluate",
            "forward", "main", "make_plan", "parse_args", "pretraining_step", "run"]
 
 if __name__ == "__main__":
