@@ -19,7 +19,7 @@ import logging
 import sys
 
 from electra_ds.data.cache import DEFAULT_SHARD_TOKENS, MANIFEST, CacheError, build_cache, verify_cache
-from electra_ds.data.sources import DOC_SPLITS, SourceError
+from electra_ds.data.sources import SourceError, add_source_arguments, source_options
 from electra_ds.data.tokenizer import TokenizerError
 
 
@@ -36,13 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
     p.add_argument("--heldout_fraction", type=float, default=0.005, help="share of documents held out for eval")
     p.add_argument("--dtype", choices=("uint16", "uint32"), help="token dtype (default: by vocab size)")
-    p.add_argument("--doc_split", choices=DOC_SPLITS, default="file",
-                   help="documents of .txt files: whole files, or blocks separated by blank lines")
-    p.add_argument("--text_field", default="text", help="text field of .jsonl/.parquet/dataset records")
-    p.add_argument("--strip_gutenberg", action="store_true",
-                   help="drop Project Gutenberg headers/licences (*** START OF / *** END OF markers)")
-    p.add_argument("--hf_config", help="Hugging Face dataset configuration")
-    p.add_argument("--hf_split", default="train", help="Hugging Face dataset split")
+    add_source_arguments(p)
     p.add_argument("--tokenizer_sample_mb", type=float, default=256.0,
                    help="text used to train the tokenizer (without --tokenizer)")
     args = p.parse_args(argv)
@@ -56,9 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             out = build_cache(args.source, args.output, args.tokenizer, args.workers, vocab_size=args.vocab_size,
                               shard_tokens=args.shard_tokens, heldout_fraction=args.heldout_fraction,
-                              dtype=args.dtype, doc_split=args.doc_split, strip_gutenberg=args.strip_gutenberg,
-                              text_field=args.text_field, hf_config=args.hf_config, hf_split=args.hf_split,
-                              tokenizer_sample_mb=args.tokenizer_sample_mb)
+                              dtype=args.dtype, tokenizer_sample_mb=args.tokenizer_sample_mb,
+                              **source_options(args))
     except (CacheError, SourceError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from electra_ds.data.sources import DOC_SPLITS, SourceError, open_source
+from electra_ds.data.sources import SourceError, add_source_arguments, open_source, source_options
 from electra_ds.data.tokenizer import TokenizerError, load_tokenizer, special_ids, train_tokenizer, vocab_size
 
 
@@ -26,18 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab_size", type=int, default=30522)
     p.add_argument("--sample_mb", type=float, default=256.0, help="train on at most this many MB of text")
     p.add_argument("--min_frequency", type=int, default=2)
-    p.add_argument("--doc_split", choices=DOC_SPLITS, default="file", help="documents of .txt files")
-    p.add_argument("--text_field", default="text", help="text field of .jsonl/.parquet/dataset records")
-    p.add_argument("--strip_gutenberg", action="store_true",
-                   help="drop Project Gutenberg headers/licences (*** START OF / *** END OF markers)")
-    p.add_argument("--hf_config", help="Hugging Face dataset configuration")
-    p.add_argument("--hf_split", default="train", help="Hugging Face dataset split")
+    add_source_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        source = open_source(args.source, doc_split=args.doc_split, text_field=args.text_field,
-                             strip_gutenberg=args.strip_gutenberg, hf_config=args.hf_config,
-                             hf_split=args.hf_split)
+        source = open_source(args.source, **source_options(args))
         out = train_tokenizer(source.texts(int(args.sample_mb * 1e6)), args.vocab_size, args.output,
                               min_frequency=args.min_frequency, show_progress=True)
         tok = load_tokenizer(out)

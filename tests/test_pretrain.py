@@ -19,13 +19,13 @@ import torch
 
 from conftest import child_env
 from electra_ds.data.cache import TokenCache
+from electra_ds.seeding import derive_seed
 from electra_ds.train import engine as ds_engine
 from electra_ds.train.checkpoint import MANIFEST, CheckpointManager
 from electra_ds.train.engine import DSConfigError, linear_warmup_decay, load_ds_config
 from electra_ds.train.metrics_log import CollapseMonitor, MetricsFile
 from electra_ds.train.optim import ElectraAdam
-from electra_ds.seeding import derive_seed
-from electra_ds.train.pretrain import SetupError, grad_norm, make_plan, parse_args, run
+from electra_ds.train.pretrain import SetupError, grad_norm, make_plan, parse_args, prepare_cache, run
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ("fp32", "fp16", "bf16", "bf16_zero1", "bf16_zero2", "bf16_zero3", "bf16_zero2_offload")
@@ -254,6 +254,25 @@ def test_batch_sizes_that_disagree_fail_clearly(corpus, tmp_path):
 def test_missing_data_fails_clearly(tmp_path):
     with pytest.raises(SetupError, match="--data '.*no_such_cache'"):
         run(parse_args(argv(tmp_path / "no_such_cache", tmp_path / "out")))
+
+
+def test_source_flags_reach_the_cache(tmp_path):
+    """pretrain.py reads a source as build_cache.py does: record field, Gutenberg stripping, document split."""
+    import gzip
+
+    book = "Header\n*** START OF THE BOOK ***\nthe tale begins here\n*** END OF THE BOOK ***\nlicence text\n"
+    with gzip.open(tmp_path / "books.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"body": book, "text": "the wrong field"}) + "\n")
+    args = parse_args(["--data", str(tmp_path / "books.jsonl.gz"), "--cache_root", str(tmp_path / "caches"),
+                       "--vocab_size_to_train", "200", "--text_field", "body", "--strip_gutenberg"])
+    path = prepare_cache(args, rank=0)
+    cache = TokenCache(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["settings"]["strip_gutenberg"] and manifest["settings"]["text_field"] == "body"
+    from electra_ds.data.tokenizer import load_tokenizer
+
+    text = load_tokenizer(cache.tokenizer_path).decode(cache.document(0).tolist())
+    assert text == "the tale begins here"
 
 
 # -- the real engine --------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import numpy as np
 
 from electra_ds.files import atomic_write, remove_stale_temps, replacing_dir
 
-from .sources import Builtin, LocalFiles, Source, open_source
+from .sources import SOURCE_OPTIONS, Builtin, LocalFiles, Source, open_source
 
 from .tokenizer import (load_tokenizer, save_tokenizer, special_ids, tokenizer_hash,
                         train_tokenizer)
@@ -445,8 +445,7 @@ def ensure_cache(source: str, cache_root: Path, tokenizer: str | None = None, **
             cache.check_tokenizer(load_tokenizer(tokenizer))
         return given
     content = {k: v for k, v in build_kwargs.items() if k not in ("workers", "progress")}
-    src = open_source(source, **{k: content[k] for k in ("doc_split", "text_field", "strip_gutenberg",
-                                                          "hf_config", "hf_split") if k in content})
+    src = open_source(source, **{k: content[k] for k in SOURCE_OPTIONS if k in content})
     tok_key = (tokenizer_hash(load_tokenizer(tokenizer)) if tokenizer is not None
                else f"train:{content.get('vocab_size', 30522)}")
     key = json.dumps({"source": src.spec, "fingerprint": src.fingerprint(), "tokenizer": tok_key,

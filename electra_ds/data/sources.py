@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import sys
+import argparse
 import sysconfig
 import zlib
 from abc import ABC, abstractmethod
@@ -36,6 +37,8 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 PARQUET_SUFFIXES = (".parquet",)
 SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 DOC_SPLITS = ("file", "blank_lines")
+# The keyword arguments of `open_source` besides the spec: how a source is read.
+SOURCE_OPTIONS = ("doc_split", "text_field", "strip_gutenberg", "hf_config", "hf_split")
 
 _START = re.compile(r"^[ \t]*\*\*\*[ \t]*START OF\b.*$", re.MULTILINE | re.IGNORECASE)
 _END = re.compile(r"^[ \t]*\*\*\*[ \t]*END OF\b.*$", re.MULTILINE | re.IGNORECASE)
@@ -420,3 +423,19 @@ def open_source(spec: str | os.PathLike, *, doc_split: str = "file", text_field:
         return LocalFiles(path, doc_split=doc_split, text_field=text_field, strip_gutenberg=strip_gutenberg)
     return HubDataset(text, config=hf_config, split=hf_split, text_field=text_field,
                       strip_gutenberg=strip_gutenberg)
+
+
+def add_source_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The command-line flags of `SOURCE_OPTIONS` (one definition for every launcher that reads a source)."""
+    parser.add_argument("--doc_split", choices=DOC_SPLITS, default="file",
+                        help="documents of local .txt files: whole files, or blocks separated by blank lines")
+    parser.add_argument("--text_field", default="text", help="text field of .jsonl/.parquet/dataset records")
+    parser.add_argument("--strip_gutenberg", action="store_true",
+                        help="drop Project Gutenberg headers/licences (*** START OF / *** END OF markers)")
+    parser.add_argument("--hf_config", help="Hugging Face dataset configuration")
+    parser.add_argument("--hf_split", default="train", help="Hugging Face dataset split")
+
+
+def source_options(args: argparse.Namespace) -> dict[str, object]:
+    """The `open_source` keyword arguments parsed by `add_source_arguments`."""
+    return {name: getattr(args, name) for name in SOURCE_OPTIONS}

@@ -26,7 +26,7 @@ import torch
 
 from electra_ds.config import PRESETS, RECIPES, ElectraConfig, check_fields, max_predictions, preset
 from electra_ds.data.masking import MaskingPlan, mask_tokens
-from electra_ds.data.sources import DOC_SPLITS
+from electra_ds.data.sources import add_source_arguments, source_options
 from electra_ds.files import atomic_write
 from electra_ds.flops import PFS_DAY, electra_step_flops
 from electra_ds.model.hf import RUN_CONFIG
@@ -127,8 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--tokenizer", help="tokenizer for building a cache (default: train one on the source)")
     data.add_argument("--vocab_size_to_train", type=int, default=30522,
                       help="vocabulary of the tokenizer trained when --tokenizer is not given")
-    data.add_argument("--doc_split", default="file", choices=DOC_SPLITS,
-                      help="how local text files split into documents")
+    add_source_arguments(data)
     data.add_argument("--two_segments", action="store_true",
                       help="samples of two segments, [CLS] A [SEP] B [SEP] (90%%; the rest one segment), as the "
                            "original ELECTRA data builder makes them; default one segment, as RC2020")
@@ -389,7 +388,7 @@ def prepare_cache(args: argparse.Namespace, rank: int) -> Path:
             from electra_ds.data.cache import ensure_cache
 
             result[0] = str(ensure_cache(args.data, args.cache_root, args.tokenizer,
-                                         vocab_size=args.vocab_size_to_train, doc_split=args.doc_split))
+                                         vocab_size=args.vocab_size_to_train, **source_options(args)))
         except Exception as e:  # noqa: BLE001 - every rank must hear about it, not just rank 0
             result[0] = ValueError(f"--data {args.data!r}: {type(e).__name__}: {e}")
     if dist.is_initialized() and dist.get_world_size() > 1:
