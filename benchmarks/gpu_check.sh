@@ -10,7 +10,7 @@
 # 4. times ELECTRA-Small bf16, batch 128 x 128: every variant of benchmarks/throughput.py in the order of $VARIANTS
 #    (the JSON and the table are rewritten after each, so an overrun keeps what finished), each followed by its
 #    host syncs per step and a 3-step profile (GPU busy time per step, top kernels: benchmarks/step_profile.py),
-# 5. if time is left, each fused kernel timed against its twin and plain torch (benchmarks/kernels.py),
+# 5. if time is left, each fused kernel timed against its twin and plain torch (benchmarks/kernel_speed.py),
 # 6. and a batch sweep (256, 512) of the eager variants.
 # Logs (gpu_check.log: everything; pytest_gpu_kernels.log, pytest_gpu.log), JSON and tables (throughput.*, kernels.json, sweep.*) go to $OUT (./gpu_out when OUT is unset). The whole script keeps within
 # GPU_CHECK_BUDGET_S seconds (default 520, under 9 minutes): every stage runs under `timeout`, sized from what
@@ -107,7 +107,7 @@ PY
   if (( $(left) >= 30 )); then
     t=$(limit 40 5)
     banner "fused kernels vs twins vs torch, ELECTRA-Small shapes (at most ${t}s)"
-    timeout -k 10 "$t" python3 benchmarks/kernels.py --json "$OUT/kernels.json"
+    timeout -k 10 "$t" python3 benchmarks/kernel_speed.py --json "$OUT/kernels.json"
     status kernels $?
   fi
 

@@ -54,8 +54,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-if __package__ in (None, ""):  # run as a script: import `benchmarks.*` from the repository root, and keep
-    # benchmarks/ itself off the path (transformers probes for a `kernels` package and would find kernels.py)
+if __package__ in (None, ""):  # run as a script: import `benchmarks.*` from the repository root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch

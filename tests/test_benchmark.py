@@ -160,3 +160,19 @@ def test_gpu_check_without_a_gpu_says_so_and_succeeds(tmp_path, fake_nvidia_smi)
         assert "no .whl/ here" in log and "python3 torch" in log and "torch sees no CUDA device" in log, log
     else:
         assert "no NVIDIA GPU here" in log and "python3 torch" not in log, log
+
+
+def test_kernel_speed_cases_run_on_small_shapes():
+    """benchmarks/kernel_speed.py times CUDA only; its cases (our ops and the plain torch ops they replace, forward
+    and backward) are checked here on the CPU at small sizes, so the GPU run does not meet a broken call."""
+    from benchmarks import kernel_speed
+
+    torch.manual_seed(0)
+    cases = kernel_speed.cases("cpu", tokens=64, masked=8, hidden=64, ffn=96, vocab=50, params=100)
+    assert set(cases) == {"add_layer_norm fwd+bwd", "bias_gelu fwd+bwd", "cross_entropy fwd+bwd",
+                          "sigmoid_bce fwd+bwd", "gumbel_sample", "adam_step"}
+    for name, (ours, native) in cases.items():
+        a, b = ours(), native()
+        if name.endswith("fwd+bwd"):  # the input gradients of the same function
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x.float(), y.float(), atol=0.05, rtol=0.05, msg=name)

@@ -1,5 +1,5 @@
 """Time each fused op on CUDA at ELECTRA-Small sizes (bf16, batch 128 x 128): Triton kernel vs twin vs the
-plain torch ops a model would otherwise call. Usage: python benchmarks/kernels.py [--json PATH]
+plain torch ops a model would otherwise call. Usage: python benchmarks/kernel_speed.py [--json PATH]
 """
 from __future__ import annotations
 
@@ -48,9 +48,10 @@ def _fwd_bwd(op, *args):
     return lambda: torch.autograd.grad(op(*leaves), inputs, grad)
 
 
-def cases(tokens: int = 16384, masked: int = 2432, hidden: int = 256, ffn: int = 1024, vocab: int = 30522,
-          params: int = 14_000_000):
-    dev, bf = "cuda", torch.bfloat16
+def cases(dev: str = "cuda", tokens: int = 16384, masked: int = 2432, hidden: int = 256, ffn: int = 1024,
+          vocab: int = 30522, params: int = 14_000_000) -> dict:
+    """name -> (our op's fwd+bwd callable, the plain torch one's), on `dev` at ELECTRA-Small's sizes by default."""
+    bf = torch.bfloat16
     x, r = torch.randn(tokens, hidden, device=dev, dtype=bf), torch.randn(tokens, hidden, device=dev, dtype=bf)
     w, b = torch.ones(hidden, device=dev, dtype=bf), torch.zeros(hidden, device=dev, dtype=bf)
     h, hb = torch.randn(tokens, ffn, device=dev, dtype=bf), torch.randn(ffn, device=dev, dtype=bf)
@@ -62,8 +63,8 @@ def cases(tokens: int = 16384, masked: int = 2432, hidden: int = 256, ffn: int =
     adam = dict(lr=5e-4, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01)
     torch_param = torch.nn.Parameter(p.clone())
     torch_param.grad = g
-    torch_adamw = torch.optim.AdamW([torch_param], lr=5e-4, eps=1e-6, weight_decay=0.01, fused=True,
-                                    capturable=True)  # its step count on the device, so a CUDA graph can hold it
+    torch_adamw = torch.optim.AdamW([torch_param], lr=5e-4, eps=1e-6, weight_decay=0.01, fused=dev == "cuda",
+                                    capturable=dev == "cuda")  # step count on the device: a CUDA graph can hold it
     return {
         "add_layer_norm fwd+bwd": (_fwd_bwd(add_layer_norm, x, r, w, b, 1e-12),
                                    _fwd_bwd(lambda *a: F.layer_norm(a[0] + a[1], (hidden,), a[2], a[3], 1e-12),
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the timings here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py times CUDA kernels: no CUDA device here")
+        raise SystemExit("benchmarks/kernel_speed.py times CUDA kernels: no CUDA device here")
     results = {}
     for name, (ours, native) in cases().items():
         row = results[name] = {}
