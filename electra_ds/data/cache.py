@@ -27,7 +27,7 @@ import logging
 import os
 import re
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -61,21 +61,19 @@ class CacheError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-def _checksum(*buffers: bytes | memoryview) -> str:
+def _checksum(chunks: Iterable[bytes | memoryview]) -> str:
     digest = hashlib.blake2b(digest_size=16)
-    for buf in buffers:
-        digest.update(buf)
+    for chunk in chunks:
+        digest.update(chunk)
     return "blake2b:" + digest.hexdigest()
 
 
-def _file_checksum(*paths: Path) -> str:
-    """The checksum of the files' concatenated bytes (a shard: its .bin then its .idx)."""
-    digest = hashlib.blake2b(digest_size=16)
+def _file_blocks(*paths: Path) -> Iterator[bytes]:
+    """The files' bytes, concatenated, in blocks (a shard's checksum covers its .bin then its .idx)."""
     for path in paths:
         with open(path, "rb") as f:
             while block := f.read(1 << 22):
-                digest.update(block)
-    return "blake2b:" + digest.hexdigest()
+                yield block
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -230,7 +228,7 @@ class _ShardWriter:
         tokens = memoryview(self.buffer[:self.fill]).cast("B")
         atomic_write(self.root / f"{name}.idx", starts)
         atomic_write(self.root / f"{name}.bin", tokens)
-        checksum = _checksum(tokens, starts)
+        checksum = _checksum((tokens, starts))
         self.state["shards"].append({"name": name, "tokens": int(self.fill), "documents": len(self.starts),
                                      "checksum": checksum})
         self.state["documents"] += self.done_docs
@@ -582,7 +580,7 @@ def verify_cache(path: str | os.PathLike, progress: bool = False) -> None:
     for shard in tqdm(shards, desc="verifying", unit="shard", disable=not progress):
         _check_shard_files(root, shard, dtype)
         name = shard["name"]
-        if _file_checksum(root / f"{name}.bin", root / f"{name}.idx") != shard["checksum"]:
+        if _checksum(_file_blocks(root / f"{name}.bin", root / f"{name}.idx")) != shard["checksum"]:
             raise CacheError(f"shard {name}: checksum mismatch (corrupt); rebuild the cache")
         tokens = np.memmap(root / f"{name}.bin", dtype=dtype, mode="r")
         for begin in range(0, len(tokens), 1 << 24):
