@@ -27,7 +27,7 @@ from pathlib import Path
 
 from electra_ds.data.cache import BATCH_CHARS, TokenCache, build_cache
 from electra_ds.data.sampler import SegmentSampler
-from electra_ds.data.sources import DOC_SPLITS, open_source
+from electra_ds.data.sources import add_source_arguments, open_source, source_options
 from electra_ds.data.tokenizer import load_tokenizer, train_tokenizer
 from electra_ds.files import atomic_write
 
@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", help="tokenizer to use (default: train one on the source)")
     p.add_argument("--vocab_size", type=int, default=30522)
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts for the build")
-    p.add_argument("--doc_split", choices=DOC_SPLITS, default="file")
-    p.add_argument("--strip_gutenberg", action="store_true")
+    add_source_arguments(p)
     p.add_argument("--max_length", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--sampler_seconds", type=float, default=2.0)
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"source": args.source}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        src = open_source(args.source, doc_split=args.doc_split, strip_gutenberg=args.strip_gutenberg)
+        src = open_source(args.source, **source_options(args))
         texts = [text for text, _ in src.chunks()]
         mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
         tok_dir = args.tokenizer or train_tokenizer(iter(texts), args.vocab_size, tmp / "tokenizer")
@@ -111,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         for run, workers in enumerate(int(w) for w in args.workers.split(",")):
             cache_dir = tmp / f"cache-{run}"
             t0, c0 = time.perf_counter(), cpu_seconds()
-            build_cache(args.source, cache_dir, tok_dir, workers, doc_split=args.doc_split,
-                        strip_gutenberg=args.strip_gutenberg, progress=False)
+            build_cache(args.source, cache_dir, tok_dir, workers, progress=False, **source_options(args))
             seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
             tokens = _total_tokens(cache_dir)
             results["build"][f"workers={workers}"] = {
@@ -124,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cache = TokenCache(cache_dir)
         sharded_dir = tmp / "cache-many"
-        build_cache(args.source, sharded_dir, tok_dir, 1, doc_split=args.doc_split,
-                    strip_gutenberg=args.strip_gutenberg, progress=False,
+        build_cache(args.source, sharded_dir, tok_dir, 1, progress=False, **source_options(args),
                     shard_tokens=max(1024, cache.num_tokens // args.many_shards))
         sharded = TokenCache(sharded_dir)
         results["sampler"] = {}

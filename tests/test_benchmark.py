@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -176,3 +177,24 @@ def test_kernel_speed_cases_run_on_small_shapes():
         if name.endswith("fwd+bwd"):  # the input gradients of the same function
             for x, y in zip(a, b):
                 torch.testing.assert_close(x.float(), y.float(), atol=0.05, rtol=0.05, msg=name)
+
+
+def test_data_pipeline_benchmark_runs_and_reports(tmp_path):
+    """benchmarks/data_pipeline.py on a small made corpus: raw encoding, the build per worker count and every
+    sampler layout are timed and written to its JSON."""
+    from benchmarks import data_pipeline
+
+    words = "the of and to in a is that for it as was with be by on not he this are".split()
+    rng = np.random.default_rng(0)
+    docs = [" ".join(rng.choice(words, size=rng.integers(5, 80))) for _ in range(300)]
+    (tmp_path / "t.txt").write_text("\n\n".join(docs))
+    out = tmp_path / "dp.json"
+    assert data_pipeline.main(["--source", str(tmp_path / "t.txt"), "--doc_split", "blank_lines", "--vocab_size",
+                               "200", "--workers", "1", "--sampler_seconds", "0.1", "--many_shards", "4",
+                               "--max_length", "32", "--batch_size", "8", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["raw"]) == {"encode_batch_fast", "encode_batch"} and set(result["build"]) == {"workers=1"}
+    assert result["build"]["workers=1"]["tokens_per_s"] > 0
+    layouts = sorted(name.split(", ")[1] for name in result["sampler"])
+    assert layouts == sorted(["one segment", "two segments", "packed"] * 2)  # one shard, then more shards
+    assert all(r["positions_per_s"] > 0 for r in result["sampler"].values())
