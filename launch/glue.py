@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     hp = p.add_argument_group("fine-tuning hyperparameters (the ELECTRA recipe by default)")
     hp.add_argument("--learning_rate", type=float, help="default by model size: small 3e-4, base 1e-4, large 5e-5")
-    hp.add_argument("--layerwise_lr_decay", type=float)
+    hp.add_argument("--layerwise_lr_decay", type=float, help="default by model size: large 0.9, others 0.8")
     hp.add_argument("--layerwise_lr_decay_rule", choices=RULES,
                     help="intended: layer l gets decay^(L-l), embeddings decay^(L+1); original: one more power "
                          "of decay on every group but the head (the original code)")
@@ -57,10 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "...); default bf16 on a bf16 GPU, fp16 on older GPUs, fp32 without a GPU")
     hp.add_argument("--optimizer", choices=OPTIMIZERS,
                     help="auto: ELECTRA's Adam without bias correction (cpu_adam under ZeRO-Offload)")
+    hp.add_argument("--double_unordered", action=argparse.BooleanOptionalAction,
+                    help="MRPC and STS-B train on both orders of each pair (default, as google-research/electra)")
     p.set_defaults(**asdict(FinetuneArgs()))  # the hyperparameters' defaults are FinetuneArgs' own
     args = p.parse_args(argv)
     if not args.report_only and not (args.model and args.task):
         p.error("--model and --task are required (or --report_only)")
+    if args.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {args.seeds}")
     return args
 
 

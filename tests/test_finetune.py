@@ -20,8 +20,9 @@ from electra_ds.data.glue import GlueExample, TASKS
 from electra_ds.data.tokenizer import load_tokenizer, special_ids, train_tokenizer
 from electra_ds.model.electra import ElectraForPretraining
 from electra_ds.model.hf import save_model
-from electra_ds.train.finetune import (FinetuneArgs, build_classifier, encode, find_tokenizer, load_discriminator,
-                                       make_engine, predict, run_task, train_order)
+from electra_ds.train.finetune import (FinetuneArgs, build_classifier, encode, find_tokenizer, layerwise_lr_decay,
+                                       load_discriminator, load_task_data, loss_fn, make_engine, predict, run_task,
+                                       train_order)
 from electra_ds.train.layerwise_lr import group_fn
 
 from test_glue_data import make_glue_dir
@@ -132,6 +133,25 @@ def test_encoding_pairs_and_truncation(setup):
     assert order.shape == (6, 4) and sorted(order.reshape(-1)[:10]) == list(range(10))
 
 
+def test_recipe_of_google_research_electra(setup):
+    """Layer-wise decay by size, both pair orders for MRPC/STS-B, STS-B targets scaled to 0..1, a Glorot head."""
+    assert layerwise_lr_decay(FinetuneArgs(), preset("large")) == 0.9
+    assert layerwise_lr_decay(FinetuneArgs(), preset("small")) == 0.8
+    assert layerwise_lr_decay(FinetuneArgs(layerwise_lr_decay=0.5), preset("large")) == 0.5
+    for name, doubled in (("MRPC", True), ("STS-B", True), ("RTE", False)):
+        once = load_task_data(TASKS[name], setup["glue"], with_test=False).train
+        twice = load_task_data(TASKS[name], setup["glue"], with_test=False, double_unordered=True).train
+        swapped = [(r.guid, r.text_b, r.text_a, r.label) for r in once]
+        assert [tuple(r) for r in twice] == ([tuple(r) for r in once] + swapped if doubled else
+                                             [tuple(r) for r in once]), name
+    assert loss_fn(torch.tensor([[0.8]]), torch.tensor([4.0]), True, 5.0).item() == pytest.approx(0.0)
+    assert loss_fn(torch.tensor([[0.8]]), torch.tensor([4.0]), True).item() == pytest.approx(3.2 ** 2)
+    weight = build_classifier(load_discriminator(setup["run"]), TASKS["RTE"], seed=0).named_weights()[
+        "classifier.weight"]
+    bound = (6 / sum(weight.shape)) ** 0.5  # Glorot uniform; the encoder's normal(0.02) would stay far below it
+    assert bound * 0.8 < weight.abs().max() <= bound
+
+
 def _engine(setup, task_name: str, rule: str = "intended", warmup: int = 0):
     disc = load_discriminator(setup["run"])
     args = FinetuneArgs(layerwise_lr_decay_rule=rule, layerwise_lr_decay=0.5, batch_size=4)
@@ -165,6 +185,8 @@ def test_evaluation_is_deterministic(setup):
     first = predict(engine, data, 5, regression=True)
     second = predict(engine, data, 12, regression=True)
     np.testing.assert_array_equal(first, predict(engine, data, 5, regression=True))  # bit-identical again
+    np.testing.assert_allclose(predict(engine, data, 5, regression=True, score_max=5.0), 5 * first, rtol=1e-6)
+    assert predict(engine, encode(tok, [], 32), 5, regression=False).shape == (0,)  # an empty test split
     np.testing.assert_allclose(first, second, rtol=2e-2, atol=2e-2)  # other batches: rounding only (bf16 on GPU)
     assert engine.module.training  # predict restores the mode it found: training ...
     engine.eval()

@@ -59,6 +59,8 @@ class GlueTask:
     test_splits: dict[str, str] = field(default_factory=dict)  # split -> GLUE server file stem
     directory: str = ""           # folder under glue_dir (defaults to `name`)
     trainable: bool = True        # False for the test-only diagnostic set
+    unordered: bool = False       # the pair's order carries no meaning (ELECTRA trains on both orders)
+    score_max: float = 1.0        # regression scores run 0..score_max; training targets are divided by it
 
     @property
     def is_regression(self) -> bool:
@@ -92,10 +94,10 @@ TASKS: dict[str, GlueTask] = {t.name: t for t in [
              hf_text=("sentence", None), test_splits={"test": "SST-2"}),
     GlueTask("MRPC", "mrpc", ("0", "1"), "accuracy_f1", "accuracy", 3,
              *_pair("#1 String", "#2 String", label="Quality"),
-             hf_text=("sentence1", "sentence2"), test_splits={"test": "MRPC"}),
+             hf_text=("sentence1", "sentence2"), test_splits={"test": "MRPC"}, unordered=True),
     GlueTask("STS-B", "stsb", (), "correlation", "spearman", 10,
              *_pair("sentence1", "sentence2", label="score"),
-             hf_text=("sentence1", "sentence2"), test_splits={"test": "STS-B"}),
+             hf_text=("sentence1", "sentence2"), test_splits={"test": "STS-B"}, unordered=True, score_max=5.0),
     GlueTask("QQP", "qqp", ("0", "1"), "accuracy_f1", "accuracy", 3,
              *_pair("question1", "question2", label="is_duplicate", index="id"),
              hf_text=("question1", "question2"), test_splits={"test": "QQP"}),

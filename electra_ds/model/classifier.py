@@ -28,6 +28,8 @@ class ElectraClassifier(FlatModule):
                  *linear_specs("classifier", num_labels, config.hidden_size)]
         self.init_flat(specs, group_fn, config.initializer_range,
                        padding_rows={f"{PREFIX}.embeddings.word_embeddings.weight": config.pad_token_id})
+        with torch.no_grad():  # google-research/electra's head is a TF dense layer: Glorot-uniform weight, zero bias
+            torch.nn.init.xavier_uniform_(self.views()["classifier.weight"])
 
     def named_weights(self) -> dict[str, torch.Tensor]:
         return self.views()

@@ -162,14 +162,15 @@ def _find_auto(value: Any, where: str) -> list[str]:
 
 
 def load_ds_config(path_or_dict: str | os.PathLike | dict, *, micro_batch_size: int, gradient_accumulation_steps: int,
-                   world_size: int) -> dict:
+                   world_size: int, flags: dict[str, str] | None = None) -> dict:
     """Read a DeepSpeed JSON (a path, a shipped config name, or a dict), check it and fill in the batch sizes.
 
     Batch sizes: `train_micro_batch_size_per_gpu`, `gradient_accumulation_steps` and `train_batch_size` may be
     `"auto"` (as in the shipped `ds_configs/*.json`) or absent, and are then filled from the command line
     (`--per_device_train_batch_size`, `--gradient_accumulation_steps`, and their product with the world size).
     A number there must equal what the command line gives, or this raises `DSConfigError` saying which.
-    No other value may be "auto".
+    No other value may be "auto". `flags` names the command-line flags behind each batch key in those errors
+    (default: launch/pretrain.py's).
 
     Keys: keys starting with "_" are comments and are dropped. An unknown top-level key, or an unknown or
     ill-typed key inside a section (DeepSpeed's own validation), raises `DSConfigError` naming the key.
@@ -196,7 +197,7 @@ def load_ds_config(path_or_dict: str | os.PathLike | dict, *, micro_batch_size: 
     for key in ("optimizer", "scheduler"):
         if key in config:
             raise DSConfigError(f"{source}: remove the {key!r} section; the optimizer and learning-rate schedule "
-                                "are set by --optimizer/--learning_rate/--warmup_steps/--max_steps")
+                                "come from the command line")
 
     for name, value in (("micro batch size", micro_batch_size), ("gradient_accumulation_steps",
                                                                  gradient_accumulation_steps),
@@ -206,10 +207,10 @@ def load_ds_config(path_or_dict: str | os.PathLike | dict, *, micro_batch_size: 
     wanted = {"train_micro_batch_size_per_gpu": micro_batch_size,
               "gradient_accumulation_steps": gradient_accumulation_steps,
               "train_batch_size": micro_batch_size * gradient_accumulation_steps * world_size}
-    flags = {"train_micro_batch_size_per_gpu": "--per_device_train_batch_size",
-             "gradient_accumulation_steps": "--gradient_accumulation_steps",
-             "train_batch_size": "--per_device_train_batch_size x --gradient_accumulation_steps x world size "
-                                 f"({micro_batch_size} x {gradient_accumulation_steps} x {world_size})"}
+    flags = flags or {"train_micro_batch_size_per_gpu": "--per_device_train_batch_size",
+                      "gradient_accumulation_steps": "--gradient_accumulation_steps",
+                      "train_batch_size": "--per_device_train_batch_size x --gradient_accumulation_steps x world "
+                                          f"size ({micro_batch_size} x {gradient_accumulation_steps} x {world_size})"}
     for key in BATCH_KEYS:
         given = config.get(key, "auto")
         if given != "auto" and given != wanted[key]:

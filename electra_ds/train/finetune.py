@@ -27,8 +27,9 @@ from electra_ds.model.hf import RUN_CONFIG, discriminator_config_from_hf, load_p
 from electra_ds.seeding import DROPOUT_STREAM, derive_seed
 from electra_ds.train import engine as ds_engine
 from electra_ds.train.glue_metrics import compute_metrics
-from electra_ds.train.glue_report import (build_report, primary_score, pretrain_pfs_days, seed_dir, write_json,
-                                          write_predictions, write_task_result)
+from electra_ds.train.glue_report import (RESULT_FILE, build_report, display_name, model_root, primary_score,
+                                          pretrain_pfs_days, seed_dir, write_json, write_predictions,
+                                          write_task_result)
 from electra_ds.train.layerwise_lr import RULES, group_fn, with_layer_lrs
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
@@ -37,7 +38,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 @dataclass
 class FinetuneArgs:
     learning_rate: float | None = None          # None: the paper's lr for the model size
-    layerwise_lr_decay: float = 0.8
+    layerwise_lr_decay: float | None = None     # None: ELECTRA's for the model size (large 0.9, else 0.8)
     layerwise_lr_decay_rule: str = "intended"   # or "original"
     warmup_proportion: float = 0.1
     epochs: float | None = None                 # None: the task's default (3; 10 for RTE and STS-B)
@@ -51,6 +52,7 @@ class FinetuneArgs:
     max_steps: int | None = None                # cap on optimizer steps (quick runs)
     ds_config: str | None = None                # DeepSpeed JSON path or shipped name; None: engine.default_ds_config()
     optimizer: str = "auto"                     # electra_ds.train.engine.OPTIMIZERS; auto: ELECTRA's Adam
+    double_unordered: bool = True               # MRPC, STS-B: train on both orders of each pair (ELECTRA)
 
     def __post_init__(self) -> None:
         if self.optimizer not in ds_engine.OPTIMIZERS:
@@ -60,6 +62,9 @@ class FinetuneArgs:
         for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_train_samples", "max_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or unset), got {getattr(self, name)}")
         if self.max_length < 3:
             raise ValueError(f"max_length must be >= 3 ([CLS] a [SEP] b [SEP]), got {self.max_length}")
         if not 0.0 <= self.warmup_proportion <= 1.0:
@@ -73,6 +78,13 @@ def default_learning_rate(config: ElectraConfig) -> float:
     if config.hidden_size >= 768:
         return 1e-4
     return 3e-4
+
+
+def layerwise_lr_decay(args: FinetuneArgs, config: ElectraConfig) -> float:
+    """args.layerwise_lr_decay, or google-research/electra's by model size: large 0.9, the others 0.8."""
+    if args.layerwise_lr_decay is not None:
+        return args.layerwise_lr_decay
+    return 0.9 if config.hidden_size >= 1024 else 0.8
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -105,14 +117,6 @@ def load_discriminator(path: str | Path) -> Discriminator:
                    if k.startswith("discriminator.")}
         del model
     return Discriminator(config, weights, str(path), find_tokenizer(path), pretrain_pfs_days(path))
-
-
-def display_name(model_path: str | Path) -> str:
-    """The model's name for tables: its directory, skipping generic names (.../run7/hf/discriminator -> run7)."""
-    path = Path(model_path).resolve()
-    while path.name in ("discriminator", "hf", "model", "checkpoints") and path.parent != path:
-        path = path.parent
-    return path.name
 
 
 def find_tokenizer(path: Path) -> Path | None:
@@ -229,43 +233,50 @@ def make_engine(model: ElectraClassifier, args: FinetuneArgs, lr: float, steps: 
     if micro * world_size * args.gradient_accumulation_steps != args.batch_size:
         raise ValueError(f"batch_size {args.batch_size} is not divisible by world size {world_size} x "
                          f"gradient_accumulation_steps {args.gradient_accumulation_steps}")
+    flags = {"train_micro_batch_size_per_gpu": f"--batch_size / (world size {world_size} x "
+                                               "--gradient_accumulation_steps)",
+             "gradient_accumulation_steps": "--gradient_accumulation_steps", "train_batch_size": "--batch_size"}
     ds_config = ds_engine.load_ds_config(args.ds_config, micro_batch_size=micro,
                                          gradient_accumulation_steps=args.gradient_accumulation_steps,
-                                         world_size=world_size)
+                                         world_size=world_size, flags=flags)
     groups = with_layer_lrs(model.param_groups(args.weight_decay), lr=lr,
-                            num_layers=model.config.num_hidden_layers, decay=args.layerwise_lr_decay,
+                            num_layers=model.config.num_hidden_layers, decay=layerwise_lr_decay(args, model.config),
                             rule=args.layerwise_lr_decay_rule)
     return ds_engine.initialize(model, ds_config, learning_rate=lr, warmup_steps=warmup, max_steps=steps,
                                 optimizer=args.optimizer, param_groups=groups, eps=args.adam_eps)
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, regression: bool, score_max: float = 1.0) -> torch.Tensor:
+    """Cross-entropy, or the squared error against the score / score_max (ELECTRA scales STS-B to 0..1)."""
     if regression:
-        return F.mse_loss(logits[:, 0].float(), labels.float())
+        return F.mse_loss(logits[:, 0].float(), labels.float() / score_max)
     return F.cross_entropy(logits.float(), labels)
 
 
 @torch.no_grad()
-def predict(engine, data: Encoded, batch_size: int, regression: bool) -> np.ndarray:
-    """Deterministic predictions in input order (eval mode: no dropout): class index or score.
-    Batches hold examples of similar length (less padding); the order is a fixed function of the data."""
+def predict(engine, data: Encoded, batch_size: int, regression: bool, score_max: float = 1.0) -> np.ndarray:
+    """Deterministic predictions in input order (eval mode: no dropout): class index, or score (the model's output
+    x score_max). Batches hold examples of similar length (less padding); the order is a fixed function of the
+    data."""
+    out = np.zeros(len(data), dtype=np.float32 if regression else np.int64)
+    if not len(data):
+        return out
     was_training = engine.module.training  # DeepSpeedEngine.train/eval set only its module's mode
     engine.eval()
     order = np.argsort([len(ids) for ids in data.input_ids], kind="stable")
-    out = np.zeros(len(data), dtype=np.float32 if regression else np.int64)
     preds = []
     for start in range(0, len(data), batch_size):
         rows = order[start:start + batch_size]
         batch = ds_engine.device_batch(data.batch(rows), engine.device)
         logits = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).float()
-        preds.append(logits[:, 0] if regression else logits.argmax(dim=-1))
+        preds.append(logits[:, 0] * score_max if regression else logits.argmax(dim=-1))
     engine.train(was_training)
     out[order] = torch.cat(preds).cpu().numpy()  # one copy to the host, after the last batch
     return out
 
 
 def train(engine, data: Encoded, args: FinetuneArgs, steps: int, seed: int, regression: bool,
-          rank: int = 0, world_size: int = 1) -> float:
+          rank: int = 0, world_size: int = 1, score_max: float = 1.0) -> float:
     """`steps` optimizer steps over seeded batches; each rank takes its slice of every global batch.
     Returns the mean training loss of the last 10% of steps (this rank)."""
     from tqdm.auto import tqdm
@@ -280,7 +291,7 @@ def train(engine, data: Encoded, args: FinetuneArgs, steps: int, seed: int, regr
             start = (acc * world_size + rank) * micro
             batch = ds_engine.device_batch(data.batch(order[step, start:start + micro]), engine.device)
             logits = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-            loss = loss_fn(logits, batch["labels"], regression)
+            loss = loss_fn(logits, batch["labels"], regression, score_max)
             engine.backward(loss)
             engine.step()
             if step >= steps - tail:
@@ -298,13 +309,16 @@ class TaskData:
 
 
 def load_task_data(task: GlueTask, glue_dir: str | Path | None, max_train_samples: int | None = None,
-                   with_test: bool = True) -> TaskData:
+                   with_test: bool = True, double_unordered: bool = False) -> TaskData:
     """Train and dev splits (raises MissingData when either is absent) and, with `with_test`, whatever test
-    splits exist (MNLI also predicts the diagnostic set, AX)."""
+    splits exist (MNLI also predicts the diagnostic set, AX). `double_unordered`: a task whose pairs have no
+    order (MRPC, STS-B) trains on each pair twice, once swapped, as google-research/electra does."""
     train_rows = load_split(task, "train", glue_dir)
     if max_train_samples is not None and max_train_samples < len(train_rows):
         keep = np.sort(np.random.default_rng(0).permutation(len(train_rows))[:max_train_samples])
         train_rows = [train_rows[i] for i in keep]
+    if double_unordered and task.unordered:
+        train_rows += [row._replace(text_a=row.text_b, text_b=row.text_a) for row in train_rows]
     dev = {split: load_split(task, split, glue_dir) for split in task.dev_splits}
     test: dict[str, tuple[GlueTask, list[GlueExample]]] = {}
     sources = [(task, s, stem) for s, stem in task.test_splits.items()] if with_test else []
@@ -331,18 +345,20 @@ def finetune_seed(disc: Discriminator, task: GlueTask, data: TaskData, encoded: 
     model = build_classifier(disc, task, seed)
     engine = make_engine(model, args, lr, steps, warmup)
     torch.manual_seed(derive_seed(seed, 0, rank, DROPOUT_STREAM))  # same head on every rank, own dropout noise
-    train_loss = train(engine, encoded["train"], args, steps, seed, task.is_regression, rank, world_size)
+    train_loss = train(engine, encoded["train"], args, steps, seed, task.is_regression, rank, world_size,
+                       task.score_max)
     run: dict[str, Any] = {"seed": seed, "steps": steps, "warmup_steps": warmup, "learning_rate": lr,
+                           "layerwise_lr_decay": layerwise_lr_decay(args, disc.config),
                            "train_examples": len(data.train), "train_loss": train_loss,
                            "train_seconds": time.time() - started, "dev": {}}
     folder = seed_dir(out_dir, task, seed)
     for split, rows in data.dev.items():
-        preds = predict(engine, encoded[split], args.eval_batch_size, task.is_regression)
+        preds = predict(engine, encoded[split], args.eval_batch_size, task.is_regression, task.score_max)
         run["dev"][split] = compute_metrics(task.metric, preds, encoded[split].labels)
         if rank == 0:
             write_predictions(folder / f"{split}.tsv", task, [r.guid for r in rows], preds)
     for stem, (source_task, rows) in data.test.items():
-        preds = predict(engine, encoded[stem], args.eval_batch_size, task.is_regression)
+        preds = predict(engine, encoded[stem], args.eval_batch_size, source_task.is_regression, source_task.score_max)
         if rank == 0:
             write_predictions(folder / f"{stem}.tsv", source_task, [r.guid for r in rows], preds)
     run["seconds"] = time.time() - started
@@ -352,6 +368,20 @@ def finetune_seed(disc: Discriminator, task: GlueTask, data: TaskData, encoded: 
     del engine, model
     gc.collect()
     return run
+
+
+def check_same_model(out_dir: str | Path, model_path: str | Path) -> None:
+    """Refuse an output directory holding results of another model: its report would mix the two."""
+    mine = model_root(model_path)
+    others = {}
+    for result_file in sorted(Path(out_dir).glob(f"*/{RESULT_FILE}")):
+        other = json.loads(result_file.read_text()).get("model_path")
+        if other and model_root(other) != mine:
+            others.setdefault(other, []).append(result_file.parent.name)
+    if others:
+        held = "; ".join(f"{path} ({', '.join(tasks)})" for path, tasks in others.items())
+        raise ValueError(f"{out_dir} holds GLUE results of another model: {held}. Use another --output_dir, or "
+                         "remove those task folders first")
 
 
 def run_task(model_path: str | Path, task_name: str, out_dir: str | Path, *, seeds: Sequence[int],
@@ -365,8 +395,10 @@ def run_task(model_path: str | Path, task_name: str, out_dir: str | Path, *, see
         raise ValueError(f"{task.name} is test-only; it is predicted by the MNLI model")
     rank, world_size, _ = ds_engine.setup_distributed()
     name = model_name or display_name(model_path)
+    check_same_model(out_dir, model_path)
     try:
-        data = load_task_data(task, glue_dir, args.max_train_samples, with_test=predict_test)
+        data = load_task_data(task, glue_dir, args.max_train_samples, with_test=predict_test,
+                              double_unordered=args.double_unordered)
     except MissingData as exc:
         result = {"task": task.name, "status": "absent", "reason": str(exc), "model": name}
         if rank == 0:
@@ -412,6 +444,7 @@ def run_task(model_path: str | Path, task_name: str, out_dir: str | Path, *, see
     return result
 
 
-__all__ = ["FinetuneArgs", "Discriminator", "Encoded", "TaskData", "default_learning_rate", "load_discriminator",
-           "display_name", "find_tokenizer", "build_classifier", "encode", "train_order", "schedule", "make_engine",
-           "predict", "train", "load_task_data", "finetune_seed", "run_task"]
+__all__ = ["FinetuneArgs", "Discriminator", "Encoded", "TaskData", "default_learning_rate", "layerwise_lr_decay",
+           "load_discriminator",
+           "find_tokenizer", "build_classifier", "encode", "train_order", "schedule", "make_engine",
+           "predict", "train", "load_task_data", "finetune_seed", "check_same_model", "run_task"]

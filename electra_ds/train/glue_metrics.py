@@ -1,7 +1,8 @@
 """GLUE metrics (scikit-learn / scipy) and their summary over seeds.
 
 Metric values are fractions / correlations in [-1, 1]; tables multiply by 100. A correlation that is
-undefined (constant predictions or labels) counts as 0, the convention scikit-learn's MCC uses.
+undefined (constant or non-finite predictions, constant labels) counts as 0, the convention scikit-learn's MCC
+uses, so one diverged seed scores 0 instead of voiding the task.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def compute_metrics(metric: str, predictions: Sequence[float] | np.ndarray,
         raise ValueError(f"predictions {preds.shape} and labels {gold.shape} must be equal-length, non-empty 1-D")
     if metric == "correlation":
         preds, gold = preds.astype(np.float64), gold.astype(np.float64)
-        if np.ptp(preds) == 0 or np.ptp(gold) == 0:
+        if not np.isfinite(preds).all() or np.ptp(preds) == 0 or np.ptp(gold) == 0:
             return {"spearman": 0.0, "pearson": 0.0}
         return {"spearman": float(stats.spearmanr(preds, gold)[0]), "pearson": float(stats.pearsonr(preds, gold)[0])}
     preds, gold = preds.astype(np.int64), gold.astype(np.int64)
@@ -46,7 +47,7 @@ def summarize(values: Sequence[float]) -> dict[str, float | int]:
     """Median and spread of one metric over seeds (NaN-free input)."""
     arr = np.asarray(values, dtype=np.float64)
     if not len(arr) or not np.isfinite(arr).all():
-        raise ValueError(f"cannot summarize {list(values)}: need at least one finite value")
+        raise ValueError(f"cannot summarize {list(values)}: need one or more values, all finite")
     return {"median": float(np.median(arr)), "mean": float(arr.mean()),
             "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
             "min": float(arr.min()), "max": float(arr.max()), "n": int(len(arr))}

@@ -39,6 +39,19 @@ def seed_dir(out_dir: str | Path, task: GlueTask, seed: int) -> Path:
     return Path(out_dir) / task.name / f"seed_{seed}"
 
 
+def model_root(model_path: str | Path) -> Path:
+    """The model a path names, without generic folder names: .../run7/hf/discriminator and .../run7 are run7."""
+    path = Path(model_path).resolve()
+    while path.name in ("discriminator", "hf", "model", "checkpoints") and path.parent != path:
+        path = path.parent
+    return path
+
+
+def display_name(model_path: str | Path) -> str:
+    """The model's name for tables: its directory, skipping generic names (.../run7/hf/discriminator -> run7)."""
+    return model_root(model_path).name
+
+
 def format_prediction(task: GlueTask, value: float | int) -> str:
     """A prediction as the GLUE server wants it: the label name, or an STS-B score clipped to [0, 5]."""
     if task.is_regression:
@@ -102,6 +115,7 @@ def build_report(out_dir: str | Path, *, model_name: str | None = None,
         path = out_dir / name / RESULT_FILE
         tasks[name] = json.loads(path.read_text()) if path.is_file() else {"task": name, "status": "not_run"}
     done = [r for r in tasks.values() if r["status"] == "ok"]
+    models = sorted({str(model_root(r["model_path"])) for r in done if r.get("model_path")})
     model = model_name or next((r.get("model") for r in tasks.values() if r.get("model")), "model")
     if pfs_days is None:
         pfs_days = next((r["pretrain_pfs_days"] for r in done if r.get("pretrain_pfs_days") is not None), None)
@@ -109,9 +123,10 @@ def build_report(out_dir: str | Path, *, model_name: str | None = None,
     table = {name: (100 * primary_score(TASKS[name], tasks[name]["summary"], "median")
                     if tasks[name]["status"] == "ok" else None) for name in TABLE_TASKS}
     present = [v for v in table.values() if v is not None]
-    avg = sum(present) / len(present) if present else None
+    avg = sum(present) / len(present) if present and len(models) < 2 else None  # no average across models
     report = {
         "model": model,
+        "models": models,
         "tasks": tasks,
         "table": table,
         "avg": avg if len(present) == len(TABLE_TASKS) else None,
@@ -175,6 +190,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     else:
         avg_cell = "-"
     lines.append(f"| {report['model']} | " + " | ".join(cells) + f" | {avg_cell} |")
+    if len(report.get("models", [])) > 1:
+        lines += ["", "**These results come from different models, so there is no AVG:** " +
+                  ", ".join(f"`{m}`" for m in report["models"])]
     if report["avg"] is None and report["avg_present"] is not None:
         lines += ["", f"\\* AVG over the {len(report['avg_tasks'])} tasks present ({', '.join(report['avg_tasks'])}), "
                       "not comparable with a full 8-task AVG."]
@@ -213,6 +231,6 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["RESULT_FILE", "SUBMISSION_DIR", "write_json", "seed_dir", "format_prediction",
+__all__ = ["RESULT_FILE", "SUBMISSION_DIR", "write_json", "seed_dir", "model_root", "display_name", "format_prediction",
            "write_predictions", "write_task_result", "summarize_runs", "primary_score", "pretrain_pfs_days",
            "build_report", "efficiency", "best_seed", "write_submission", "render_markdown"]
