@@ -292,6 +292,17 @@ def test_ensure_cache_keys_and_reuses(data_files, data_tokenizer, tmp_path):
 
 # ------------------------------------------------------------------------------------------ bad input
 
+def test_special_token_text_in_the_corpus_is_words(tmp_path, data_tokenizer):
+    """A web page that says "[SEP]" or "[MASK]" must not put a separator or a mask token into the cache."""
+    (tmp_path / "src.txt").write_text("the world [SEP] was [MASK] great [CLS] and [PAD] good [UNK]")
+    cache = TokenCache(build_cache(tmp_path / "src.txt", tmp_path / "c", data_tokenizer, workers=1,
+                                   heldout_fraction=0, progress=False))
+    tokens = cache.document(0).tolist()
+    specials = special_ids(load_tokenizer(data_tokenizer))
+    assert not set(tokens) & {specials[k] for k in ("pad", "cls", "sep", "mask")}
+    assert len(tokens) > 8  # the bracketed words are there, as pieces
+
+
 def test_bad_sources(tmp_path, data_tokenizer):
     with pytest.raises(SourceError, match="not found"):
         build_cache(tmp_path / "nope.txt", tmp_path / "c", data_tokenizer, progress=False)

@@ -124,6 +124,8 @@ def test_encoding_pairs_and_truncation(setup):
     b_len = len(tok.encode("good film", add_special_tokens=False).ids)
     assert list(enc.token_type_ids[0]) == [0] * (10 - b_len - 1) + [1] * (b_len + 1)
     assert second[0] == ids["cls"] and list(second).count(ids["sep"]) == 2
+    literal = encode(tok, [GlueExample("0", "good [SEP] film [MASK]", None, 1)], 32).input_ids[0]
+    assert list(literal).count(ids["sep"]) == 1 and ids["mask"] not in literal  # text, not special tokens
     single = encode(tok, [GlueExample("0", long_a, None, 0)], 6).input_ids[0]
     assert len(single) == 6 and single[-1] == ids["sep"]
     batch = enc.batch([0, 1])

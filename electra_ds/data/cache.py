@@ -36,15 +36,13 @@ import numpy as np
 from electra_ds.files import atomic_write, remove_stale_temps, replacing_dir
 
 from .sources import SOURCE_OPTIONS, Builtin, LocalFiles, Source, open_source
-
-from .tokenizer import (load_tokenizer, save_tokenizer, special_ids, tokenizer_hash,
-                        train_tokenizer)
+from .tokenizer import load_tokenizer, save_tokenizer, special_ids, text_tokenizer, tokenizer_hash, train_tokenizer
 from .tokenizer import vocab_size as tokenizer_vocab_size
 
 log = logging.getLogger(__name__)
 
 FORMAT = "electra_ds.token_cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: text such as "[SEP]" in the corpus is words, not special tokens
 MANIFEST = "manifest.json"
 BUILD_STATE = "build_state.json"
 TOKENIZER_DIR = "tokenizer"
@@ -117,9 +115,7 @@ _worker_tokenizer = None
 def _init_worker(tokenizer_json: str) -> None:
     global _worker_tokenizer
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
-    from tokenizers import Tokenizer
-
-    _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
+    _worker_tokenizer = text_tokenizer(tokenizer_json)
 
 
 def _encode(tok, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -140,9 +136,7 @@ def _tokenized(batches: Iterator[tuple[list, list[str]]], tokenizer_json: str,
                workers: int) -> Iterator[tuple[list, np.ndarray, np.ndarray]]:
     """Tokenize batches in order; ``workers`` > 1 uses that many processes with a bounded queue."""
     if workers <= 1:
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_str(tokenizer_json)
+        tok = text_tokenizer(tokenizer_json)
         for meta, texts in batches:
             yield (meta, *_encode(tok, texts))
         return

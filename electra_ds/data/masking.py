@@ -26,7 +26,8 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
                 special_ids: Sequence[int], vocab_size: int, mlm_probability: float = 0.15,
                 max_predictions: int = 19, mask_replace_prob: float = 0.85, random_replace_prob: float = 0.0,
                 seed: torch.Tensor | int = 0) -> MaskingPlan:
-    """Choose round(mlm_probability * n) maskable tokens per row (at least 1, at most `max_predictions`).
+    """Choose round(mlm_probability * n) tokens per row, n counting every non-padding token ([CLS] and [SEP]
+    included, as google-research/electra counts), at least 1 and at most `max_predictions` or the maskable ones.
 
     Special tokens and padding are never chosen. Of the chosen slots, `mask_replace_prob` become [MASK],
     `random_replace_prob` a uniformly random token, the rest stay unchanged (ELECTRA: 0.85 / 0 / 0.15).
@@ -45,9 +46,9 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
     maskable = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     for special in special_ids:
         maskable = maskable & (input_ids != special)
-    n_maskable = maskable.sum(dim=1)
-    n_masked = (n_maskable.float() * mlm_probability).round().long().clamp(min=1, max=slots)
-    n_masked = torch.minimum(n_masked, n_maskable)
+    n_tokens = torch.full((batch,), length, device=device) if attention_mask is None else attention_mask.sum(dim=1)
+    n_masked = (n_tokens.float() * mlm_probability).round().long().clamp(min=1, max=slots)
+    n_masked = torch.minimum(n_masked, maskable.sum(dim=1))
 
     seed = torch.as_tensor(seed, dtype=torch.int64).to(device)
     rows = torch.arange(batch, device=device)[:, None] * DRAWS

@@ -140,6 +140,16 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     return tok
 
 
+def text_tokenizer(tok: Tokenizer | str) -> Tokenizer:
+    """A copy of `tok` (or of its JSON) for raw text: no padding or truncation, and "[SEP]", "[MASK]", ... written
+    in the text read as words, as BERT's vocab.txt tokenizer reads them; only our code inserts special tokens."""
+    copy = Tokenizer.from_str(tok if isinstance(tok, str) else tok.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    copy.encode_special_tokens = True  # to_str() does not keep it
+    return copy
+
+
 def tokenizer_hash(tok: Tokenizer) -> str:
     """A short stable hash of everything that decides token ids (padding/truncation settings excluded)."""
     spec = json.loads(tok.to_str())

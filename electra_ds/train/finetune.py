@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from electra_ds.config import ElectraConfig
 from electra_ds.data.cache import TOKENIZER_DIR
 from electra_ds.data.glue import DIAGNOSTIC, GlueExample, GlueTask, MissingData, get_task, load_split
-from electra_ds.data.tokenizer import load_tokenizer, special_ids
+from electra_ds.data.tokenizer import load_tokenizer, special_ids, text_tokenizer
 from electra_ds.model.classifier import ElectraClassifier
 from electra_ds.model.hf import RUN_CONFIG, discriminator_config_from_hf, load_pretrained, read_hf_dir
 from electra_ds.seeding import DROPOUT_STREAM, derive_seed
@@ -176,11 +176,7 @@ class Encoded:
 def encode(tokenizer, examples: Sequence[GlueExample], max_length: int, regression: bool = False) -> Encoded:
     """[CLS] a [SEP] (b [SEP]) with token types 0/1, truncated to max_length by dropping tokens from the end of
     the longer segment (BERT's rule)."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_str(tokenizer.to_str())  # a copy with the caller's truncation/padding settings off
-    tok.no_truncation()
-    tok.no_padding()
+    tok = text_tokenizer(tokenizer)
     ids = special_ids(tokenizer)
     cls, sep = ids["cls"], ids["sep"]
     first = tok.encode_batch([e.text_a for e in examples], add_special_tokens=False)
