@@ -279,6 +279,21 @@ def test_glue_sh_end_to_end(setup):
     assert "| SST-2 |" in proc.stdout and not (out / "submission").exists()
 
 
+def test_results_of_another_model_are_refused_before_training(setup, tmp_path):
+    from electra_ds.train.glue_report import write_task_result
+
+    out = tmp_path / "out"
+    cola = {"task": "CoLA", "status": "ok", "runs": [{"seed": 0, "dev": {"dev": {"mcc": 0.1}}}]}
+    write_task_result(out, {**cola, "model_path": str(tmp_path / "another_run")})
+    with pytest.raises(ValueError, match="holds GLUE results of another model: .*another_run \\(CoLA\\)"):
+        run_task(setup["run"], "RTE", out, seeds=[0], args=FinetuneArgs(max_steps=1), glue_dir=setup["glue"])
+    assert not (out / "RTE").exists()
+    write_task_result(out, {**cola, "model_path": str(setup["run"] / "hf")})
+    result = run_task(setup["run"], "RTE", out, seeds=[0], args=FinetuneArgs(max_steps=1, batch_size=2),
+                      glue_dir=setup["glue"], predict_test=False)  # the same run, named through its export
+    assert result["status"] == "ok"
+
+
 def test_tokenizer_of_a_pretraining_run_is_found_in_its_cache(setup, tmp_path):
     """Pretraining keeps its tokenizer in the token cache that run_config.json names (the HF export copies it, but
     --no-export_hf runs and checkpoints have only the cache)."""
@@ -325,5 +340,7 @@ def test_two_ranks_fine_tune_like_one(setup, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         (dev,) = out.glob("STS-B/**/dev.tsv")
         preds[name] = np.array([float(line.split("\t")[1]) for line in dev.read_text().splitlines()[1:]])
+        preds[name + " metrics"] = json.loads((dev.parent / "run.json").read_text())["dev"]["dev"]
     assert len(preds["one"]) == len(preds["two"]) > 10 and preds["one"].std() > 0
     np.testing.assert_allclose(preds["two"], preds["one"], atol=1.5e-3)  # the TSV rounds scores to 0.001
+    assert preds["two metrics"] == pytest.approx(preds["one metrics"], abs=1e-4)  # from unrounded predictions

@@ -38,6 +38,9 @@ def test_metrics_match_hand_values_and_libraries():
 def test_metric_edge_cases():
     assert compute_metrics("correlation", [2.0, 2.0, 2.0], [1.0, 2.0, 3.0]) == {"spearman": 0.0, "pearson": 0.0}
     assert compute_metrics("mcc", [1, 1, 1], [0, 1, 0])["mcc"] == 0.0
+    # a diverged seed (NaN scores) scores 0 and the summary over seeds still works
+    diverged = compute_metrics("correlation", [np.nan, 1.0, 2.0], [1.0, 2.0, 3.0])
+    assert diverged == {"spearman": 0.0, "pearson": 0.0} and summarize([0.8, diverged["spearman"]])["n"] == 2
     with pytest.raises(ValueError, match="unknown GLUE metric"):
         compute_metrics("bleu", [1], [1])
     with pytest.raises(ValueError, match="equal-length"):
@@ -129,3 +132,15 @@ def test_report_table_efficiency_and_submission(tmp_path):
     full = build_report(out, model_name="named")
     assert full["avg"] == pytest.approx(sum(v for v in full["table"].values()) / 8)
     assert "| named |" in (out / "results.md").read_text()
+
+
+def test_report_does_not_average_over_different_models(tmp_path):
+    out = tmp_path / "glue"
+    write_task_result(out, _ok_result(TASKS["CoLA"], [0.5], {"model_path": str(tmp_path / "run_a" / "hf")}))
+    write_task_result(out, _ok_result(TASKS["RTE"], [0.6], {"model_path": str(tmp_path / "run_a")}))
+    report = build_report(out)
+    assert report["models"] == [str(tmp_path / "run_a")] and report["avg_present"] == pytest.approx(55.0)
+    write_task_result(out, _ok_result(TASKS["SST-2"], [0.9], {"model_path": str(tmp_path / "run_b")}))
+    report = build_report(out)
+    assert len(report["models"]) == 2 and report["avg_present"] is None and report["avg"] is None
+    assert "come from different models" in (out / "results.md").read_text()
