@@ -81,6 +81,25 @@ def test_add_layer_norm_fp32_params_half_input(triton_backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("x_dtype,res_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                               (torch.float32, torch.bfloat16)])
+def test_add_layer_norm_mixed_residual_dtype(triton_backend, device, x_dtype, res_dtype):
+    """Under autocast, layer 0 of a model without embeddings_project adds a half-precision x to the fp32 embedding
+    output: each gradient is rounded once to its own input's dtype, so the residual's stays fp32 (not x's)."""
+    x, r = _make((3, 5, 96), x_dtype, device, seed=1), _make((3, 5, 96), res_dtype, device, seed=2)
+    w, b = _make((96,), torch.float32, device, seed=3) + 1.0, _make((96,), torch.float32, device, seed=4)
+    args = (x, r, w.detach().requires_grad_(), b, 1e-12)
+    out, grads = _run(kernels.add_layer_norm, args)
+    ref_out, ref_grads = _run(reference.add_layer_norm, args)
+    assert out.dtype == ref_out.dtype == x_dtype
+    torch.testing.assert_close(out, ref_out, **TOL[x_dtype])
+    assert [g.dtype for g in grads] == [g.dtype for g in ref_grads] == [x_dtype, res_dtype, torch.float32,
+                                                                        torch.float32]
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, **TOL[g.dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(7, 64), (3, 5, 256), (2, 1000), (600, 130)])
 def test_bias_gelu(triton_backend, device, dtype, shape):
@@ -224,6 +243,60 @@ def test_compiled_model_ops_trace_twins_and_keep_the_gumbel_kernel(triton_backen
     assert torch.equal(sample, kernels.gumbel_sample(x, seed, 1.0))
     assert torch.equal(sample, reference.gumbel_sample(x, seed, 1.0))
     torch.library.opcheck(torch.ops.electra_ds.gumbel_sample.default, (x, seed, 1.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("embedding_size", [32, 64])  # 32: embeddings_project (Small); 64 == hidden: none (Base)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_pretraining_step_with_kernels_matches_twins(device, embedding_size, autocast):
+    """One forward + backward of the whole pretraining model with every Triton kernel against the twins: the same
+    Gumbel samples, the same loss and the same gradients up to the precision's rounding (bf16 autocast: about one
+    bf16 unit per op, which a few layers accumulate to about 2% of a weight's gradient norm)."""
+    from electra_ds.config import preset
+    from electra_ds.data.masking import mask_tokens
+    from electra_ds.model import ElectraForPretraining
+
+    vocab = 128
+    torch.manual_seed(0)
+    model = ElectraForPretraining(preset("tiny", vocab_size=vocab, embedding_size=embedding_size,
+                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    with torch.no_grad():  # non-trivial LayerNorm and bias values
+        for w in model.flat.values():
+            w.add_(torch.randn_like(w) * 0.05)
+    model = model.to(device)
+    ids = torch.randint(5, vocab, (2, 16), generator=torch.Generator().manual_seed(1))
+    ids[:, 0], ids[:, -1], ids[1, 10], ids[1, 11:] = 2, 3, 3, 0
+    mask = (ids != 0).long()
+    ids, mask = ids.to(device), mask.to(device)
+    plan = mask_tokens(ids, mask, mask_token_id=4, special_ids=(0, 2, 3, 4), vocab_size=vocab, max_predictions=3,
+                       seed=1)
+
+    def step(backend):
+        kernels.set_backend(backend)
+        try:
+            model.zero_grad(set_to_none=True)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                out = model(ids, mask, None, plan, torch.tensor(5, device=device))
+            out.loss.backward()
+        finally:
+            kernels.set_backend("auto")
+        flat_grads = {k: p.grad for k, p in model.flat.items()}
+        return out, flat_grads, model.views(flats=flat_grads)
+
+    out, flat, grads = step("triton")
+    ref, ref_flat, ref_grads = step("torch")
+    assert torch.equal(out.disc_input, ref.disc_input)
+    rtol, grad_tol = (2e-3, 5e-2) if autocast else (1e-5, 1e-4)
+    for name in ("loss", "mlm_loss", "disc_loss"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=rtol, atol=0)
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    assert all(rel(flat[k], ref_flat[k]) < grad_tol for k in flat)
+    # Each weight's gradient; the attention key bias's is zero but for rounding (softmax ignores a shift per query).
+    worst = max((rel(grads[k], ref_grads[k]), k) for k in grads if not k.endswith("key.bias"))
+    assert worst[0] < grad_tol, worst
 
 
 def test_backend_choice(monkeypatch):

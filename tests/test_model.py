@@ -1,6 +1,7 @@
 """The reference (plain PyTorch) model: configuration, HF parity, tying, masking, labels, bad input."""
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from electra_ds import kernels
 from electra_ds.config import ElectraConfig, max_predictions, preset
 from electra_ds.convert import main as convert_main
 from electra_ds.data.masking import mask_tokens
+from electra_ds.kernels import reference
 from electra_ds.model import ElectraClassifier, ElectraForPretraining, export_hf_pair, load_hf_pair, \
     load_pretrained, save_model
 from electra_ds.model.electra import EMB
@@ -170,6 +172,32 @@ def test_hf_google_style_generator_shape_loads(tmp_path):
     assert back.config.generator == config.generator
 
 
+def test_hf_pair_with_untied_generator_embeddings_warns(tmp_path):
+    """Our model holds the embeddings once: a generator whose copies differ from the discriminator's must not load
+    silently as the discriminator's. A generator stored in another dtype (a rounding of the same values) loads."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = ElectraForPretraining(preset("tiny", vocab_size=300))
+    export_hf_pair(model, tmp_path)
+    gen_file = tmp_path / "generator" / "model.safetensors"
+    state = load_file(str(gen_file))
+    ln = "electra.embeddings.LayerNorm.bias"
+    assert ln in state and "electra.embeddings.word_embeddings.weight" in state
+    rounded = {k: v.bfloat16() if k.startswith("electra.embeddings.") else v for k, v in state.items()}
+    save_file(rounded, str(gen_file), metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a rounding of the same values is no difference
+        back = load_hf_pair(tmp_path / "discriminator", tmp_path / "generator")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), back.parameters()))
+    changed = dict(state)
+    changed[ln] = state[ln] + 0.01
+    save_file(changed, str(gen_file), metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=f"generator's {ln} differ.*discriminator's are used"):
+        back = load_hf_pair(tmp_path / "discriminator", tmp_path / "generator")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), back.parameters()))
+
+
 def test_bad_hf_directories(tmp_path):
     model = ElectraForPretraining(preset("tiny", vocab_size=300))
     export_hf_pair(model, tmp_path / "a")
@@ -289,6 +317,36 @@ def test_autocast_casts_each_buffer_once_with_the_same_results(monkeypatch):
     assert torch.equal(loss, ref_loss)
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_discriminator_sees_gumbel_samples_of_the_generator_on_the_masked_input():
+    """The replaced tokens are the Gumbel-max samples (forward's seed and temperature) of the generator's logits on
+    plan.generator_input_ids, recomputed here with the twins: a generator fed the original ids (a label leak), the
+    wrong logits, seed or temperature would change many of them."""
+    torch.manual_seed(0)
+    vocab = 60
+    model = ElectraForPretraining(no_dropout("tiny", vocab_size=vocab, temperature=0.5)).eval()
+    with torch.no_grad():  # logits far from flat, so the samples depend on them and not only on the noise
+        for w in model.flat.values():
+            w.add_(torch.randn_like(w) * 0.1)
+    ids, mask = make_batch(vocab, batch=8, length=32, pad_from={2: 20})
+    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=vocab, max_predictions=5,
+                       seed=4)
+    seed = torch.tensor(2**33 + 9)
+    kernels.set_backend("torch")
+    try:
+        out = model(ids, mask, None, plan, seed)
+        with torch.no_grad():
+            logits = model.generator_logits(plan.generator_input_ids, mask, positions=plan.masked_positions)
+    finally:
+        kernels.set_backend("auto")
+    expected = reference.gumbel_sample(logits.reshape(-1, vocab), seed, 0.5).view(plan.masked_positions.shape)
+    real = plan.masked_weights > 0
+    got = out.disc_input.gather(1, plan.masked_positions)
+    assert real.sum() > 30 and torch.equal(got[real], expected[real])
+    assert torch.equal(got[~real], plan.masked_ids[~real])
+    in_slots = torch.zeros_like(ids, dtype=torch.bool).scatter(1, plan.masked_positions, real)
+    assert torch.equal(out.disc_input[~in_slots], ids[~in_slots])
 
 
 def test_forward_is_deterministic_given_seeds():

@@ -102,7 +102,10 @@ class AddLayerNorm(torch.autograd.Function):
         n, h = x2.shape
         block_m, block_h = _blocks(h)
         dy2 = dy.reshape(-1, h).contiguous()
-        dx = torch.empty_like(x2)
+        # The kernel rounds dx to DX's dtype once; with a wider residual (bf16 x + fp32 residual under autocast)
+        # it is computed in the wider dtype, so the residual's gradient is not rounded to x's (as in the twin).
+        grad_dtype = x2.dtype if not ctx.has_res else torch.promote_types(x2.dtype, ctx.res_dtype)
+        dx = torch.empty_like(x2, dtype=grad_dtype)
         rows_per_program, groups = row_partition(n, block_m, x2.device)
         dw = torch.zeros(groups, h, dtype=torch.float32, device=x2.device)
         db = torch.zeros_like(dw)
@@ -112,7 +115,7 @@ class AddLayerNorm(torch.autograd.Function):
                 BLOCK_M=block_m, BLOCK_H=block_h, num_warps=tile_warps(block_m * block_h))
         dx = dx.view(dy.shape)
         dres = dx.to(ctx.res_dtype) if ctx.has_res else None
-        return dx, dres, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype), None
+        return dx.to(x2.dtype), dres, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype), None
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,

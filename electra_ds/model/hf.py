@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -88,18 +89,46 @@ def config_from_hf(disc_cfg: dict, gen_cfg: dict) -> ElectraConfig:
 
 
 def load_hf_pair(disc_dir: str | Path, gen_dir: str | Path) -> ElectraForPretraining:
-    """Our pretraining model from a HF discriminator directory and a HF generator directory."""
+    """Our pretraining model from a HF discriminator directory and a HF generator directory.
+
+    The generator's embeddings (and output layer) are the discriminator's in our model (ELECTRA ties them): where
+    the generator's copies differ (beyond rounding to another stored dtype), the discriminator's are loaded and a
+    warning names the weights."""
     disc_cfg, disc_state = read_hf_dir(disc_dir, "ElectraForPreTraining")
     gen_cfg, gen_state = read_hf_dir(gen_dir, "ElectraForMaskedLM")
     model = ElectraForPretraining(config_from_hf(disc_cfg, gen_cfg))
     weights = {f"{DISC}.{k}": v for k, v in disc_state.items() if not k.endswith("position_ids")}
+    untied = []
     for k, v in gen_state.items():
         name = f"{GEN}.{k}"
-        if name in model.tied or k.endswith("position_ids"):
-            continue  # shared with the discriminator: its copy wins (they are equal in a tied pair)
+        if k.endswith("position_ids"):
+            continue
+        if name in model.tied:  # one tensor in our model: the discriminator's copy is loaded, so they must agree
+            target = model.tied[name]
+            if target in weights and not _same_weight(v, weights[target]):
+                other = target[len(DISC) + 1:]
+                untied.append(k if k == other else f"{k} (vs the discriminator's {other})")
+            continue
         weights[name] = v
+    if untied:
+        warnings.warn(f"{gen_dir}: the generator's {', '.join(untied)} differ from the discriminator's in {disc_dir}; "
+                      "ELECTRA ties these weights and this model holds them once, so the discriminator's are used",
+                      stacklevel=2)
     model.load_named_weights(weights, source=f"{disc_dir} + {gen_dir}")
     return model
+
+
+def _same_weight(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, or equal up to rounding to the narrower dtype when the two files store different dtypes."""
+    if a.shape != b.shape:
+        return False
+    if a.dtype == b.dtype:
+        return torch.equal(a, b)
+    if not (a.is_floating_point() and b.is_floating_point()):
+        return torch.equal(a.double(), b.double())
+    eps = max(torch.finfo(a.dtype).eps, torch.finfo(b.dtype).eps)
+    tiny = max(torch.finfo(a.dtype).smallest_normal, torch.finfo(b.dtype).smallest_normal)
+    return torch.allclose(a.double(), b.double(), rtol=eps, atol=tiny)
 
 
 def export_hf_pair(model: ElectraForPretraining, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
