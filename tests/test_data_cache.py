@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +121,27 @@ def test_tokenizer_train_load_hash(data_tokenizer, tmp_path):
         load_tokenizer(bad)
 
 
+def test_vocab_txt_lines_end_at_newline_only(tmp_path):
+    """\u2028, \x0c, \x85 ... inside a token are part of it (str.splitlines would cut there and shift later ids)."""
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a\u2028b", "c\x0cd", "e\x85f", "g\x1eh", "the", "world"]
+    (tmp_path / "crlf.txt").write_bytes("\r\n".join(words).encode("utf-8") + b"\r\n")
+    (tmp_path / "bare.txt").write_bytes("\n".join(words).encode("utf-8"))  # no final newline
+    for name in ("crlf.txt", "bare.txt"):
+        tok = load_tokenizer(tmp_path / name)
+        assert [tok.token_to_id(w) for w in words] == list(range(len(words))) and vocab_size(tok) == len(words)
+
+
+def _gapped_tokenizer(path: Path) -> Path:
+    """A tokenizer.json whose ids have a gap: 7 tokens, the largest id 70000 (beyond uint16)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "world": 5, "the": 70_000}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return path
+
+
 # ----------------------------------------------------------------------------------------- round trip
 
 def test_round_trip_text_cache_windows(data_files, data_docs, data_tokenizer, tmp_path):
@@ -163,6 +186,37 @@ def test_heldout_split_by_documents(data_files, data_docs, data_tokenizer, tmp_p
     train = TokenCache(out)
     assert train.num_documents == len(ordered) - 2
     assert cache_mod.heldout_period(0.005) == 200 and cache_mod.heldout_period(0.0) == 0
+
+
+def test_heldout_fraction_above_half_refused_and_rounding_warned(caplog):
+    for fraction in (0.6, 0.9, -0.1):
+        with pytest.raises(ValueError, match=f"heldout_fraction must be between 0 and 0.5.*got {fraction}"):
+            cache_mod.heldout_period(fraction)
+    caplog.set_level("WARNING")
+    assert [cache_mod.heldout_period(f) for f in (0.5, 0.1, 0.005, 0.0)] == [2, 10, 200, 0]
+    assert not caplog.text  # 1 / period is the fraction asked for
+    assert cache_mod.heldout_period(0.4) == 2 and "0.4 holds out 1 document in 2, i.e. 0.5" in caplog.text
+
+
+def test_token_ids_beyond_the_vocab_count(tmp_path, monkeypatch):
+    tokenizer = _gapped_tokenizer(tmp_path / "gapped.json")
+    assert vocab_size(load_tokenizer(tokenizer)) == 70_001  # the largest id + 1, not the 7 tokens
+    (tmp_path / "src.txt").write_text("the world the")
+    kwargs = dict(workers=1, heldout_fraction=0, progress=False)
+    cache = TokenCache(build_cache(tmp_path / "src.txt", tmp_path / "c", tokenizer, **kwargs))
+    assert cache.dtype == np.uint32 and cache.vocab_size == 70_001
+    assert cache.document(0).tolist() == [70_000, 5, 70_000]
+    verify_cache(cache.path)
+    # sized by the token count instead, uint16 would wrap 70000 around: each batch's largest id is checked
+    monkeypatch.setattr(cache_mod, "tokenizer_vocab_size", lambda tok: tok.get_vocab_size(with_added_tokens=True))
+    with pytest.raises(CacheError, match=r"src.txt, document 0: token id 70000 does not fit uint16"):
+        build_cache(tmp_path / "src.txt", tmp_path / "c16", tokenizer, **kwargs)
+
+
+def test_default_workers_are_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert cache_mod._default_workers(open_source("openwebtext")) == 3  # a large source: not the small-source 1
 
 
 # --------------------------------------------------------------------------------------------- resume
@@ -229,6 +283,67 @@ def test_resume_after_every_possible_interruption(data_files, data_tokenizer, tm
         monkeypatch.setattr(cache_mod._ShardWriter, "_flush", flush)
         resumed = json.loads((build_cache(data_files, out, data_tokenizer, **kwargs) / "manifest.json").read_text())
         assert resumed["splits"] == clean["splits"], stop
+
+
+def test_interrupted_tokenizer_save_leaves_no_partial_folder(data_files, data_tokenizer, tmp_path, monkeypatch):
+    from electra_ds.data import tokenizer as tokenizer_mod
+
+    write = tokenizer_mod.atomic_write
+
+    def interrupted(path, data):
+        if Path(path).name == "vocab.txt":  # after tokenizer.json
+            raise KeyboardInterrupt
+        write(path, data)
+
+    monkeypatch.setattr(tokenizer_mod, "atomic_write", interrupted)
+    out = tmp_path / "c"
+    kwargs = dict(workers=1, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(data_files, out, data_tokenizer, **kwargs)
+    assert (out / "build_state.json").is_file() and not (out / "tokenizer").exists()
+    monkeypatch.setattr(tokenizer_mod, "atomic_write", write)
+    build_cache(data_files, out, data_tokenizer, **kwargs)
+    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == ["tokenizer.json", "tokenizer_config.json",
+                                                                       "vocab.txt"]
+    verify_cache(out)
+
+
+_HOLD_LOCK = ("import fcntl, sys\n"
+              "f = open(sys.argv[1], 'a')\n"
+              "fcntl.flock(f, fcntl.LOCK_EX)\n"
+              "print('locked', flush=True)\n"
+              "sys.stdin.read()\n")
+
+
+def test_second_builder_refused_while_the_first_holds_the_lock(data_files, data_tokenizer, tmp_path, monkeypatch):
+    out = tmp_path / "c"
+    kwargs = dict(workers=1, shard_tokens=100, progress=False)
+    flush = cache_mod._ShardWriter._flush
+    monkeypatch.setattr(cache_mod._ShardWriter, "_flush", _interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(data_files, out, data_tokenizer, **kwargs)
+    monkeypatch.setattr(cache_mod._ShardWriter, "_flush", flush)
+    in_flight = out / ".train-00000.bin.99.abcd.tmp.bin"  # what the other builder is writing now
+    in_flight.write_bytes(b"half")
+    other = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out / ".build.lock")], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline() == "locked\n"
+        with pytest.raises(CacheError, match="another process is building"):
+            build_cache(data_files, out, data_tokenizer, **kwargs)
+        assert in_flight.exists() and not (out / "manifest.json").exists()
+    finally:
+        other.communicate("")  # it exits, and its lock goes with it
+    build_cache(data_files, out, data_tokenizer, **kwargs)  # now resumes the build
+    assert not in_flight.exists() and (out / ".build.lock").exists()
+    verify_cache(out)
+    assert build_cache(data_files, out, data_tokenizer, **kwargs) == out  # the lock file does not stop reuse
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="not empty"):
+        build_cache(data_files, busy, data_tokenizer, **kwargs)
+    assert not (busy / ".build.lock").exists()  # no lock file left in a folder that is not a cache
 
 
 # ------------------------------------------------------------------------------------ verify / corrupt
@@ -334,6 +449,36 @@ def test_bad_sources(tmp_path, data_tokenizer):
             open_source(locked)
 
 
+def test_null_text_is_an_empty_document_other_types_are_refused(tmp_path, monkeypatch):
+    jsonl = tmp_path / "n.jsonl"
+    jsonl.write_text('{"text": "the world"}\n{"text": null}\n{"text": 7}\n')
+    with pytest.raises(SourceError, match=r"n.jsonl:3: field 'text' holds int 7, not text .*--text_field"):
+        list(open_source(jsonl).chunks())
+    jsonl.write_text('{"text": "the world"}\n{"text": null}\n')
+    src = open_source(jsonl)
+    assert list(src.chunks()) == [("the world", True), ("", True)] and src.stats.null_texts == 1
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": ["the world", None], "id": [1, 2]}), tmp_path / "t.parquet")
+    src = open_source(tmp_path / "t.parquet")
+    assert list(src.chunks()) == [("the world", True), ("", True)] and src.stats.null_texts == 1
+    with pytest.raises(SourceError, match=r"t.parquet row 1: field 'id' holds int 1, not text"):
+        list(open_source(tmp_path / "t.parquet", text_field="id").chunks())
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, split="train": datasets.Dataset.from_dict(
+        {"text": ["the world", None], "id": [1, 2]}))
+    src = open_source("openwebtext")
+    assert list(src.chunks()) == [("the world", True), ("", True)] and src.stats.null_texts == 1
+    with pytest.raises(SourceError, match=r"dataset openwebtext\[0\]: field 'id' holds int 1, not text"):
+        list(open_source("openwebtext", text_field="id").chunks())
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
+    (tmp_path / "t.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails as if pyarrow were not installed
+    with pytest.raises(SourceError, match=r"t.parquet: reading .parquet files needs `pip install pyarrow`"):
+        list(open_source(tmp_path / "t.parquet").chunks())
+
+
 def test_dtype_and_output_checks(tmp_path, data_files, data_tokenizer):
     assert dtype_for(30522) == "uint16" and dtype_for(65536) == "uint16" and dtype_for(65537) == "uint32"
     with pytest.raises(CacheError, match="does not fit uint16"):
@@ -420,6 +565,26 @@ def test_gutenberg_strip_jsonl_parquet(tmp_path, data_tokenizer):
     assert [t for t, _ in open_source(tmp_path / "t.parquet", text_field="body").chunks()] == ["she said no", ""]
     with pytest.raises(SourceError, match="no column 'text'"):
         list(open_source(tmp_path / "t.parquet").chunks())
+
+
+def test_gutenberg_older_end_lines_and_books_without_end(tmp_path, caplog):
+    head = "Header\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\nthe body, not the End of Project Gutenberg\n"
+    books = {"a_end_line.txt": head + "End of the Project Gutenberg EBook of X\nlicence\n",
+             "b_trailer.txt": head + "The Project Gutenberg Etext of X\nEnd of Project Gutenberg Etext X\n",
+             "c_small_print.txt": head + "***START**THE SMALL PRINT!**FOR PUBLIC DOMAIN EBOOKS**START***\nlawyers\n",
+             "d_no_end.txt": head + "licence\n",
+             "e_unmarked.txt": "no markers\n"}
+    src_dir = tmp_path / "books"
+    src_dir.mkdir()
+    for name, text in books.items():
+        (src_dir / name).write_text(text)
+    caplog.set_level("WARNING")
+    src = open_source(src_dir, strip_gutenberg=True)
+    body = "\nthe body, not the End of Project Gutenberg\n"
+    assert [t for t, _ in src.chunks()] == [body, body + "The Project Gutenberg Etext of X\n", body,
+                                            body + "licence\n", "no markers\n"]
+    assert src.stats.gutenberg_without_end == 1 and src.stats.gutenberg_without_markers == 1
+    assert "d_no_end.txt: no Gutenberg end marker" in caplog.text
 
 
 def test_long_document_pieces_tokenize_like_the_whole(tmp_path, data_docs, data_tokenizer):

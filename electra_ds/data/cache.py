@@ -4,6 +4,7 @@ Layout of a cache directory::
 
     manifest.json            written last: its presence means the cache is complete
     build_state.json         only while a build is unfinished: finished shards and where to resume
+    .build.lock              locked (flock) by the process building the cache; a second builder is refused
     tokenizer/               the tokenizer the ids come from (tokenizer.json, vocab.txt, ...)
     train-00000.bin          token ids, raw little-endian uint16 (uint32 when the vocab needs it)
     train-00000.idx          int64 offsets of the documents in the shard, plus the end (n_docs + 1 values)
@@ -17,9 +18,15 @@ shard, so an interrupted build resumes from its last finished shard and a partia
 manifest. Documents are numbered in source order; document ``i`` is held out when
 ``i % period == min(10, period // 2)`` with ``period = round(1 / heldout_fraction)``, so any corpus with
 more than that many documents has at least one held-out document.
+
+One process builds a cache folder at a time: a build holds an exclusive lock on ``.build.lock`` throughout, and
+a second build of the same folder raises :class:`CacheError` at once instead of waiting (run it again once the
+first has finished: a complete cache is then returned as is, an interrupted one resumed). The lock goes with the
+process, so a killed builder never leaves the folder locked.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
@@ -29,6 +36,7 @@ import re
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +50,10 @@ from .tokenizer import vocab_size as tokenizer_vocab_size
 log = logging.getLogger(__name__)
 
 FORMAT = "electra_ds.token_cache"
-FORMAT_VERSION = 2  # 2: text such as "[SEP]" in the corpus is words, not special tokens
+FORMAT_VERSION = 2  # 2: "[SEP]" etc. in the text are words; older Gutenberg end lines end a book
 MANIFEST = "manifest.json"
 BUILD_STATE = "build_state.json"
+BUILD_LOCK = ".build.lock"  # no temporary's name (files.TEMP_GLOB): stale-temp cleanup leaves it alone
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "heldout")
 DEFAULT_SHARD_TOKENS = 1 << 24
@@ -86,7 +95,7 @@ def _read_json(path: Path) -> dict:
 
 
 def dtype_for(vocab: int, dtype: str | None = None) -> str:
-    """The storage dtype name for ``vocab`` ids; refuses a requested dtype that is too small."""
+    """The storage dtype name for ids ``0 .. vocab - 1``; refuses a requested dtype that is too small."""
     name = dtype or ("uint16" if vocab <= 1 << 16 else "uint32")
     if name not in _DTYPES:
         raise CacheError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}")
@@ -97,10 +106,17 @@ def dtype_for(vocab: int, dtype: str | None = None) -> str:
 
 
 def heldout_period(fraction: float) -> int:
-    """Every ``period``-th document is held out (0: none)."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"heldout_fraction must be in [0, 1), got {fraction}")
-    return 0 if fraction == 0 else max(2, round(1 / fraction))
+    """Every ``period``-th document is held out (0: none); warns when 1 / period is far from ``fraction``."""
+    if not 0.0 <= fraction <= 0.5:
+        raise ValueError(f"heldout_fraction must be between 0 and 0.5 (at most every 2nd document is held out), "
+                         f"got {fraction}")
+    if fraction == 0:
+        return 0
+    period = round(1 / fraction)
+    if abs(1 / period - fraction) > 0.1 * fraction:
+        log.warning("heldout_fraction %g holds out 1 document in %d, i.e. %.3g of them, not %g (the fraction is "
+                    "rounded to 1 / a whole number)", fraction, period, 1 / period, fraction)
+    return period
 
 
 def _split_of(doc: int, period: int) -> str:
@@ -260,18 +276,34 @@ def _compare(expected: dict, found: dict, where: Path) -> None:
                          "another output directory, or delete it.")
 
 
-def _prepare_output(out: Path) -> dict | None:
-    """Check ``out`` can hold this build; return the saved build state of an unfinished one (else None)."""
+def _check_output(out: Path) -> None:
+    """Refuse an output that cannot hold a build: a file, or a folder with other things than a cache build."""
     if out.exists() and not out.is_dir():
         raise CacheError(f"{out} exists and is not a directory")
-    if (out / BUILD_STATE).is_file():
-        state = _read_json(out / BUILD_STATE)
-        remove_stale_temps(out)  # what the interrupted run was writing
-        return state
-    if out.exists() and any(out.iterdir()):
+    if (out.exists() and not (out / BUILD_STATE).is_file() and not (out / MANIFEST).is_file()
+            and any(p.name != BUILD_LOCK for p in out.iterdir())):
         raise CacheError(f"{out} is not empty and holds no token cache; choose a new or empty directory")
+
+
+@contextmanager
+def _build_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out/.build.lock`` (created if needed); refuse if another process holds it."""
     out.mkdir(parents=True, exist_ok=True)
-    return None
+    with open(out / BUILD_LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheError(f"another process is building {out} (it holds the lock {out / BUILD_LOCK}); wait "
+                             "for it to finish and run again: the finished cache is then reused") from None
+        yield  # closing the file releases the lock
+
+
+def _finished_cache(out: Path, settings: dict, tokenizer: str | os.PathLike | None) -> Path:
+    """A complete cache at ``out``, after checking it was built with these settings and this tokenizer."""
+    _compare(settings, _read_json(out / MANIFEST).get("settings", {}), out)
+    if tokenizer is not None:
+        TokenCache(out).check_tokenizer(load_tokenizer(tokenizer))
+    return out
 
 
 def _obtain_tokenizer(out: Path, tokenizer: str | os.PathLike | None, source: Source, vocab: int,
@@ -285,7 +317,8 @@ def _obtain_tokenizer(out: Path, tokenizer: str | os.PathLike | None, source: So
                 raise CacheError(f"{out} is being built with another tokenizer (stored in {stored}) than "
                                  f"{tokenizer}; use that one, or delete {out}")
         else:
-            save_tokenizer(tok, stored)
+            with replacing_dir(stored) as tmp:  # an interrupted save leaves no partial folder to resume with
+                save_tokenizer(tok, tmp)
         return tok
     if not (stored / "tokenizer.json").is_file():
         log.info("training a %d-token WordPiece tokenizer on %s (up to %s MB of text)", vocab, source.spec,
@@ -307,8 +340,9 @@ def build_cache(source: str | os.PathLike, output: str | os.PathLike, tokenizer:
     :func:`electra_ds.data.sources.open_source`). Without ``tokenizer`` a WordPiece tokenizer of
     ``vocab_size`` tokens is trained on (up to ``tokenizer_sample_mb`` MB of) the source first.
     ``workers`` tokenizing processes (1: in this process, with the tokenizer's own threads; default: all
-    cores, or 1 for the builtin corpus and local files under 32 MB). An unfinished build in ``output`` with the same settings is resumed; a complete one is
-    returned as is.
+    cores this process may use, or 1 for the builtin corpus and local files under 32 MB). An unfinished build
+    in ``output`` with the same settings is resumed; a complete one is returned as is. A build that another
+    process is running in ``output`` raises :class:`CacheError`.
     """
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
@@ -324,37 +358,42 @@ def build_cache(source: str | os.PathLike, output: str | os.PathLike, tokenizer:
     if isinstance(src, LocalFiles) and out.resolve().is_relative_to(src.root) and src.root.is_dir():
         raise CacheError(f"the output {out} is inside the source folder {src.root}; put the cache elsewhere")
     if (out / MANIFEST).is_file():
-        manifest = _read_json(out / MANIFEST)
-        _compare(settings, manifest.get("settings", {}), out)
-        if tokenizer is not None:
-            TokenCache(out).check_tokenizer(load_tokenizer(tokenizer))
-        return out
-    state = _prepare_output(out)
-    if state is not None:
-        _compare(settings, state.get("settings", {}), out)
-    else:
-        state = {"settings": settings, "tokenizer_hash": None,
-                 "splits": {s: {"shards": [], "resume": [0, 0], "documents": 0, "empty_documents": 0}
-                            for s in SPLITS}}
+        return _finished_cache(out, settings, tokenizer)
+    _check_output(out)  # before the lock file goes into a folder that is not a cache
+    with _build_lock(out):
+        if (out / MANIFEST).is_file():  # another process finished it in the meantime
+            return _finished_cache(out, settings, tokenizer)
+        _check_output(out)
+        if (out / BUILD_STATE).is_file():
+            state = _read_json(out / BUILD_STATE)
+            _compare(settings, state.get("settings", {}), out)
+            remove_stale_temps(out)  # what the interrupted run was writing
+        else:
+            state = {"settings": settings, "tokenizer_hash": None,
+                     "splits": {s: {"shards": [], "resume": [0, 0], "documents": 0, "empty_documents": 0}
+                                for s in SPLITS}}
+            _write_json(out / BUILD_STATE, state)
+
+        tok = _obtain_tokenizer(out, tokenizer, src, vocab_size, tokenizer_sample_mb)
+        special_ids(tok)  # refuse a tokenizer without the special tokens before tokenizing anything
+        tok_hash, vocab = tokenizer_hash(tok), tokenizer_vocab_size(tok)  # vocab: largest id + 1
+        if state["tokenizer_hash"] not in (None, tok_hash):
+            raise CacheError(f"{out} holds a partial build made with tokenizer {state['tokenizer_hash']}, "
+                             f"not {tok_hash}; use the same tokenizer or delete {out}")
+        state.update(tokenizer_hash=tok_hash, vocab_size=vocab, dtype=dtype_for(vocab, dtype))
         _write_json(out / BUILD_STATE, state)
 
-    tok = _obtain_tokenizer(out, tokenizer, src, vocab_size, tokenizer_sample_mb)
-    special_ids(tok)  # refuse a tokenizer without the special tokens before tokenizing anything
-    tok_hash, vocab = tokenizer_hash(tok), tokenizer_vocab_size(tok)
-    if state["tokenizer_hash"] not in (None, tok_hash):
-        raise CacheError(f"{out} holds a partial build made with tokenizer {state['tokenizer_hash']}, "
-                         f"not {tok_hash}; use the same tokenizer or delete {out}")
-    state.update(tokenizer_hash=tok_hash, vocab_size=vocab, dtype=dtype_for(vocab, dtype))
-    _write_json(out / BUILD_STATE, state)
-
-    n_workers = workers if workers is not None else _default_workers(src)
-    _tokenize_into_shards(out, state, src, tok, period, n_workers, progress)
-    return _write_manifest(out, state, src, tok)
+        n_workers = workers if workers is not None else _default_workers(src)
+        _tokenize_into_shards(out, state, src, tok, period, n_workers, progress)
+        return _write_manifest(out, state, src, tok)
 
 
 def _default_workers(src: Source) -> int:
     small = isinstance(src, Builtin) or isinstance(src, LocalFiles) and src.progress_total < SMALL_SOURCE_BYTES
-    return 1 if small else os.cpu_count() or 1
+    if small:
+        return 1
+    # the cores this process may run on (a job scheduler's or taskset's share), not all of the machine's
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _tokenize_into_shards(out: Path, state: dict, src: Source, tok, period: int, workers: int,
@@ -389,9 +428,16 @@ def _tokenize_into_shards(out: Path, state: dict, src: Source, tok, period: int,
             yield meta, texts
 
     tokens = 0
+    id_limit = int(np.iinfo(_DTYPES[state["dtype"]]).max)
     try:
         for meta, flat, lengths in _tokenized(batches(), tok.to_str(), workers):
             offsets = np.concatenate(([0], np.cumsum(lengths)))
+            if len(flat) and int(flat.max()) > id_limit:  # storing it would wrap around silently
+                first = int(np.argmax(flat > id_limit))
+                doc = meta[int(np.searchsorted(offsets, first, side="right")) - 1][0]
+                raise CacheError(f"source {src.spec}, document {doc}: token id {int(flat.max())} does not fit "
+                                 f"{state['dtype']} (the tokenizer's largest id + 1 is {state['vocab_size']}); "
+                                 "use dtype='uint32'")
             for (doc, ends, split), a, b in zip(meta, offsets[:-1], offsets[1:]):
                 writers[split].add(doc, flat[a:b], ends)
             tokens += int(offsets[-1])

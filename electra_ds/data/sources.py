@@ -8,7 +8,8 @@ chunk whose ``ends_document`` is True, so documents can be numbered by the consu
 Local files: ``.txt`` / ``.txt.gz`` (one document per file, or per blank-line separated paragraph block with
 ``doc_split="blank_lines"``), ``.jsonl`` / ``.jsonl.gz`` (one document per record, field ``text_field``),
 ``.parquet`` (one document per row of column ``text_field``); a directory means every such file below it,
-in sorted order. Invalid UTF-8 is replaced with U+FFFD and counted per file.
+in sorted order. Invalid UTF-8 is replaced with U+FFFD and counted per file. In every record format a null text
+is an empty document (counted as ``null_texts``); any other non-string value is an error.
 """
 from __future__ import annotations
 
@@ -41,7 +42,12 @@ DOC_SPLITS = ("file", "blank_lines")
 SOURCE_OPTIONS = ("doc_split", "text_field", "strip_gutenberg", "hf_config", "hf_split")
 
 _START = re.compile(r"^[ \t]*\*\*\*[ \t]*START OF\b.*$", re.MULTILINE | re.IGNORECASE)
-_END = re.compile(r"^[ \t]*\*\*\*[ \t]*END OF\b.*$", re.MULTILINE | re.IGNORECASE)
+# The end of the book, whichever comes first after the START marker: "*** END OF ...", or in older books the
+# "End of (the) Project Gutenberg ..." line or the old licence ("***START**THE SMALL PRINT!..."). Not "The Project
+# Gutenberg Etext of <title>": older books also open their text with that line.
+_END = re.compile(r"^[ \t]*(?:\*\*\*[ \t]*END OF\b|End of (?:the )?Project Gutenberg\b"
+                  r"|\*+[ \t]*START[ \t]*\*+[ \t]*THE SMALL PRINT\b).*$",
+                  re.MULTILINE | re.IGNORECASE)
 _BLANK_LINES = re.compile(r"\n[^\S\n]*\n\s*")
 _REPLACEMENT = "\ufffd"
 _UTF8_REPLACEMENT = _REPLACEMENT.encode("utf-8")
@@ -64,6 +70,8 @@ class SourceStats:
     invalid_utf8_replaced: int = 0
     files_with_invalid_utf8: list[str] = field(default_factory=list)
     gutenberg_without_markers: int = 0
+    gutenberg_without_end: int = 0
+    null_texts: int = 0
     builtin_files_skipped: int = 0
 
     def to_dict(self) -> dict:
@@ -117,6 +125,21 @@ class Source(ABC):
     def _note_unmarked(self, name: str) -> None:
         self.stats.gutenberg_without_markers += 1
         log.warning("%s: no '*** START OF' Gutenberg marker found; kept the whole text", name)
+
+    def _note_no_end(self, name: str) -> None:
+        self.stats.gutenberg_without_end += 1
+        log.warning("%s: no Gutenberg end marker ('*** END OF', 'End of the Project Gutenberg', ...) after the "
+                    "START marker; kept everything to the end of the text", name)
+
+    def _field_text(self, value: object, field: str, where: str) -> str:
+        """The text of a record's field: null is an empty document (counted); another non-string is refused."""
+        if value is None:
+            self.stats.null_texts += 1
+            return ""
+        if not isinstance(value, str):
+            raise SourceError(f"{where}: field {field!r} holds {type(value).__name__} {value!r:.40}, not text "
+                              "(choose the text field with --text_field)")
+        return value
 
 
 def _split_long(text: str, limit: int = BLOCK_BYTES) -> Iterator[str]:
@@ -264,19 +287,22 @@ class LocalFiles(Source):
             yield carry, True
 
     def _strip_blocks(self, blocks: Iterable[str], name: str) -> Iterator[str]:
-        """Drop the Project Gutenberg header (to the START marker line) and licence (from the END marker)."""
+        """Drop the Project Gutenberg header (to the START marker line) and licence (from the end marker)."""
+        started = False
         for i, block in enumerate(blocks):
             if i == 0:
                 start = _START.search(block)
                 if start is None:
                     self._note_unmarked(name)
                 else:
-                    block = block[start.end():]
+                    block, started = block[start.end():], True
             end = _END.search(block)
             if end is not None:
                 yield block[:end.start()]
                 return
             yield block
+        if started:  # a text without START markers is counted once, as unmarked
+            self._note_no_end(name)
 
     def _jsonl(self, stream, raw, name: str, progress: Progress) -> Iterator[Chunk]:
         pos = 0
@@ -287,11 +313,11 @@ class LocalFiles(Source):
                 record = json.loads(self._decode(line, name, f"{name}:{line_no}").removeprefix("\ufeff"))
             except json.JSONDecodeError as e:
                 raise SourceError(f"{name}:{line_no}: not valid JSON ({e.msg})") from None
-            text = record.get(self.text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
+            if not isinstance(record, dict) or self.text_field not in record:
                 raise SourceError(f"{name}:{line_no}: no string field {self.text_field!r} "
                                   "(choose the field with --text_field)")
-            yield from self._record(text, f"{name}:{line_no}")
+            where = f"{name}:{line_no}"
+            yield from self._record(self._field_text(record[self.text_field], self.text_field, where), where)
             if line_no % 256 == 0:
                 now = raw.tell()
                 progress(now - pos)
@@ -299,8 +325,10 @@ class LocalFiles(Source):
         progress(raw.tell() - pos)
 
     def _parquet(self, path: Path) -> Iterator[Chunk]:
-        import pyarrow.parquet as pq
-
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise SourceError(f"{path}: reading .parquet files needs `pip install pyarrow`") from None
         try:
             pf = pq.ParquetFile(path)
         except Exception as e:  # pyarrow raises ArrowInvalid and friends
@@ -310,9 +338,10 @@ class LocalFiles(Source):
                               "choose one with --text_field)")
         row = 0
         for batch in pf.iter_batches(columns=[self.text_field], batch_size=1024):
-            for text in batch.column(0).to_pylist():
+            for value in batch.column(0).to_pylist():
                 row += 1
-                yield from self._record(text or "", f"{path} row {row}")
+                where = f"{path} row {row}"
+                yield from self._record(self._field_text(value, self.text_field, where), where)
 
 
 class HubDataset(Source):
@@ -352,8 +381,9 @@ class HubDataset(Source):
         ds = self.dataset
         for start in range(0, len(ds), 1000):
             texts = ds[start:start + 1000][self.text_field]
-            for i, text in enumerate(texts):
-                yield from self._record(text or "", f"{self.spec}[{start + i}]")
+            for i, value in enumerate(texts):
+                where = f"dataset {self.spec}[{start + i}]"  # ds[i]: 0-based, as the dataset indexes it
+                yield from self._record(self._field_text(value, self.text_field, where), where)
             progress(len(texts))
 
 
@@ -431,7 +461,8 @@ def add_source_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
                         help="documents of local .txt files: whole files, or blocks separated by blank lines")
     parser.add_argument("--text_field", default="text", help="text field of .jsonl/.parquet/dataset records")
     parser.add_argument("--strip_gutenberg", action="store_true",
-                        help="drop Project Gutenberg headers/licences (*** START OF / *** END OF markers)")
+                        help="drop Project Gutenberg headers/licences (*** START OF / *** END OF markers, or an "
+                             "older book's end lines)")
     parser.add_argument("--hf_config", help="Hugging Face dataset configuration")
     parser.add_argument("--hf_split", default="train", help="Hugging Face dataset split")
 

@@ -95,13 +95,18 @@ def _lowercases(normalizer: dict | None) -> bool:
 
 
 def _vocab_from_txt(path: Path) -> dict[str, int]:
+    r"""Token -> id (its line number - 1). Lines end at "\n" only (a trailing "\r" is dropped), as Hugging Face's
+    loaders read them: str.splitlines would also split at \x0b, \x0c, \x85, \u2028 ... inside tokens and shift
+    every later id."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_bytes().decode("utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise TokenizerError(f"cannot read vocabulary {path}: {e}") from None
+    if lines[-1] == "":  # after the final newline
+        lines.pop()
     vocab: dict[str, int] = {}
     for line_no, token in enumerate(lines, 1):
-        token = token.rstrip("\r")
+        token = token.removesuffix("\r")
         if token in vocab:
             raise TokenizerError(f"{path}:{line_no}: token {token!r} appears twice")
         vocab[token] = len(vocab)
@@ -160,8 +165,9 @@ def tokenizer_hash(tok: Tokenizer) -> str:
 
 
 def vocab_size(tok: Tokenizer) -> int:
-    """Number of ids the tokenizer can produce (model vocabulary plus added tokens)."""
-    return tok.get_vocab_size(with_added_tokens=True)
+    """Size of the id space: the largest id of the model vocabulary and added tokens, plus one (the token count,
+    unless a tokenizer.json leaves gaps between ids)."""
+    return max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:
