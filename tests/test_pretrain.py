@@ -21,11 +21,13 @@ from conftest import child_env
 from electra_ds.data.cache import TokenCache
 from electra_ds.seeding import derive_seed
 from electra_ds.train import engine as ds_engine
-from electra_ds.train.checkpoint import MANIFEST, CheckpointManager
+from electra_ds.train.checkpoint import MANIFEST, CheckpointError, CheckpointManager
 from electra_ds.train.engine import DSConfigError, linear_warmup_decay, load_ds_config
 from electra_ds.train.metrics_log import CollapseMonitor, MetricsFile
 from electra_ds.train.optim import ElectraAdam
-from electra_ds.train.pretrain import SetupError, grad_norm, make_plan, parse_args, prepare_cache, run
+from electra_ds.train import pretrain
+from electra_ds.train.pretrain import (NonFiniteError, SetupError, grad_norm, make_plan, parse_args, prepare_cache,
+                                       run)
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ("fp32", "fp16", "bf16", "bf16_zero1", "bf16_zero2", "bf16_zero3", "bf16_zero2_offload")
@@ -127,6 +129,7 @@ def test_shipped_ds_configs_fill_auto_batch_sizes(name):
     ({"optimizer": {"type": "Adam"}}, "remove the 'optimizer' section"),
     ({"gradient_clipping": "auto"}, "gradient_clipping"),
     ({"fp16": {"enabled": True}}, "fp16 needs zero_optimization.stage >= 1"),
+    ({"managed_gradient_accumulation": False}, "every engine.step() an optimizer step"),
 ])
 def test_bad_ds_config_names_the_key(bad, message):
     with pytest.raises(DSConfigError) as err:
@@ -432,6 +435,118 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(corpus, tmp_
     assert "step00000006 is unusable" in caplog.text and "truncated" in caplog.text
     assert sorted(resumed) == list(range(1, 9))
     assert json.loads((out / "checkpoints" / "step00000008" / MANIFEST).read_text())["step"] == 8
+    checkpoints = CheckpointManager(out / "checkpoints", 3, 0, 1)
+    assert checkpoints.problem("step00000006") is None  # saved again when the resumed run reached it
+    assert [t for _, t in checkpoints.sound()] == ["step00000008", "step00000006", "step00000004"]
+    assert (out / "checkpoints" / "step00000006.damaged" / model_file.name).stat().st_size == 1000  # kept aside
+
+
+def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(corpus, tmp_path):
+    """After --resume <older checkpoint> in the same output_dir, a plain resume continues the new run, not the
+    abandoned one."""
+    out = tmp_path / "out"
+    train(corpus, out, "--save_steps", "8", steps=4)  # checkpoints at steps 2 and 4
+    train(corpus, out, "--resume", str(out / "checkpoints" / "step00000002"), steps=3)
+    checkpoints = CheckpointManager(out / "checkpoints", 3, 0, 1)
+    assert [t for _, t in checkpoints.complete()] == ["step00000003", "step00000002"]
+    assert checkpoints.problem("step00000004.superseded") is None
+
+
+class FakeEngine:
+    """What CheckpointManager needs of a DeepSpeed engine: one file holding `weights`."""
+
+    def __init__(self, weights: str) -> None:
+        self.weights = weights
+
+    def save_checkpoint(self, root, tag, client_state, save_latest=True):
+        (Path(root) / tag / "model.pt").write_text(self.weights)
+
+    def load_checkpoint(self, root, tag, **kw):
+        return root, {}
+
+
+def test_checkpoint_saves_replace_what_this_process_did_not_write(tmp_path):
+    root = tmp_path / "checkpoints"
+    first = CheckpointManager(root, keep=3, rank=0, world_size=1)
+    first.save(FakeEngine("old"), 2, {})
+    first.save(FakeEngine("changed"), 2, {})  # already saved by this process: kept
+    assert (root / "step00000002" / "model.pt").read_text() == "old"
+    CheckpointManager(root, keep=3, rank=0, world_size=1).save(FakeEngine("new"), 2, {})  # another process
+    assert (root / "step00000002" / "model.pt").read_text() == "new"
+    assert CheckpointManager(root, 3, 0, 1).problem("step00000002") is None
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step00000002"]
+
+
+def test_pruning_never_keeps_a_damaged_checkpoint_instead_of_a_sound_one(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (10, 20):
+        CheckpointManager(root, keep=2, rank=0, world_size=1).save(FakeEngine("weights"), step, {})
+    (root / "step00000020" / "model.pt").write_text("x")  # truncated
+    resumed = CheckpointManager(root, keep=1, rank=0, world_size=1)
+    assert resumed.restore(FakeEngine(""))[0] == 10
+    resumed.save(FakeEngine("weights"), 15, {})
+    assert [t for _, t in resumed.sound()] == ["step00000015"]
+    assert resumed.set_aside(10) == [root / "step00000020.damaged"]  # what a resumed run does first
+    assert [t for _, t in resumed.tags()] == ["step00000015"]
+
+
+def test_resume_settings_are_checked_and_old_manifests_load(tmp_path):
+    root = tmp_path / "checkpoints"
+    settings = {"zero_stage": 2, "precision": "bf16", "learning_rate": 5e-4, "weight_decay": 0.01}
+    CheckpointManager(root, 3, 0, world_size=2, settings=settings).save(FakeEngine("w"), 4, {})
+    assert CheckpointManager(root, 3, 0, 2, settings=settings).restore(FakeEngine(""))[0] == 4
+    with pytest.raises(CheckpointError, match="world size: the checkpoint has 2, this run 1; ZeRO partitions"):
+        CheckpointManager(root, 3, 0, 1, settings=settings).restore(FakeEngine(""))
+    manifest = json.loads((root / "step00000004" / MANIFEST).read_text())
+    for key in settings:  # a manifest written before the settings were recorded
+        del manifest[key]
+    (root / "step00000004" / MANIFEST).write_text(json.dumps(manifest))
+    assert CheckpointManager(root, 3, 0, 1, settings=dict(settings, zero_stage=0)).restore(FakeEngine(""))[0] == 4
+
+
+def test_resume_with_another_learning_rate_or_weight_decay_is_refused(corpus, tmp_path):
+    out = tmp_path / "out"
+    train(corpus, out, "--learning_rate", "1e-3", steps=1)
+    with pytest.raises(SetupError, match=r"--learning_rate: the checkpoint has 0.001, this run 0.002; .*new "
+                                         "--output_dir"):
+        train(corpus, out, "--learning_rate", "2e-3", steps=2)
+    with pytest.raises(SetupError, match=r"--weight_decay: the checkpoint has 0.01, this run 0.0; .*new --output_dir"):
+        train(corpus, out, "--learning_rate", "1e-3", "--weight_decay", "0", steps=2)
+    assert sorted(losses(train(corpus, out, "--learning_rate", "1e-3", steps=2))) == [1, 2]
+
+
+def test_resume_under_another_zero_stage_is_refused(corpus, tmp_path):
+    out = tmp_path / "out"
+    train(corpus, out, steps=1)  # fp32, ZeRO 0
+    with pytest.raises(SetupError, match=r"ZeRO stage: the checkpoint has 0, this run 2; .*--deepspeed_config, or "
+                                         r"export its weights \(python -m electra_ds.convert to-hf"):
+        train(corpus, out, "--deepspeed_config", "bf16_zero2", steps=2)
+
+
+def test_logged_lr_is_the_rate_the_step_used(corpus, tmp_path):
+    """Step k's update uses lr * factor(k - 1) (the schedule steps after it): 0 at step 1 with warmup."""
+    records = [r for r in train(corpus, tmp_path / "out", "--learning_rate", "1e-3", steps=3) if r["split"] == "train"]
+    factor = linear_warmup_decay(2, 3)
+    assert [r["lr"] for r in records] == pytest.approx([1e-3 * factor(k - 1) for k in (1, 2, 3)])
+    assert records[0]["lr"] == 0.0
+
+
+def test_non_finite_weights_are_not_checkpointed(corpus, tmp_path, monkeypatch):
+    """A NaN update between logging steps stops the run at the next save, naming the last good checkpoint."""
+    step_once = pretrain.pretraining_step
+
+    def nan_after_step_2(engine, batch, *, step, **kw):
+        out = step_once(engine, batch, step=step, **kw)
+        if step == 1:  # micro-batch 1 = step 2's update
+            with torch.no_grad():
+                next(engine.module.parameters()).fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(pretrain, "pretraining_step", nan_after_step_2)
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteError, match=r"non-finite weights at step 2: .*step00000001\. Lower"):
+        train(corpus, out, "--save_steps", "4", "--logging_steps", "4000", steps=4)  # saves every step, logs at 4
+    assert [t for _, t in CheckpointManager(out / "checkpoints", 3, 0, 1).complete()] == ["step00000001"]
 
 
 def test_output_dir_of_another_experiment_is_refused(corpus, tmp_path):

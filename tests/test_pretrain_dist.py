@@ -138,3 +138,43 @@ def test_ranks_that_restore_different_steps_stop_with_a_clear_error(tmp_path):
                 for r in (0, 1)]
     for outcome in outcomes:
         assert "ranks restored different checkpoints (steps -1..5" in outcome, outcome
+
+
+SLOW_CACHE_SCRIPT = """
+import datetime, os, sys, time
+import torch.distributed as dist
+import electra_ds.data.cache
+from electra_ds.train import pretrain
+
+def slow_build(*args, **kwargs):  # stands in for hours of tokenizing
+    time.sleep(4)
+    return "/built/cache"
+
+electra_ds.data.cache.ensure_cache = slow_build
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=1))  # --dist_timeout 1
+try:
+    outcome = str(pretrain.prepare_cache(pretrain.parse_args(["--data", "big_corpus"]), rank))
+    dist.barrier()  # the default group still works after the cache group is gone
+except Exception as e:
+    outcome = f"{type(e).__name__}: {e}"
+with open(os.path.join(sys.argv[1], f"outcome{rank}"), "w") as f:
+    f.write(outcome)
+"""
+
+
+def test_ranks_wait_for_a_cache_build_longer_than_dist_timeout(tmp_path):
+    """Rank 0 builds the cache (4 s here, hours for a real corpus) while rank 1 waits beyond --dist_timeout (1 s)."""
+    script = tmp_path / "slow_cache.py"
+    script.write_text(SLOW_CACHE_SCRIPT)
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=child_env(OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for rank in (0, 1)]
+    logs = [p.communicate(timeout=60)[0] for p in procs]
+    outcomes = [(tmp_path / f"outcome{r}").read_text() if (tmp_path / f"outcome{r}").is_file() else logs[r][-2000:]
+                for r in (0, 1)]
+    assert outcomes == ["/built/cache"] * 2, outcomes
+

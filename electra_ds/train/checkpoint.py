@@ -4,7 +4,12 @@ Layout under `root` (OUT/checkpoints): one directory per checkpoint, `step000012
 files (model, optimizer, scheduler and loss-scale state, `client_state`), our `rng_rank{r}.pt` per rank, and
 `electra_ds_checkpoint.json`, written by rank 0 after every rank has finished writing. A directory without that
 manifest, or whose files no longer have the sizes it records (a truncated copy, a half-synced disk), is not a
-usable checkpoint: resuming falls back to the previous one with a warning.
+usable checkpoint: resuming falls back to the previous one with a warning. A checkpoint is written under
+`step00001234.partial/` and renamed into place once complete, so it replaces an older one at that step atomically.
+
+The manifest also records the settings a resume must keep (`CheckpointManager(settings=...)`: ZeRO stage,
+precision, learning rate, weight decay; and the world size under ZeRO); a resume that changes one is refused
+with what to do instead. Manifests written before these were recorded are not checked.
 """
 from __future__ import annotations
 
@@ -27,6 +32,22 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "electra_ds_checkpoint.json"
 TAG = re.compile(r"^step(\d{8,})$")
+PARTIAL = ".partial"  # suffix of a checkpoint directory being written
+
+_CONVERT = "or export its weights (python -m electra_ds.convert to-hf CHECKPOINT OUT_DIR) and start a new run"
+# Settings a resume must keep as the checkpoint recorded them: (what to call it, why and what to do instead).
+RESUME_SETTINGS = {
+    "zero_stage": ("ZeRO stage", "DeepSpeed cannot load one ZeRO stage's optimizer state under another: resume "
+                                 f"with the checkpoint's --deepspeed_config, {_CONVERT}"),
+    "precision": ("precision", "DeepSpeed keeps another optimizer state for each precision: resume with the "
+                               f"checkpoint's --deepspeed_config, {_CONVERT}"),
+    "world_size": ("world size", "ZeRO partitions the optimizer state over the ranks: resume with the checkpoint's "
+                                 f"number of processes, {_CONVERT}"),
+    "learning_rate": ("--learning_rate", "the restored optimizer and schedule would keep the checkpoint's value: "
+                                         "resume with it, or train with the new one in a new --output_dir"),
+    "weight_decay": ("--weight_decay", "the restored optimizer would keep the checkpoint's value: resume with it, "
+                                       "or train with the new one in a new --output_dir"),
+}
 
 
 class CheckpointError(RuntimeError):
@@ -64,10 +85,15 @@ def _barrier() -> None:
 class CheckpointManager:
     """Save, verify, restore and prune the engine checkpoints under `root`; every rank makes the same calls."""
 
-    def __init__(self, root: str | os.PathLike, keep: int, rank: int, world_size: int) -> None:
+    def __init__(self, root: str | os.PathLike, keep: int, rank: int, world_size: int,
+                 settings: dict[str, Any] | None = None) -> None:
+        """`settings` (keys of RESUME_SETTINGS but world_size) go into every manifest written, and are compared
+        with the manifest of the checkpoint restored."""
         if keep < 1:
             raise ValueError(f"--keep_checkpoints must be >= 1, got {keep}")
         self.root, self.keep, self.rank, self.world_size = Path(root), keep, rank, world_size
+        self.settings = dict(settings or {})
+        self.current: set[str] = set()  # tags this process saved or restored: they hold this run's states
 
     # -- listing -----------------------------------------------------------------------------------------------
     def tags(self) -> list[tuple[int, str]]:
@@ -79,6 +105,10 @@ class CheckpointManager:
 
     def complete(self) -> list[tuple[int, str]]:
         return [(s, t) for s, t in self.tags() if (self.root / t / MANIFEST).is_file()]
+
+    def sound(self) -> list[tuple[int, str]]:
+        """(step, tag) of the complete checkpoints without a `problem`, newest first."""
+        return [(s, t) for s, t in self.complete() if self.problem(t) is None]
 
     def problem(self, tag: str) -> str | None:
         """Why the checkpoint `tag` cannot be used, or None if its files are all there at the recorded sizes."""
@@ -97,39 +127,84 @@ class CheckpointManager:
 
     # -- saving ------------------------------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict[str, Any]) -> Path:
-        """All ranks: write the checkpoint for `step` (engine state, client_state, per-rank RNG), then prune."""
+        """All ranks: write the checkpoint for `step` (engine state, client_state, per-rank RNG), then prune.
+
+        A no-op when this process already saved or restored that step (e.g. the final save right after a periodic
+        one). Any other checkpoint at that step (damaged, or of another run) is replaced: the new one is written
+        under `<tag>.partial` and renamed into place once its manifest is written.
+        """
         tag = tag_for(step)
         directory = self.root / tag
+        if tag in self.current:  # the same on every rank: all return here together
+            return directory
+        work = self.root / f"{tag}{PARTIAL}"
         _barrier()
-        if (directory / MANIFEST).is_file():
-            return directory  # this step is already saved (e.g. the final save right after a periodic one)
         if self.rank == 0:
-            if directory.exists():
-                shutil.rmtree(directory)  # a leftover from a run killed while saving
-            directory.mkdir(parents=True)
+            if work.exists():
+                shutil.rmtree(work)  # a leftover from a run killed while saving
+            work.mkdir(parents=True)
         _barrier()
-        with replacing(directory / f"rng_rank{self.rank}.pt") as tmp:
+        with replacing(work / f"rng_rank{self.rank}.pt") as tmp:
             torch.save(rng_state(), tmp)
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=dict(client_state, step=step))  # ends in a barrier
+        engine.save_checkpoint(str(self.root), tag=work.name, client_state=dict(client_state, step=step),
+                               save_latest=False)  # ends in a barrier
         if self.rank == 0:
-            files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
+            files = {str(p.relative_to(work)): p.stat().st_size for p in sorted(work.rglob("*"))
                      if p.is_file() and p.name != MANIFEST}
-            atomic_write(directory / MANIFEST, json.dumps({"step": step, "tag": tag, "world_size": self.world_size,
-                                                           "time": time.time(), "files": files}, indent=2))
+            atomic_write(work / MANIFEST, json.dumps({"step": step, "tag": tag, "world_size": self.world_size,
+                                                      **self.settings, "time": time.time(), "files": files},
+                                                     indent=2))
+            if directory.exists():
+                old = self.root / f".{tag}.replaced"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(directory, old)
+                os.replace(work, directory)
+                shutil.rmtree(old)
+            else:
+                os.replace(work, directory)
+            atomic_write(self.root / "latest", tag)  # DeepSpeed's pointer to the newest tag (zero_to_fp32.py)
         _barrier()
+        self.current.add(tag)
         if self.rank == 0:
             self.prune()
         return directory
 
     def prune(self) -> None:
-        """Keep the newest `keep` complete checkpoints; drop older ones and incomplete leftovers."""
-        kept = {t for _, t in self.complete()[: self.keep]}
-        newest_kept = max((s for s, t in self.tags() if t in kept), default=-1)
+        """Keep the newest `keep` sound checkpoints and drop everything older: complete, damaged or unfinished. A
+        damaged or unfinished checkpoint newer than all of those stays (a resume skips it)."""
+        kept = self.sound()[: self.keep]
+        if not kept:
+            return
+        newest_kept = kept[0][0]
         for step, tag in self.tags():
-            if tag in kept:
-                continue
-            if (self.root / tag / MANIFEST).is_file() or step < newest_kept:
+            if step < newest_kept and (step, tag) not in kept:
                 shutil.rmtree(self.root / tag, ignore_errors=True)
+        for leftover in self.root.glob(f"step*{PARTIAL}"):  # saves that were killed
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def set_aside(self, step: int) -> list[Path]:
+        """Rank 0, after resuming from `step`: rename the checkpoints at `step` and later that this process did not
+        restore to `<tag>.superseded` (sound ones, of the trajectory the resume abandons) or `<tag>.damaged`, so
+        that the resumed run writes its own and a later resume cannot continue the abandoned one. Nothing is
+        deleted. Returns the new paths."""
+        if self.rank != 0:
+            return []
+        moved = []
+        for s, tag in self.tags():
+            if s < step or tag in self.current:
+                continue
+            reason = "superseded" if self.problem(tag) is None else "damaged"
+            target = self.root / f"{tag}.{reason}"
+            n = 1
+            while target.exists():
+                n += 1
+                target = self.root / f"{tag}.{reason}{n}"
+            os.replace(self.root / tag, target)
+            moved.append(target)
+        if moved:
+            log.warning("resumed from step %d: moved the later checkpoints aside (rename one back to its tag to "
+                        "resume from it, or delete them): %s", step, ", ".join(p.name for p in moved))
+        return moved
 
     # -- restoring ---------------------------------------------------------------------------------------------
     def restore(self, engine, tag: str | None = None) -> tuple[int, dict[str, Any]] | None:
@@ -160,12 +235,25 @@ class CheckpointManager:
         for step, name in candidates:
             issue = self.problem(name)
             if issue is None:
+                self._check_settings(name)
                 issue, client_state = self._load(engine, name)
             if issue is None:
+                self.current.add(name)
                 return step, client_state
             problems.append(f"{name}: {issue}")
             log.warning("checkpoint %s is unusable (%s); falling back to the previous one", self.root / name, issue)
         raise CheckpointError(f"{self.root}: no usable checkpoint: " + "; ".join(problems))
+
+    def _check_settings(self, tag: str) -> None:
+        """Raise CheckpointError if this run's settings differ from those the checkpoint `tag` recorded."""
+        recorded = json.loads((self.root / tag / MANIFEST).read_text())
+        ours = dict(self.settings, world_size=self.world_size)
+        if not recorded.get("zero_stage"):  # without ZeRO (or in an old manifest) any world size loads it
+            ours.pop("world_size")
+        differences = [f"{RESUME_SETTINGS[k][0]}: the checkpoint has {recorded[k]}, this run {v}; "
+                       f"{RESUME_SETTINGS[k][1]}" for k, v in ours.items() if k in recorded and recorded[k] != v]
+        if differences:
+            raise CheckpointError(f"cannot resume from {self.root / tag}: " + ". ".join(differences))
 
     def _load(self, engine, tag: str) -> tuple[str | None, dict[str, Any]]:
         """(None, client_state) when loaded, else (why not, {})."""
@@ -201,4 +289,5 @@ class CheckpointManager:
                                   "node sees")
 
 
-__all__ = ["CheckpointError", "CheckpointManager", "MANIFEST", "rng_state", "set_rng_state", "tag_for"]
+__all__ = ["CheckpointError", "CheckpointManager", "MANIFEST", "RESUME_SETTINGS", "rng_state", "set_rng_state",
+           "tag_for"]

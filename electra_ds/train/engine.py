@@ -175,6 +175,7 @@ def load_ds_config(path_or_dict: str | os.PathLike | dict, *, micro_batch_size: 
     Keys: keys starting with "_" are comments and are dropped. An unknown top-level key, or an unknown or
     ill-typed key inside a section (DeepSpeed's own validation), raises `DSConfigError` naming the key.
     "optimizer" and "scheduler" sections are refused: the optimizer and the schedule come from our flags.
+    "managed_gradient_accumulation": false is refused: our loops leave the accumulation boundary to DeepSpeed.
     fp16 without ZeRO is refused (a DeepSpeed 0.19 bug leaves its loss unscaled; see the error message).
     With ZeRO, `zero_allow_untested_optimizer` defaults to true, since our optimizer is a client optimizer.
     DeepSpeed's throughput timer is off unless the JSON has a "timers" section: by default it synchronises the
@@ -198,6 +199,12 @@ def load_ds_config(path_or_dict: str | os.PathLike | dict, *, micro_batch_size: 
         if key in config:
             raise DSConfigError(f"{source}: remove the {key!r} section; the optimizer and learning-rate schedule "
                                 "come from the command line")
+    if config.get("managed_gradient_accumulation", True) is not True:
+        raise DSConfigError(f"{source}: remove \"managed_gradient_accumulation\": "
+                            f"{json.dumps(config['managed_gradient_accumulation'])}; it makes every engine.step() "
+                            "an optimizer step (the caller would have to mark the accumulation boundaries, which our "
+                            "loops do not), so with --gradient_accumulation_steps N each update would use one "
+                            "micro-batch's loss divided by N")
 
     for name, value in (("micro batch size", micro_batch_size), ("gradient_accumulation_steps",
                                                                  gradient_accumulation_steps),

@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,6 +44,10 @@ DEFAULT_CACHE_ROOT = Path(".cache") / "token_caches"
 # RC2020 counts --logging_steps/--eval_steps/--save_steps in samples; these are its defaults in steps of 128.
 DEFAULT_LOG_EVERY, DEFAULT_EVAL_EVERY, DEFAULT_SAVE_EVERY = 30, 100, 10_000
 
+
+# How long the other ranks wait for rank 0 to build a token cache (hours for a large corpus; --dist_timeout does not
+# bound this one wait).
+CACHE_BUILD_TIMEOUT = timedelta(days=7)
 
 # Words in the errors gloo / NCCL raise when a peer is gone or a collective timed out.
 COLLECTIVE_FAILURES = ("Connection reset", "Connection closed", "Broken pipe", "timed out", "Timeout", "NCCL",
@@ -116,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--wandb", default="offline", choices=("offline", "online", "disabled"))
     run.add_argument("--wandb_project", default="electra_ds")
     run.add_argument("--dist_timeout", type=float, default=600.0,
-                     help="seconds any collective may wait: a dead or stuck rank fails the others within it")
+                     help="seconds any collective may wait: a dead or stuck rank fails the others within it (except "
+                          "while rank 0 builds the token cache on a first run: the others wait up to "
+                          f"{CACHE_BUILD_TIMEOUT.days} days for it)")
     run.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
 
     data = p.add_argument_group("data")
@@ -379,9 +386,15 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 # -- set-up helpers ------------------------------------------------------------------------------------------
 
 def prepare_cache(args: argparse.Namespace, rank: int) -> Path:
-    """Rank 0 finds or builds the token cache while the others wait; every rank gets its path (or the error)."""
+    """Rank 0 finds or builds the token cache while the others wait; every rank gets its path (or the error).
+
+    The others wait over a gloo group of their own with a timeout of CACHE_BUILD_TIMEOUT, not --dist_timeout:
+    building a large corpus takes hours."""
     import torch.distributed as dist
 
+    group = None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        group = dist.new_group(backend="gloo", timeout=CACHE_BUILD_TIMEOUT)  # every rank, before rank 0 builds
     result: list[Any] = [None]
     if rank == 0:
         try:
@@ -391,8 +404,9 @@ def prepare_cache(args: argparse.Namespace, rank: int) -> Path:
                                          vocab_size=args.vocab_size_to_train, **source_options(args)))
         except Exception as e:  # noqa: BLE001 - every rank must hear about it, not just rank 0
             result[0] = ValueError(f"--data {args.data!r}: {type(e).__name__}: {e}")
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(result, src=0)
+    if group is not None:
+        dist.broadcast_object_list(result, src=0, group=group)
+        dist.destroy_process_group(group)
     if isinstance(result[0], Exception):
         raise SetupError(str(result[0]))
     return Path(result[0])
@@ -480,8 +494,14 @@ def export_hf(engine, config: ElectraConfig, out_dir: Path, tokenizer_dir: Path,
 
 
 def _weights_finite(engine) -> bool:
-    local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
-    return not _any_rank(not local, engine.device)
+    """Whether every rank's weights (its shard under ZeRO-3) are finite; every rank takes part."""
+    local = torch.stack([torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in engine.module.parameters()]).all()
+    return not _any_rank(not bool(local), engine.device)
+
+
+def _last_good(checkpoints: CheckpointManager) -> str:
+    sound = checkpoints.sound()
+    return str(checkpoints.root / sound[0][1]) if sound else "none saved yet"
 
 
 # -- the run -------------------------------------------------------------------------------------------------
@@ -525,12 +545,17 @@ def run(args: argparse.Namespace) -> Path:
     device = engine.device
     seed_everything(derive_seed(args.seed, 0, rank, DROPOUT_STREAM))  # dropout noise differs across ranks
 
-    checkpoints = CheckpointManager(out / "checkpoints", keep=args.keep_checkpoints, rank=rank, world_size=world_size)
+    settings = {"zero_stage": ds_engine.zero_stage(plan.ds_config), "precision": ds_engine.precision(plan.ds_config),
+                "learning_rate": plan.learning_rate, "weight_decay": args.weight_decay}  # a resume must keep these
+    checkpoints = CheckpointManager(out / "checkpoints", keep=args.keep_checkpoints, rank=rank, world_size=world_size,
+                                    settings=settings)
     source = checkpoints
     resume_tag = None
     if args.resume not in ("auto", "none"):
         given = Path(args.resume)
-        source = CheckpointManager(given.parent, keep=args.keep_checkpoints, rank=rank, world_size=world_size)
+        if given.parent.resolve() != checkpoints.root.resolve():
+            source = CheckpointManager(given.parent, keep=args.keep_checkpoints, rank=rank, world_size=world_size,
+                                       settings=settings)
         resume_tag = given.name
     try:
         restored = None if args.resume == "none" else source.restore(engine, resume_tag)
@@ -538,6 +563,8 @@ def run(args: argparse.Namespace) -> Path:
         raise SetupError(str(e)) from None
     start_step, state = restored if restored else (0, {})
     if rank == 0:
+        if restored:  # checkpoints here past the one resumed from belong to an abandoned trajectory, or are damaged
+            checkpoints.set_aside(start_step)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / RUN_CONFIG, json.dumps(run_config, indent=2, default=str))
         if restored:
@@ -582,10 +609,10 @@ def run(args: argparse.Namespace) -> Path:
             wandb.log(record)
             bar.write(format_line(record))
 
-    def log_train(step: int) -> None:
+    def log_train(step: int, lr: float) -> None:
         stats = meter.read()  # waits for the device: the interval then covers its work, not just the queueing
         seconds = max(time.perf_counter() - window["start"] - window["paused"], 1e-9)
-        record = {"step": step, "split": "train", **stats, "lr": engine.get_lr()[0],
+        record = {"step": step, "split": "train", **stats, "lr": lr,
                       "loss_scale": loss_scale(engine), "grad_norm": grad_norm(engine),
                       "tokens_per_s": (step - window["step"]) * tokens_per_step / seconds, "elapsed_s": elapsed(),
                       "flops": flops_per_step * step, "pfs_days": flops_per_step * step / PFS_DAY,
@@ -611,8 +638,12 @@ def run(args: argparse.Namespace) -> Path:
         window["paused"] += time.perf_counter() - t
 
     def save(step: int) -> Path | None:
-        """A checkpoint, and the training curves redrawn from metrics.jsonl (rank 0: their path)."""
+        """A checkpoint, and the training curves redrawn from metrics.jsonl (rank 0: their path). Non-finite weights
+        (which logging steps alone may miss) stop the run instead of being saved."""
         t = pause_start()
+        if not _weights_finite(engine):
+            raise NonFiniteError(f"non-finite weights at step {step}: not saving them; last good checkpoint: "
+                                 f"{_last_good(checkpoints)}. Lower --learning_rate, or use fp32/bf16 instead of fp16")
         checkpoints.save(engine, step, {"elapsed_s": elapsed(), "run": args.experiment_name,
                                         "wandb_id": wandb.id if wandb else state.get("wandb_id")})
         curves = plot_training_curves(metrics.records(), out / "training_curves.png", args.experiment_name) \
@@ -634,6 +665,7 @@ def run(args: argparse.Namespace) -> Path:
     engine.train()
     with GracefulStop() as stop:
         while step < plan.max_steps:
+            lr = engine.get_lr()[0]  # the rate this step's update uses: the schedule steps right after the update
             for micro in range(plan.accumulation):
                 batch = ds_engine.device_batch(next(data), device)
                 meter.add(pretraining_step(engine, batch, step=step * plan.accumulation + micro, **step_kwargs))
@@ -641,7 +673,7 @@ def run(args: argparse.Namespace) -> Path:
             bar.update()
             log_now = step % plan.log_every == 0 or step == plan.max_steps
             if log_now:
-                log_train(step)
+                log_train(step, lr)
             if evaluating and (step % plan.eval_every == 0 or step == plan.max_steps):
                 run_eval(step)
             # the stop flag is agreed across ranks where the ranks sync anyway (logging steps); alone, every step
@@ -680,11 +712,9 @@ def _check_finite(record: dict[str, Any], engine, checkpoints: CheckpointManager
         return
     every_step_bad = not math.isfinite(record["loss"])
     if every_step_bad or not _weights_finite(engine):
-        good = checkpoints.complete()
-        where = checkpoints.root / good[0][1] if good else "none saved yet"
         raise NonFiniteError(f"non-finite loss/weights by step {record['step']} ({record['nonfinite_steps']} "
-                             f"non-finite micro-batches in the last logging interval); last good checkpoint: {where}. "
-                             "Lower --learning_rate, or use fp32/bf16 instead of fp16")
+                             "non-finite micro-batches in the last logging interval); last good checkpoint: "
+                             f"{_last_good(checkpoints)}. Lower --learning_rate, or use fp32/bf16 instead of fp16")
 
 
 def _summary(out: Path, step: int, train: dict, evaluation: dict, curves: Path | None, checkpoint: Path,
