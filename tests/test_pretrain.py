@@ -333,7 +333,8 @@ def test_loss_goes_down_and_outputs_are_written(corpus, tmp_path, capsys):
     summary = capsys.readouterr().out  # from metrics.jsonl, not from this (stepless) process
     assert f"final train: loss {records[-2]['loss']:.4f}" in summary and "final eval:  loss n/a" not in summary
     curve = [r["loss"] for r in records if r["split"] == "train"]
-    assert np.mean(curve[-5:]) < 0.8 * np.mean(curve[:5]), curve
+    # medians: at this learning rate the discriminator's loss spikes now and then for a step (data-dependent)
+    assert np.median(curve[-10:]) < 0.8 * np.median(curve[:5]), curve
     last = records[-2]
     assert {"loss", "mlm_loss", "disc_loss", "gen_acc", "disc_acc_replaced", "disc_acc_original", "replaced_frac",
             "lr", "grad_norm", "loss_scale", "tokens_per_s", "elapsed_s", "flops", "pfs_days"} <= set(last)
