@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hp.add_argument("--weight_decay", type=float)
     hp.add_argument("--adam_eps", type=float)
     hp.add_argument("--gradient_accumulation_steps", type=int)
-    hp.add_argument("--max_train_samples", type=int, help="use at most this many training examples")
+    hp.add_argument("--max_train_samples", type=int, help="read at most this many rows of the train split (MRPC "
+                    "and STS-B then train on both orders of each)")
     hp.add_argument("--max_steps", type=int, help="stop after this many optimizer steps")
     hp.add_argument("--ds_config", help="DeepSpeed JSON path or shipped name (ds_configs/: fp32, bf16, bf16_zero2, "
                     "...); default bf16 on a bf16 GPU, fp16 on older GPUs, fp32 without a GPU")

@@ -9,7 +9,7 @@
 #   GLUE_DIR           GLUE data in the original TSV layout (default: Hugging Face datasets, needs internet)
 #   DS_CONFIG          DeepSpeed JSON deciding precision/ZeRO (default: bf16.json on a bf16 GPU, fp16.json on older
 #                      GPUs, fp32.json without a GPU)
-#   MAX_TRAIN_SAMPLES  cap on training examples per task (quick runs)
+#   MAX_TRAIN_SAMPLES  cap on the train rows read per task (quick runs; MRPC, STS-B train on both pair orders)
 #   EPOCHS             epochs for every task (default: the recipe's 3, or 10 for RTE and STS-B)
 #   SKIP_TEST=1        no test-set predictions / submission files
 #   PYTHON             the interpreter (default: python3)

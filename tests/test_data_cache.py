@@ -394,7 +394,7 @@ def test_tokenizer_mismatch_refused(data_files, data_docs, data_tokenizer, tmp_p
         TokenCache(out)
 
 
-def test_ensure_cache_keys_and_reuses(data_files, data_tokenizer, tmp_path):
+def test_ensure_cache_keys_and_reuses(data_files, data_tokenizer, tmp_path, monkeypatch):
     root = tmp_path / "caches"
     first = ensure_cache(str(data_files), root, str(data_tokenizer), workers=1, progress=False)
     mtime = (first / "manifest.json").stat().st_mtime_ns
@@ -403,6 +403,10 @@ def test_ensure_cache_keys_and_reuses(data_files, data_tokenizer, tmp_path):
     other = ensure_cache(str(data_files), root, str(data_tokenizer), workers=1, progress=False, shard_tokens=100)
     assert other != first and other.parent == root
     assert ensure_cache(str(first), root) == first  # a built cache passes through
+    tokens = TokenCache(first).num_tokens
+    monkeypatch.setattr(cache_mod, "FORMAT_VERSION", cache_mod.FORMAT_VERSION + 1)  # a new format: a new folder
+    newer = ensure_cache(str(data_files), root, str(data_tokenizer), workers=1, progress=False)
+    assert newer not in (first, other) and TokenCache(newer).num_tokens == tokens
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -573,7 +577,8 @@ def test_gutenberg_older_end_lines_and_books_without_end(tmp_path, caplog):
              "b_trailer.txt": head + "The Project Gutenberg Etext of X\nEnd of Project Gutenberg Etext X\n",
              "c_small_print.txt": head + "***START**THE SMALL PRINT!**FOR PUBLIC DOMAIN EBOOKS**START***\nlawyers\n",
              "d_no_end.txt": head + "licence\n",
-             "e_unmarked.txt": "no markers\n"}
+             "e_unmarked.txt": "no markers\n",
+             "f_old_etext.txt": "Header\n***START**THE SMALL PRINT!**\nlawyers\nCHAPTER I\nthe book\n"}
     src_dir = tmp_path / "books"
     src_dir.mkdir()
     for name, text in books.items():
@@ -582,8 +587,9 @@ def test_gutenberg_older_end_lines_and_books_without_end(tmp_path, caplog):
     src = open_source(src_dir, strip_gutenberg=True)
     body = "\nthe body, not the End of Project Gutenberg\n"
     assert [t for t, _ in src.chunks()] == [body, body + "The Project Gutenberg Etext of X\n", body,
-                                            body + "licence\n", "no markers\n"]
-    assert src.stats.gutenberg_without_end == 1 and src.stats.gutenberg_without_markers == 1
+                                            body + "licence\n", "no markers\n", books["f_old_etext.txt"]]
+    # without a START marker only "*** END OF" ends a book: an old etext's licence may come before its text
+    assert src.stats.gutenberg_without_end == 1 and src.stats.gutenberg_without_markers == 2
     assert "d_no_end.txt: no Gutenberg end marker" in caplog.text
 
 

@@ -279,7 +279,7 @@ def test_glue_sh_end_to_end(setup):
     assert "| SST-2 |" in proc.stdout and not (out / "submission").exists()
 
 
-def test_results_of_another_model_are_refused_before_training(setup, tmp_path):
+def test_results_of_another_model_are_refused_before_training(setup, tmp_path, monkeypatch):
     from electra_ds.train.glue_report import write_task_result
 
     out = tmp_path / "out"
@@ -289,6 +289,10 @@ def test_results_of_another_model_are_refused_before_training(setup, tmp_path):
         run_task(setup["run"], "RTE", out, seeds=[0], args=FinetuneArgs(max_steps=1), glue_dir=setup["glue"])
     assert not (out / "RTE").exists()
     write_task_result(out, {**cola, "model_path": str(setup["run"] / "hf")})
+    monkeypatch.chdir(setup["run"].parent)  # the same model named by a relative path from elsewhere
+    result = run_task(setup["run"].name, "RTE", out, seeds=[0], args=FinetuneArgs(max_steps=1, batch_size=2),
+                      glue_dir=setup["glue"], predict_test=False)
+    assert result["model_path"] == str(setup["run"].resolve())  # stored absolute: comparable from any directory
     result = run_task(setup["run"], "RTE", out, seeds=[0], args=FinetuneArgs(max_steps=1, batch_size=2),
                       glue_dir=setup["glue"], predict_test=False)  # the same run, named through its export
     assert result["status"] == "ok"
@@ -344,3 +348,17 @@ def test_two_ranks_fine_tune_like_one(setup, tmp_path):
     assert len(preds["one"]) == len(preds["two"]) > 10 and preds["one"].std() > 0
     np.testing.assert_allclose(preds["two"], preds["one"], atol=1.5e-3)  # the TSV rounds scores to 0.001
     assert preds["two metrics"] == pytest.approx(preds["one metrics"], abs=1e-4)  # from unrounded predictions
+
+
+def test_a_tokenizer_with_gaps_in_its_ids_fits_its_model(setup, tmp_path):
+    """The model's vocabulary is the largest token id + 1 (as pretraining sizes it), not the count of tokens."""
+    spec = json.loads((setup["tokenizer"] / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    dropped = next(token for token, i in vocab.items() if i == len(vocab) // 2)
+    del vocab[dropped]  # one id unused: count n - 1, largest id + 1 still n
+    gapped = tmp_path / "gapped"
+    gapped.mkdir()
+    (gapped / "tokenizer.json").write_text(json.dumps(spec))
+    result = run_task(setup["run"], "RTE", tmp_path / "out", seeds=[0], glue_dir=setup["glue"], predict_test=False,
+                      args=FinetuneArgs(max_steps=1, batch_size=2), tokenizer_path=gapped)
+    assert result["status"] == "ok"

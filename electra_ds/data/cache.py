@@ -487,7 +487,7 @@ def ensure_cache(source: str, cache_root: Path, tokenizer: str | None = None, **
     tok_key = (tokenizer_hash(load_tokenizer(tokenizer)) if tokenizer is not None
                else f"train:{content.get('vocab_size', 30522)}")
     key = json.dumps({"source": src.spec, "fingerprint": src.fingerprint(), "tokenizer": tok_key,
-                      **content}, sort_keys=True, default=str)
+                      "format_version": FORMAT_VERSION, **content}, sort_keys=True, default=str)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(src.spec).name or "source")[:40]
     out = Path(cache_root) / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     return build_cache(source, out, tokenizer, **build_kwargs)

@@ -42,12 +42,13 @@ DOC_SPLITS = ("file", "blank_lines")
 SOURCE_OPTIONS = ("doc_split", "text_field", "strip_gutenberg", "hf_config", "hf_split")
 
 _START = re.compile(r"^[ \t]*\*\*\*[ \t]*START OF\b.*$", re.MULTILINE | re.IGNORECASE)
-# The end of the book, whichever comes first after the START marker: "*** END OF ...", or in older books the
-# "End of (the) Project Gutenberg ..." line or the old licence ("***START**THE SMALL PRINT!..."). Not "The Project
-# Gutenberg Etext of <title>": older books also open their text with that line.
-_END = re.compile(r"^[ \t]*(?:\*\*\*[ \t]*END OF\b|End of (?:the )?Project Gutenberg\b"
-                  r"|\*+[ \t]*START[ \t]*\*+[ \t]*THE SMALL PRINT\b).*$",
-                  re.MULTILINE | re.IGNORECASE)
+_END = re.compile(r"^[ \t]*\*\*\*[ \t]*END OF\b.*$", re.MULTILINE | re.IGNORECASE)
+# After a START marker, older books may end instead at an "End of (the) Project Gutenberg ..." line or at the old
+# licence ("***START**THE SMALL PRINT!..."). Not before one: older etexts without START markers carry that licence
+# ahead of the book. Not "The Project Gutenberg Etext of <title>": older books also open their text with that line.
+_END_AFTER_START = re.compile(r"^[ \t]*(?:\*\*\*[ \t]*END OF\b|End of (?:the )?Project Gutenberg\b"
+                              r"|\*+[ \t]*START[ \t]*\*+[ \t]*THE SMALL PRINT\b).*$",
+                              re.MULTILINE | re.IGNORECASE)
 _BLANK_LINES = re.compile(r"\n[^\S\n]*\n\s*")
 _REPLACEMENT = "\ufffd"
 _UTF8_REPLACEMENT = _REPLACEMENT.encode("utf-8")
@@ -296,7 +297,7 @@ class LocalFiles(Source):
                     self._note_unmarked(name)
                 else:
                     block, started = block[start.end():], True
-            end = _END.search(block)
+            end = (_END_AFTER_START if started else _END).search(block)
             if end is not None:
                 yield block[:end.start()]
                 return

@@ -22,6 +22,7 @@ from electra_ds.config import ElectraConfig
 from electra_ds.data.cache import TOKENIZER_DIR
 from electra_ds.data.glue import DIAGNOSTIC, GlueExample, GlueTask, MissingData, get_task, load_split
 from electra_ds.data.tokenizer import load_tokenizer, special_ids, text_tokenizer
+from electra_ds.data.tokenizer import vocab_size as tokenizer_vocab_size
 from electra_ds.model.classifier import ElectraClassifier
 from electra_ds.model.hf import RUN_CONFIG, discriminator_config_from_hf, load_pretrained, read_hf_dir
 from electra_ds.seeding import DROPOUT_STREAM, derive_seed
@@ -48,7 +49,7 @@ class FinetuneArgs:
     weight_decay: float = 0.01
     adam_eps: float = 1e-6
     gradient_accumulation_steps: int = 1
-    max_train_samples: int | None = None        # cap on training examples (quick runs)
+    max_train_samples: int | None = None        # cap on rows read from the train split (quick runs)
     max_steps: int | None = None                # cap on optimizer steps (quick runs)
     ds_config: str | None = None                # DeepSpeed JSON path or shipped name; None: engine.default_ds_config()
     optimizer: str = "auto"                     # electra_ds.train.engine.OPTIMIZERS; auto: ELECTRA's Adam
@@ -308,7 +309,8 @@ def load_task_data(task: GlueTask, glue_dir: str | Path | None, max_train_sample
                    with_test: bool = True, double_unordered: bool = False) -> TaskData:
     """Train and dev splits (raises MissingData when either is absent) and, with `with_test`, whatever test
     splits exist (MNLI also predicts the diagnostic set, AX). `double_unordered`: a task whose pairs have no
-    order (MRPC, STS-B) trains on each pair twice, once swapped, as google-research/electra does."""
+    order (MRPC, STS-B) trains on each pair twice, once swapped, as google-research/electra does (after the
+    `max_train_samples` cap on the rows read)."""
     train_rows = load_split(task, "train", glue_dir)
     if max_train_samples is not None and max_train_samples < len(train_rows):
         keep = np.sort(np.random.default_rng(0).permutation(len(train_rows))[:max_train_samples])
@@ -409,9 +411,10 @@ def run_task(model_path: str | Path, task_name: str, out_dir: str | Path, *, see
                                 "its pretraining output directory or in the token cache its run_config.json names; "
                                 "pass --tokenizer")
     tokenizer = load_tokenizer(tok_path)
-    if tokenizer.get_vocab_size() != disc.config.vocab_size:
-        raise ValueError(f"tokenizer {tok_path} has {tokenizer.get_vocab_size()} tokens but model {model_path} has a "
-                         f"vocabulary of {disc.config.vocab_size}: use the tokenizer the model was pretrained with")
+    if tokenizer_vocab_size(tokenizer) != disc.config.vocab_size:
+        raise ValueError(f"tokenizer {tok_path} has {tokenizer_vocab_size(tokenizer)} token ids but model {model_path} "
+                         f"has a vocabulary of {disc.config.vocab_size}: use the tokenizer the model was pretrained "
+                         "with")
     if args.max_length > disc.config.max_position_embeddings:
         raise ValueError(f"max_length {args.max_length} exceeds the model's max_position_embeddings "
                          f"{disc.config.max_position_embeddings}")
@@ -427,7 +430,7 @@ def run_task(model_path: str | Path, task_name: str, out_dir: str | Path, *, see
             print(f"{task.name} seed {seed}: {json.dumps(run['dev'])} ({run['seconds']:.0f} s)", flush=True)
     if pfs_days is None:
         pfs_days = disc.pfs_days
-    result = {"task": task.name, "status": "ok", "model": name, "model_path": str(model_path),
+    result = {"task": task.name, "status": "ok", "model": name, "model_path": str(Path(model_path).resolve()),
               "tokenizer": str(tok_path),
               "metric": task.metric, "primary": task.primary, "args": asdict(args),
               "ds_config_file": str(ds_engine.resolve_ds_config(args.ds_config)), "pretrain_pfs_days": pfs_days,
