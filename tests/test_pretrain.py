@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -451,6 +452,7 @@ def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(corpus, tmp_p
     checkpoints = CheckpointManager(out / "checkpoints", 3, 0, 1)
     assert [t for _, t in checkpoints.complete()] == ["step00000003", "step00000002"]
     assert checkpoints.problem("step00000004.superseded") is None
+    assert (out / "checkpoints" / "latest").read_text() == "step00000003"  # DeepSpeed's pointer: an existing tag
 
 
 class FakeEngine:
@@ -478,6 +480,18 @@ def test_checkpoint_saves_replace_what_this_process_did_not_write(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step00000002"]
 
 
+def test_a_save_killed_while_moving_into_place_is_finished_on_restore(tmp_path):
+    root = tmp_path / "checkpoints"
+    CheckpointManager(root, keep=3, rank=0, world_size=1).save(FakeEngine("old"), 4, {})
+    CheckpointManager(root, keep=3, rank=0, world_size=1).save(FakeEngine("new"), 4, {})
+    os.replace(root / "step00000004", root / "step00000004.partial")  # killed between save()'s two renames:
+    (root / ".step00000002.replaced").mkdir()  # the new one still under .partial, the old one moved away
+    resumed = CheckpointManager(root, keep=3, rank=0, world_size=1)
+    assert resumed.restore(FakeEngine(""))[0] == 4
+    assert (root / "step00000004" / "model.pt").read_text() == "new"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step00000004"]
+
+
 def test_pruning_never_keeps_a_damaged_checkpoint_instead_of_a_sound_one(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (10, 20):
@@ -489,6 +503,17 @@ def test_pruning_never_keeps_a_damaged_checkpoint_instead_of_a_sound_one(tmp_pat
     assert [t for _, t in resumed.sound()] == ["step00000015"]
     assert resumed.set_aside(10) == [root / "step00000020.damaged"]  # what a resumed run does first
     assert [t for _, t in resumed.tags()] == ["step00000015"]
+    assert (root / "latest").read_text() == "step00000015"
+
+
+def test_set_aside_points_latest_at_a_checkpoint_that_exists(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        CheckpointManager(root, keep=3, rank=0, world_size=1).save(FakeEngine("w"), step, {})
+    older = CheckpointManager(root, keep=3, rank=0, world_size=1)  # --resume to the older one
+    assert older.restore(FakeEngine(""), "step00000002")[0] == 2
+    assert older.set_aside(2) == [root / "step00000004.superseded"]
+    assert (root / "latest").read_text() == "step00000002"  # DeepSpeed's pointer (zero_to_fp32.py reads it)
 
 
 def test_resume_settings_are_checked_and_old_manifests_load(tmp_path):
@@ -503,6 +528,12 @@ def test_resume_settings_are_checked_and_old_manifests_load(tmp_path):
         del manifest[key]
     (root / "step00000004" / MANIFEST).write_text(json.dumps(manifest))
     assert CheckpointManager(root, 3, 0, 1, settings=dict(settings, zero_stage=0)).restore(FakeEngine(""))[0] == 4
+    fp32 = {"zero_stage": 0, "precision": "fp32", "learning_rate": 5e-4, "weight_decay": 0.01}
+    CheckpointManager(root, 3, 0, 1, settings=fp32).save(FakeEngine("w"), 6, {})
+    autocast = dict(fp32, precision="bf16 autocast")  # fp32 weights either way: the same state
+    assert CheckpointManager(root, 3, 0, 1, settings=autocast).restore(FakeEngine(""))[0] == 6
+    with pytest.raises(CheckpointError, match="precision: the checkpoint has fp32, this run bf16;"):
+        CheckpointManager(root, 3, 0, 1, settings=dict(fp32, precision="bf16")).restore(FakeEngine(""))
 
 
 def test_resume_with_another_learning_rate_or_weight_decay_is_refused(corpus, tmp_path):

@@ -39,8 +39,9 @@ _CONVERT = "or export its weights (python -m electra_ds.convert to-hf CHECKPOINT
 RESUME_SETTINGS = {
     "zero_stage": ("ZeRO stage", "DeepSpeed cannot load one ZeRO stage's optimizer state under another: resume "
                                  f"with the checkpoint's --deepspeed_config, {_CONVERT}"),
-    "precision": ("precision", "DeepSpeed keeps another optimizer state for each precision: resume with the "
-                               f"checkpoint's --deepspeed_config, {_CONVERT}"),
+    "precision": ("precision", "DeepSpeed's fp16/bf16 engines keep their own weight copies and optimizer state, "
+                               "unlike fp32 weights (fp32, or bf16/fp16 autocast): resume with the checkpoint's "
+                               f"--deepspeed_config, {_CONVERT}"),
     "world_size": ("world size", "ZeRO partitions the optimizer state over the ranks: resume with the checkpoint's "
                                  f"number of processes, {_CONVERT}"),
     "learning_rate": ("--learning_rate", "the restored optimizer and schedule would keep the checkpoint's value: "
@@ -48,6 +49,13 @@ RESUME_SETTINGS = {
     "weight_decay": ("--weight_decay", "the restored optimizer would keep the checkpoint's value: resume with it, "
                                        "or train with the new one in a new --output_dir"),
 }
+
+
+def _comparable(setting: str, value: Any) -> Any:
+    """What must match on resume: fp32 and autocast precisions all train fp32 weights with the same state."""
+    if setting == "precision" and (value == "fp32" or str(value).endswith("autocast")):
+        return "fp32 weights"
+    return value
 
 
 class CheckpointError(RuntimeError):
@@ -202,6 +210,9 @@ class CheckpointManager:
             os.replace(self.root / tag, target)
             moved.append(target)
         if moved:
+            remaining = self.complete()  # newest first; DeepSpeed's `latest` must not name a moved folder
+            if remaining:
+                atomic_write(self.root / "latest", remaining[0][1])
             log.warning("resumed from step %d: moved the later checkpoints aside (rename one back to its tag to "
                         "resume from it, or delete them): %s", step, ", ".join(p.name for p in moved))
         return moved
@@ -214,6 +225,9 @@ class CheckpointManager:
         with a warning; if checkpoints exist but none loads, raises CheckpointError (never silently restarts).
         Every rank then checks that all restored the same step, whatever each found (no rank is left waiting).
         """
+        if self.rank == 0:
+            self._finish_interrupted_saves()
+        _barrier()
         try:
             found = self._restore(engine, tag)
         except CheckpointError:
@@ -221,6 +235,20 @@ class CheckpointManager:
             raise
         self._agree(found[0] if found else -1)
         return found
+
+    def _finish_interrupted_saves(self) -> None:
+        """A save killed after its manifest was written, before its `.partial` folder was renamed into place: finish
+        it (the checkpoint is complete), dropping what it was replacing."""
+        for work in sorted(self.root.glob(f"step*{PARTIAL}")):
+            if not (work / MANIFEST).is_file():
+                continue  # killed earlier: prune() removes it
+            directory = self.root / work.name.removesuffix(PARTIAL)
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(work, directory)
+            log.warning("%s: finished a save that was killed while moving it into place", directory)
+        for old in self.root.glob(".step*.replaced"):
+            shutil.rmtree(old, ignore_errors=True)
 
     def _restore(self, engine, tag: str | None) -> tuple[int, dict[str, Any]] | None:
         candidates = [(s, t) for s, t in self.complete() if tag is None or t == tag]
@@ -251,7 +279,8 @@ class CheckpointManager:
         if not recorded.get("zero_stage"):  # without ZeRO (or in an old manifest) any world size loads it
             ours.pop("world_size")
         differences = [f"{RESUME_SETTINGS[k][0]}: the checkpoint has {recorded[k]}, this run {v}; "
-                       f"{RESUME_SETTINGS[k][1]}" for k, v in ours.items() if k in recorded and recorded[k] != v]
+                       f"{RESUME_SETTINGS[k][1]}" for k, v in ours.items()
+                       if k in recorded and _comparable(k, recorded[k]) != _comparable(k, v)]
         if differences:
             raise CheckpointError(f"cannot resume from {self.root / tag}: " + ". ".join(differences))
 
