@@ -236,7 +236,7 @@ def test_hugging_face_discriminator_dir_and_bad_models(setup, tmp_path):
 
     other_vocab = tmp_path / "other_tok"
     train_tokenizer(["completely different words here and there"] * 3, 40, other_vocab, min_frequency=1)
-    with pytest.raises(ValueError, match=r"has \d+ tokens but model .* has a vocabulary of"):
+    with pytest.raises(ValueError, match=r"has \d+ token ids but model .* has a vocabulary of"):
         run_task(setup["run"], "RTE", tmp_path / "out", seeds=[0], args=FinetuneArgs(max_steps=1),
                  glue_dir=setup["glue"], tokenizer_path=other_vocab)
 
