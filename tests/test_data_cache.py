@@ -619,6 +619,9 @@ def test_hub_dataset_source(monkeypatch, tmp_path, data_tokenizer):
     assert len(calls) == 1  # loaded once
     out = build_cache("openwebtext", tmp_path / "c", data_tokenizer, workers=1, heldout_fraction=0, progress=False)
     assert TokenCache(out).num_documents == 2 and calls[0] == ("openwebtext", None, "train")
+    book = "Header\n*** START OF X ***\nbody\n*** END OF X ***\nlicence\n"
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict({"text": [book]}))
+    assert list(open_source("gutenberg_books", strip_gutenberg=True).chunks()) == [("\nbody\n", True)]
 
     def offline(*args, **kwargs):
         raise ConnectionError("no internet")

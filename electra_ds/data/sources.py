@@ -123,6 +123,24 @@ class Source(ABC):
         for i, piece in enumerate(pieces):
             yield piece, i == len(pieces) - 1
 
+    def _strip_blocks(self, blocks: Iterable[str], name: str) -> Iterator[str]:
+        """Drop the Project Gutenberg header (to the START marker line) and licence (from the end marker)."""
+        started = False
+        for i, block in enumerate(blocks):
+            if i == 0:
+                start = _START.search(block)
+                if start is None:
+                    self._note_unmarked(name)
+                else:
+                    block, started = block[start.end():], True
+            end = (_END_AFTER_START if started else _END).search(block)
+            if end is not None:
+                yield block[:end.start()]
+                return
+            yield block
+        if started:  # a text without START markers is counted once, as unmarked
+            self._note_no_end(name)
+
     def _note_unmarked(self, name: str) -> None:
         self.stats.gutenberg_without_markers += 1
         log.warning("%s: no '*** START OF' Gutenberg marker found; kept the whole text", name)
@@ -286,24 +304,6 @@ class LocalFiles(Source):
                 carry, open_doc = "", True
         if carry.strip() or open_doc:
             yield carry, True
-
-    def _strip_blocks(self, blocks: Iterable[str], name: str) -> Iterator[str]:
-        """Drop the Project Gutenberg header (to the START marker line) and licence (from the end marker)."""
-        started = False
-        for i, block in enumerate(blocks):
-            if i == 0:
-                start = _START.search(block)
-                if start is None:
-                    self._note_unmarked(name)
-                else:
-                    block, started = block[start.end():], True
-            end = (_END_AFTER_START if started else _END).search(block)
-            if end is not None:
-                yield block[:end.start()]
-                return
-            yield block
-        if started:  # a text without START markers is counted once, as unmarked
-            self._note_no_end(name)
 
     def _jsonl(self, stream, raw, name: str, progress: Progress) -> Iterator[Chunk]:
         pos = 0
