@@ -86,6 +86,14 @@ def _launch(name: str):
     return module.main
 
 
+def _interrupted_build(source, out: Path, tokenizer, **kwargs) -> None:
+    """A build of `source` into `out` interrupted before its first shard is written (an unfinished cache)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cache_mod._ShardWriter, "_flush", _interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            build_cache(source, out, tokenizer, **kwargs)
+
+
 def _interrupt(writer, next_doc: int) -> None:
     """Stands in for _ShardWriter._flush: the build is interrupted before its first shard is written."""
     raise KeyboardInterrupt
@@ -315,14 +323,10 @@ _HOLD_LOCK = ("import fcntl, sys\n"
               "sys.stdin.read()\n")
 
 
-def test_second_builder_refused_while_the_first_holds_the_lock(data_files, data_tokenizer, tmp_path, monkeypatch):
+def test_second_builder_refused_while_the_first_holds_the_lock(data_files, data_tokenizer, tmp_path):
     out = tmp_path / "c"
     kwargs = dict(workers=1, shard_tokens=100, progress=False)
-    flush = cache_mod._ShardWriter._flush
-    monkeypatch.setattr(cache_mod._ShardWriter, "_flush", _interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        build_cache(data_files, out, data_tokenizer, **kwargs)
-    monkeypatch.setattr(cache_mod._ShardWriter, "_flush", flush)
+    _interrupted_build(data_files, out, data_tokenizer, **kwargs)
     in_flight = out / ".train-00000.bin.99.abcd.tmp.bin"  # what the other builder is writing now
     in_flight.write_bytes(b"half")
     other = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out / ".build.lock")], stdin=subprocess.PIPE,
@@ -337,7 +341,7 @@ def test_second_builder_refused_while_the_first_holds_the_lock(data_files, data_
     build_cache(data_files, out, data_tokenizer, **kwargs)  # now resumes the build
     assert not in_flight.exists() and (out / ".build.lock").exists()
     verify_cache(out)
-    assert build_cache(data_files, out, data_tokenizer, **kwargs) == out  # the lock file does not stop reuse
+    assert build_cache(data_files, out, data_tokenizer, **kwargs) == out  # a finished cache is reused
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
@@ -366,7 +370,7 @@ def test_verify_catches_flipped_byte_and_truncation(data_files, data_tokenizer, 
         verify_cache(out)
 
 
-def test_tokenizer_mismatch_refused(data_files, data_docs, data_tokenizer, tmp_path, monkeypatch):
+def test_tokenizer_mismatch_refused(data_files, data_docs, data_tokenizer, tmp_path):
     other = train_tokenizer(data_docs, 200, tmp_path / "other")
     out = build_cache(data_files, tmp_path / "c", data_tokenizer, workers=1, progress=False)
     with pytest.raises(CacheError, match="built with tokenizer"):
@@ -379,11 +383,7 @@ def test_tokenizer_mismatch_refused(data_files, data_docs, data_tokenizer, tmp_p
     # a partial build continued with another tokenizer
     partial = tmp_path / "partial"
     kwargs = dict(workers=1, shard_tokens=100, progress=False)
-    flush = cache_mod._ShardWriter._flush
-    monkeypatch.setattr(cache_mod._ShardWriter, "_flush", _interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        build_cache(data_files, partial, data_tokenizer, **kwargs)
-    monkeypatch.setattr(cache_mod._ShardWriter, "_flush", flush)
+    _interrupted_build(data_files, partial, data_tokenizer, **kwargs)
     with pytest.raises(CacheError, match="another tokenizer"):
         build_cache(data_files, partial, other, **kwargs)
     with pytest.raises(CacheError, match="unfinished"):

@@ -257,15 +257,14 @@ class _ShardWriter:
 
 # ------------------------------------------------------------------------------------------- building
 
-def _settings(source: Source, *, shard_tokens: int, heldout_fraction: float, doc_split: str,
-              strip_gutenberg: bool, text_field: str, hf_config: str | None, hf_split: str, dtype: str | None,
+def _settings(source: Source, options: dict, *, shard_tokens: int, heldout_fraction: float, dtype: str | None,
               train_tokenizer: dict | None) -> dict:
-    """Everything that decides the cache's content besides a given tokenizer (checked by its hash); a tokenizer
-    to train is decided by `train_tokenizer` (its vocab size and text sample)."""
+    """Everything that decides the cache's content besides a given tokenizer (checked by its hash): the source, how
+    it is read (`options`, keyed by SOURCE_OPTIONS) and the build settings; a tokenizer to train is decided by
+    `train_tokenizer` (its vocab size and text sample)."""
     return {"format_version": FORMAT_VERSION, "source": source.spec, "source_fingerprint": source.fingerprint(),
-            "shard_tokens": shard_tokens, "heldout_fraction": heldout_fraction, "doc_split": doc_split,
-            "strip_gutenberg": strip_gutenberg, "text_field": text_field, "hf_config": hf_config,
-            "hf_split": hf_split, "dtype": dtype, "train_tokenizer": train_tokenizer}
+            "shard_tokens": shard_tokens, "heldout_fraction": heldout_fraction, **options, "dtype": dtype,
+            "train_tokenizer": train_tokenizer}
 
 
 def _compare(expected: dict, found: dict, where: Path) -> None:
@@ -280,8 +279,7 @@ def _check_output(out: Path) -> None:
     """Refuse an output that cannot hold a build: a file, or a folder with other things than a cache build."""
     if out.exists() and not out.is_dir():
         raise CacheError(f"{out} exists and is not a directory")
-    if (out.exists() and not (out / BUILD_STATE).is_file() and not (out / MANIFEST).is_file()
-            and any(p.name != BUILD_LOCK for p in out.iterdir())):
+    if out.exists() and not (out / BUILD_STATE).is_file() and any(p.name != BUILD_LOCK for p in out.iterdir()):
         raise CacheError(f"{out} is not empty and holds no token cache; choose a new or empty directory")
 
 
@@ -347,11 +345,10 @@ def build_cache(source: str | os.PathLike, output: str | os.PathLike, tokenizer:
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
     period = heldout_period(heldout_fraction)
-    src = open_source(source, doc_split=doc_split, text_field=text_field, strip_gutenberg=strip_gutenberg,
-                      hf_config=hf_config, hf_split=hf_split)
-    settings = _settings(src, shard_tokens=shard_tokens, heldout_fraction=heldout_fraction, doc_split=doc_split,
-                         strip_gutenberg=strip_gutenberg, text_field=text_field, hf_config=hf_config,
-                         hf_split=hf_split, dtype=dtype,
+    options = {"doc_split": doc_split, "text_field": text_field, "strip_gutenberg": strip_gutenberg,
+               "hf_config": hf_config, "hf_split": hf_split}  # SOURCE_OPTIONS
+    src = open_source(source, **options)
+    settings = _settings(src, options, shard_tokens=shard_tokens, heldout_fraction=heldout_fraction, dtype=dtype,
                          train_tokenizer=None if tokenizer is not None else {"vocab_size": vocab_size,
                                                                              "sample_mb": tokenizer_sample_mb})
     out = Path(output)
@@ -363,7 +360,6 @@ def build_cache(source: str | os.PathLike, output: str | os.PathLike, tokenizer:
     with _build_lock(out):
         if (out / MANIFEST).is_file():  # another process finished it in the meantime
             return _finished_cache(out, settings, tokenizer)
-        _check_output(out)
         if (out / BUILD_STATE).is_file():
             state = _read_json(out / BUILD_STATE)
             _compare(settings, state.get("settings", {}), out)

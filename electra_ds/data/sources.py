@@ -150,13 +150,14 @@ class Source(ABC):
         log.warning("%s: no Gutenberg end marker ('*** END OF', 'End of the Project Gutenberg', ...) after the "
                     "START marker; kept everything to the end of the text", name)
 
-    def _field_text(self, value: object, field: str, where: str) -> str:
-        """The text of a record's field: null is an empty document (counted); another non-string is refused."""
+    def _field_text(self, value: object, where: str) -> str:
+        """The text of a record's `text_field`: null is an empty document (counted); another non-string is
+        refused."""
         if value is None:
             self.stats.null_texts += 1
             return ""
         if not isinstance(value, str):
-            raise SourceError(f"{where}: field {field!r} holds {type(value).__name__} {value!r:.40}, not text "
+            raise SourceError(f"{where}: field {self.text_field!r} holds {type(value).__name__} {value!r:.40}, not text "
                               "(choose the text field with --text_field)")
         return value
 
@@ -310,15 +311,14 @@ class LocalFiles(Source):
         for line_no, line in enumerate(stream, 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(self._decode(line, name, f"{name}:{line_no}").removeprefix("\ufeff"))
-            except json.JSONDecodeError as e:
-                raise SourceError(f"{name}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or self.text_field not in record:
-                raise SourceError(f"{name}:{line_no}: no string field {self.text_field!r} "
-                                  "(choose the field with --text_field)")
             where = f"{name}:{line_no}"
-            yield from self._record(self._field_text(record[self.text_field], self.text_field, where), where)
+            try:
+                record = json.loads(self._decode(line, name, where).removeprefix("\ufeff"))
+            except json.JSONDecodeError as e:
+                raise SourceError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or self.text_field not in record:
+                raise SourceError(f"{where}: no string field {self.text_field!r} (choose the field with --text_field)")
+            yield from self._record(self._field_text(record[self.text_field], where), where)
             if line_no % 256 == 0:
                 now = raw.tell()
                 progress(now - pos)
@@ -342,7 +342,7 @@ class LocalFiles(Source):
             for value in batch.column(0).to_pylist():
                 row += 1
                 where = f"{path} row {row}"
-                yield from self._record(self._field_text(value, self.text_field, where), where)
+                yield from self._record(self._field_text(value, where), where)
 
 
 class HubDataset(Source):
@@ -384,7 +384,7 @@ class HubDataset(Source):
             texts = ds[start:start + 1000][self.text_field]
             for i, value in enumerate(texts):
                 where = f"dataset {self.spec}[{start + i}]"  # ds[i]: 0-based, as the dataset indexes it
-                yield from self._record(self._field_text(value, self.text_field, where), where)
+                yield from self._record(self._field_text(value, where), where)
             progress(len(texts))
 
 
