@@ -45,15 +45,21 @@ def replacing_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.{os.getpid()}.tmp.old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        move_into_place(tmp, path, path.with_name(f".{path.name}.{os.getpid()}.tmp.old"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def move_into_place(src: str | os.PathLike, dst: str | os.PathLike, aside: str | os.PathLike) -> None:
+    """Rename the directory `src` to `dst`. An existing `dst` is renamed to `aside` first and removed after, so a
+    kill in between leaves `src` complete and `dst` missing, never a mix of the two."""
+    if os.path.exists(dst):
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(dst, aside)
+        os.replace(src, dst)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(src, dst)
 
 
 def remove_stale_temps(directory: str | os.PathLike) -> int:

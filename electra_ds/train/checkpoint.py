@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from electra_ds.files import atomic_write, replacing
+from electra_ds.files import atomic_write, move_into_place, replacing
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class CheckpointManager:
             raise ValueError(f"--keep_checkpoints must be >= 1, got {keep}")
         self.root, self.keep, self.rank, self.world_size = Path(root), keep, rank, world_size
         self.settings = dict(settings or {})
-        self.current: set[str] = set()  # tags this process saved or restored: they hold this run's states
+        self.held: str | None = None  # the tag this process last saved or restored: it holds this run's state
 
     # -- listing -----------------------------------------------------------------------------------------------
     def tags(self) -> list[tuple[int, str]]:
@@ -143,7 +143,7 @@ class CheckpointManager:
         """
         tag = tag_for(step)
         directory = self.root / tag
-        if tag in self.current:  # the same on every rank: all return here together
+        if tag == self.held:  # the same on every rank: all return here together
             return directory
         work = self.root / f"{tag}{PARTIAL}"
         _barrier()
@@ -162,17 +162,10 @@ class CheckpointManager:
             atomic_write(work / MANIFEST, json.dumps({"step": step, "tag": tag, "world_size": self.world_size,
                                                       **self.settings, "time": time.time(), "files": files},
                                                      indent=2))
-            if directory.exists():
-                old = self.root / f".{tag}.replaced"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(directory, old)
-                os.replace(work, directory)
-                shutil.rmtree(old)
-            else:
-                os.replace(work, directory)
+            move_into_place(work, directory, self.root / f".{tag}.replaced")
             atomic_write(self.root / "latest", tag)  # DeepSpeed's pointer to the newest tag (zero_to_fp32.py)
         _barrier()
-        self.current.add(tag)
+        self.held = tag
         if self.rank == 0:
             self.prune()
         return directory
@@ -191,7 +184,7 @@ class CheckpointManager:
             shutil.rmtree(leftover, ignore_errors=True)
 
     def set_aside(self, step: int) -> list[Path]:
-        """Rank 0, after resuming from `step`: rename the checkpoints at `step` and later that this process did not
+        """After resuming from `step` (rank 0 acts, the others return []): rename the checkpoints at `step` and later that this process did not
         restore to `<tag>.superseded` (sound ones, of the trajectory the resume abandons) or `<tag>.damaged`, so
         that the resumed run writes its own and a later resume cannot continue the abandoned one. Nothing is
         deleted. Returns the new paths."""
@@ -199,7 +192,7 @@ class CheckpointManager:
             return []
         moved = []
         for s, tag in self.tags():
-            if s < step or tag in self.current:
+            if s < step or tag == self.held:
                 continue
             reason = "superseded" if self.problem(tag) is None else "damaged"
             target = self.root / f"{tag}.{reason}"
@@ -243,9 +236,7 @@ class CheckpointManager:
             if not (work / MANIFEST).is_file():
                 continue  # killed earlier: prune() removes it
             directory = self.root / work.name.removesuffix(PARTIAL)
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(work, directory)
+            move_into_place(work, directory, self.root / f".{directory.name}.replaced")
             log.warning("%s: finished a save that was killed while moving it into place", directory)
         for old in self.root.glob(".step*.replaced"):
             shutil.rmtree(old, ignore_errors=True)
@@ -266,7 +257,7 @@ class CheckpointManager:
                 self._check_settings(name)
                 issue, client_state = self._load(engine, name)
             if issue is None:
-                self.current.add(name)
+                self.held = name
                 return step, client_state
             problems.append(f"{name}: {issue}")
             log.warning("checkpoint %s is unusable (%s); falling back to the previous one", self.root / name, issue)

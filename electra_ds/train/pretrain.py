@@ -562,9 +562,9 @@ def run(args: argparse.Namespace) -> Path:
     except CheckpointError as e:
         raise SetupError(str(e)) from None
     start_step, state = restored if restored else (0, {})
+    if restored:  # checkpoints here past the one resumed from belong to an abandoned trajectory, or are damaged
+        checkpoints.set_aside(start_step)
     if rank == 0:
-        if restored:  # checkpoints here past the one resumed from belong to an abandoned trajectory, or are damaged
-            checkpoints.set_aside(start_step)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / RUN_CONFIG, json.dumps(run_config, indent=2, default=str))
         if restored:
