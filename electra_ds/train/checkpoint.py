@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from electra_ds.files import atomic_write, move_into_place, replacing
+from electra_ds.train.engine import fp32_weights
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ RESUME_SETTINGS = {
 
 def _comparable(setting: str, value: Any) -> Any:
     """What must match on resume: fp32 and autocast precisions all train fp32 weights with the same state."""
-    if setting == "precision" and (value == "fp32" or str(value).endswith("autocast")):
+    if setting == "precision" and fp32_weights(str(value)):
         return "fp32 weights"
     return value
 
@@ -184,10 +185,10 @@ class CheckpointManager:
             shutil.rmtree(leftover, ignore_errors=True)
 
     def set_aside(self, step: int) -> list[Path]:
-        """After resuming from `step` (rank 0 acts, the others return []): rename the checkpoints at `step` and later that this process did not
-        restore to `<tag>.superseded` (sound ones, of the trajectory the resume abandons) or `<tag>.damaged`, so
-        that the resumed run writes its own and a later resume cannot continue the abandoned one. Nothing is
-        deleted. Returns the new paths."""
+        """After resuming from `step` (rank 0 acts, the others return []): rename the checkpoints at `step` and
+        later that this process did not restore to `<tag>.superseded` (sound ones, of the trajectory the resume
+        abandons) or `<tag>.damaged`, so that the resumed run writes its own and a later resume cannot continue the
+        abandoned one. Nothing is deleted. Returns the new paths."""
         if self.rank != 0:
             return []
         moved = []
@@ -309,5 +310,4 @@ class CheckpointManager:
                                   "node sees")
 
 
-__all__ = ["CheckpointError", "CheckpointManager", "MANIFEST", "RESUME_SETTINGS", "rng_state", "set_rng_state",
-           "tag_for"]
+__all__ = ["CheckpointError", "CheckpointManager", "MANIFEST", "rng_state", "set_rng_state", "tag_for"]

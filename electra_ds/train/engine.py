@@ -274,6 +274,12 @@ def precision(config: dict) -> str:
     return "fp32"
 
 
+def fp32_weights(precision_name: str) -> bool:
+    """Whether a `precision` name trains fp32 weights (fp32, or torch autocast) rather than DeepSpeed's fp16/bf16
+    weight copies and their optimizer wrapper."""
+    return precision_name == "fp32" or precision_name.endswith(" autocast")
+
+
 def runs_client_optimizer(config: dict) -> bool:
     """True where DeepSpeed steps our optimizer on the full fp32 parameters and gradients itself (no ZeRO and
     no fp16/bf16 wrapper): the optimizer then sees the whole (all-reduced) gradient and may clip it."""
@@ -371,6 +377,6 @@ def initialize(model: torch.nn.Module, ds_config: dict, *, learning_rate: float,
 
 
 __all__ = ["DSConfigError", "DS_CONFIG_DIR", "OPTIMIZERS", "build_optimizer", "default_ds_config", "device",
-           "device_batch", "free_port", "initialize", "linear_warmup_decay", "load_ds_config", "offloads_optimizer",
-           "precision", "quiet_deepspeed", "resolve_ds_config", "resolve_optimizer", "runs_client_optimizer",
-           "setup_distributed", "world_from_env", "zero_stage"]
+           "device_batch", "fp32_weights", "free_port", "initialize", "linear_warmup_decay", "load_ds_config",
+           "offloads_optimizer", "precision", "quiet_deepspeed", "resolve_ds_config", "resolve_optimizer",
+           "runs_client_optimizer", "setup_distributed", "world_from_env", "zero_stage"]

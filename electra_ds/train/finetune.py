@@ -28,8 +28,8 @@ from electra_ds.model.hf import RUN_CONFIG, discriminator_config_from_hf, load_p
 from electra_ds.seeding import DROPOUT_STREAM, derive_seed
 from electra_ds.train import engine as ds_engine
 from electra_ds.train.glue_metrics import compute_metrics
-from electra_ds.train.glue_report import (RESULT_FILE, build_report, display_name, model_root, primary_score,
-                                          pretrain_pfs_days, seed_dir, write_json, write_predictions,
+from electra_ds.train.glue_report import (build_report, display_name, load_results, model_root, models_of,
+                                          primary_score, pretrain_pfs_days, seed_dir, write_json, write_predictions,
                                           write_task_result)
 from electra_ds.train.layerwise_lr import RULES, group_fn, with_layer_lrs
 
@@ -72,9 +72,13 @@ class FinetuneArgs:
             raise ValueError(f"warmup_proportion must be in [0, 1], got {self.warmup_proportion}")
 
 
+def _is_large(config: ElectraConfig) -> bool:
+    return config.hidden_size >= 1024
+
+
 def default_learning_rate(config: ElectraConfig) -> float:
     """The ELECTRA paper's fine-tuning lr by model size: small 3e-4, base 1e-4, large 5e-5."""
-    if config.hidden_size >= 1024:
+    if _is_large(config):
         return 5e-5
     if config.hidden_size >= 768:
         return 1e-4
@@ -85,7 +89,7 @@ def layerwise_lr_decay(args: FinetuneArgs, config: ElectraConfig) -> float:
     """args.layerwise_lr_decay, or google-research/electra's by model size: large 0.9, the others 0.8."""
     if args.layerwise_lr_decay is not None:
         return args.layerwise_lr_decay
-    return 0.9 if config.hidden_size >= 1024 else 0.8
+    return 0.9 if _is_large(config) else 0.8
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -371,11 +375,7 @@ def finetune_seed(disc: Discriminator, task: GlueTask, data: TaskData, encoded: 
 def check_same_model(out_dir: str | Path, model_path: str | Path) -> None:
     """Refuse an output directory holding results of another model: its report would mix the two."""
     mine = model_root(model_path)
-    others = {}
-    for result_file in sorted(Path(out_dir).glob(f"*/{RESULT_FILE}")):
-        other = json.loads(result_file.read_text()).get("model_path")
-        if other and model_root(other) != mine:
-            others.setdefault(other, []).append(result_file.parent.name)
+    others = {model: tasks for model, tasks in models_of(load_results(out_dir)).items() if model != mine}
     if others:
         held = "; ".join(f"{path} ({', '.join(tasks)})" for path, tasks in others.items())
         raise ValueError(f"{out_dir} holds GLUE results of another model: {held}. Use another --output_dir, or "
@@ -446,4 +446,4 @@ def run_task(model_path: str | Path, task_name: str, out_dir: str | Path, *, see
 __all__ = ["FinetuneArgs", "Discriminator", "Encoded", "TaskData", "default_learning_rate", "layerwise_lr_decay",
            "load_discriminator",
            "find_tokenizer", "build_classifier", "encode", "train_order", "schedule", "make_engine",
-           "predict", "train", "load_task_data", "finetune_seed", "check_same_model", "run_task"]
+           "predict", "train", "load_task_data", "finetune_seed", "run_task"]

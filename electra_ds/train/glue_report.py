@@ -55,7 +55,7 @@ def display_name(model_path: str | Path) -> str:
 def format_prediction(task: GlueTask, value: float | int) -> str:
     """A prediction as the GLUE server wants it: the label name, or an STS-B score clipped to [0, 5]."""
     if task.is_regression:
-        return f"{min(5.0, max(0.0, float(value))):.3f}"
+        return f"{min(task.score_max, max(0.0, float(value))):.3f}"
     return task.labels[int(value)]
 
 
@@ -106,16 +106,31 @@ def pretrain_pfs_days(model_path: str | Path) -> float | None:
     return None
 
 
+def load_results(out_dir: str | Path) -> dict[str, dict]:
+    """Every task's result.json under `out_dir` (status "not_run" where there is none), in TASKS order."""
+    results = {}
+    for name in TASKS:
+        path = Path(out_dir) / name / RESULT_FILE
+        results[name] = json.loads(path.read_text()) if path.is_file() else {"task": name, "status": "not_run"}
+    return results
+
+
+def models_of(results: dict[str, dict]) -> dict[Path, list[str]]:
+    """The models (`model_root`) that produced `results`, each with its tasks."""
+    models: dict[Path, list[str]] = {}
+    for name, result in results.items():
+        if result.get("model_path"):
+            models.setdefault(model_root(result["model_path"]), []).append(name)
+    return models
+
+
 def build_report(out_dir: str | Path, *, model_name: str | None = None,
                  pfs_days: float | None = None) -> dict[str, Any]:
     """Collect every task's result.json under `out_dir` into results.json, results.md and submission/."""
     out_dir = Path(out_dir)
-    tasks: dict[str, dict] = {}
-    for name, task in TASKS.items():
-        path = out_dir / name / RESULT_FILE
-        tasks[name] = json.loads(path.read_text()) if path.is_file() else {"task": name, "status": "not_run"}
+    tasks = load_results(out_dir)
     done = [r for r in tasks.values() if r["status"] == "ok"]
-    models = sorted({str(model_root(r["model_path"])) for r in done if r.get("model_path")})
+    models = sorted(str(m) for m in models_of(tasks))
     model = model_name or next((r.get("model") for r in tasks.values() if r.get("model")), "model")
     if pfs_days is None:
         pfs_days = next((r["pretrain_pfs_days"] for r in done if r.get("pretrain_pfs_days") is not None), None)
@@ -231,6 +246,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["RESULT_FILE", "SUBMISSION_DIR", "write_json", "seed_dir", "model_root", "display_name", "format_prediction",
+__all__ = ["RESULT_FILE", "SUBMISSION_DIR", "write_json", "seed_dir", "model_root", "display_name", "load_results",
+           "models_of", "format_prediction",
            "write_predictions", "write_task_result", "summarize_runs", "primary_score", "pretrain_pfs_days",
            "build_report", "efficiency", "best_seed", "write_submission", "render_markdown"]

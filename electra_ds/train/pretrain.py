@@ -662,6 +662,7 @@ def run(args: argparse.Namespace) -> Path:
     evaluating = eval_sampler is not None and args.eval_batches > 0
     step = start_step
     stopped_by = None
+    saved_at = curves = None
     engine.train()
     with GracefulStop() as stop:
         while step < plan.max_steps:
@@ -681,8 +682,9 @@ def run(args: argparse.Namespace) -> Path:
                 stopped_by = stop.requested or "a signal on another rank"
                 break
             if step % plan.save_every == 0:
-                save(step)
-        curves = save(step)  # the checkpoint is a no-op when this step is saved already (CheckpointManager.save)
+                curves, saved_at = save(step), step
+        if saved_at != step:  # the last step, unless saved just now (a resumed finished run saves and plots here)
+            curves = save(step)
     bar.close()
 
     if stopped_by:
