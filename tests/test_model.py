@@ -118,7 +118,7 @@ def test_tying_is_structural_and_survives_moves_and_reloads(tmp_path):
 
 def test_qkv_block_is_a_view_of_the_three_weights():
     model = ElectraForPretraining(preset("tiny", vocab_size=100))
-    w = model.views(with_blocks=True)
+    w = model.views(for_forward=True)
     layer = "discriminator.electra.encoder.layer.1.attention.self"
     block = w[f"{layer}.qkv.weight"]
     assert block.shape == (3 * 64, 64) and f"{layer}.qkv.weight" not in model.views()

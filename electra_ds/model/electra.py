@@ -22,6 +22,7 @@ from electra_ds.model.params import FlatModule, WeightSpec
 
 DISC, GEN = "discriminator", "generator"
 EMB = f"{DISC}.electra.embeddings"
+LM_HEAD = f"{GEN}.generator_lm_head.weight"  # tied to the word embeddings
 STAT_NAMES = ("gen_correct", "gen_count", "disc_replaced_correct", "replaced_count", "disc_original_correct",
               "original_count", "token_count")
 
@@ -31,13 +32,13 @@ def tied_names(config: ElectraConfig) -> dict[str, str]:
     tied = {f"{GEN}.electra.embeddings.{n}": f"{EMB}.{n}" for n in
             ("word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight",
              "LayerNorm.weight", "LayerNorm.bias")}
-    tied[f"{GEN}.generator_lm_head.weight"] = f"{EMB}.word_embeddings.weight"
+    tied[LM_HEAD] = f"{EMB}.word_embeddings.weight"
     return tied
 
 
 def pretraining_specs(config: ElectraConfig) -> list[WeightSpec]:
     h, hg, e = config.hidden_size, config.generator.hidden_size, config.embedding_size
-    return [*embedding_specs(EMB, config),
+    return [*embedding_specs(EMB, config, output_layer=LM_HEAD),
             *tower_specs(f"{DISC}.electra", config, config.discriminator),
             *linear_specs(f"{DISC}.discriminator_predictions.dense", h, h, bias_in_matmul=False),
             *linear_specs(f"{DISC}.discriminator_predictions.dense_prediction", 1, h),
@@ -104,7 +105,7 @@ class ElectraForPretraining(FlatModule):
         h = kernels.bias_gelu(F.linear(hidden, w[f"{p}.dense.weight"]), w[f"{p}.dense.bias"])
         h = kernels.add_layer_norm(h, None, w[f"{p}.LayerNorm.weight"], w[f"{p}.LayerNorm.bias"],
                                    self.config.layer_norm_eps)
-        return F.linear(h, w[f"{EMB}.word_embeddings.weight"], w[f"{GEN}.generator_lm_head.bias"])
+        return F.linear(h, w[LM_HEAD], w[f"{GEN}.generator_lm_head.bias"])  # the word embeddings, tied
 
     def _discriminator_head(self, w: dict, hidden: torch.Tensor) -> torch.Tensor:
         p = f"{DISC}.discriminator_predictions"

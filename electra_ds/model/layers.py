@@ -21,9 +21,11 @@ def layer_norm_specs(name: str, size: int) -> list[WeightSpec]:
     return [WeightSpec(f"{name}.weight", (size,), "ones"), WeightSpec(f"{name}.bias", (size,), "zeros")]
 
 
-def embedding_specs(prefix: str, config: ElectraConfig) -> list[WeightSpec]:
+def embedding_specs(prefix: str, config: ElectraConfig, output_layer: str | None = None) -> list[WeightSpec]:
+    """`output_layer`: the name of a tied output layer's weight (the word embeddings, served as a matmul operand)."""
     e = config.embedding_size
-    return [WeightSpec(f"{prefix}.word_embeddings.weight", (config.vocab_size, e), "normal"),
+    return [WeightSpec(f"{prefix}.word_embeddings.weight", (config.vocab_size, e), "normal",
+                       matmul_alias=output_layer),
             WeightSpec(f"{prefix}.position_embeddings.weight", (config.max_position_embeddings, e), "normal"),
             WeightSpec(f"{prefix}.token_type_embeddings.weight", (config.type_vocab_size, e), "normal"),
             *layer_norm_specs(f"{prefix}.LayerNorm", e)]

@@ -26,6 +26,7 @@ class WeightSpec:
     init: str  # "normal", "zeros" or "ones"
     block: str | None = None  # consecutive specs with the same block name are also viewable as one tensor
     matmul: bool = False  # passed to F.linear: autocast would cast it to its low precision at every use
+    matmul_alias: str | None = None  # a name under which it is also served as a matrix-product operand (tied output)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ class FlatModule(nn.Module):
             self.register_parameter(self.flat_names[g], nn.Parameter(torch.zeros(n)))
         self._specs = list(specs)
         self._matmul = {c.name for cs in chunks.values() for c in cs if c.name is not None and c.members[0] in matmul}
-        self._matmul_groups = {self.slots[name].group for name in matmul}
+        self._matmul_aliases = {spec.name: spec.matmul_alias for spec in specs if spec.matmul_alias}
+        self._matmul_groups = {self.slots[name].group for name in [*matmul, *self._matmul_aliases]}
         self.reset_parameters(initializer_range, padding_rows or {})
 
     @torch.no_grad()
@@ -118,11 +120,13 @@ class FlatModule(nn.Module):
         """Group name -> its flat parameter."""
         return {g: getattr(self, attr) for g, attr in self.flat_names.items()}
 
-    def views(self, with_blocks: bool = False, flats: dict[str, torch.Tensor] | None = None,
+    def views(self, for_forward: bool = False, flats: dict[str, torch.Tensor] | None = None,
               matmul_flats: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Weight name -> view into its flat buffer; with_blocks adds each block (e.g. fused QKV) as one tensor.
+        """Weight name -> view into its flat buffer. `for_forward` adds what a forward reads besides: each block
+        (e.g. fused QKV) as one tensor, and each weight under its `matmul_alias` name (a tied output layer).
         `flats` replaces the flat parameters (e.g. by copies in another dtype); groups it lacks are left out.
-        `matmul_flats` (group -> a copy of its buffer) serves the matrix-product operands (specs marked `matmul`)."""
+        `matmul_flats` (group -> a copy of its buffer) serves the matrix-product operands (specs marked `matmul`, and
+        the `matmul_alias` names)."""
         out: dict[str, torch.Tensor] = {}
         flats = self.flat if flats is None else flats
         matmul_flats = matmul_flats or {}
@@ -135,25 +139,27 @@ class FlatModule(nn.Module):
             for chunk, part, matmul_part in zip(chunks, parts, matmul_parts):
                 if chunk.name is None:
                     continue
+                if for_forward and chunk.name in self._matmul_aliases:
+                    out[self._matmul_aliases[chunk.name]] = matmul_part.view(self.slots[chunk.name].shape)
                 if chunk.name in self._matmul:
                     part = matmul_part
                 is_block = chunk.members != [chunk.name]
                 pieces = part.split_with_sizes([self.slots[m].numel for m in chunk.members]) if is_block else (part,)
                 out.update({m: piece.view(self.slots[m].shape) for m, piece in zip(chunk.members, pieces)})
-                if is_block and with_blocks:
+                if is_block and for_forward:
                     out[chunk.name] = part.view((-1,) + self.slots[chunk.members[0]].shape[1:])
         return out
 
     def forward_views(self) -> dict[str, torch.Tensor]:
-        """`views(with_blocks=True)` for a forward. Under autocast the matrix-product operands (specs marked
+        """`views(for_forward=True)`. Under autocast the matrix-product operands (specs marked
         `matmul`) are views of one cast of each flat buffer holding any to the autocast dtype: autocast would cast
         each operand at each use to the same values, so results do not change, but a cast or two replace hundreds."""
         flats = self.flat
         device_type = next(iter(flats.values())).device.type
         if not (self._matmul and torch.is_autocast_enabled(device_type)):
-            return self.views(with_blocks=True)
+            return self.views(for_forward=True)
         dtype = torch.get_autocast_dtype(device_type)
-        return self.views(with_blocks=True, matmul_flats={g: flats[g].to(dtype) for g in self._matmul_groups})
+        return self.views(for_forward=True, matmul_flats={g: flats[g].to(dtype) for g in self._matmul_groups})
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """One optimizer group per flat buffer; "no_decay" groups get weight decay 0."""
