@@ -3,7 +3,6 @@ and our own model directory format (`electra_config.json` + `model.safetensors` 
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -217,20 +216,15 @@ def load_pretrained(path: str | Path) -> ElectraForPretraining:
     for sub in ("hf", "model"):
         if (path / sub).is_dir():
             return load_pretrained(path / sub)
-    from electra_ds.train.checkpoint import CheckpointManager
+    from electra_ds.train.checkpoint import CheckpointError, CheckpointManager
 
     checkpoints = CheckpointManager(path / "checkpoints", keep=1, rank=0, world_size=1)
-    problems = []
-    for _, tag in checkpoints.complete():  # newest first, past damaged ones, as a resumed run chooses
-        issue = checkpoints.problem(tag)
-        if issue is None:
-            try:
-                return load_deepspeed_checkpoint(checkpoints.root / tag)
-            except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
-                issue = f"{type(e).__name__}: {str(e)[:300]}"
-        problems.append(f"{tag}: {issue}")
-    if problems:
-        raise ValueError(f"{path}: no usable checkpoint in {checkpoints.root}: " + "; ".join(problems))
+    try:  # newest first, past damaged ones, as a resumed run chooses
+        found = checkpoints.first_usable(lambda tag: load_deepspeed_checkpoint(checkpoints.root / tag))
+    except CheckpointError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if found is not None:
+        return found[2]
     raise FileNotFoundError(f"{path}: not an electra_ds model directory ({MODEL_CONFIG}), a Hugging Face pair "
                             f"({DISC}/ and {GEN}/), a DeepSpeed checkpoint ({DS_MODEL_STATES}) or a pretraining "
                             f"output directory (hf/, model/ or a complete checkpoint in checkpoints/)")

@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -57,6 +58,10 @@ def _comparable(setting: str, value: Any) -> Any:
     if setting == "precision" and fp32_weights(str(value)):
         return "fp32 weights"
     return value
+
+
+# What reading a damaged or unreadable checkpoint raises (torch.load, DeepSpeed's load_checkpoint).
+UNREADABLE = (OSError, RuntimeError, ValueError, KeyError, EOFError, AssertionError, pickle.UnpicklingError)
 
 
 class CheckpointError(RuntimeError):
@@ -243,26 +248,38 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
     def _restore(self, engine, tag: str | None) -> tuple[int, dict[str, Any]] | None:
-        candidates = [(s, t) for s, t in self.complete() if tag is None or t == tag]
-        if tag is not None and not candidates:
+        if tag is not None and tag not in {t for _, t in self.complete()}:
             raise CheckpointError(f"{self.root / tag}: no such complete checkpoint")
-        if not candidates:
+        found = self.first_usable(lambda name: self._load(engine, name), tag)
+        if found is None:
             leftovers = [t for _, t in self.tags()]
             if leftovers:
                 log.warning("%s: ignoring incomplete checkpoint(s) %s (killed while saving)", self.root, leftovers)
             return None
+        step, self.held, client_state = found
+        return step, client_state
+
+    def first_usable(self, load: Callable[[str], Any], tag: str | None = None) -> tuple[int, str, Any] | None:
+        """Newest first (or only `tag`): the first complete checkpoint without a `problem` that `load(tag)` reads,
+        as (step, tag, what `load` returned); None when there is no complete checkpoint. A damaged or unreadable
+        one is skipped with a warning; when none loads, CheckpointError says why for each."""
         problems = []
-        for step, name in candidates:
+        for step, name in self.complete():
+            if tag is not None and name != tag:
+                continue
             issue = self.problem(name)
             if issue is None:
-                self._check_settings(name)
-                issue, client_state = self._load(engine, name)
-            if issue is None:
-                self.held = name
-                return step, client_state
+                try:
+                    return step, name, load(name)
+                except CheckpointError:
+                    raise  # not a damaged checkpoint: a refusal (e.g. changed settings)
+                except UNREADABLE as e:
+                    issue = f"{type(e).__name__}: {str(e)[:300]}"
             problems.append(f"{name}: {issue}")
             log.warning("checkpoint %s is unusable (%s); falling back to the previous one", self.root / name, issue)
-        raise CheckpointError(f"{self.root}: no usable checkpoint: " + "; ".join(problems))
+        if problems:
+            raise CheckpointError(f"{self.root}: no usable checkpoint: " + "; ".join(problems))
+        return None
 
     def _check_settings(self, tag: str) -> None:
         """Raise CheckpointError if this run's settings differ from those the checkpoint `tag` recorded."""
@@ -276,22 +293,20 @@ class CheckpointManager:
         if differences:
             raise CheckpointError(f"cannot resume from {self.root / tag}: " + ". ".join(differences))
 
-    def _load(self, engine, tag: str) -> tuple[str | None, dict[str, Any]]:
-        """(None, client_state) when loaded, else (why not, {})."""
-        try:
-            path, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
-                                                        load_lr_scheduler_states=True)
-        except (RuntimeError, OSError, EOFError, ValueError, KeyError, AssertionError) as e:
-            return f"DeepSpeed could not load it ({type(e).__name__}: {str(e)[:300]})", {}
+    def _load(self, engine, tag: str) -> dict[str, Any]:
+        """Check the settings, load the engine's state and this rank's RNG; returns the client state."""
+        self._check_settings(tag)
+        path, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
         if path is None:
-            return "DeepSpeed found nothing to load", {}
+            raise ValueError("DeepSpeed found nothing to load")
         rng_file = self.root / tag / f"rng_rank{self.rank}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
         else:
             log.warning("%s: no RNG state for rank %d (saved with another world size); dropout noise will differ "
                         "from an uninterrupted run", self.root / tag, self.rank)
-        return None, client_state or {}
+        return client_state or {}
 
     def _agree(self, step: int) -> None:
         """Every rank must have restored the same step (-1: none found, -2: failed), or the run would silently mix
