@@ -221,6 +221,13 @@ def test_token_id_outside_vocab_is_a_clear_error():
     ids[0, 3] = 100
     with pytest.raises(ValueError, match="outside the model's vocabulary of 100"):
         model.discriminator_logits(ids, mask)
+    # in training, also where masking replaces the bad id before either tower sees it
+    ids, mask = make_batch(100)
+    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=100, max_predictions=3,
+                       mask_replace_prob=1.0, seed=0)
+    ids[0, plan.masked_positions[0, 0]] = 100
+    with pytest.raises(ValueError, match="outside the model's vocabulary of 100"):
+        model(ids, mask, None, plan, torch.tensor(0))
 
 
 # -- masking ---------------------------------------------------------------------------------------------------

@@ -94,7 +94,6 @@ class ElectraForPretraining(FlatModule):
     def _tower(self, w: dict, tower: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                token_type_ids: torch.Tensor | None) -> torch.Tensor:
         cfg = self.config
-        check_token_ids(input_ids, cfg.vocab_size)
         x = embed(w, EMB, input_ids, token_type_ids, cfg, self.training)
         shape = cfg.discriminator if tower == DISC else cfg.generator
         return tower_forward(w, f"{tower}.electra", x, attention_mask_for_sdpa(attention_mask),
@@ -116,11 +115,13 @@ class ElectraForPretraining(FlatModule):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Discriminator hidden states (B, L, H)."""
+        check_token_ids(input_ids, self.config.vocab_size)
         return self._tower(self.forward_views(), DISC, input_ids, attention_mask, token_type_ids)
 
     def discriminator_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                              token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Replaced-token logits (B, L); > 0 means "replaced"."""
+        check_token_ids(input_ids, self.config.vocab_size)
         w = self.forward_views()
         return self._discriminator_head(w, self._tower(w, DISC, input_ids, attention_mask, token_type_ids))
 
@@ -128,6 +129,7 @@ class ElectraForPretraining(FlatModule):
                          token_type_ids: torch.Tensor | None = None,
                          positions: torch.Tensor | None = None) -> torch.Tensor:
         """Vocabulary logits at `positions` (B, P) -> (B, P, V); all positions when None."""
+        check_token_ids(input_ids, self.config.vocab_size)
         w = self.forward_views()
         hidden = self._tower(w, GEN, input_ids, attention_mask, token_type_ids)
         if positions is not None:
@@ -138,6 +140,7 @@ class ElectraForPretraining(FlatModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 token_type_ids: torch.Tensor | None, plan: MaskingPlan, sample_seed: torch.Tensor) -> PretrainOutput:
         cfg, w = self.config, self.forward_views()
+        check_token_ids(input_ids, cfg.vocab_size)  # the original: the towers' inputs are made from it
         batch, slots = plan.masked_positions.shape
 
         gen_hidden = self._tower(w, GEN, plan.generator_input_ids, attention_mask, token_type_ids)
