@@ -193,15 +193,13 @@ def eager_training_step(setup: Setup, forward: Callable, optimizer: torch.optim.
         from electra_ds.train.pretrain import compiled_masking
 
         mask_fn = compiled_masking(mode)
-    cudagraphs = mode in ("reduce-overhead", "max-autotune")
 
     def clip() -> None:
         if not ours:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
 
     def step(i: int) -> torch.Tensor:
-        if cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
+        torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph replays (no-op without them)
         batch = setup.our_batch(i) if ours else setup.batch(i)
         plan, seed = masking_plan(setup, batch, i, mask_fn)
         with torch.autocast(setup.device.type, dtype=amp or torch.float32, enabled=amp is not None):

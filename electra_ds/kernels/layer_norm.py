@@ -93,7 +93,6 @@ class AddLayerNorm(torch.autograd.Function):
                 BLOCK_H=block_h, num_warps=tile_warps(block_m * block_h))
         ctx.save_for_backward(x2, r2, weight, bias, mean, rstd)
         ctx.has_res = residual is not None
-        ctx.res_dtype = None if residual is None else residual.dtype
         return y.view(x.shape)
 
     @staticmethod
@@ -104,8 +103,7 @@ class AddLayerNorm(torch.autograd.Function):
         dy2 = dy.reshape(-1, h).contiguous()
         # The kernel rounds dx to DX's dtype once; with a wider residual (bf16 x + fp32 residual under autocast)
         # it is computed in the wider dtype, so the residual's gradient is not rounded to x's (as in the twin).
-        grad_dtype = x2.dtype if not ctx.has_res else torch.promote_types(x2.dtype, ctx.res_dtype)
-        dx = torch.empty_like(x2, dtype=grad_dtype)
+        dx = torch.empty_like(x2, dtype=torch.promote_types(x2.dtype, r2.dtype))  # r2 is x2 without a residual
         rows_per_program, groups = row_partition(n, block_m, x2.device)
         dw = torch.zeros(groups, h, dtype=torch.float32, device=x2.device)
         db = torch.zeros_like(dw)
@@ -114,7 +112,7 @@ class AddLayerNorm(torch.autograd.Function):
                 x2, r2, weight, dy2, mean, rstd, dx, dw, db, n, h, rows_per_program, HAS_RES=ctx.has_res,
                 BLOCK_M=block_m, BLOCK_H=block_h, num_warps=tile_warps(block_m * block_h))
         dx = dx.view(dy.shape)
-        dres = dx.to(ctx.res_dtype) if ctx.has_res else None
+        dres = dx.to(r2.dtype) if ctx.has_res else None
         return dx.to(x2.dtype), dres, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype), None
 
 
