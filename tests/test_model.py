@@ -89,8 +89,20 @@ def test_logits_match_transformers(tmp_path, name, padded):
 # -- tying -------------------------------------------------------------------------------------------------
 def shares_storage(model: ElectraForPretraining) -> bool:
     """Each tied weight exists once: the generator's tied names have no slot of their own in the flat buffers (they
-    resolve to the discriminator's views), and the model's parameters are exactly its flat buffers."""
-    return not set(model.tied) & set(model.slots) and list(model.parameters()) == list(model.flat.values())
+    resolve to the discriminator's views), the model's parameters are exactly its flat buffers, and changing the
+    discriminator's word embeddings changes the generator's output (its input and output layers read them)."""
+    structural = not set(model.tied) & set(model.slots) and list(model.parameters()) == list(model.flat.values())
+    ids, mask = make_batch(model.config.vocab_size)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        before, embeddings = model.generator_logits(ids, mask), model.views()[f"{EMB}.word_embeddings.weight"]
+        kept = embeddings.clone()
+        embeddings.add_(0.5)
+        changed = not torch.equal(model.generator_logits(ids, mask), before)
+        embeddings.copy_(kept)
+    model.train(was_training)
+    return structural and changed
 
 
 def test_tying_is_structural_and_survives_moves_and_reloads(tmp_path):
