@@ -72,8 +72,11 @@ from electra_ds.train.engine import device_batch
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Dense bf16 tensor-core peak from the datasheets, by a substring of torch.cuda.get_device_name().
+# The first match wins: the bare "H100" (SXM, e.g. "NVIDIA H100 80GB HBM3") comes after the forms with other
+# peaks; those without a figure here (H100 NVL) report no datasheet MFU rather than the SXM's.
 DATASHEET_BF16_TFLOPS = (("H200", "NVIDIA H200 (dense bf16)", 989.0),
                          ("H100 PCIe", "NVIDIA H100 PCIe (dense bf16)", 756.0),
+                         ("H100 NVL", "unknown (H100 NVL)", None),
                          ("H100", "NVIDIA H100 SXM (dense bf16)", 989.0))
 SPEED_OF_RECIPE_STEPS = 1_000_000  # "hours for 1M steps"
 ERROR_CHARS = 2000
@@ -91,27 +94,20 @@ RECORD_FIELDS = ("name", "description", "status", "error", "traceback", "kernels
 class Variant:
     name: str
     description: str
-    family: str  # "ours" or "hf": which FLOP count applies
+    builder: str  # "hf", "ours_bare" or "ours_ds": which model and training step (BUILDERS)
+    compile: str | None = None  # None: eager; else the torch.compile mode ("default", "reduce-overhead", ...)
     cuda_only: bool = False
+    twins: bool = False  # force the kernels' PyTorch twins even where Triton runs
 
+    @property
+    def family(self) -> str:
+        """Which FLOP count applies: HF's generator head runs on every position, ours on the masked ones."""
+        return "hf" if self.builder == "hf" else "ours"
 
-VARIANTS = (
-    Variant("hf_eager", "HF modules (seed wiring), eager, torch AdamW", "hf"),
-    Variant("ours_ds_triton", "ours, DeepSpeed engine, Triton kernels", "ours", cuda_only=True),
-    Variant("ours_ds_torch", "ours, DeepSpeed engine, PyTorch twins", "ours"),
-    Variant("ours_bare", "ours, bare model step + ElectraAdam (no DeepSpeed)", "ours"),
-    Variant("ours_compile", "ours, bare step, torch.compile", "ours"),
-    Variant("ours_compile_cudagraphs", "ours, bare step, torch.compile reduce-overhead (CUDA graphs)", "ours",
-            cuda_only=True),
-    Variant("ours_ds_compile_cudagraphs", "ours, DeepSpeed engine, engine.compile reduce-overhead (CUDA graphs)",
-            "ours", cuda_only=True),
-    Variant("ours_ds_compile_max_autotune", "ours, DeepSpeed engine, engine.compile max-autotune (autotuned matrix "
-            "products with fused epilogues, CUDA graphs)", "ours", cuda_only=True),
-    Variant("hf_compile", "HF modules, torch.compile", "hf"),
-    Variant("hf_compile_cudagraphs", "HF modules, torch.compile reduce-overhead (CUDA graphs)", "hf",
-            cuda_only=True),
-)
-VARIANT_NAMES = tuple(v.name for v in VARIANTS)
+    @property
+    def mode(self) -> str | None:
+        """The `mode` argument of torch.compile."""
+        return None if self.compile in (None, "default") else self.compile
 
 
 @dataclass
@@ -154,13 +150,13 @@ class Runner:
     close: Callable[[], None] | None = None  # releases what the variant holds beyond its memory
 
 
-def kernel_choice(setup: Setup, name: str, compiled: bool) -> str:
-    """Select the kernels for variant `name`; returns its label. Compiled variants trace the twins (inductor
-    fuses them) except the Gumbel sampler, an opaque op that runs the Triton kernel on CUDA."""
-    triton_here = setup.device.type == "cuda" and kernels.triton_available() and name != "ours_ds_torch"
+def kernel_choice(setup: Setup, variant: Variant) -> str:
+    """Select the kernels for `variant`; returns its label. Compiled variants trace the twins (inductor fuses
+    them) except the Gumbel sampler, an opaque op that runs the Triton kernel on CUDA."""
+    triton_here = setup.device.type == "cuda" and kernels.triton_available() and not variant.twins
     backend = "triton" if triton_here else "torch"
     kernels.set_backend(backend)
-    if compiled:
+    if variant.compile:
         return "inductor + Triton Gumbel" if triton_here else "inductor"
     return backend
 
@@ -175,24 +171,23 @@ def masking_plan(setup: Setup, batch: dict[str, torch.Tensor | None], step: int,
                           seed=setup.seed, rank=0, mask_fn=mask_fn)
 
 
-def eager_training_step(setup: Setup, forward: Callable, optimizer: torch.optim.Optimizer, name: str, *,
-                        ours: bool) -> Callable[[int], torch.Tensor]:
+def eager_training_step(setup: Setup, forward: Callable, optimizer: torch.optim.Optimizer, variant: Variant,
+                        ) -> Callable[[int], torch.Tensor]:
     """masking -> forward under autocast -> backward (GradScaler for fp16) -> clip 1.0 -> step -> schedule.
-    Where variant `name` compiles the model, the masking is compiled the same way. `ours`: our batches
-    (`device_batch`), and the optimizer clips itself."""
+    Where `variant` compiles the model, the masking is compiled the same way. Ours get our batches
+    (`device_batch`), and our optimizer clips itself."""
     from electra_ds.train.engine import linear_warmup_decay
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(setup.warmup_steps, setup.max_steps))
     scaler = torch.amp.GradScaler(setup.device.type) if setup.precision == "fp16" else None
     params = [p for group in optimizer.param_groups for p in group["params"]]
     amp = setup.amp_dtype
-
-    compiled, mode = compile_mode(name)
+    ours = variant.family == "ours"
     mask_fn = mask_tokens
-    if compiled:
+    if variant.compile:
         from electra_ds.train.pretrain import compiled_masking
 
-        mask_fn = compiled_masking(mode)
+        mask_fn = compiled_masking(variant.mode)
 
     def clip() -> None:
         if not ours:
@@ -221,17 +216,8 @@ def eager_training_step(setup: Setup, forward: Callable, optimizer: torch.optim.
     return step
 
 
-def compile_mode(name: str) -> tuple[bool, str | None]:
-    """(compiled?, torch.compile mode) of a variant."""
-    if name.endswith("_cudagraphs"):
-        return True, "reduce-overhead"
-    if name.endswith("_max_autotune"):
-        return True, "max-autotune"
-    return name.endswith("_compile"), None
-
-
-def build_hf(setup: Setup, name: str) -> Runner:
-    compiled, mode = compile_mode(name)
+def build_hf(setup: Setup, variant: Variant) -> Runner:
+    compiled, mode = variant.compile is not None, variant.mode
     torch.manual_seed(setup.seed)
     model = build_hf_pair(setup.config).to(setup.device).train()
     optimizer = torch.optim.AdamW(hf_param_groups(model, 0.01), lr=setup.learning_rate, betas=(0.9, 0.999), eps=1e-6,
@@ -243,15 +229,15 @@ def build_hf(setup: Setup, name: str) -> Runner:
 
     notes = "torch AdamW " + ("fused" if setup.device.type == "cuda" else "foreach") + \
         (f", torch.compile(mode={mode!r})" if compiled else "")
-    return Runner(eager_training_step(setup, forward, optimizer, name, ours=False), "n/a (HF)", notes)
+    return Runner(eager_training_step(setup, forward, optimizer, variant), "n/a (HF)", notes)
 
 
-def build_ours_bare(setup: Setup, name: str) -> Runner:
+def build_ours_bare(setup: Setup, variant: Variant) -> Runner:
     from electra_ds.model.electra import ElectraForPretraining
     from electra_ds.train.engine import build_optimizer
 
-    compiled, mode = compile_mode(name)
-    backend = kernel_choice(setup, name, compiled)
+    compiled, mode = variant.compile is not None, variant.mode
+    backend = kernel_choice(setup, variant)
     torch.manual_seed(setup.seed)
     model = ElectraForPretraining(setup.config).to(setup.device).train()
     optimizer = build_optimizer(model.param_groups(0.01), lr=setup.learning_rate, name="electra_adam",
@@ -262,16 +248,16 @@ def build_ours_bare(setup: Setup, name: str) -> Runner:
         return module(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], plan, seed).loss
 
     notes = "ElectraAdam" + (f", torch.compile(mode={mode!r})" if compiled else "")
-    return Runner(eager_training_step(setup, forward, optimizer, name, ours=True), backend, notes)
+    return Runner(eager_training_step(setup, forward, optimizer, variant), backend, notes)
 
 
-def build_ours_ds(setup: Setup, name: str) -> Runner:
+def build_ours_ds(setup: Setup, variant: Variant) -> Runner:
     from electra_ds.model.electra import ElectraForPretraining
     from electra_ds.train import engine as ds_engine
     from electra_ds.train.pretrain import compile_engine, pretraining_step
 
-    compiled, mode = compile_mode(name)
-    backend = kernel_choice(setup, name, compiled)
+    compiled, mode = variant.compile is not None, variant.mode
+    backend = kernel_choice(setup, variant)
     ds_engine.setup_distributed()
     ds_config = ds_engine.load_ds_config(setup.precision, micro_batch_size=setup.batch_size,
                                          gradient_accumulation_steps=1, world_size=1)
@@ -295,12 +281,26 @@ def build_ours_ds(setup: Setup, name: str) -> Runner:
     return Runner(step, backend, notes, engine.destroy)
 
 
-BUILDERS: dict[str, Callable[[Setup, str], Runner]] = {
-    "hf_eager": build_hf, "hf_compile": build_hf, "hf_compile_cudagraphs": build_hf,
-    "ours_bare": build_ours_bare, "ours_compile": build_ours_bare, "ours_compile_cudagraphs": build_ours_bare,
-    "ours_ds_triton": build_ours_ds, "ours_ds_torch": build_ours_ds, "ours_ds_compile_cudagraphs": build_ours_ds,
-    "ours_ds_compile_max_autotune": build_ours_ds,
-}
+BUILDERS: dict[str, Callable[[Setup, Variant], Runner]] = {
+    "hf": build_hf, "ours_bare": build_ours_bare, "ours_ds": build_ours_ds}
+CUDA_GRAPHS = "reduce-overhead"
+VARIANTS = (
+    Variant("hf_eager", "HF modules (seed wiring), eager, torch AdamW", "hf"),
+    Variant("ours_ds_triton", "ours, DeepSpeed engine, Triton kernels", "ours_ds", cuda_only=True),
+    Variant("ours_ds_torch", "ours, DeepSpeed engine, PyTorch twins", "ours_ds", twins=True),
+    Variant("ours_bare", "ours, bare model step + ElectraAdam (no DeepSpeed)", "ours_bare"),
+    Variant("ours_compile", "ours, bare step, torch.compile", "ours_bare", compile="default"),
+    Variant("ours_compile_cudagraphs", "ours, bare step, torch.compile reduce-overhead (CUDA graphs)", "ours_bare",
+            compile=CUDA_GRAPHS, cuda_only=True),
+    Variant("ours_ds_compile_cudagraphs", "ours, DeepSpeed engine, engine.compile reduce-overhead (CUDA graphs)",
+            "ours_ds", compile=CUDA_GRAPHS, cuda_only=True),
+    Variant("ours_ds_compile_max_autotune", "ours, DeepSpeed engine, engine.compile max-autotune (autotuned matrix "
+            "products with fused epilogues, CUDA graphs)", "ours_ds", compile="max-autotune", cuda_only=True),
+    Variant("hf_compile", "HF modules, torch.compile", "hf", compile="default"),
+    Variant("hf_compile_cudagraphs", "HF modules, torch.compile reduce-overhead (CUDA graphs)", "hf",
+            compile=CUDA_GRAPHS, cuda_only=True),
+)
+VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 
 
 # -- measuring -----------------------------------------------------------------------------------------------
@@ -354,7 +354,7 @@ def count_host_syncs(step: Callable[[int], torch.Tensor], index: int, device: to
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message) for w in caught)
-    if compile_mode(variant.name)[0] or variant.family != "ours":
+    if variant.compile or variant.family != "ours":
         return None
     with SyncCounter(ignore=("check_token_ids",)) as syncs:  # the model's id check runs for CPU tensors only
         step(index)
@@ -497,7 +497,7 @@ def run_variant(setup: Setup, variant: Variant, *, warmup: int, steps: int, peak
     runner = None
     try:
         start = time.perf_counter()
-        runner = BUILDERS[variant.name](setup, variant.name)
+        runner = BUILDERS[variant.builder](setup, variant)
         build_s = time.perf_counter() - start
         times, wall, warmup_s, loss = time_steps(runner.step, setup.device, warmup, steps)
         final_loss = float(loss)  # now: a CUDA-graph replay below would overwrite the loss's static buffer
@@ -528,7 +528,7 @@ def run_variant(setup: Setup, variant: Variant, *, warmup: int, steps: int, peak
                 print(f"[throughput] {variant.name}: clean-up failed: {e}", file=sys.stderr)
         del runner
         kernels.set_backend(previous_backend)
-        if compile_mode(variant.name)[0]:
+        if variant.compile:
             torch._dynamo.reset()
         free_memory(setup.device)
     return record

@@ -43,7 +43,7 @@ class ElectraConfig:
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     initializer_range: float = 0.02
-    pad_token_id: int = 0
+    pad_token_id: int | None = 0  # its embedding row starts at zero; None: no such row
     # Generator = these fractions of the discriminator's width and depth (google-research/electra rounding).
     generator_size: float = 0.25
     generator_layer_size: float = 1.0

@@ -1,7 +1,8 @@
 """Writing files so that an interruption never leaves a half-written one: a temporary name, then a rename.
 
-Every temporary name here matches `TEMP_GLOB` (a dot, the target's name, ".tmp"), so what a killed process left
-behind can be found and removed (`remove_stale_temps`)."""
+Data is flushed to disk (fsync) before the rename and the rename itself after, so a power loss cannot leave the new
+name pointing at unwritten blocks either. Every temporary name here matches `TEMP_GLOB` (a dot, the target's name,
+".tmp"), so what a killed process left behind can be found and removed (`remove_stale_temps`)."""
 from __future__ import annotations
 
 import os
@@ -24,7 +25,9 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
     try:
         yield tmp
+        sync_tree(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -53,6 +56,7 @@ def replacing_dir(path: str | os.PathLike) -> Iterator[Path]:
 def move_into_place(src: str | os.PathLike, dst: str | os.PathLike, aside: str | os.PathLike) -> None:
     """Rename the directory `src` to `dst`. An existing `dst` is renamed to `aside` first and removed after, so a
     kill in between leaves `src` complete and `dst` missing, never a mix of the two."""
+    sync_tree(src)
     if os.path.exists(dst):
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(dst, aside)
@@ -60,6 +64,25 @@ def move_into_place(src: str | os.PathLike, dst: str | os.PathLike, aside: str |
         shutil.rmtree(aside, ignore_errors=True)
     else:
         os.replace(src, dst)
+    _fsync(Path(dst).parent)
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(path: str | os.PathLike) -> None:
+    """Flush a file, or every file and directory under a directory, to disk."""
+    path = Path(path)
+    if path.is_dir():
+        for sub in path.rglob("*"):
+            if not sub.is_symlink():
+                _fsync(sub)
+    _fsync(path)
 
 
 def remove_stale_temps(directory: str | os.PathLike) -> int:

@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     if stats["invalid_utf8_replaced"]:
         print(f"note: {stats['invalid_utf8_replaced']} invalid UTF-8 sequences were replaced with U+FFFD in "
               f"{len(stats['files_with_invalid_utf8'])} file(s)")
+    if stats.get("unsupported_files_skipped"):  # caches built before the count have no such key
+        print(f"note: {stats['unsupported_files_skipped']} file(s) of unsupported type in the source folder were "
+              "skipped")
     return 0
 
 

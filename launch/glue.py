@@ -7,6 +7,9 @@
 MODEL is a pretraining output directory, one of our model/checkpoint directories, our HF export, or any
 Hugging Face ELECTRA discriminator directory (config.json + weights, tokenizer files alongside).
 Without --glue_dir the data comes from Hugging Face datasets (nyu-mll/glue). `launch/glue.sh` runs all tasks.
+A task without files in --glue_dir is recorded as absent (exit 0; an earlier result of it is kept); a --glue_dir
+that does not exist, or data Hugging Face cannot load, is an error (exit 2). Seeds that an interrupted call
+finished with the same settings are reused.
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@
 # Environment:
 #   TASKS              comma-separated tasks (default: all 9: CoLA,SST-2,MRPC,STS-B,QQP,MNLI,QNLI,RTE,WNLI)
 #   SEEDS              fine-tuning runs per task (default 5)
-#   GLUE_DIR           GLUE data in the original TSV layout (default: Hugging Face datasets, needs internet)
+#   GLUE_DIR           GLUE data in the original TSV layout (default: Hugging Face datasets, needs internet); a task
+#                      without files there is recorded as absent, a GLUE_DIR that does not exist is an error
 #   DS_CONFIG          DeepSpeed JSON deciding precision/ZeRO (default: bf16.json on a bf16 GPU, fp16.json on older
 #                      GPUs, fp32.json without a GPU)
 #   MAX_TRAIN_SAMPLES  cap on the train rows read per task (quick runs; MRPC, STS-B train on both pair orders)
@@ -27,6 +28,12 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 TASKS=${TASKS:-CoLA,SST-2,MRPC,STS-B,QQP,MNLI,QNLI,RTE,WNLI}
 PYTHON=${PYTHON:-python3}
 LAUNCHER=${LAUNCHER:-$PYTHON}
+
+if [[ -n ${GLUE_DIR:-} && ! -d $GLUE_DIR ]]; then
+    echo "$0: GLUE_DIR=$GLUE_DIR is not a directory; set it to the GLUE data (original TSV layout), or unset it" \
+         "to read Hugging Face datasets" >&2
+    exit 2
+fi
 
 args=(--model "$MODEL" --output_dir "$OUT_DIR" --seeds "${SEEDS:-5}")
 [[ -n ${GLUE_DIR:-} ]] && args+=(--glue_dir "$GLUE_DIR")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from electra_ds.data.sources import SourceError, add_source_arguments, open_source, source_options
 from electra_ds.data.tokenizer import TokenizerError, load_tokenizer, special_ids, train_tokenizer, vocab_size
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     add_source_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if Path(args.output).exists() and not Path(args.output).is_dir():  # found before the training, not after
+        print(f"error: --output {args.output} exists and is not a directory; give a new or existing directory",
+              file=sys.stderr)
+        return 2
     try:
         source = open_source(args.source, **source_options(args))
         out = train_tokenizer(source.texts(int(args.sample_mb * 1e6)), args.vocab_size, args.output,
@@ -36,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         tok = load_tokenizer(out)
     except (SourceError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # sources report their read errors as SourceError: this is the writing
+        print(f"error: cannot write the tokenizer to {args.output}: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}: vocab {vocab_size(tok)}, special ids {special_ids(tok)}")
     return 0

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of scripts, not an installed package
 
 from benchmarks import hf_baseline  # noqa: E402
-from benchmarks.throughput import RECORD_FIELDS  # noqa: E402
+from benchmarks.throughput import RECORD_FIELDS, datasheet_peak  # noqa: E402
 from conftest import child_env
 from electra_ds.config import preset  # noqa: E402
 
@@ -84,6 +84,13 @@ def test_throughput_cpu_end_to_end(tmp_path):
     assert table == proc.stdout[proc.stdout.index(table.splitlines()[0]):]
     assert "| 3 | ours_ds_torch | torch |" in table and "| 2 | ours_ds_triton | | skipped |" in table
     assert "Batch 3: fastest step through the DeepSpeed engine: ours_ds_torch, " in table
+
+
+def test_datasheet_peak_matches_the_card_not_its_family():
+    assert datasheet_peak("NVIDIA H100 80GB HBM3") == ("NVIDIA H100 SXM (dense bf16)", 989.0)
+    assert datasheet_peak("NVIDIA H100 PCIe")[1] == 756.0
+    assert datasheet_peak("NVIDIA H100 NVL")[1] is None  # no SXM peak for another card
+    assert datasheet_peak("NVIDIA H200")[1] == 989.0 and datasheet_peak("NVIDIA A10G") == ("unknown", None)
 
 
 def test_throughput_rejects_unknown_variant():

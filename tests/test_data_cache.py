@@ -350,6 +350,63 @@ def test_second_builder_refused_while_the_first_holds_the_lock(data_files, data_
     assert not (busy / ".build.lock").exists()  # no lock file left in a folder that is not a cache
 
 
+def test_builder_that_just_began_refuses_by_its_lock(data_files, data_tokenizer, tmp_path):
+    """The other builder holds the lock and is writing its first build state: the folder is a build, not
+    someone's files."""
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / ".build_state.json.99.abcd.tmp.json").write_text("{")  # its atomic write, not yet renamed
+    other = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out / ".build.lock")], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline() == "locked\n"
+        with pytest.raises(CacheError, match="another process is building"):
+            build_cache(data_files, out, data_tokenizer, workers=1, progress=False)
+    finally:
+        other.communicate("")
+    cache_mod._check_output(out)  # a finished cache is one too (the other builder may finish just before)
+    (out / "manifest.json").write_text("{}")
+    (out / "train-00000.bin").write_bytes(b"")
+    cache_mod._check_output(out)
+
+
+def test_build_that_wrote_no_shard_starts_afresh_with_new_settings(data_files, data_tokenizer, tmp_path):
+    """A build that failed before its first shard (a typo'd source, a bad record) is no reason to refuse the
+    corrected command; once a shard is written, other settings are refused."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": oops}\n')
+    kwargs = dict(workers=1, heldout_fraction=0, progress=False)
+    for tokenizer in (data_tokenizer, None):  # fails in tokenizing (tokenizer stored) / in training one
+        out = tmp_path / f"c{tokenizer is None}"
+        with pytest.raises(SourceError, match="bad.jsonl:1: not valid JSON"):
+            build_cache(bad, out, tokenizer, vocab_size=200, **kwargs)
+        assert (out / "build_state.json").is_file()
+        built = build_cache(data_files, out, tokenizer, vocab_size=200, **kwargs)
+        cache = TokenCache(built)
+        assert cache.num_documents == 24 and json.loads((out / "manifest.json").read_text())[
+            "settings"]["source"] == str(data_files)
+    out = tmp_path / "partial"
+    _interrupted_build(data_files, out, data_tokenizer, shard_tokens=100, **kwargs)
+    build_cache(data_files, out, data_tokenizer, shard_tokens=200, **kwargs)  # no shard written: restarts
+    assert max(s["tokens"] for s in TokenCache(out).shards) > 100
+    flush = cache_mod._ShardWriter._flush
+    calls = []
+
+    def interrupted(self, next_doc):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(next_doc)
+        flush(self, next_doc)
+
+    out = tmp_path / "one_shard"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cache_mod._ShardWriter, "_flush", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            build_cache(data_files, out, data_tokenizer, shard_tokens=100, **kwargs)
+    with pytest.raises(CacheError, match="built with other settings.*shard_tokens"):
+        build_cache(data_files, out, data_tokenizer, shard_tokens=200, **kwargs)
+
+
 # ------------------------------------------------------------------------------------ verify / corrupt
 
 def test_verify_catches_flipped_byte_and_truncation(data_files, data_tokenizer, tmp_path):
@@ -391,6 +448,9 @@ def test_tokenizer_mismatch_refused(data_files, data_docs, data_tokenizer, tmp_p
     # the cache's own tokenizer replaced behind its back
     (out / "tokenizer" / "tokenizer.json").write_text((other / "tokenizer.json").read_text())
     with pytest.raises(CacheError, match="tokenizer was replaced"):
+        TokenCache(out)
+    (out / "tokenizer" / "tokenizer.json").unlink()  # vocab.txt is still there, but is not what was stored
+    with pytest.raises(CacheError, match="tokenizer.json is missing"):
         TokenCache(out)
 
 
@@ -540,6 +600,84 @@ def test_empty_files_lines_and_invalid_utf8(tmp_path, data_tokenizer, caplog):
                                                                                                "was great"]
 
 
+def test_lone_surrogate_replaced_and_counted(tmp_path, data_tokenizer, caplog):
+    """JSON can spell a lone surrogate (half of a cut emoji); no tokenizer or UTF-8 encoder takes it."""
+    src = tmp_path / "s.jsonl"
+    src.write_text('{"text": "whole \\ud83d\\ude00 the world"}\n{"text": "cut \\ud83d x \\udc00"}\n'
+                   '{"text": "was \\udead"}\n')
+    caplog.set_level("WARNING")
+    texts = list(open_source(src).texts())
+    assert texts == ["whole \U0001f600 the world", "cut \ufffd x \ufffd", "was \ufffd"]
+    assert caplog.text.count("lone surrogate") == 1 and "s.jsonl:2: lone surrogate" in caplog.text
+    train_tokenizer(open_source(src).texts(), 100, tmp_path / "tok", min_frequency=1)
+    out = build_cache(src, tmp_path / "c", data_tokenizer, workers=1, heldout_fraction=0, progress=False)
+    stats = json.loads((out / "manifest.json").read_text())["source_stats"]
+    assert stats["invalid_utf8_replaced"] == 3 and stats["files_with_invalid_utf8"] == [str(src)]
+
+
+def test_folder_suffixes_in_any_case_and_unsupported_files_counted(tmp_path, caplog):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.txt", "B.TXT", "c.json", "d.txt.xz", "e.JSONL", "f.Txt.GZ"):
+        (src / name).write_bytes(gzip.compress(b"the world") if name.endswith("GZ") else
+                                 b'{"text": "was great"}' if name.endswith("JSONL") else b"the world")
+    caplog.set_level("WARNING")
+    source = open_source(src)
+    assert [p.name for p in source.files] == ["B.TXT", "a.txt", "e.JSONL", "f.Txt.GZ"]
+    assert "skipped 2 file(s) of unsupported type (c.json, d.txt.xz;" in caplog.text
+    assert _documents(source) == ["the world", "the world", "was great", "the world"]
+    assert source.stats.unsupported_files_skipped == 2
+    assert open_source(src / "B.TXT").files == [src / "B.TXT"]
+    empty = tmp_path / "only_csv"
+    empty.mkdir()
+    (empty / "x.csv").write_text("a,b\n")
+    with pytest.raises(SourceError, match="no .txt"):
+        open_source(empty)
+
+
+def test_hidden_files_and_folders_skipped(tmp_path):
+    root = tmp_path / ".corpus"  # the source folder itself may have any name
+    (root / ".ipynb_checkpoints").mkdir(parents=True)
+    (root / "sub" / ".git").mkdir(parents=True)
+    (root / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("old draft")
+    (root / "sub" / ".git" / "notes.txt").write_text("git")
+    (root / ".hidden.txt").write_text("hidden")
+    (root / "a.txt").write_text("the world")
+    (root / "sub" / "b.txt").write_text("was great")
+    assert _documents(open_source(root)) == ["the world", "was great"]
+
+
+def test_blank_line_documents_do_not_depend_on_block_boundaries(tmp_path, monkeypatch):
+    from electra_ds.data import sources
+
+    paragraph = ("word " * 13105 + "the ending\n").encode()  # the first read ends inside the blank line
+    assert len(paragraph) == sources.BLOCK_BYTES
+    path = tmp_path / "b.txt"
+    path.write_bytes(paragraph + b"\nSecond one.\n\nThird.")
+    docs = _documents(open_source(path, doc_split="blank_lines"))
+    assert docs == [paragraph.decode().rstrip("\n"), "Second one.", "Third."]
+    rng = random.Random(1)
+    pieces = ["word", "x", " ", "\n", "\n\n", "\n \n", "\n\t\n\n", "\n  ", "\x0c"]
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        path.write_text(text)
+        expected = [d for d in sources._BLANK_LINES.split(text) if d.strip()]
+        for block_bytes in (1, 2, 3, 5, 8):
+            monkeypatch.setattr(sources, "BLOCK_BYTES", block_bytes)
+            assert _documents(open_source(path, doc_split="blank_lines")) == expected, (text, block_bytes)
+
+
+def _documents(source) -> list[str]:
+    """The documents of ``source``, their chunks joined."""
+    docs, text = [], ""
+    for chunk, ends in source.chunks():
+        text += chunk
+        if ends:
+            docs.append(text)
+            text = ""
+    return docs
+
+
 def test_gutenberg_strip_jsonl_parquet(tmp_path, data_tokenizer):
     tok = load_tokenizer(data_tokenizer)
     book = ("\ufeffThe Project Gutenberg EBook of Nothing\r\nLicense blah\r\n"
@@ -647,3 +785,6 @@ def test_builtin_corpus_and_cli(tmp_path, capsys):
     assert build_cache_main(["--verify", str(out)]) == 0
     assert build_cache_main(["--source", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 2
     assert "error: source not found" in capsys.readouterr().err
+    (tmp_path / "taken").write_text("a file")
+    assert train_tokenizer_main(["--source", "builtin", "--output", str(tmp_path / "taken")]) == 2
+    assert f"error: --output {tmp_path / 'taken'} exists and is not a directory" in capsys.readouterr().err

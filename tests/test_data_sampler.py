@@ -154,6 +154,22 @@ def test_two_segments_layout(data_word_cache):
     assert 0.05 < singles / total < 0.2  # about 10% single segments (plus 1-2 token documents)
 
 
+def test_two_segment_windows_reach_document_ends(data_word_cache):
+    """A two-segment row holds one text token fewer: its start is drawn for that width, so a document's last token
+    is drawn as often as its first (not only by the 10% single-segment rows)."""
+    max_length, width = 40, 37
+    sampler = SegmentSampler(data_word_cache, max_length, 256, seed=6, two_segments=True)
+    counts = np.zeros(FIRST_WORD_ID + sum(DOC_LENGTHS), dtype=np.int64)
+    for step in range(40):
+        batch = sampler.batch(step)
+        ids = batch["input_ids"][(batch["input_ids"] == SEP).sum(axis=1) == 2]  # two-segment rows
+        counts += np.bincount(ids[ids >= FIRST_WORD_ID], minlength=len(counts))
+    bounds = _doc_bounds()
+    long_docs = [doc for doc, length in enumerate(DOC_LENGTHS) if length >= width]
+    first, last = counts[bounds[long_docs]], counts[bounds[np.add(long_docs, 1)] - 1]
+    assert np.all(last > 0) and first.sum() > 100 and 0.7 < last.sum() / first.sum() < 1.4, (first, last)
+
+
 def test_packed_windows_span_documents_not_shards(data_word_cache, data_word_cache_sharded):
     window = 30
     crossed = 0

@@ -85,7 +85,7 @@ def test_tiny_model_beats_chance_and_writes_submission(setup):
     assert rows[0] == "index\tprediction" and [r.split("\t")[0] for r in rows[1:]] == [str(i) for i in range(10)]
     assert sum(r.split("\t")[1] == str(i % 2) for i, r in enumerate(rows[1:])) >= 8  # test labels are i % 2
     dev_rows = (out / "SST-2" / "seed_0" / "dev.tsv").read_text().splitlines()
-    assert len(dev_rows) == 101
+    assert [r.split("\t")[0] for r in dev_rows[1:]] == [str(i) for i in range(100)]  # Hugging Face's idx
 
 
 def test_pair_tasks_regression_and_mnli_submission_files(setup):
@@ -108,7 +108,9 @@ def test_pair_tasks_regression_and_mnli_submission_files(setup):
     assert set(tasks["MNLI"]["summary"]) == {"dev_matched", "dev_mismatched"}
     assert set(tasks["STS-B"]["summary"]["dev"]) == {"spearman", "pearson"}
 
-    absent = run_task(setup["run"], "QQP", out, seeds=[0], args=args, glue_dir=setup["root"] / "empty")
+    no_qqp = setup["root"] / "no_qqp"
+    shutil.copytree(setup["glue"], no_qqp, ignore=shutil.ignore_patterns("QQP"))
+    absent = run_task(setup["run"], "QQP", out, seeds=[0], args=args, glue_dir=no_qqp)
     assert absent["status"] == "absent" and "QQP train" in absent["reason"]
     assert "QQP: absent" in (out / "results.md").read_text()
 
@@ -128,6 +130,11 @@ def test_encoding_pairs_and_truncation(setup):
     assert list(literal).count(ids["sep"]) == 1 and ids["mask"] not in literal  # text, not special tokens
     single = encode(tok, [GlueExample("0", long_a, None, 0)], 6).input_ids[0]
     assert len(single) == 6 and single[-1] == ids["sep"]
+    # an empty second segment (QQP has empty questions) is one segment, as google-research/electra has it
+    empty_b = encode(tok, [GlueExample("0", "good film", "", 1), GlueExample("1", "good film", "the plot", 0)], 32)
+    alone = encode(tok, [GlueExample("0", "good film", None, 1)], 32)
+    assert list(empty_b.input_ids[0]) == list(alone.input_ids[0]) and not empty_b.token_type_ids[0].any()
+    assert list(empty_b.input_ids[1]).count(ids["sep"]) == 2  # the pair after it keeps its second segment
     batch = enc.batch([0, 1])
     assert batch["input_ids"].shape == (2, 10) and batch["attention_mask"][1].sum() == len(second)
     assert (batch["input_ids"][1, len(second):] == ids["pad"]).all()
@@ -218,6 +225,7 @@ def test_hugging_face_discriminator_dir_and_bad_models(setup, tmp_path):
     shutil.copy(setup["tokenizer"] / "vocab.txt", hf_dir / "vocab.txt")
     loaded = load_discriminator(hf_dir)
     assert loaded.config.hidden_size == cfg.hidden_size and loaded.tokenizer_path == hf_dir
+    assert loaded.weights_sha256 == disc.weights_sha256  # the same weights, whatever the format
     a = build_classifier(loaded, TASKS["RTE"], seed=0).named_weights()
     b = build_classifier(disc, TASKS["RTE"], seed=0).named_weights()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -265,18 +273,82 @@ def test_cli_errors(setup, tmp_path, capsys):
 
 
 def test_glue_sh_end_to_end(setup):
+    """A local copy without QQP and MNLI (as ../shared/data/glue): those are absent, the run succeeds."""
     out = setup["root"] / "out_sh"
-    env = {**child_env(), "TASKS": "SST-2,QQP", "SEEDS": "1", "MAX_TRAIN_SAMPLES": "32", "EPOCHS": "1",
-           "SKIP_TEST": "1", "GLUE_DIR": str(setup["glue"]), "PYTHON": sys.executable}
-    shutil.rmtree(setup["glue"] / "QQP")
+    glue = setup["root"] / "glue_sh"
+    shutil.copytree(setup["glue"], glue, ignore=shutil.ignore_patterns("QQP", "MNLI"))
+    env = {**child_env(), "TASKS": "SST-2,QQP,MNLI", "SEEDS": "1", "MAX_TRAIN_SAMPLES": "32", "EPOCHS": "1",
+           "SKIP_TEST": "1", "GLUE_DIR": str(glue), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(REPO / "launch" / "glue.sh"), str(setup["run"]), str(out), "--batch_size", "8"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
     assert report["tasks"]["SST-2"]["status"] == "ok"
     assert report["tasks"]["SST-2"]["runs"][0]["steps"] == 32 // 8
-    assert report["tasks"]["QQP"]["status"] == "absent"
+    assert report["tasks"]["QQP"]["status"] == report["tasks"]["MNLI"]["status"] == "absent"
     assert "| SST-2 |" in proc.stdout and not (out / "submission").exists()
+
+
+def test_missing_data_keeps_results_and_a_bad_data_source_is_an_error(setup, tmp_path, monkeypatch, capsys):
+    """A task missing from a GLUE dir is absent, but keeps its earlier result and submission file; a GLUE dir that
+    does not exist, or Hugging Face failing, exits non-zero and changes nothing."""
+    out = tmp_path / "out"
+    args = FinetuneArgs(max_steps=1, batch_size=2)
+    run_task(setup["run"], "RTE", out, seeds=[0], args=args, glue_dir=setup["glue"])
+    before, submission = (out / "RTE" / "result.json").read_text(), (out / "submission" / "RTE.tsv").read_text()
+    no_rte = tmp_path / "no_rte"
+    shutil.copytree(setup["glue"], no_rte, ignore=shutil.ignore_patterns("RTE"))
+    with pytest.warns(UserWarning, match=r"RTE is absent \(RTE train: no file .*\); keeping its earlier result"):
+        assert run_task(setup["run"], "RTE", out, seeds=[0], args=args, glue_dir=no_rte)["status"] == "absent"
+
+    cli = _cli()
+    common = ["--model", str(setup["run"]), "--task", "RTE", "--output_dir", str(out), "--seeds", "1"]
+    assert cli.main([*common, "--glue_dir", str(tmp_path / "glu")]) == 2
+    assert f"GLUE directory {tmp_path / 'glu'} does not exist" in capsys.readouterr().err
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*_args, **_kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    assert cli.main(common) == 2
+    assert "could not load nyu-mll/glue/rte split train from Hugging Face" in capsys.readouterr().err
+    env = {**child_env(), "TASKS": "RTE", "GLUE_DIR": str(tmp_path / "glu"), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "launch" / "glue.sh"), str(setup["run"]), str(out)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"GLUE_DIR={tmp_path / 'glu'} is not a directory" in proc.stderr
+    assert (out / "RTE" / "result.json").read_text() == before
+    assert (out / "submission" / "RTE.tsv").read_text() == submission
+
+
+def test_results_of_other_weights_under_the_same_path_are_refused(setup, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "out"
+    shutil.copytree(setup["run"], run)
+    args = FinetuneArgs(max_steps=1, batch_size=2)
+    first = run_task(run, "RTE", out, seeds=[0], args=args, glue_dir=setup["glue"], predict_test=False)
+    assert first["weights_sha256"] == load_discriminator(setup["run"]).weights_sha256
+    torch.manual_seed(1)  # the run pretrained further: the same path, other weights
+    save_model(ElectraForPretraining(preset("tiny", vocab_size=setup["vocab"])), run / "model")
+    with pytest.raises(ValueError, match=r"holds GLUE results \(RTE\) of other weights than .*run holds now.*"
+                                         r"another --output_dir"):
+        run_task(run, "WNLI", out, seeds=[0], args=args, glue_dir=setup["glue"], predict_test=False)
+    assert not (out / "WNLI").exists()
+
+
+def test_seeds_finished_with_the_same_settings_are_reused(setup, tmp_path, monkeypatch):
+    """A call interrupted after some seeds (no result.json yet) loses none of them; other settings train anew."""
+    from electra_ds.train import finetune
+
+    trained, fine_tune = [], finetune.finetune_seed
+    monkeypatch.setattr(finetune, "finetune_seed", lambda *a, **k: trained.append(a[4]) or fine_tune(*a, **k))
+    out = tmp_path / "out"
+    common = {"glue_dir": setup["glue"], "predict_test": False}
+    first = run_task(setup["run"], "RTE", out, seeds=[0], args=FinetuneArgs(max_steps=1, batch_size=2), **common)
+    (out / "RTE" / "result.json").unlink()
+    second = run_task(setup["run"], "RTE", out, seeds=[0, 1], args=FinetuneArgs(max_steps=1, batch_size=2), **common)
+    assert trained == [0, 1] and second["runs"][0] == first["runs"][0]
+    third = run_task(setup["run"], "RTE", out, seeds=[0, 1], args=FinetuneArgs(max_steps=2, batch_size=2), **common)
+    assert trained == [0, 1, 0, 1] and [r["steps"] for r in third["runs"]] == [2, 2]
 
 
 def test_results_of_another_model_are_refused_before_training(setup, tmp_path, monkeypatch):

@@ -106,7 +106,7 @@ def test_quirks(glue_dir):
     cola_dev = load_split(TASKS["CoLA"], "dev", glue_dir)  # no final newline
     assert cola_dev[-1].text_a == "Left Bill the." and len(cola_dev) == 2
     mrpc = load_split(TASKS["MRPC"], "train", glue_dir)  # the BOM does not hide the "Quality" column
-    assert mrpc[0] == glue.GlueExample("2", 'He said "hi".', '"He said hi.', 1)
+    assert mrpc[0] == glue.GlueExample("0", 'He said "hi".', '"He said hi.', 1)
     rte = load_split(TASKS["RTE"], "train", glue_dir)  # a stray quote stays text, rows stay separate
     assert [r.text_a for r in rte] == ['"Quoted start.', "A dog barks."]
     assert [r.label for r in rte] == [1, 0]
@@ -158,6 +158,29 @@ def test_bad_rows_name_file_and_line(tmp_path):
         load_split(TASKS["QQP"], "train", tmp_path)
 
 
+def test_ids_are_the_index_column_or_the_row_number(glue_dir, tmp_path):
+    """As Hugging Face's idx: dev predictions must not depend on the data source (nor start at line 2)."""
+    ids = {(name, split): [r.guid for r in load_split(TASKS[name], split, glue_dir)] for name, split in
+           [("CoLA", "dev"), ("SST-2", "train"), ("MRPC", "train"), ("QQP", "dev"), ("QNLI", "dev"),
+            ("MNLI", "dev_matched")]}
+    assert ids == {("CoLA", "dev"): ["0", "1"], ("SST-2", "train"): ["0", "1"], ("MRPC", "train"): ["0", "1"],
+                   ("QQP", "dev"): ["9"], ("QNLI", "dev"): ["0", "1"], ("MNLI", "dev_matched"): ["0"]}
+    _write(tmp_path / "RTE" / "dev.tsv", ["index\tsentence1\tsentence2\tlabel", "5\ta\tb\tentailment",
+                                          "7\tc\td\tentailment"])
+    assert [r.guid for r in load_split(TASKS["RTE"], "dev", tmp_path)] == ["5", "7"]  # the file's own column
+
+
+def test_glue_dir_that_does_not_exist_is_an_error(tmp_path):
+    """A mistyped GLUE_DIR must fail, not make every task absent; a task missing from a real one is absent."""
+    for glue_dir, message in ((tmp_path / "glu", "does not exist"), (tmp_path, "holds none of the task folders")):
+        with pytest.raises(FileNotFoundError, match=f"GLUE directory {glue_dir} {message}.*--glue_dir") as failed:
+            load_split(TASKS["RTE"], "train", glue_dir)
+        assert not isinstance(failed.value, MissingData)
+    (tmp_path / "RTE").mkdir()
+    with pytest.raises(MissingData, match="QQP train: no file"):
+        load_split(TASKS["QQP"], "train", tmp_path)
+
+
 def test_hugging_face_rows_map_to_examples(monkeypatch):
     datasets = pytest.importorskip("datasets")
     calls = []
@@ -172,8 +195,9 @@ def test_hugging_face_rows_map_to_examples(monkeypatch):
     rows = load_split(TASKS["MNLI"], "dev_mismatched")
     assert rows == [glue.GlueExample("7", "P.", "H.", 2)]
     assert calls == [("nyu-mll/glue", "mnli", "validation_mismatched")]
-    with pytest.raises(MissingData, match="could not load nyu-mll/glue/qqp split train"):
+    with pytest.raises(GlueDataError, match="could not load nyu-mll/glue/qqp split train") as failed:
         load_split(TASKS["QQP"], "train")
+    assert not isinstance(failed.value, MissingData)  # offline is an error, never "absent"
 
 
 def test_hugging_face_without_datasets_says_what_to_do(monkeypatch):

@@ -146,3 +146,19 @@ def test_report_does_not_average_over_different_models(tmp_path):
     report = build_report(out)
     assert len(report["models"]) == 2 and report["avg_present"] is None and report["avg"] is None
     assert "come from different models" in (out / "results.md").read_text()
+
+
+def test_absent_never_replaces_a_result_nor_its_submission(tmp_path):
+    """Data missing this time (a mistyped GLUE dir, say) must not erase a task's result and submission file."""
+    out, sst2 = tmp_path / "glue", TASKS["SST-2"]
+    write_task_result(out, _ok_result(sst2, [0.9], {"test_files": ["SST-2"]}))
+    write_predictions(seed_dir(out, sst2, 0) / "SST-2.tsv", sst2, ["0"], [1])
+    build_report(out)
+    with pytest.warns(UserWarning, match=r"SST-2 is absent \(no file .*\); keeping its earlier result .*SST-2/result"):
+        write_task_result(out, {"task": "SST-2", "status": "absent", "reason": "no file SST-2/train.tsv"})
+    report = build_report(out)
+    assert report["tasks"]["SST-2"]["status"] == "ok" and report["table"]["SST-2"] == pytest.approx(90.0)
+    assert (out / "submission" / "SST-2.tsv").read_text() == "index\tprediction\n0\t1\n"
+    write_task_result(out, {"task": "RTE", "status": "absent", "reason": "no file RTE/train.tsv"})
+    write_task_result(out, {"task": "RTE", "status": "absent", "reason": "no file RTE/dev.tsv"})  # absent again
+    assert build_report(out)["tasks"]["RTE"]["reason"] == "no file RTE/dev.tsv"

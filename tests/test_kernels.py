@@ -162,6 +162,17 @@ def test_gumbel_same_samples_as_twin(triton_backend, device, dtype, n, v, temper
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_gumbel_picks_nan_as_the_twin_does(triton_backend, device):
+    logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0)).to(device)
+    logits[0, 4100] = logits[0, 4700] = float("nan")  # two NaNs in the second 4096-column block: the first wins
+    logits[1, 17] = float("inf")
+    s = torch.tensor(5, device=device)
+    out = kernels.gumbel_sample(logits, s, 1.0)
+    assert out[:2].tolist() == [4100, 17]
+    assert torch.equal(out, reference.gumbel_sample(logits, s, 1.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gumbel_seeds_rows_and_shapes(triton_backend, device):
     logits = torch.zeros(2, 3, 50, device=device)  # flat logits: the sample is the noise's argmax
     draw = lambda seed: kernels.gumbel_sample(logits, torch.tensor(seed, device=device), 1.0)  # noqa: E731

@@ -46,6 +46,15 @@ def test_presets_and_generator_rounding():
     assert preset("small", hidden_size=512, num_attention_heads=8).hidden_size == 512
 
 
+def test_padding_row_starts_at_zero_and_a_null_pad_id_zeroes_nothing():
+    def embeddings(pad_token_id):
+        torch.manual_seed(0)
+        return ElectraForPretraining(preset("tiny", pad_token_id=pad_token_id)).views()[f"{EMB}.word_embeddings.weight"]
+
+    assert not embeddings(1)[1].any() and embeddings(1)[0].any()
+    assert embeddings(None).abs().sum(dim=1).gt(0).all()  # HF configs may say "pad_token_id": null
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(name="huge"), "unknown model preset"),
     (dict(name="small", hiden_size=3), "unknown ElectraConfig field"),

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -164,8 +165,6 @@ def test_rc2020_step_flags_count_samples_and_the_readme_command_parses():
 
 
 def test_device_meter_sums_finite_losses_and_all_stats():
-    from types import SimpleNamespace
-
     from electra_ds.train.metrics_log import DeviceMeter
 
     meter = DeviceMeter(torch.device("cpu"))
@@ -174,6 +173,17 @@ def test_device_meter_sums_finite_losses_and_all_stats():
                                   stats=stats))
     assert meter.sums.tolist() == [2.0, 1.0, 0.5, 1.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
     assert meter.micro_batches == 2
+
+
+def test_replica_check_ignores_rounding_noise_and_flags_real_gaps():
+    weights = [torch.randn(300, 7), torch.randn(50)]
+    one_rank = pretrain.weight_stats(SimpleNamespace(module=torch.nn.ParameterList(weights)))
+    assert one_rank.shape == (1, 2, 3) and not one_rank[..., 0].any()
+    assert one_rank[0, 1, 2].item() == pytest.approx(weights[1].abs().sum().item())
+    ranks = one_rank.repeat(3, 1, 1)
+    ranks[1, 0, 1] += 1e-9 * ranks[0, 0, 2]  # a last-bit difference in the reduction order
+    ranks[2, 1, 2] += 1e-4 * ranks[0, 1, 2]  # one tensor moved on its own
+    assert pretrain.differing_ranks(ranks) == [2]
 
 
 def test_collapse_monitor_warns_after_warmup_only(caplog):
@@ -239,6 +249,10 @@ def test_engine_step_equals_a_hand_written_step(corpus):
     (["--model_override", "vocab_size=20"], "smaller than the vocabulary of the cache"),
     (["--model_override", "hiden_size=3"], "unknown ElectraConfig field"),
     (["--logging_steps", "0"], "--logging_steps must be >= 1"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--keep_checkpoints", "0"], "--keep_checkpoints must be >= 1"),
+    (["--num_workers", "-1"], "--num_workers must be >= 0"),
+    (["--two_segments", "--max_length", "3"], r"--max_length must be >= 4 \(\[CLS\] text \[SEP\] text"),
 ])
 def test_bad_flags_fail_clearly(corpus, tmp_path, extra, message):
     with pytest.raises(SetupError, match=message):
@@ -324,6 +338,13 @@ def test_sample_layout_flags_reach_both_samplers(corpus, tmp_path, monkeypatch):
     records = train(corpus, tmp_path / "out", "--two_segments", "--pack_documents", steps=2)
     assert made == [(True, True), (True, True)]  # training and held-out
     assert all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_run_config_names_the_cache_by_an_absolute_path(corpus, tmp_path, monkeypatch):
+    """Fine-tuning finds the tokenizer through run_config.json from any working directory."""
+    monkeypatch.chdir(tmp_path)
+    train(Path(os.path.relpath(corpus, tmp_path)), Path("out"), steps=1)
+    assert json.loads((tmp_path / "out" / "run_config.json").read_text())["data"] == str(corpus.resolve())
 
 
 def test_loss_goes_down_and_outputs_are_written(corpus, tmp_path, capsys):
@@ -427,6 +448,80 @@ def test_sigterm_saves_and_exits_zero(corpus, tmp_path):
     assert complete and 2 <= complete[0][0] < 2000
 
 
+def test_a_launcher_passing_on_ctrl_c_is_one_stop_request():
+    """The terminal sends SIGINT to every rank and a launcher passes it on (deepspeed: as SIGTERM) at once: that is
+    one request to save and stop; a second signal later is an impatient user."""
+    with pretrain.GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGINT"
+        stop._first_at -= pretrain.SAME_REQUEST_S
+        with pytest.raises(KeyboardInterrupt, match="second SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_stop_between_logging_steps_resumes_to_the_same_records(corpus, tmp_path, monkeypatch):
+    """The checkpoint keeps the logging interval's sums, so the record after a resume covers the whole interval."""
+    every_5 = ("--logging_steps", "20")  # 20 samples = 5 steps of 4
+    reference = train(corpus, tmp_path / "reference", *every_5, steps=10)
+    step_once = pretrain.pretraining_step
+
+    def stop_during_step_7(engine, batch, *, step, **kw):
+        if step == 6:  # the 7th step's micro-batch: the run finishes it, saves step 7 and stops
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_once(engine, batch, step=step, **kw)
+
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        patch.setattr(pretrain, "pretraining_step", stop_during_step_7)
+        train(corpus, out, *every_5, steps=10)
+    assert [s for s, _ in CheckpointManager(out / "checkpoints", 3, 0, 1).complete()] == [7]
+    resumed = train(corpus, out, *every_5, steps=10)
+    timing = ("tokens_per_s", "elapsed_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in reference]
+
+
+def test_resume_warns_of_another_world_size_or_an_edited_ds_config(corpus, tmp_path, caplog):
+    out = tmp_path / "out"
+    train(corpus, out, steps=1)
+    path = out / "run_config.json"
+    recorded = json.loads(path.read_text())
+    recorded["world_size"] = 2
+    recorded["ds_config"]["gradient_clipping"] = 5.0
+    path.write_text(json.dumps(recorded))
+    with caplog.at_level(logging.WARNING):
+        train(corpus, out, steps=2)
+    assert "with a changed DeepSpeed config (keys gradient_clipping)" in caplog.text
+    assert "on 1 process(es), the checkpoint's run had 2" in caplog.text
+
+
+def test_resume_from_a_run_with_another_tokenizer_is_refused(corpus, tmp_path):
+    other = tmp_path / "other"
+    train(corpus, other, steps=1)
+    recorded = json.loads((other / "run_config.json").read_text())
+    (other / "run_config.json").write_text(json.dumps({**recorded, "tokenizer_hash": "0123abcd"}))
+    with pytest.raises(SetupError, match=r"used tokenizer 0123abcd, this run's data .*would mean other words"):
+        train(corpus, tmp_path / "new", "--resume", str(other / "checkpoints" / "step00000001"), steps=2)
+
+
+def test_resume_with_another_optimizer_is_refused(corpus, tmp_path):
+    out = tmp_path / "out"
+    train(corpus, out, steps=1)
+    with pytest.raises(SetupError, match=r"--optimizer: the checkpoint has electra_adam, this run adamw"):
+        train(corpus, out, "--optimizer", "adamw", steps=2)
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_clearly(corpus, tmp_path, monkeypatch):
+    def disk_full(self, engine, step, client_state):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(CheckpointManager, "save", disk_full)
+    with pytest.raises(pretrain.SaveError, match=r"could not write the checkpoint of step 2 under .*checkpoints "
+                                                 r"\(.* GB free there\): OSError: .*No space left on device.*resume"):
+        train(corpus, tmp_path / "out", steps=2)
+
+
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(corpus, tmp_path, caplog):
     out = tmp_path / "out"
     train(corpus, out, "--save_steps", "8", steps=6)  # checkpoints at steps 2, 4, 6
@@ -443,16 +538,50 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(corpus, tmp_
     assert (out / "checkpoints" / "step00000006.damaged" / model_file.name).stat().st_size == 1000  # kept aside
 
 
-def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(corpus, tmp_path):
-    """After --resume <older checkpoint> in the same output_dir, a plain resume continues the new run, not the
-    abandoned one."""
+class FakeWandb:
+    """Records which wandb run each training process logs to."""
+    runs: list[tuple[str | None, dict]] = []
+
+    def __init__(self, mode, out_dir, project, name, config, resume_id) -> None:
+        self.id = resume_id or f"run{len(self.runs)}"
+        self.runs.append((resume_id, config))
+
+    def log(self, record) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def test_a_checkpoint_that_does_not_load_is_set_aside_as_damaged(corpus, tmp_path, caplog):
+    """Sizes as recorded but the content garbled: it fails to load, and is set aside as damaged, not superseded."""
     out = tmp_path / "out"
     train(corpus, out, "--save_steps", "8", steps=4)  # checkpoints at steps 2 and 4
+    model_file = out / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt"
+    with model_file.open("r+b") as f:
+        f.write(b"\0" * 100)
+    with caplog.at_level(logging.WARNING):
+        train(corpus, out, "--save_steps", "8", steps=5)
+    assert "step00000004 is unusable" in caplog.text
+    assert (out / "checkpoints" / "step00000004.damaged").is_dir()
+    assert not (out / "checkpoints" / "step00000004.superseded").exists()
+
+
+def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(corpus, tmp_path, monkeypatch):
+    """After --resume <older checkpoint> in the same output_dir, a plain resume continues the new run, not the
+    abandoned one. wandb keeps one run while no logged step is replayed, and starts a new one when steps are."""
+    monkeypatch.setattr(pretrain, "Wandb", FakeWandb)
+    monkeypatch.setattr(FakeWandb, "runs", [])
+    out = tmp_path / "out"
+    train(corpus, out, "--save_steps", "8", steps=4)  # checkpoints at steps 2 and 4
+    train(corpus, out, "--save_steps", "8", steps=5)  # continues after step 4: the same wandb run
     train(corpus, out, "--resume", str(out / "checkpoints" / "step00000002"), steps=3)
     checkpoints = CheckpointManager(out / "checkpoints", 3, 0, 1)
     assert [t for _, t in checkpoints.complete()] == ["step00000003", "step00000002"]
     assert checkpoints.problem("step00000004.superseded") is None
     assert (out / "checkpoints" / "latest").read_text() == "step00000003"  # DeepSpeed's pointer: an existing tag
+    assert [resume_id for resume_id, _ in FakeWandb.runs] == [None, "run0", None]
+    assert FakeWandb.runs[2][1]["resumed_from_wandb_run"] == "run0"
 
 
 class FakeEngine:

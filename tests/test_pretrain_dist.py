@@ -1,5 +1,6 @@
 """Two-process pretraining on DeepSpeed's CPU accelerator (gloo): ZeRO-0 and ZeRO-2 over 2 ranks agree with 1 rank
-at the same global batch, and a rank that dies makes the other exit with an error instead of hanging."""
+at the same global batch and keep identical replicas (checked at every save), and a rank that dies makes the other
+exit with an error instead of hanging."""
 from __future__ import annotations
 
 import json
@@ -66,6 +67,30 @@ def test_two_ranks_agree_with_one_rank(corpus, zero2_fp32, tmp_path, zero):
     np.testing.assert_allclose(a[0], b[0], rtol=0.03)
     np.testing.assert_allclose(a, b, rtol=0.1)
     assert a[-3:].mean() < 0.85 * a[:2].mean() and b[-3:].mean() < 0.85 * b[:2].mean()
+
+
+NO_AVERAGING_SCRIPT = """
+import sys
+from deepspeed.runtime.engine import DeepSpeedEngine
+from electra_ds.train import pretrain
+
+DeepSpeedEngine.allreduce_gradients = lambda self, *args, **kwargs: None  # each rank keeps its own gradients
+sys.exit(pretrain.main(sys.argv[1:]))
+"""
+
+
+def test_ranks_that_stop_averaging_gradients_are_caught_before_saving(corpus, tmp_path):
+    """The replica check behind the agreement test above: ranks that step on their own gradients drift apart, and
+    the save stops the run instead of writing rank 0's weights as if they were everyone's."""
+    script = tmp_path / "no_averaging.py"
+    script.write_text(NO_AVERAGING_SCRIPT)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script), *argv(corpus, out, "fp32", 4, 4)],
+                          env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "at step 4 the weights of rank(s) [1] differ from rank 0's" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert not (out / "checkpoints" / "step00000004").exists()
 
 
 def test_a_dead_rank_makes_the_other_fail_instead_of_hanging(corpus, zero2_fp32, tmp_path):

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from electra_ds.files import atomic_write, remove_stale_temps, replacing_dir
+from electra_ds.files import TEMP_GLOB, atomic_write, remove_stale_temps, replacing_dir
 
 from .sources import SOURCE_OPTIONS, Builtin, LocalFiles, Source, open_source
 from .tokenizer import load_tokenizer, save_tokenizer, special_ids, text_tokenizer, tokenizer_hash, train_tokenizer
@@ -276,10 +277,15 @@ def _compare(expected: dict, found: dict, where: Path) -> None:
 
 
 def _check_output(out: Path) -> None:
-    """Refuse an output that cannot hold a build: a file, or a folder with other things than a cache build."""
+    """Refuse an output that cannot hold a build: a file, or a folder with other things than a cache build.
+
+    The lock file and temporaries are a build's too: another builder that has just begun (it holds the lock and
+    is writing its first build state) is then refused by the lock, with a message saying so."""
     if out.exists() and not out.is_dir():
         raise CacheError(f"{out} exists and is not a directory")
-    if out.exists() and not (out / BUILD_STATE).is_file() and any(p.name != BUILD_LOCK for p in out.iterdir()):
+    if not out.exists() or (out / BUILD_STATE).is_file() or (out / MANIFEST).is_file():
+        return
+    if any(p.name != BUILD_LOCK and not p.match(TEMP_GLOB) for p in out.iterdir()):
         raise CacheError(f"{out} is not empty and holds no token cache; choose a new or empty directory")
 
 
@@ -339,8 +345,9 @@ def build_cache(source: str | os.PathLike, output: str | os.PathLike, tokenizer:
     ``vocab_size`` tokens is trained on (up to ``tokenizer_sample_mb`` MB of) the source first.
     ``workers`` tokenizing processes (1: in this process, with the tokenizer's own threads; default: all
     cores this process may use, or 1 for the builtin corpus and local files under 32 MB). An unfinished build
-    in ``output`` with the same settings is resumed; a complete one is returned as is. A build that another
-    process is running in ``output`` raises :class:`CacheError`.
+    in ``output`` with the same settings is resumed (one that wrote no shard yet is started afresh if the settings
+    changed); a complete one is returned as is. A build that another process is running in ``output`` raises
+    :class:`CacheError`.
     """
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
@@ -360,11 +367,17 @@ def build_cache(source: str | os.PathLike, output: str | os.PathLike, tokenizer:
     with _build_lock(out):
         if (out / MANIFEST).is_file():  # another process finished it in the meantime
             return _finished_cache(out, settings, tokenizer)
-        if (out / BUILD_STATE).is_file():
-            state = _read_json(out / BUILD_STATE)
-            _compare(settings, state.get("settings", {}), out)
+        state = _read_json(out / BUILD_STATE) if (out / BUILD_STATE).is_file() else None
+        if state is not None:
             remove_stale_temps(out)  # what the interrupted run was writing
-        else:
+            if state.get("settings") != settings and not _wrote_shards(state):
+                # e.g. a source that failed to open, or a tokenizer training that failed: nothing to keep
+                log.info("%s: an unfinished build with other settings wrote no shard; starting afresh", out)
+                shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)  # it may come from the old settings
+                state = None
+            else:
+                _compare(settings, state.get("settings", {}), out)
+        if state is None:
             state = {"settings": settings, "tokenizer_hash": None,
                      "splits": {s: {"shards": [], "resume": [0, 0], "documents": 0, "empty_documents": 0}
                                 for s in SPLITS}}
@@ -382,6 +395,10 @@ def build_cache(source: str | os.PathLike, output: str | os.PathLike, tokenizer:
         n_workers = workers if workers is not None else _default_workers(src)
         _tokenize_into_shards(out, state, src, tok, period, n_workers, progress)
         return _write_manifest(out, state, src, tok)
+
+
+def _wrote_shards(state: dict) -> bool:
+    return any(split.get("shards") for split in state.get("splits", {}).values())
 
 
 def _default_workers(src: Source) -> int:
@@ -577,6 +594,9 @@ class TokenCache:
 
 
 def _check_stored_tokenizer(root: Path, manifest: dict) -> None:
+    if not (root / TOKENIZER_DIR / "tokenizer.json").is_file():  # else a vocab.txt beside it would stand in
+        raise CacheError(f"{root / TOKENIZER_DIR / 'tokenizer.json'} is missing: the cache's tokenizer is "
+                         "incomplete; restore it or rebuild the cache")
     stored = tokenizer_hash(load_tokenizer(root / TOKENIZER_DIR))
     if stored != manifest["tokenizer_hash"]:
         raise CacheError(f"{root / TOKENIZER_DIR} has hash {stored}, but {root / MANIFEST} says "

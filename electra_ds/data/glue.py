@@ -5,7 +5,10 @@ Two sources give the same `GlueExample` lists: the original GLUE TSV layout (as 
 `test_matched` / `test_mismatched`, the diagnostic set in `diagnostic/diagnostic.tsv`) and Hugging Face
 `datasets` (`nyu-mll/glue`). TSVs are read with quoting off (a row may start with a stray `"`), a byte-order
 mark is dropped, and CoLA's train/dev files have no header. Every malformed row is an error naming the file
-and line; a task whose files are absent raises `MissingData` so callers can report it as absent.
+and line. Only a task whose files are absent from an existing GLUE directory raises `MissingData` (callers report
+it as absent); a GLUE directory that does not exist, or a failure to load from Hugging Face, is an error.
+Example ids (`guid`) are the file's index/id column where it has one, else the 0-based row number (Hugging
+Face's `idx`).
 """
 from __future__ import annotations
 
@@ -19,15 +22,16 @@ Column = str | int  # a header name, or a 0-based position in a file without a h
 
 
 class GlueDataError(ValueError):
-    """A GLUE file that cannot be read as its task's layout (the message names file and line)."""
+    """GLUE data that cannot be read: a file not in its task's layout (the message names file and line), or a
+    failure to load from Hugging Face."""
 
 
 class MissingData(FileNotFoundError):
-    """The data of a task/split is not available from the chosen source."""
+    """A task/split has no file in the GLUE directory: the task is absent there."""
 
 
 class GlueExample(NamedTuple):
-    guid: str                    # the file's index/id column where it has one (used by submission files)
+    guid: str                    # the file's index/id column where it has one, else the 0-based row number
     text_a: str
     text_b: str | None
     label: int | float | None    # class index into `GlueTask.labels`, a float score (STS-B), None on test
@@ -79,8 +83,10 @@ class GlueTask:
         return ("train",) * self.trainable + self.dev_splits + tuple(self.test_splits)
 
 
-def _pair(a: str, b: str, label: str | None = "label", index: str | None = "index") -> tuple[Columns, Columns]:
-    return Columns(a, b, label, None), Columns(a, b, None, index)
+def _pair(a: str, b: str, label: str | None = "label", index: str | None = "index",
+          labelled_index: bool = True) -> tuple[Columns, Columns]:
+    """(train/dev, test) layouts; `labelled_index`: train/dev have the index column too (not MRPC's)."""
+    return Columns(a, b, label, index if labelled_index else None), Columns(a, b, None, index)
 
 
 _HF_SPLITS = {"dev": "validation", "dev_matched": "validation_matched", "dev_mismatched": "validation_mismatched"}
@@ -93,7 +99,7 @@ TASKS: dict[str, GlueTask] = {t.name: t for t in [
              labelled=Columns("sentence", None, "label"), test=Columns("sentence", None, None, "index"),
              hf_text=("sentence", None), test_splits={"test": "SST-2"}),
     GlueTask("MRPC", "mrpc", ("0", "1"), "accuracy_f1", "accuracy", 3,
-             *_pair("#1 String", "#2 String", label="Quality"),
+             *_pair("#1 String", "#2 String", label="Quality", labelled_index=False),
              hf_text=("sentence1", "sentence2"), test_splits={"test": "MRPC"}, unordered=True),
     GlueTask("STS-B", "stsb", (), "correlation", "spearman", 10,
              *_pair("sentence1", "sentence2", label="score"),
@@ -147,8 +153,22 @@ def split_path(task: GlueTask, split: str, glue_dir: str | Path) -> Path:
 def load_split(task: GlueTask, split: str, glue_dir: str | Path | None = None) -> list[GlueExample]:
     """Examples of `split` from `glue_dir` (original TSV layout) or, when None, from Hugging Face datasets."""
     if glue_dir is not None:
-        return read_tsv(task, split, split_path(task, split, glue_dir))
+        path = split_path(task, split, glue_dir)
+        check_glue_dir(glue_dir)
+        return read_tsv(task, split, path)
     return read_hf(task, split)
+
+
+def check_glue_dir(glue_dir: str | Path) -> None:
+    """Raise FileNotFoundError unless `glue_dir` is a directory holding at least one task folder: a mistyped path
+    must not make every task absent."""
+    glue_dir = Path(glue_dir)
+    where = "check --glue_dir (GLUE_DIR for glue.sh), or leave it out to read Hugging Face datasets"
+    if not glue_dir.is_dir():
+        raise FileNotFoundError(f"GLUE directory {glue_dir} does not exist; {where}")
+    if not any((glue_dir / task.folder).is_dir() for task in [*TASKS.values(), DIAGNOSTIC]):
+        raise FileNotFoundError(f"GLUE directory {glue_dir} holds none of the task folders "
+                                f"({', '.join(TASKS)}, {DIAGNOSTIC.folder}); {where}")
 
 
 def read_tsv(task: GlueTask, split: str, path: str | Path) -> list[GlueExample]:
@@ -162,7 +182,7 @@ def read_tsv(task: GlueTask, split: str, path: str | Path) -> list[GlueExample]:
         lines = [line.rstrip("\r\n") for line in f]
     if lines and lines[-1] == "":
         lines.pop()
-    first = 1
+    first = 1  # the line number of the first row
     if columns.header:
         if not lines:
             raise GlueDataError(f"{path}: empty file, expected a header line")
@@ -174,13 +194,14 @@ def read_tsv(task: GlueTask, split: str, path: str | Path) -> list[GlueExample]:
         positions = {k: v for k, v in _fields(columns).items() if v is not None}
         width = max(positions.values()) + 1
     examples = []
-    for line_no, line in enumerate(lines, start=first):
+    for row_no, line in enumerate(lines):
+        line_no = row_no + first
         row = line.split("\t")
         if len(row) != width:
             raise GlueDataError(f"{path}:{line_no}: expected {width} tab-separated columns, found {len(row)} "
                                 f"(a missing or extra column; the file must be in the original GLUE layout)")
         examples.append(GlueExample(
-            guid=row[positions["index"]] if "index" in positions else str(line_no),
+            guid=row[positions["index"]] if "index" in positions else str(row_no),
             text_a=row[positions["text_a"]],
             text_b=row[positions["text_b"]] if "text_b" in positions else None,
             label=_parse_label(task, row[positions["label"]], f"{path}:{line_no}") if "label" in positions
@@ -200,9 +221,10 @@ def read_hf(task: GlueTask, split: str) -> list[GlueExample]:
     hf_split = _HF_SPLITS.get(split, split)
     try:
         data = datasets.load_dataset(HF_DATASET, task.hf_config, split=hf_split)
-    except Exception as exc:  # noqa: BLE001 - any failure to fetch means "not available here"
-        raise MissingData(f"{task.name} {split}: could not load {HF_DATASET}/{task.hf_config} split {hf_split} "
-                          f"from Hugging Face ({type(exc).__name__}: {exc}); pass --glue_dir for local TSVs") from exc
+    except Exception as exc:  # noqa: BLE001 - every task is on the hub: a failure is an error, never "absent"
+        raise GlueDataError(f"{task.name} {split}: could not load {HF_DATASET}/{task.hf_config} split {hf_split} "
+                            f"from Hugging Face ({type(exc).__name__}: {exc}); check the network or the HF cache, "
+                            "or pass --glue_dir (GLUE_DIR for glue.sh) for local TSVs") from exc
     a_key, b_key = task.hf_text
     labelled = split not in task.test_splits
     examples = []
@@ -252,4 +274,4 @@ def _parse_label(task: GlueTask, value: str, where: str) -> int | float:
 
 
 __all__ = ["GlueTask", "GlueExample", "Columns", "GlueDataError", "MissingData", "TASKS", "DIAGNOSTIC",
-           "TABLE_TASKS", "HF_DATASET", "get_task", "split_path", "load_split", "read_tsv", "read_hf"]
+           "TABLE_TASKS", "HF_DATASET", "get_task", "split_path", "load_split", "check_glue_dir", "read_tsv", "read_hf"]

@@ -71,12 +71,16 @@ class SegmentSampler:
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         unit = np.searchsorted(self._cumulative, draws[mine], side="right") - 1
         length = self._unit_length[unit]
-        span = np.maximum(length - self.window, 0) + 1
+        width = self.window  # text tokens the row can hold: one fewer with two segments (a third special)
+        if self.two_segments:
+            two = (fractions[2, mine] >= SINGLE_SEGMENT_PROBABILITY) & (np.minimum(length, self.window - 1) >= 2)
+            width = self.window - two.astype(np.int64)
+        span = np.maximum(length - width, 0) + 1  # starts where the text the row holds fits in the unit
         start = self._unit_start[unit] + (fractions[0, mine] * span).astype(np.int64)
-        n = np.minimum(length, self.window)
+        n = np.minimum(length, width)
         tokens = self._gather(self._unit_shard[unit], start)
         if self.two_segments:
-            return self._two_segments(tokens, n, fractions[1, mine], fractions[2, mine])
+            return self._two_segments(tokens, n, two, fractions[1, mine])
         return self._one_segment(tokens, n)
 
     def _gather(self, shard: np.ndarray, start: np.ndarray) -> np.ndarray:
@@ -106,11 +110,9 @@ class SegmentSampler:
         return {"input_ids": ids, "attention_mask": (cols <= end).astype(np.int64),
                 "token_type_ids": np.zeros_like(ids)}
 
-    def _two_segments(self, tokens: np.ndarray, n: np.ndarray, split_draw: np.ndarray,
-                      single_draw: np.ndarray) -> dict[str, np.ndarray]:
-        m = np.minimum(n, self.window - 1)  # text tokens when there are two segments (three specials)
-        two = (single_draw >= SINGLE_SEGMENT_PROBABILITY) & (m >= 2)
-        m = np.where(two, m, n)
+    def _two_segments(self, tokens: np.ndarray, m: np.ndarray, two: np.ndarray,
+                      split_draw: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows of ``m`` text tokens, split into two segments where ``two``."""
         # first segment length k: A = tokens[:k], B = tokens[k:m]; without B, k = m
         k = np.where(two, np.clip(np.rint(m * (0.25 + 0.5 * split_draw)), 1, m - 1).astype(np.int64), m)
         cols = self._cols[None, :]

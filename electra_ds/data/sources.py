@@ -7,9 +7,11 @@ chunk whose ``ends_document`` is True, so documents can be numbered by the consu
 
 Local files: ``.txt`` / ``.txt.gz`` (one document per file, or per blank-line separated paragraph block with
 ``doc_split="blank_lines"``), ``.jsonl`` / ``.jsonl.gz`` (one document per record, field ``text_field``),
-``.parquet`` (one document per row of column ``text_field``); a directory means every such file below it,
-in sorted order. Invalid UTF-8 is replaced with U+FFFD and counted per file. In every record format a null text
-is an empty document (counted as ``null_texts``); any other non-string value is an error.
+``.parquet`` (one document per row of column ``text_field``), suffixes in any case; a directory means every such
+file below it, in sorted order, except hidden ones (a name starting with "." in the path below the folder); files
+with other suffixes are skipped with a warning and counted. Invalid UTF-8 (and a lone surrogate, which a JSON
+escape can spell and no tokenizer can take) is replaced with U+FFFD and counted per file. In every
+record format a null text is an empty document (counted as ``null_texts``); any other non-string value is an error.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ _END_AFTER_START = re.compile(r"^[ \t]*(?:\*\*\*[ \t]*END OF\b|End of (?:the )?P
                               re.MULTILINE | re.IGNORECASE)
 _BLANK_LINES = re.compile(r"\n[^\S\n]*\n\s*")
 _REPLACEMENT = "\ufffd"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _UTF8_REPLACEMENT = _REPLACEMENT.encode("utf-8")
 
 Chunk = tuple[str, bool]
@@ -74,6 +77,7 @@ class SourceStats:
     gutenberg_without_end: int = 0
     null_texts: int = 0
     builtin_files_skipped: int = 0
+    unsupported_files_skipped: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,16 +154,28 @@ class Source(ABC):
         log.warning("%s: no Gutenberg end marker ('*** END OF', 'End of the Project Gutenberg', ...) after the "
                     "START marker; kept everything to the end of the text", name)
 
-    def _field_text(self, value: object, where: str) -> str:
-        """The text of a record's `text_field`: null is an empty document (counted); another non-string is
-        refused."""
+    def _field_text(self, value: object, name: str, where: str) -> str:
+        """The text of a record's `text_field` (record ``where`` of file ``name``): null is an empty document
+        (counted); another non-string is refused; lone surrogates are replaced with U+FFFD (counted)."""
         if value is None:
             self.stats.null_texts += 1
             return ""
         if not isinstance(value, str):
             raise SourceError(f"{where}: field {self.text_field!r} holds {type(value).__name__} {value!r:.40}, not text "
                               "(choose the text field with --text_field)")
+        if value.isascii():  # the common case, and free to tell
+            return value
+        value, bad = _SURROGATE.subn(_REPLACEMENT, value)
+        if bad:
+            self._note_invalid(bad, name, where, "lone surrogate (a \\uXXXX escape without its pair)")
         return value
+
+    def _note_invalid(self, count: int, name: str, where: str, what: str) -> None:
+        """Count ``count`` replacements with U+FFFD in file ``name``; warn at the first one of each file."""
+        self.stats.invalid_utf8_replaced += count
+        if name not in self.stats.files_with_invalid_utf8:
+            self.stats.files_with_invalid_utf8.append(name)
+            log.warning("%s: %s replaced with U+FFFD (first here; all counted in the cache manifest)", where, what)
 
 
 def _split_long(text: str, limit: int = BLOCK_BYTES) -> Iterator[str]:
@@ -179,6 +195,10 @@ def _split_long(text: str, limit: int = BLOCK_BYTES) -> Iterator[str]:
     yield text[begin:]
 
 
+def _supported(path: Path) -> bool:
+    return path.name.lower().endswith(SUFFIXES)
+
+
 def _cut_point(data: bytes) -> int:
     """Where to end a block: after the last newline, else the last space, else at a UTF-8 boundary."""
     cut = data.rfind(b"\n") + 1 or data.rfind(b" ") + 1
@@ -190,6 +210,31 @@ def _cut_point(data: bytes) -> int:
     lead = data[i]
     need = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
     return i if 0 < i and i + need > len(data) else len(data)
+
+
+def _paragraphs(blocks: Iterable[str]) -> Iterator[Chunk]:
+    """The documents of a text separated by blank lines, given in blocks: the same wherever the blocks end."""
+    carry, open_doc = "", False  # open_doc: the first chunks of the document in `carry` went out already
+    for block in blocks:
+        text = carry + block
+        # Trailing whitespace from its first line break on may be (the start of) blank lines that go on in the
+        # next block: it waits there, and so does the document before it.
+        hold = text.find("\n", len(text.rstrip()))
+        if hold < 0:
+            hold = len(text)
+        *parts, carry = _BLANK_LINES.split(text[:hold])
+        for part in parts:
+            if part.strip() or open_doc:
+                yield part, True
+            open_doc = False
+        if len(carry) >= BLOCK_BYTES and not carry.isspace():  # a long document goes out in pieces
+            yield carry, False
+            carry, open_doc = "", True
+        carry += text[hold:]
+    for part in _BLANK_LINES.split(carry):
+        if part.strip() or open_doc:
+            yield part, True
+        open_doc = False
 
 
 class LocalFiles(Source):
@@ -205,6 +250,7 @@ class LocalFiles(Source):
         self.root = Path(path).expanduser().resolve()
         self.spec = str(self.root)
         self.doc_split, self.text_field = doc_split, text_field
+        self.skipped: list[Path] = []  # files of unsupported type in the folder
         self.files = self._list_files()
         self.progress_total = sum(f.stat().st_size for f in self.files)
 
@@ -212,12 +258,19 @@ class LocalFiles(Source):
         if not self.root.exists():
             raise SourceError(f"source not found: {self.root}")
         if self.root.is_file():
-            if not self.root.name.endswith(SUFFIXES):
+            if not _supported(self.root):
                 raise SourceError(f"{self.root}: unsupported file type (use {', '.join(SUFFIXES)})")
             files = [self.root]
         else:
-            files = sorted(p for p in self.root.rglob("*")
-                           if p.is_file() and p.name.endswith(SUFFIXES) and not p.name.startswith("."))
+            found = sorted(p for p in self.root.rglob("*")
+                           if not any(part.startswith(".") for part in p.relative_to(self.root).parts)
+                           and p.is_file())
+            files = [p for p in found if _supported(p)]
+            self.skipped = [p for p in found if not _supported(p)]
+            if self.skipped:
+                names = ", ".join(str(p.relative_to(self.root)) for p in self.skipped[:5])
+                log.warning("%s: skipped %d file(s) of unsupported type (%s%s; supported: %s)", self.root,
+                            len(self.skipped), names, ", ..." if len(self.skipped) > 5 else "", ", ".join(SUFFIXES))
             if not files:
                 raise SourceError(f"no {', '.join(SUFFIXES)} files under {self.root}")
         for f in files:
@@ -233,17 +286,18 @@ class LocalFiles(Source):
         return h.hexdigest()[:16]
 
     def _chunks(self, progress: Progress) -> Iterator[Chunk]:
+        self.stats.unsupported_files_skipped = len(self.skipped)
         for path in self.files:
             self.stats.files += 1
-            name = str(path)
+            name, suffix = str(path), path.name.lower()
             try:
-                if path.name.endswith(PARQUET_SUFFIXES):
+                if suffix.endswith(PARQUET_SUFFIXES):
                     yield from self._parquet(path)
                     progress(path.stat().st_size)
                     continue
                 with open(path, "rb") as raw:
-                    stream = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
-                    if path.name.endswith(JSONL_SUFFIXES):
+                    stream = gzip.GzipFile(fileobj=raw) if suffix.endswith(".gz") else raw
+                    if suffix.endswith(JSONL_SUFFIXES):
                         yield from self._jsonl(stream, raw, name, progress)
                     else:
                         yield from self._text(stream, raw, name, progress)
@@ -256,11 +310,7 @@ class LocalFiles(Source):
         if _REPLACEMENT in text:
             bad = text.count(_REPLACEMENT) - data.count(_UTF8_REPLACEMENT)
             if bad:
-                self.stats.invalid_utf8_replaced += bad
-                if name not in self.stats.files_with_invalid_utf8:
-                    self.stats.files_with_invalid_utf8.append(name)
-                    log.warning("%s: invalid UTF-8 replaced with U+FFFD (first here; all counted in the "
-                                "cache manifest)", where or name)
+                self._note_invalid(bad, name, where or name, "invalid UTF-8")
         return text
 
     def _text_blocks(self, stream, raw, name: str, progress: Progress) -> Iterator[str]:
@@ -292,19 +342,7 @@ class LocalFiles(Source):
                 previous = block
             yield previous or "", True
             return
-        carry, open_doc = "", False
-        for block in blocks:
-            parts = _BLANK_LINES.split(carry + block)
-            carry = parts.pop()
-            for part in parts:
-                if part.strip() or open_doc:
-                    yield part, True
-                    open_doc = False
-            if len(carry) >= BLOCK_BYTES:
-                yield carry, False
-                carry, open_doc = "", True
-        if carry.strip() or open_doc:
-            yield carry, True
+        yield from _paragraphs(blocks)
 
     def _jsonl(self, stream, raw, name: str, progress: Progress) -> Iterator[Chunk]:
         pos = 0
@@ -318,7 +356,7 @@ class LocalFiles(Source):
                 raise SourceError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or self.text_field not in record:
                 raise SourceError(f"{where}: no string field {self.text_field!r} (choose the field with --text_field)")
-            yield from self._record(self._field_text(record[self.text_field], where), where)
+            yield from self._record(self._field_text(record[self.text_field], name, where), where)
             if line_no % 256 == 0:
                 now = raw.tell()
                 progress(now - pos)
@@ -342,7 +380,7 @@ class LocalFiles(Source):
             for value in batch.column(0).to_pylist():
                 row += 1
                 where = f"{path} row {row}"
-                yield from self._record(self._field_text(value, where), where)
+                yield from self._record(self._field_text(value, str(path), where), where)
 
 
 class HubDataset(Source):
@@ -384,7 +422,7 @@ class HubDataset(Source):
             texts = ds[start:start + 1000][self.text_field]
             for i, value in enumerate(texts):
                 where = f"dataset {self.spec}[{start + i}]"  # ds[i]: 0-based, as the dataset indexes it
-                yield from self._record(self._field_text(value, where), where)
+                yield from self._record(self._field_text(value, f"dataset {self.spec}", where), where)
             progress(len(texts))
 
 
@@ -448,7 +486,7 @@ def open_source(spec: str | os.PathLike, *, doc_split: str = "file", text_field:
     if text == "builtin":
         return Builtin(strip_gutenberg=strip_gutenberg)
     path = Path(text).expanduser()
-    looks_local = (path.exists() or text.startswith((".", "/", "~")) or text.endswith(SUFFIXES)
+    looks_local = (path.exists() or text.startswith((".", "/", "~")) or text.lower().endswith(SUFFIXES)
                    or text.count("/") > 1 or "\\" in text)
     if looks_local:
         return LocalFiles(path, doc_split=doc_split, text_field=text_field, strip_gutenberg=strip_gutenberg)

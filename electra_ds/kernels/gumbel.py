@@ -41,6 +41,7 @@ def _electra_gumbel_sample(Logits, Seed, Out, V, stride, inv_t, BLOCK: tl.conste
         h = _mix32(row_key ^ _mix32(c.to(tl.uint32)))
         u = ((h >> 8) | 1).to(tl.float32) * 5.9604644775390625e-08  # odd multiple of 2**-24, inside (0, 1)
         z = tl.where(c < V, x * inv_t + -tl.log(-tl.log(u)), float("-inf"))
+        z = tl.where(z != z, float("inf"), z)  # a NaN wins, as in torch.argmax
         better = z > best
         best_col = tl.where(better, c, best_col)
         best = tl.where(better, z, best)

@@ -63,7 +63,7 @@ class FlatModule(nn.Module):
     """
 
     def init_flat(self, specs: Sequence[WeightSpec], group_fn: Callable[[str], str] | None = None,
-                  initializer_range: float = 0.02, padding_rows: dict[str, int] | None = None) -> None:
+                  initializer_range: float = 0.02, padding_rows: dict[str, int | None] | None = None) -> None:
         group_fn = group_fn or default_group
         matmul = {spec.name for spec in specs if spec.matmul}
         self.slots: dict[str, Slot] = {}
@@ -102,7 +102,7 @@ class FlatModule(nn.Module):
         self.reset_parameters(initializer_range, padding_rows or {})
 
     @torch.no_grad()
-    def reset_parameters(self, initializer_range: float, padding_rows: dict[str, int]) -> None:
+    def reset_parameters(self, initializer_range: float, padding_rows: dict[str, int | None]) -> None:
         views = self.views()
         for spec in self._specs:
             w = views[spec.name]
@@ -113,7 +113,8 @@ class FlatModule(nn.Module):
             else:
                 w.zero_()
         for name, row in padding_rows.items():
-            views[name][row].zero_()
+            if row is not None:  # HF configs may have "pad_token_id": null
+                views[name][row].zero_()
 
     @property
     def flat(self) -> dict[str, nn.Parameter]:

@@ -8,7 +8,7 @@ usable checkpoint: resuming falls back to the previous one with a warning. A che
 `step00001234.partial/` and renamed into place once complete, so it replaces an older one at that step atomically.
 
 The manifest also records the settings a resume must keep (`CheckpointManager(settings=...)`: ZeRO stage,
-precision, learning rate, weight decay; and the world size under ZeRO); a resume that changes one is refused
+precision, learning rate, weight decay, optimizer; and the world size under ZeRO); a resume that changes one is refused
 with what to do instead. Manifests written before these were recorded are not checked.
 """
 from __future__ import annotations
@@ -50,6 +50,8 @@ RESUME_SETTINGS = {
                                          "resume with it, or train with the new one in a new --output_dir"),
     "weight_decay": ("--weight_decay", "the restored optimizer would keep the checkpoint's value: resume with it, "
                                        "or train with the new one in a new --output_dir"),
+    "optimizer": ("--optimizer", "the checkpoint holds that optimizer's state: resume with it, or train with the new "
+                                 "one in a new --output_dir"),
 }
 
 
@@ -108,6 +110,7 @@ class CheckpointManager:
         self.root, self.keep, self.rank, self.world_size = Path(root), keep, rank, world_size
         self.settings = dict(settings or {})
         self.held: str | None = None  # the tag this process last saved or restored: it holds this run's state
+        self.unreadable: set[str] = set()  # complete checkpoints whose files did not load (`first_usable`)
 
     # -- listing -----------------------------------------------------------------------------------------------
     def tags(self) -> list[tuple[int, str]]:
@@ -200,7 +203,7 @@ class CheckpointManager:
         for s, tag in self.tags():
             if s < step or tag == self.held:
                 continue
-            reason = "superseded" if self.problem(tag) is None else "damaged"
+            reason = "superseded" if self.problem(tag) is None and tag not in self.unreadable else "damaged"
             target = self.root / f"{tag}.{reason}"
             n = 1
             while target.exists():
@@ -275,6 +278,7 @@ class CheckpointManager:
                     raise  # not a damaged checkpoint: a refusal (e.g. changed settings)
                 except UNREADABLE as e:
                     issue = f"{type(e).__name__}: {str(e)[:300]}"
+                    self.unreadable.add(name)
             problems.append(f"{name}: {issue}")
             log.warning("checkpoint %s is unusable (%s); falling back to the previous one", self.root / name, issue)
         if problems:

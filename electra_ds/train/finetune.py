@@ -8,6 +8,7 @@ linear decay, 3 epochs (10 for RTE and STS-B), batch 32, max length 128, lr by m
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -28,7 +29,7 @@ from electra_ds.model.hf import RUN_CONFIG, discriminator_config_from_hf, load_p
 from electra_ds.seeding import DROPOUT_STREAM, derive_seed
 from electra_ds.train import engine as ds_engine
 from electra_ds.train.glue_metrics import compute_metrics
-from electra_ds.train.glue_report import (build_report, display_name, load_results, model_root, models_of,
+from electra_ds.train.glue_report import (RUN_FILE, build_report, display_name, load_results, model_root, models_of,
                                           primary_score, pretrain_pfs_days, seed_dir, write_json, write_predictions,
                                           write_task_result)
 from electra_ds.train.layerwise_lr import RULES, group_fn, with_layer_lrs
@@ -103,6 +104,7 @@ class Discriminator:
     source: str
     tokenizer_path: Path | None
     pfs_days: float | None
+    weights_sha256: str  # `weights_id`: tells a model path's weights apart after more pretraining
 
 
 def load_discriminator(path: str | Path) -> Discriminator:
@@ -121,7 +123,20 @@ def load_discriminator(path: str | Path) -> Discriminator:
         weights = {k: v.detach().float().clone() for k, v in model.named_weights().items()
                    if k.startswith("discriminator.")}
         del model
-    return Discriminator(config, weights, str(path), find_tokenizer(path), pretrain_pfs_days(path))
+    return Discriminator(config, weights, str(path), find_tokenizer(path), pretrain_pfs_days(path),
+                         weights_id(weights))
+
+
+def weights_id(weights: dict[str, torch.Tensor]) -> str:
+    """sha256 of the encoder weights as float32 under their HF names (`electra.*`), in name order: the same for a
+    run's model/, its HF export and a checkpoint of the same weights."""
+    digest = hashlib.sha256()
+    encoder = {k.removeprefix("discriminator."): v for k, v in weights.items()}
+    for name in sorted(k for k, v in encoder.items() if k.startswith("electra.") and v.is_floating_point()):
+        tensor = encoder[name].detach().float().contiguous().cpu()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy())
+    return digest.hexdigest()
 
 
 def find_tokenizer(path: Path) -> Path | None:
@@ -179,23 +194,21 @@ class Encoded:
 
 
 def encode(tokenizer, examples: Sequence[GlueExample], max_length: int, regression: bool = False) -> Encoded:
-    """[CLS] a [SEP] (b [SEP]) with token types 0/1, truncated to max_length by dropping tokens from the end of
-    the longer segment (BERT's rule)."""
+    """[CLS] a [SEP] (b [SEP], unless b is None or empty) with token types 0/1, truncated to max_length by dropping
+    tokens from the end of the longer segment (BERT's rule)."""
     tok = text_tokenizer(tokenizer)
     ids = special_ids(tokenizer)
     cls, sep = ids["cls"], ids["sep"]
     first = tok.encode_batch([e.text_a for e in examples], add_special_tokens=False)
-    pairs = [e.text_b for e in examples if e.text_b is not None]
-    if pairs and len(pairs) != len(examples):
-        raise ValueError("either every example has a second segment or none has")
-    second = tok.encode_batch(pairs, add_special_tokens=False) if pairs else [None] * len(examples)
+    second = iter(tok.encode_batch([e.text_b for e in examples if e.text_b], add_special_tokens=False))
     input_ids, token_types = [], []
-    for enc_a, enc_b in zip(first, second):
-        a, b = list(enc_a.ids), list(enc_b.ids) if enc_b is not None else None
-        if b is None:
+    for example, enc_a in zip(examples, first):
+        a = list(enc_a.ids)
+        if not example.text_b:  # None, or "" (QQP has empty questions): one segment, as google-research/electra
             a = a[:max_length - 2]
             seq, types = [cls, *a, sep], [0] * (len(a) + 2)
         else:
+            b = list(next(second).ids)
             while len(a) + len(b) > max_length - 3:
                 (a if len(a) > len(b) else b).pop()
             seq, types = [cls, *a, sep, *b, sep], [0] * (len(a) + 2) + [1] * (len(b) + 1)
@@ -339,8 +352,9 @@ def load_task_data(task: GlueTask, glue_dir: str | Path | None, max_train_sample
 
 def finetune_seed(disc: Discriminator, task: GlueTask, data: TaskData, encoded: dict[str, Encoded],
                   seed: int, args: FinetuneArgs, out_dir: str | Path, rank: int = 0,
-                  world_size: int = 1) -> dict[str, Any]:
-    """Fine-tune one seed, evaluate every dev split, write its predictions; returns the run record."""
+                  world_size: int = 1, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fine-tune one seed, evaluate every dev split, write its predictions; returns the run record. Its run.json
+    also keeps `settings` (see `finished_run`)."""
     started = time.time()
     lr = default_learning_rate(disc.config) if args.learning_rate is None else args.learning_rate
     steps, warmup = schedule(len(data.train), args, task)
@@ -365,11 +379,21 @@ def finetune_seed(disc: Discriminator, task: GlueTask, data: TaskData, encoded: 
             write_predictions(folder / f"{stem}.tsv", source_task, [r.guid for r in rows], preds)
     run["seconds"] = time.time() - started
     if rank == 0:
-        write_json(folder / "run.json", run)
+        write_json(folder / RUN_FILE, {**run, "settings": settings})
     engine.destroy()
     del engine, model
     gc.collect()
     return run
+
+
+def finished_run(out_dir: str | Path, task: GlueTask, seed: int, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The run record of `seed` that an earlier call (one interrupted before its result.json, say) finished with
+    exactly these `settings`, or None: it must be trained."""
+    path = seed_dir(out_dir, task, seed) / RUN_FILE
+    if not path.is_file():
+        return None
+    run = json.loads(path.read_text())
+    return run if run.pop("settings", None) == settings else None
 
 
 def check_same_model(out_dir: str | Path, model_path: str | Path) -> None:
@@ -382,12 +406,24 @@ def check_same_model(out_dir: str | Path, model_path: str | Path) -> None:
                          "remove those task folders first")
 
 
+def check_same_weights(out_dir: str | Path, disc: Discriminator) -> None:
+    """Refuse an output directory holding results of other weights under the same model path (a run pretrained
+    further since): its report would mix two checkpoints. Results from before weights were recorded pass."""
+    stale = [name for name, result in load_results(out_dir).items()
+             if result.get("weights_sha256", disc.weights_sha256) != disc.weights_sha256]
+    if stale:
+        raise ValueError(f"{out_dir} holds GLUE results ({', '.join(stale)}) of other weights than {disc.source} "
+                         "holds now (pretrained further since?). Use another --output_dir, or remove those task "
+                         "folders first")
+
+
 def run_task(model_path: str | Path, task_name: str, out_dir: str | Path, *, seeds: Sequence[int],
              args: FinetuneArgs, glue_dir: str | Path | None = None, tokenizer_path: str | Path | None = None,
              pfs_days: float | None = None, model_name: str | None = None,
              predict_test: bool = True) -> dict[str, Any]:
     """Fine-tune `task_name` once per seed, write OUT_DIR/<TASK>/result.json and refresh the combined report.
-    A task whose train or dev data is absent is recorded as absent (not as a zero)."""
+    A task whose train or dev data is absent is recorded as absent (not as a zero), unless the task has a result
+    already (`write_task_result` keeps it). Seeds finished with the same settings before are not trained again."""
     task = get_task(task_name)
     if not task.trainable:
         raise ValueError(f"{task.name} is test-only; it is predicted by the MNLI model")
@@ -405,6 +441,7 @@ def run_task(model_path: str | Path, task_name: str, out_dir: str | Path, *, see
         return result
 
     disc = load_discriminator(model_path)
+    check_same_weights(out_dir, disc)
     tok_path = tokenizer_path or disc.tokenizer_path
     if tok_path is None:
         raise FileNotFoundError(f"{model_path}: no tokenizer (tokenizer.json or vocab.txt) next to the model, in "
@@ -422,18 +459,26 @@ def run_task(model_path: str | Path, task_name: str, out_dir: str | Path, *, see
     encoded.update({s: encode(tokenizer, rows, args.max_length, task.is_regression) for s, rows in data.dev.items()})
     encoded.update({stem: encode(tokenizer, rows, args.max_length) for stem, (_, rows) in data.test.items()})
 
+    ds_config_file = ds_engine.resolve_ds_config(args.ds_config)
+    settings = {"weights_sha256": disc.weights_sha256, "tokenizer": str(Path(tok_path).resolve()),
+                "glue_dir": None if glue_dir is None else str(Path(glue_dir).resolve()), "args": asdict(args),
+                "ds_config_file": str(ds_config_file.resolve()), "world_size": world_size,
+                "test_files": sorted(data.test)}
+    earlier = {seed: finished_run(out_dir, task, seed, settings) for seed in seeds}  # before any rank writes one
     runs = []
     for seed in seeds:
-        run = finetune_seed(disc, task, data, encoded, seed, args, out_dir, rank, world_size)
+        run = earlier[seed] or finetune_seed(disc, task, data, encoded, seed, args, out_dir, rank, world_size,
+                                             settings)
         runs.append(run)
         if rank == 0:
-            print(f"{task.name} seed {seed}: {json.dumps(run['dev'])} ({run['seconds']:.0f} s)", flush=True)
+            done = "finished earlier" if earlier[seed] else f"{run['seconds']:.0f} s"
+            print(f"{task.name} seed {seed}: {json.dumps(run['dev'])} ({done})", flush=True)
     if pfs_days is None:
         pfs_days = disc.pfs_days
     result = {"task": task.name, "status": "ok", "model": name, "model_path": str(Path(model_path).resolve()),
-              "tokenizer": str(tok_path),
+              "weights_sha256": disc.weights_sha256, "tokenizer": str(tok_path),
               "metric": task.metric, "primary": task.primary, "args": asdict(args),
-              "ds_config_file": str(ds_engine.resolve_ds_config(args.ds_config)), "pretrain_pfs_days": pfs_days,
+              "ds_config_file": str(ds_config_file), "pretrain_pfs_days": pfs_days,
               "runs": runs, "test_files": sorted(data.test)}
     if rank == 0:
         write_task_result(out_dir, result)
@@ -444,6 +489,6 @@ def run_task(model_path: str | Path, task_name: str, out_dir: str | Path, *, see
 
 
 __all__ = ["FinetuneArgs", "Discriminator", "Encoded", "TaskData", "default_learning_rate", "layerwise_lr_decay",
-           "load_discriminator",
+           "load_discriminator", "weights_id", "finished_run", "check_same_model", "check_same_weights",
            "find_tokenizer", "build_classifier", "encode", "train_order", "schedule", "make_engine",
            "predict", "train", "load_task_data", "finetune_seed", "run_task"]

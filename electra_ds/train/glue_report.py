@@ -6,7 +6,8 @@ Layout under OUT_DIR:
     <TASK>/result.json               one task's runs (seeds) and their dev metrics, or its absence
     <TASK>/seed_<s>/<file>.tsv       that seed's predictions: <dev split>.tsv (dev.tsv, dev_matched.tsv, ...)
                                      and per test split the GLUE server file (CoLA.tsv, MNLI-m.tsv, AX.tsv, ...)
-    <TASK>/seed_<s>/run.json         that seed's record (steps, lr, train loss, dev metrics, seconds)
+    <TASK>/seed_<s>/run.json         that seed's record (steps, lr, train loss, dev metrics, seconds) and the
+                                     settings it ran with (a later call with the same ones reuses it)
     results.json, results.md         all tasks: median and spread over seeds, the seeds' table, efficiency
     submission/<file>.tsv            GLUE server files, each from its task's best-dev seed
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from electra_ds.train.glue_metrics import METRIC_KEYS, summarize
 from electra_ds.train.metrics_log import MetricsFile
 
 RESULT_FILE = "result.json"
+RUN_FILE = "run.json"
 SUBMISSION_DIR = "submission"
 METRIC_NAMES = {"mcc": "MCC", "accuracy": "Acc", "f1": "F1", "spearman": "Spearman", "pearson": "Pearson"}
 SPLIT_NAMES = {"dev": "", "dev_matched": "-m", "dev_mismatched": "-mm"}
@@ -68,11 +71,17 @@ def write_predictions(path: str | Path, task: GlueTask, guids: Sequence[str], pr
 
 
 def write_task_result(out_dir: str | Path, result: dict[str, Any]) -> Path:
-    """Store one task's result (`status` "ok" with `runs`, or "absent" with `reason`), adding its summary."""
+    """Store one task's result (`status` "ok" with `runs`, or "absent" with `reason`), adding its summary. An
+    "absent" result never replaces an "ok" one (data that could not be found this time must not erase results and
+    their submission files): that keeps the old one, with a warning."""
     task = get_task(result["task"])
     if result["status"] == "ok":
         result = {**result, "summary": summarize_runs(task, result["runs"])}
     path = Path(out_dir) / task.name / RESULT_FILE
+    if result["status"] == "absent" and path.is_file() and json.loads(path.read_text())["status"] == "ok":
+        warnings.warn(f"{task.name} is absent ({result['reason']}); keeping its earlier result {path} (remove its "
+                      "folder to record the task as absent)", stacklevel=2)
+        return path
     write_json(path, result)
     return path
 
@@ -246,7 +255,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["RESULT_FILE", "SUBMISSION_DIR", "write_json", "seed_dir", "model_root", "display_name", "load_results",
-           "models_of", "format_prediction",
+__all__ = ["RESULT_FILE", "RUN_FILE", "SUBMISSION_DIR", "write_json", "seed_dir", "model_root", "display_name",
+           "load_results", "models_of", "format_prediction",
            "write_predictions", "write_task_result", "summarize_runs", "primary_score", "pretrain_pfs_days",
            "build_report", "efficiency", "best_seed", "write_submission", "render_markdown"]

@@ -44,8 +44,8 @@ class DeviceMeter:
         self.sums += torch.cat([losses.where(finite, 0.0), finite.double(), out.stats.detach().double()])
         self.micro_batches += 1
 
-    def read(self) -> dict[str, float]:
-        """Sum over ranks, move to the host (the one sync), reset, and return the means and accuracies."""
+    def _summed_over_ranks(self) -> tuple[list[float], int]:
+        """(sums over every rank, world size)."""
         import torch.distributed as dist
 
         sums = self.sums.clone()
@@ -53,11 +53,31 @@ class DeviceMeter:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums)
             world = dist.get_world_size()
-        values = sums.tolist()
+        return sums.tolist(), world
+
+    def read(self) -> dict[str, float]:
+        """Sum over ranks, move to the host (the one sync), reset, and return the means and accuracies."""
+        values, world = self._summed_over_ranks()
         micro = self.micro_batches * world
         self.sums.zero_()
         self.micro_batches = 0
         return summarize(values, micro)
+
+    def state(self) -> dict[str, Any]:
+        """The sums so far, over all ranks (every rank takes part): a checkpoint keeps them, so that a resume
+        mid-interval logs what an uninterrupted run logs."""
+        values, world = self._summed_over_ranks()
+        return {"sums": values, "micro_batches": self.micro_batches, "world_size": world}
+
+    def load_state(self, state: dict[str, Any], rank: int, world_size: int) -> bool:
+        """Take up `state` if it comes from as many ranks (whether it did is returned): rank 0 holds the summed
+        values (`read` adds the ranks up), the others start at zero."""
+        if state.get("world_size") != world_size:
+            return False
+        self.micro_batches = int(state["micro_batches"])
+        if rank == 0:
+            self.sums.copy_(torch.tensor(state["sums"], dtype=self.sums.dtype))
+        return True
 
 
 def _ratio(a: float, b: float) -> float:
@@ -89,12 +109,15 @@ class MetricsFile:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop records past the restored step, so the file reads as one uninterrupted run."""
+    def truncate_after(self, step: int) -> int:
+        """On resume: drop records past the restored step, so the file reads as one uninterrupted run; returns how
+        many were dropped."""
         if not self.path.is_file():
-            return
-        kept = [r for r in self.records() if r.get("step", 0) <= step]
+            return 0
+        records = self.records()
+        kept = [r for r in records if r.get("step", 0) <= step]
         atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        return len(records) - len(kept)
 
     def append(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:

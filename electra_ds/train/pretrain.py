@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -49,6 +50,9 @@ DEFAULT_LOG_EVERY, DEFAULT_EVAL_EVERY, DEFAULT_SAVE_EVERY = 30, 100, 10_000
 # bound this one wait).
 CACHE_BUILD_TIMEOUT = timedelta(days=7)
 
+# Signals this close together are one stop request (the terminal's Ctrl-C and a launcher passing it on).
+SAME_REQUEST_S = 3.0
+
 # Words in the errors gloo / NCCL raise when a peer is gone or a collective timed out.
 COLLECTIVE_FAILURES = ("Connection reset", "Connection closed", "Broken pipe", "timed out", "Timeout", "NCCL",
                        "gloo", "ProcessGroup")
@@ -60,6 +64,14 @@ class SetupError(ValueError):
 
 class NonFiniteError(RuntimeError):
     """Training produced non-finite values it cannot skip."""
+
+
+class ReplicasDifferError(RuntimeError):
+    """Data-parallel ranks hold different weights: they no longer train one model."""
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. a full disk)."""
 
 
 # -- flags ---------------------------------------------------------------------------------------------------
@@ -222,8 +234,13 @@ def make_plan(args: argparse.Namespace, world_size: int) -> Plan:
     except ValueError as e:
         raise SetupError(str(e)) from None
     max_length = args.max_length if args.max_length is not None else recipe["max_length"]
-    if max_length < 3:
-        raise SetupError(f"--max_length must be >= 3 ([CLS] text [SEP]), got {max_length}")
+    shortest = 4 if args.two_segments else 3
+    if max_length < shortest:
+        raise SetupError(f"--max_length must be >= {shortest} ([CLS] text [SEP]"
+                         f"{' text [SEP]' if args.two_segments else ''}), got {max_length}")
+    for flag, least in (("seed", 0), ("keep_checkpoints", 1), ("num_workers", 0)):
+        if getattr(args, flag) < least:
+            raise SetupError(f"--{flag} must be >= {least}, got {getattr(args, flag)}")
     if max_length > config.max_position_embeddings:
         raise SetupError(f"--max_length {max_length} is longer than the model's {config.max_position_embeddings} "
                          f"positions (max_position_embeddings of preset {args.model_size!r}); lower --max_length or "
@@ -349,10 +366,11 @@ def evaluate(engine, sampler, *, batches: int, special_ids: dict[str, int], mlm_
 
 class GracefulStop:
     """SIGTERM / SIGINT: finish the step (with several ranks: up to the next logging step, where the ranks agree
-    to stop), save a checkpoint, exit 0. A second signal exits at once."""
+    to stop), save a checkpoint, exit 0. A second signal, SAME_REQUEST_S or more after the first, exits at once."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "GracefulStop":
@@ -367,8 +385,12 @@ class GracefulStop:
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.requested:
+            # A launcher passes on the Ctrl-C that the terminal also sent each rank (deepspeed as a SIGTERM): a
+            # signal right after the first is the same request, not the second one of an impatient user.
+            if time.monotonic() - self._first_at < SAME_REQUEST_S:
+                return
             raise KeyboardInterrupt(f"second {name}: exiting without saving")
-        self.requested = name
+        self.requested, self._first_at = name, time.monotonic()
         log.warning("%s received: finishing this step (several ranks: the next logging step), saving a checkpoint, "
                     "then exiting", name)
 
@@ -444,6 +466,14 @@ def check_output_dir(out: Path, run_config: dict, resume: str) -> None:
     if changed:
         log.warning("resuming %s with changed flags: %s", out,
                     ", ".join(f"{k}: {previous['flags'].get(k)} -> {run_config['flags'][k]}" for k in changed))
+    edited = sorted(k for k in set(previous.get("ds_config", {})) | set(run_config["ds_config"])
+                    if previous.get("ds_config", {}).get(k) != run_config["ds_config"].get(k))
+    if "ds_config" in previous and edited:
+        log.warning("resuming %s with a changed DeepSpeed config (keys %s)", out, ", ".join(edited))
+    if previous.get("world_size", run_config["world_size"]) != run_config["world_size"]:
+        log.warning("resuming %s on %d process(es), the checkpoint's run had %d: each rank's data, masks and dropout "
+                    "change, so the run no longer repeats an uninterrupted one", out, run_config["world_size"],
+                    previous["world_size"])
 
 
 def loss_scale(engine) -> float | None:
@@ -493,10 +523,31 @@ def export_hf(engine, config: ElectraConfig, out_dir: Path, tokenizer_dir: Path,
     return export_hf_pair(model, out_dir, tokenizer_dir=tokenizer_dir)
 
 
+def weight_stats(engine) -> torch.Tensor:
+    """(ranks, parameter tensors, 3): [any non-finite, sum, sum of |w|] in float64 of each rank's weights (its shard
+    under ZeRO-3), gathered from every rank; every rank takes part."""
+    import torch.distributed as dist
+
+    local = torch.stack([torch.stack([(~torch.isfinite(t)).any().double(), t.sum(dtype=torch.float64),
+                                      t.abs().sum(dtype=torch.float64)])
+                         for t in (getattr(p, "ds_tensor", p).detach() for p in engine.module.parameters())])
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local.unsqueeze(0).cpu()
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return torch.stack(gathered).cpu()
+
+
+def differing_ranks(stats: torch.Tensor, rtol: float = 1e-6) -> list[int]:
+    """Ranks whose replica differs from rank 0's by more than rounding noise. Identical averaged gradients give
+    bit-identical updates, so any real difference means a rank trained on its own gradients or started elsewhere."""
+    gap = (stats[:, :, 1:] - stats[0, :, 1:]).abs().amax(dim=2)
+    return [rank for rank in range(1, stats.shape[0]) if bool((gap[rank] > rtol * stats[0, :, 2]).any())]
+
+
 def _weights_finite(engine) -> bool:
     """Whether every rank's weights (its shard under ZeRO-3) are finite; every rank takes part."""
-    local = torch.stack([torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in engine.module.parameters()]).all()
-    return not _any_rank(not bool(local), engine.device)
+    return not bool(weight_stats(engine)[..., 0].any())
 
 
 def _last_good(checkpoints: CheckpointManager) -> str:
@@ -528,7 +579,7 @@ def run(args: argparse.Namespace) -> Path:
                          f"({cache.vocab_size} tokens, tokenizer {cache.tokenizer_hash}): its token ids would not fit")
     config = plan.config.replace(vocab_size=vocab, pad_token_id=special["pad"])
     run_config = {"experiment_name": args.experiment_name, "model": config.to_dict(),
-                  "tokenizer_hash": cache.tokenizer_hash, "data": str(cache_path), "special_ids": special,
+                  "tokenizer_hash": cache.tokenizer_hash, "data": str(cache_path.resolve()), "special_ids": special,
                   "world_size": world_size, "global_batch_size": plan.global_batch, "max_length": plan.max_length,
                   "max_predictions": plan.max_predictions, "ds_config": plan.ds_config,
                   "flags": {k: _jsonable(v) for k, v in vars(args).items()}}
@@ -546,7 +597,8 @@ def run(args: argparse.Namespace) -> Path:
     seed_everything(derive_seed(args.seed, 0, rank, DROPOUT_STREAM))  # dropout noise differs across ranks
 
     settings = {"zero_stage": ds_engine.zero_stage(plan.ds_config), "precision": ds_engine.precision(plan.ds_config),
-                "learning_rate": plan.learning_rate, "weight_decay": args.weight_decay}  # a resume must keep these
+                "learning_rate": plan.learning_rate, "weight_decay": args.weight_decay,
+                "optimizer": ds_engine.resolve_optimizer(args.optimizer, plan.ds_config)}  # a resume must keep these
     checkpoints = CheckpointManager(out / "checkpoints", keep=args.keep_checkpoints, rank=rank, world_size=world_size,
                                     settings=settings)
     source = checkpoints
@@ -554,6 +606,11 @@ def run(args: argparse.Namespace) -> Path:
     if args.resume not in ("auto", "none"):
         given = Path(args.resume)
         if given.parent.resolve() != checkpoints.root.resolve():
+            foreign = given.parent.parent / RUN_CONFIG
+            theirs = json.loads(foreign.read_text()).get("tokenizer_hash") if foreign.is_file() else None
+            if theirs not in (None, cache.tokenizer_hash):
+                raise SetupError(f"--resume {given}: its run ({foreign}) used tokenizer {theirs}, this run's data "
+                                 f"{cache.tokenizer_hash}: the token ids would mean other words. Use that run's --data")
             source = CheckpointManager(given.parent, keep=args.keep_checkpoints, rank=rank, world_size=world_size,
                                        settings=settings)
         resume_tag = given.name
@@ -571,9 +628,14 @@ def run(args: argparse.Namespace) -> Path:
             log.info("resumed from step %d (%s)", start_step, source.root / tag_for(start_step))
 
     metrics = MetricsFile(out / "metrics.jsonl")
-    if rank == 0:
-        metrics.truncate_after(start_step)
-    wandb = (Wandb(args.wandb, out, args.wandb_project, args.experiment_name, run_config, state.get("wandb_id"))
+    wandb_id = state.get("wandb_id")
+    if rank == 0 and metrics.truncate_after(start_step) and wandb_id:
+        # wandb ignores steps at or below a run's last logged one, so the replayed steps go to a new run
+        log.info("steps past %d were logged before: wandb logs to a new run (%s keeps the earlier history)",
+                 start_step, wandb_id)
+        run_config = {**run_config, "resumed_from_wandb_run": wandb_id}
+        wandb_id = None
+    wandb = (Wandb(args.wandb, out, args.wandb_project, args.experiment_name, run_config, wandb_id)
              if rank == 0 else None)
 
     layout = {"pack": args.pack_documents, "two_segments": args.two_segments}
@@ -599,6 +661,9 @@ def run(args: argparse.Namespace) -> Path:
     elapsed_before = float(state.get("elapsed_s", 0.0))
     t_start = time.perf_counter()
     window = {"start": t_start, "step": start_step, "paused": 0.0}  # the logging interval; eval/saves don't count
+    saved_window = state.get("log_window")  # a checkpoint between two logging steps holds its part of the interval
+    if saved_window and meter.load_state(saved_window, rank, world_size):
+        window.update(start=t_start - saved_window["seconds"], step=saved_window["step"])
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - t_start
@@ -641,11 +706,29 @@ def run(args: argparse.Namespace) -> Path:
         """A checkpoint, and the training curves redrawn from metrics.jsonl (rank 0: their path). Non-finite weights
         (which logging steps alone may miss) stop the run instead of being saved."""
         t = pause_start()
-        if not _weights_finite(engine):
+        stats = weight_stats(engine)
+        if stats[..., 0].any():
             raise NonFiniteError(f"non-finite weights at step {step}: not saving them; last good checkpoint: "
                                  f"{_last_good(checkpoints)}. Lower --learning_rate, or use fp32/bf16 instead of fp16")
-        checkpoints.save(engine, step, {"elapsed_s": elapsed(), "run": args.experiment_name,
-                                        "wandb_id": wandb.id if wandb else state.get("wandb_id")})
+        differing = differing_ranks(stats) if settings["zero_stage"] < 3 else []  # ZeRO-3 ranks hold shards
+        if differing:
+            raise ReplicasDifferError(
+                f"at step {step} the weights of rank(s) {differing} differ from rank 0's: the ranks stopped training "
+                "one model (gradients not averaged across ranks?). Not saving; last good checkpoint: "
+                f"{_last_good(checkpoints)}")
+        log_window = {"step": window["step"], "seconds": t - window["start"] - window["paused"], **meter.state()}
+        try:
+            checkpoints.save(engine, step, {"elapsed_s": elapsed(), "run": args.experiment_name,
+                                            "wandb_id": wandb.id if wandb else state.get("wandb_id"),
+                                            "log_window": log_window})
+        except (OSError, RuntimeError) as e:
+            if any(k in str(e) for k in COLLECTIVE_FAILURES):
+                raise
+            free_gb = shutil.disk_usage(checkpoints.root).free / 1e9 if checkpoints.root.is_dir() else float("nan")
+            raise SaveError(f"could not write the checkpoint of step {step} under {checkpoints.root} ({free_gb:.1f} "
+                            f"GB free there): {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}. Earlier "
+                            f"checkpoints are intact (last: {_last_good(checkpoints)}); free some space or fix the "
+                            "directory, then run the same command to resume") from e
         curves = plot_training_curves(metrics.records(), out / "training_curves.png", args.experiment_name) \
             if rank == 0 else None
         window["paused"] += time.perf_counter() - t
@@ -740,8 +823,9 @@ def _summary(out: Path, step: int, train: dict, evaluation: dict, curves: Path |
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done or stopped by a signal, 2 bad set-up, 3 non-finite training; a failed collective (another
-    rank died or hung) ends the process at once with 4."""
+    """Exit status: 0 done or stopped by a signal, 2 bad set-up, 3 non-finite training or ranks that disagree, 5 a
+    checkpoint that could not be written; a failed collective (another rank died or hung) ends the process at once
+    with 4."""
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -752,9 +836,12 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as e:
         log.error("%s", e)
         return 2
-    except NonFiniteError as e:
+    except (NonFiniteError, ReplicasDifferError) as e:
         log.error("%s", e)
         return 3
+    except SaveError as e:
+        log.error("%s", e)
+        return 5
     except RuntimeError as e:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1 and any(k in str(e) for k in COLLECTIVE_FAILURES):
             log.error("a collective operation failed: another rank died, hung or was killed (see its log). "
@@ -769,8 +856,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["GracefulStop", "NonFiniteError", "Plan", "SetupError", "build_parser", "evaluate",
-           "forward", "main", "make_plan", "parse_args", "pretraining_step", "run"]
+__all__ = ["GracefulStop", "NonFiniteError", "Plan", "ReplicasDifferError", "SaveError", "SetupError",
+           "build_parser", "differing_ranks", "evaluate", "forward", "main", "make_plan", "parse_args",
+           "pretraining_step", "run", "weight_stats"]
 
 if __name__ == "__main__":
     sys.exit(main())
