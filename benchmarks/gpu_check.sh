@@ -10,10 +10,12 @@
 # 4. times ELECTRA-Small bf16, batch 128 x 128: every variant of benchmarks/throughput.py in the order of $VARIANTS
 #    (the JSON and the table are rewritten after each, so an overrun keeps what finished), each followed by its
 #    host syncs per step and a 3-step profile (GPU busy time per step, top kernels: benchmarks/step_profile.py),
-# 5. if time is left, each fused kernel timed against its twin and plain torch (benchmarks/kernel_speed.py),
-# 6. and a batch sweep (256, 512) of the eager variants.
-# Logs (gpu_check.log: everything; pytest_gpu_kernels.log, pytest_gpu.log), JSON and tables (throughput.*, kernels.json, sweep.*) go to $OUT (./gpu_out when OUT is unset). The whole script keeps within
-# GPU_CHECK_BUDGET_S seconds (default 520, under 9 minutes): every stage runs under `timeout`, sized from what
+# 5. if time is left, the real training loop (launch/pretrain.py, Small, --compile reduce-overhead, 600 steps:
+#    tokens/s per 50 steps in real_loop_metrics.jsonl), each fused kernel timed against its twin and plain torch
+#    (benchmarks/kernel_speed.py), and a batch sweep (256, 512) of the eager variants.
+# Logs (gpu_check.log: everything; pytest_gpu_kernels.log, pytest_gpu.log), JSON and tables (throughput.*,
+# real_loop_metrics.jsonl, kernels.json, sweep.*) go to $OUT (./gpu_out when OUT is unset). The whole script keeps
+# within GPU_CHECK_BUDGET_S seconds (default 520, under 9 minutes): every stage runs under `timeout`, sized from what
 # is left. Without an NVIDIA GPU it says so and exits 0 at once; otherwise it exits 1 if a stage failed or timed out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +26,7 @@ BUDGET=${GPU_CHECK_BUDGET_S:-520}
 # difference is the engine's cost), then the HF CUDA-graph baseline that the first H200 run (benchmarks/results/)
 # had no time left for, then the rest; max-autotune last (minutes of autotuning: a run of its own, see below).
 VARIANTS=${VARIANTS:-hf_eager,ours_ds_compile_cudagraphs,ours_compile_cudagraphs,hf_compile_cudagraphs,ours_ds_triton,ours_ds_torch,ours_bare,hf_compile,ours_compile,ours_ds_compile_max_autotune}
-# SKIP_TESTS=1 skips the two pytest stages, for a second call that only measures, e.g.
+# SKIP_TESTS=1 skips the two pytest stages, for a second call that only measures (then the real loop has time), e.g.
 #   SKIP_TESTS=1 VARIANTS=ours_ds_compile_cudagraphs,ours_ds_compile_max_autotune bash benchmarks/gpu_check.sh
 SKIP_TESTS=${SKIP_TESTS:-0}
 START=$SECONDS
@@ -103,6 +105,22 @@ PY
     --precision bf16 --steps 30 --warmup 10 --profile_steps 3 --max_seconds $((t > 70 ? t - 70 : 0)) \
     --variants "$VARIANTS" --json "$OUT/throughput.json" --markdown "$OUT/throughput.md"
   status "throughput (the JSON keeps finished variants)" $?
+
+  if (( $(left) >= 150 )); then
+    t=$(limit 180 5)
+    banner "the real training loop: launch/pretrain.py, ELECTRA-Small bf16 on the builtin corpus (at most ${t}s)"
+    # Data loading, masking, the compiled engine step, the device meter and logging every 50 steps: the first
+    # record includes the compile, the later ones are the loop's steady speed.
+    rm -rf /tmp/gpu_check_loop  # a warm machine keeps the last call's run
+    timeout -k 10 "$t" python3 launch/pretrain.py --model_size small --data builtin --cache_root /tmp/gpu_check_caches \
+      --output_dir /tmp/gpu_check_loop --resume none --max_steps "${REAL_LOOP_STEPS:-600}" --logging_steps 6400 \
+      --eval_batches 0 --save_steps 100000000 --compile reduce-overhead --deepspeed_config bf16 --wandb disabled \
+      --no-export_hf
+    status "real training loop" $?
+    cp /tmp/gpu_check_loop/metrics.jsonl "$OUT/real_loop_metrics.jsonl" 2>/dev/null
+  else
+    banner "real training loop skipped: $(left)s left"
+  fi
 
   if (( $(left) >= 30 )); then
     t=$(limit 40 5)

@@ -71,6 +71,9 @@ def _fsync(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError:
+        if not os.path.isdir(path):
+            raise  # a file's data must reach the disk; some filesystems cannot sync a directory, which is fine
     finally:
         os.close(fd)
 

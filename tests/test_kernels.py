@@ -166,9 +166,10 @@ def test_gumbel_picks_nan_as_the_twin_does(triton_backend, device):
     logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0)).to(device)
     logits[0, 4100] = logits[0, 4700] = float("nan")  # two NaNs in the second 4096-column block: the first wins
     logits[1, 17] = float("inf")
+    logits[2, 10], logits[2, 20] = float("inf"), float("nan")  # a NaN beats an earlier +inf
     s = torch.tensor(5, device=device)
     out = kernels.gumbel_sample(logits, s, 1.0)
-    assert out[:2].tolist() == [4100, 17]
+    assert out.tolist() == [4100, 17, 20]
     assert torch.equal(out, reference.gumbel_sample(logits, s, 1.0))
 
 

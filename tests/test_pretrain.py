@@ -177,7 +177,8 @@ def test_device_meter_sums_finite_losses_and_all_stats():
 
 def test_replica_check_ignores_rounding_noise_and_flags_real_gaps():
     weights = [torch.randn(300, 7), torch.randn(50)]
-    one_rank = pretrain.weight_stats(SimpleNamespace(module=torch.nn.ParameterList(weights)))
+    engine = SimpleNamespace(module=torch.nn.ParameterList(weights), device=torch.device("cpu"))
+    one_rank = pretrain.weight_stats(engine)
     assert one_rank.shape == (1, 2, 3) and not one_rank[..., 0].any()
     assert one_rank[0, 1, 2].item() == pytest.approx(weights[1].abs().sum().item())
     ranks = one_rank.repeat(3, 1, 1)
@@ -512,13 +513,16 @@ def test_resume_with_another_optimizer_is_refused(corpus, tmp_path):
         train(corpus, out, "--optimizer", "adamw", steps=2)
 
 
-def test_a_checkpoint_that_cannot_be_written_stops_the_run_clearly(corpus, tmp_path, monkeypatch):
-    def disk_full(self, engine, step, client_state):
-        raise OSError(28, "No space left on device")
+@pytest.mark.parametrize("error, shown", [(OSError(28, "No space left on device"), "No space left on device"),
+                                          (OSError(110, "Connection timed out"), "Connection timed out"),  # NFS
+                                          (OSError(), "")])
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_clearly(corpus, tmp_path, monkeypatch, error, shown):
+    def failing_save(self, engine, step, client_state):
+        raise error
 
-    monkeypatch.setattr(CheckpointManager, "save", disk_full)
+    monkeypatch.setattr(CheckpointManager, "save", failing_save)
     with pytest.raises(pretrain.SaveError, match=r"could not write the checkpoint of step 2 under .*checkpoints "
-                                                 r"\(.* GB free there\): OSError: .*No space left on device.*resume"):
+                                                 rf"\(.* GB free there\): \w+Error: .*{shown}.*resume"):
         train(corpus, tmp_path / "out", steps=2)
 
 
@@ -565,6 +569,15 @@ def test_a_checkpoint_that_does_not_load_is_set_aside_as_damaged(corpus, tmp_pat
     assert "step00000004 is unusable" in caplog.text
     assert (out / "checkpoints" / "step00000004.damaged").is_dir()
     assert not (out / "checkpoints" / "step00000004.superseded").exists()
+
+
+def test_resume_from_another_output_dir_logs_to_a_new_wandb_run(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrain, "Wandb", FakeWandb)
+    monkeypatch.setattr(FakeWandb, "runs", [])
+    train(corpus, tmp_path / "a", steps=2)
+    train(corpus, tmp_path / "b", "--resume", str(tmp_path / "a" / "checkpoints" / "step00000002"), steps=3)
+    assert [resume_id for resume_id, _ in FakeWandb.runs] == [None, None]
+    assert FakeWandb.runs[1][1]["resumed_from_wandb_run"] == "run0"
 
 
 def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(corpus, tmp_path, monkeypatch):

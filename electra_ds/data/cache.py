@@ -272,6 +272,9 @@ def _compare(expected: dict, found: dict, where: Path) -> None:
     diff = [k for k in sorted(set(expected) | set(found)) if expected.get(k) != found.get(k)]
     if diff:
         detail = "; ".join(f"{k}: {found.get(k)!r} there, {expected.get(k)!r} now" for k in diff)
+        if diff == ["source_fingerprint"]:
+            detail += (": the source's files changed since, or (same files) this version lists a folder differently, "
+                       "leaving out hidden folders and reading suffixes in any case")
         raise CacheError(f"{where} was built with other settings ({detail}). Use the same settings, "
                          "another output directory, or delete it.")
 

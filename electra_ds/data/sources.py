@@ -227,10 +227,16 @@ def _paragraphs(blocks: Iterable[str]) -> Iterator[Chunk]:
             if part.strip() or open_doc:
                 yield part, True
             open_doc = False
-        if len(carry) >= BLOCK_BYTES and not carry.isspace():  # a long document goes out in pieces
+        tail = text[hold:]
+        if tail.count("\n") >= 2:  # a blank line ends the document; whitespace after it only separates
+            if carry.strip() or open_doc:
+                yield carry, True
+            carry, open_doc = "\n\n", False  # stands for the whole run, however long
+            continue
+        if len(carry) >= BLOCK_BYTES and (open_doc or not carry.isspace()):  # a long document goes out in pieces
             yield carry, False
             carry, open_doc = "", True
-        carry += text[hold:]
+        carry += tail
     for part in _BLANK_LINES.split(carry):
         if part.strip() or open_doc:
             yield part, True

@@ -41,12 +41,15 @@ def _electra_gumbel_sample(Logits, Seed, Out, V, stride, inv_t, BLOCK: tl.conste
         h = _mix32(row_key ^ _mix32(c.to(tl.uint32)))
         u = ((h >> 8) | 1).to(tl.float32) * 5.9604644775390625e-08  # odd multiple of 2**-24, inside (0, 1)
         z = tl.where(c < V, x * inv_t + -tl.log(-tl.log(u)), float("-inf"))
-        z = tl.where(z != z, float("inf"), z)  # a NaN wins, as in torch.argmax
-        better = z > best
+        # a NaN beats every number (+inf too) and is never beaten, as in torch.argmax
+        better = (best == best) & ((z != z) | (z > best))
         best_col = tl.where(better, c, best_col)
         best = tl.where(better, z, best)
-    top = tl.max(best, axis=0)
-    tl.store(Out + row, tl.min(tl.where(best == top, best_col, V), axis=0).to(tl.int64))
+    nan = best != best
+    first_nan = tl.min(tl.where(nan, best_col, V), axis=0)
+    top = tl.max(tl.where(nan, float("-inf"), best), axis=0)
+    first_top = tl.min(tl.where(best == top, best_col, V), axis=0)
+    tl.store(Out + row, tl.where(first_nan < V, first_nan, first_top).to(tl.int64))
 
 
 def gumbel_sample(logits: torch.Tensor, seed: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -462,7 +462,8 @@ def run_task(model_path: str | Path, task_name: str, out_dir: str | Path, *, see
     ds_config_file = ds_engine.resolve_ds_config(args.ds_config)
     settings = {"weights_sha256": disc.weights_sha256, "tokenizer": str(Path(tok_path).resolve()),
                 "glue_dir": None if glue_dir is None else str(Path(glue_dir).resolve()), "args": asdict(args),
-                "ds_config_file": str(ds_config_file.resolve()), "world_size": world_size,
+                "ds_config_file": str(ds_config_file.resolve()), "ds_config": ds_config_file.read_text(),
+                "world_size": world_size,
                 "test_files": sorted(data.test)}
     earlier = {seed: finished_run(out_dir, task, seed, settings) for seed in seeds}  # before any rank writes one
     runs = []

@@ -467,7 +467,8 @@ def check_output_dir(out: Path, run_config: dict, resume: str) -> None:
         log.warning("resuming %s with changed flags: %s", out,
                     ", ".join(f"{k}: {previous['flags'].get(k)} -> {run_config['flags'][k]}" for k in changed))
     edited = sorted(k for k in set(previous.get("ds_config", {})) | set(run_config["ds_config"])
-                    if previous.get("ds_config", {}).get(k) != run_config["ds_config"].get(k))
+                    if k not in ds_engine.BATCH_KEYS  # filled from the flags and the world size
+                    and previous.get("ds_config", {}).get(k) != run_config["ds_config"].get(k))
     if "ds_config" in previous and edited:
         log.warning("resuming %s with a changed DeepSpeed config (keys %s)", out, ", ".join(edited))
     if previous.get("world_size", run_config["world_size"]) != run_config["world_size"]:
@@ -529,7 +530,7 @@ def weight_stats(engine) -> torch.Tensor:
     import torch.distributed as dist
 
     local = torch.stack([torch.stack([(~torch.isfinite(t)).any().double(), t.sum(dtype=torch.float64),
-                                      t.abs().sum(dtype=torch.float64)])
+                                      t.abs().sum(dtype=torch.float64)]).to(engine.device)  # offloaded shards too
                          for t in (getattr(p, "ds_tensor", p).detach() for p in engine.module.parameters())])
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return local.unsqueeze(0).cpu()
@@ -629,10 +630,12 @@ def run(args: argparse.Namespace) -> Path:
 
     metrics = MetricsFile(out / "metrics.jsonl")
     wandb_id = state.get("wandb_id")
-    if rank == 0 and metrics.truncate_after(start_step) and wandb_id:
-        # wandb ignores steps at or below a run's last logged one, so the replayed steps go to a new run
-        log.info("steps past %d were logged before: wandb logs to a new run (%s keeps the earlier history)",
-                 start_step, wandb_id)
+    replays = rank == 0 and metrics.truncate_after(start_step) > 0
+    if rank == 0 and wandb_id and (replays or source is not checkpoints):
+        # wandb ignores steps at or below a run's last logged one (and another output_dir's run must stay its own),
+        # so the replayed steps go to a new run
+        log.info("resuming from step %d of a run whose wandb run may hold later steps: wandb logs to a new run (%s "
+                 "keeps the earlier history)", start_step, wandb_id)
         run_config = {**run_config, "resumed_from_wandb_run": wandb_id}
         wandb_id = None
     wandb = (Wandb(args.wandb, out, args.wandb_project, args.experiment_name, run_config, wandb_id)
@@ -722,11 +725,12 @@ def run(args: argparse.Namespace) -> Path:
                                             "wandb_id": wandb.id if wandb else state.get("wandb_id"),
                                             "log_window": log_window})
         except (OSError, RuntimeError) as e:
-            if any(k in str(e) for k in COLLECTIVE_FAILURES):
+            if not isinstance(e, OSError) and any(k in str(e) for k in COLLECTIVE_FAILURES):
                 raise
             free_gb = shutil.disk_usage(checkpoints.root).free / 1e9 if checkpoints.root.is_dir() else float("nan")
+            first_line = (str(e).strip().splitlines() or [""])[0][:300]
             raise SaveError(f"could not write the checkpoint of step {step} under {checkpoints.root} ({free_gb:.1f} "
-                            f"GB free there): {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}. Earlier "
+                            f"GB free there): {type(e).__name__}: {first_line}. Earlier "
                             f"checkpoints are intact (last: {_last_good(checkpoints)}); free some space or fix the "
                             "directory, then run the same command to resume") from e
         curves = plot_training_curves(metrics.records(), out / "training_curves.png", args.experiment_name) \
