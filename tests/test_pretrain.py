@@ -185,6 +185,7 @@ def test_replica_check_ignores_rounding_noise_and_flags_real_gaps():
     ranks[1, 0, 1] += 1e-9 * ranks[0, 0, 2]  # a last-bit difference in the reduction order
     ranks[2, 1, 2] += 1e-4 * ranks[0, 1, 2]  # one tensor moved on its own
     assert pretrain.differing_ranks(ranks) == [2]
+    assert pretrain.replica_gaps(ranks)[0] == 0 and pretrain.replica_gaps(ranks)[2] == pytest.approx(1e-4)
 
 
 def test_collapse_monitor_warns_after_warmup_only(caplog):

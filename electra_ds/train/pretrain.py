@@ -539,11 +539,17 @@ def weight_stats(engine) -> torch.Tensor:
     return torch.stack(gathered).cpu()
 
 
+def replica_gaps(stats: torch.Tensor) -> list[float]:
+    """Per rank: how far its replica is from rank 0's, as the largest gap of a tensor's sum or sum of |w| relative
+    to that tensor's sum of |w| (0 for rank 0)."""
+    gap = (stats[:, :, 1:] - stats[0, :, 1:]).abs().amax(dim=2) / stats[0, :, 2].clamp(min=1e-30)
+    return gap.amax(dim=1).tolist()
+
+
 def differing_ranks(stats: torch.Tensor, rtol: float = 1e-6) -> list[int]:
     """Ranks whose replica differs from rank 0's by more than rounding noise. Identical averaged gradients give
     bit-identical updates, so any real difference means a rank trained on its own gradients or started elsewhere."""
-    gap = (stats[:, :, 1:] - stats[0, :, 1:]).abs().amax(dim=2)
-    return [rank for rank in range(1, stats.shape[0]) if bool((gap[rank] > rtol * stats[0, :, 2]).any())]
+    return [rank for rank, gap in enumerate(replica_gaps(stats)) if gap > rtol]
 
 
 def _weights_finite(engine) -> bool:
@@ -715,8 +721,10 @@ def run(args: argparse.Namespace) -> Path:
                                  f"{_last_good(checkpoints)}. Lower --learning_rate, or use fp32/bf16 instead of fp16")
         differing = differing_ranks(stats) if settings["zero_stage"] < 3 else []  # ZeRO-3 ranks hold shards
         if differing:
+            gaps = replica_gaps(stats)
             raise ReplicasDifferError(
-                f"at step {step} the weights of rank(s) {differing} differ from rank 0's: the ranks stopped training "
+                f"at step {step} the weights of rank(s) {differing} differ from rank 0's (relative gaps "
+                f"{', '.join(f'{gaps[r]:.1e}' for r in differing)}): the ranks stopped training "
                 "one model (gradients not averaged across ranks?). Not saving; last good checkpoint: "
                 f"{_last_good(checkpoints)}")
         log_window = {"step": window["step"], "seconds": t - window["start"] - window["paused"], **meter.state()}
@@ -862,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = ["GracefulStop", "NonFiniteError", "Plan", "ReplicasDifferError", "SaveError", "SetupError",
            "build_parser", "differing_ranks", "evaluate", "forward", "main", "make_plan", "parse_args",
-           "pretraining_step", "run", "weight_stats"]
+           "pretraining_step", "replica_gaps", "run", "weight_stats"]
 
 if __name__ == "__main__":
     sys.exit(main())
