@@ -164,6 +164,17 @@ def test_rc2020_step_flags_count_samples_and_the_readme_command_parses():
     assert make_plan(parse_args(readme[:-1] + ["0.5"]), 1).output_dir != plan.output_dir  # the sweep's runs differ
 
 
+def test_training_curves_without_matplotlib_warn_instead_of_failing(tmp_path, monkeypatch, caplog):
+    from electra_ds.train.plots import plot_training_curves
+
+    records = [{"step": 1, "split": "train", "loss": 3.0}]
+    assert plot_training_curves(records, tmp_path / "a.png") == tmp_path / "a.png"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a machine without it: the import fails
+    with caplog.at_level(logging.WARNING):
+        assert plot_training_curves(records, tmp_path / "b.png") is None
+    assert "matplotlib is not installed" in caplog.text and not (tmp_path / "b.png").exists()
+
+
 def test_device_meter_sums_finite_losses_and_all_stats():
     from electra_ds.train.metrics_log import DeviceMeter
 

@@ -1,11 +1,14 @@
 """OUT/training_curves.png from the metrics records: losses, discriminator accuracies, generator accuracy."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from electra_ds.files import replacing
+
+log = logging.getLogger(__name__)
 
 
 def _series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[int], list[float]]:
@@ -16,10 +19,14 @@ def _series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[i
 def plot_training_curves(records: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path | None:
     """Three panels against the step (train lines, eval markers): the losses (total = MLM + disc_weight x disc),
     the discriminator's accuracy on replaced and on original tokens, the generator's accuracy. None when there is
-    nothing to plot yet."""
+    nothing to plot yet, or without matplotlib (a warning: the curves are a view of metrics.jsonl, not a result)."""
     if not any(r.get("split") == "train" for r in records):
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install matplotlib): no %s; metrics.jsonl has the numbers", path)
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
