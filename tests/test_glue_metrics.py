@@ -11,8 +11,8 @@ from sklearn.metrics import f1_score, matthews_corrcoef
 
 from electra_ds.data.glue import TABLE_TASKS, TASKS
 from electra_ds.train.glue_metrics import compute_metrics, summarize
-from electra_ds.train.glue_report import (build_report, format_prediction, pretrain_pfs_days, seed_dir,
-                                          write_predictions, write_task_result)
+from electra_ds.train.glue_report import (build_report, format_prediction, pretrain_pfs_days, primary_score,
+                                          seed_dir, write_predictions, write_task_result)
 
 
 def test_metrics_match_hand_values_and_libraries():
@@ -51,6 +51,22 @@ def test_metric_edge_cases():
     assert s["median"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1) and (s["min"], s["max"], s["n"]) == \
         (0.5, 0.7, 3)
     assert summarize([0.4])["std"] == 0.0
+
+
+def test_summary_median_is_the_middle_value_not_the_mean():
+    s = summarize([0.1, 0.9, 0.2])
+    assert s["median"] == pytest.approx(0.2) and s["mean"] == pytest.approx(0.4)
+    assert summarize([0.1, 0.2, 0.9, 1.0])["median"] == pytest.approx(0.55)
+
+
+def test_sts_b_is_scored_by_spearman():
+    """GLUE's STS-B table metric (as ELECTRA reports it) is Spearman's correlation, not Pearson's."""
+    stsb = TASKS["STS-B"]
+    assert stsb.metric == "correlation" and stsb.primary == "spearman"
+    run = {"dev": {"dev": {"spearman": 0.81, "pearson": 0.86}}}
+    assert primary_score(stsb, run) == 0.81
+    summary = {"dev": {"spearman": {"median": 0.8}, "pearson": {"median": 0.9}}}
+    assert primary_score(stsb, summary, "median") == 0.8
 
 
 def test_prediction_format():

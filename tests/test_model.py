@@ -46,6 +46,26 @@ def test_presets_and_generator_rounding():
     assert preset("small", hidden_size=512, num_attention_heads=8).hidden_size == 512
 
 
+def test_generator_shape_rounds_to_nearest_and_slots_add_half_a_percent():
+    """google-research/electra rounds the scaled width and depth (256 x 0.3 = 76.8 -> 77, 12 x 0.3 = 3.6 -> 4), and
+    sizes the masked slots as int((p + 0.005) x length)."""
+    g = ElectraConfig(hidden_size=256, generator_size=0.3, generator_layer_size=0.3).generator
+    assert (g.hidden_size, g.num_hidden_layers, g.intermediate_size) == (77, 4, 308)
+    assert max_predictions(512, 0.15) == 79 and max_predictions(512, 0.25) == 130
+
+
+def test_objective_weights_are_the_recipe_ones():
+    """ELECTRA's loss is mlm + 50 x disc (google-research/electra disc_weight=50)."""
+    assert ElectraConfig().mlm_weight == 1.0 and ElectraConfig().disc_weight == 50.0
+    assert preset("tiny").disc_weight == 50.0 and preset("large").mlm_weight == 1.0
+    torch.manual_seed(0)
+    model = ElectraForPretraining(no_dropout("tiny", vocab_size=100)).eval()
+    ids, mask = make_batch(100, batch=4, length=16, pad_from={1: 9})
+    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=100, max_predictions=3, seed=1)
+    out = model(ids, mask, None, plan, torch.tensor(5))
+    torch.testing.assert_close(out.loss, out.mlm_loss + 50.0 * out.disc_loss)
+
+
 def test_padding_row_starts_at_zero_and_a_null_pad_id_zeroes_nothing():
     def embeddings(pad_token_id):
         torch.manual_seed(0)
@@ -312,6 +332,65 @@ def test_labels_mark_only_changed_tokens_and_losses_are_finite():
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def perturbed_tiny(vocab: int) -> ElectraForPretraining:
+    """A dropout-free tiny model with weights far enough from their initial values that per-token losses differ."""
+    torch.manual_seed(0)
+    model = ElectraForPretraining(no_dropout("tiny", vocab_size=vocab)).eval()
+    with torch.no_grad():
+        for w in model.flat.values():
+            w.add_(torch.randn_like(w) * 0.1)
+    return model
+
+
+def test_mlm_loss_is_the_mean_over_real_masked_slots():
+    """Rows with fewer masked tokens than slots: the padding slots (weight 0) count neither in the sum nor in the
+    count. Recomputed from the generator's logits at the plan's positions."""
+    vocab = 80
+    model = perturbed_tiny(vocab)
+    ids, mask = make_batch(vocab, batch=4, length=24, pad_from={1: 8, 2: 14})
+    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=vocab, max_predictions=6,
+                       seed=3)
+    real = plan.masked_weights > 0
+    assert (~real).sum(1).min() > 0 and real.sum() > 4  # every row has unused slots
+    out = model(ids, mask, None, plan, torch.tensor(1))
+    with torch.no_grad():
+        logits = model.generator_logits(plan.generator_input_ids, mask, positions=plan.masked_positions)
+    per_slot = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), plan.masked_ids.reshape(-1),
+                                                 reduction="none").view(real.shape)
+    torch.testing.assert_close(out.mlm_loss, per_slot[real].mean())
+    assert abs(per_slot.mean() - per_slot[real].mean()) > 1e-3  # the test can tell the two apart
+
+
+def test_disc_loss_is_the_mean_bce_over_real_tokens():
+    """Padding neither adds to the discriminator's loss nor to its count: ids at padding positions change nothing."""
+    vocab = 80
+    model = perturbed_tiny(vocab)
+    ids, mask = make_batch(vocab, batch=4, length=24, pad_from={1: 8, 2: 14})
+    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=vocab, max_predictions=6,
+                       seed=3)
+    out = model(ids, mask, None, plan, torch.tensor(1))
+    real = mask.bool()
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(out.disc_logits[real], out.labels[real].float())
+    torch.testing.assert_close(out.disc_loss, expected)
+    other = ids.masked_fill(~real, 77)  # other ids where the attention mask is 0
+    again = model(other, mask, None, plan, torch.tensor(1))
+    torch.testing.assert_close(again.disc_loss, out.disc_loss)
+
+
+def test_mlm_loss_reaches_the_tied_embedding_rows_through_the_output_layer():
+    """The generator's output layer is the word embedding matrix itself: the MLM loss's gradient reaches the rows of
+    ids that no input holds (only the output softmax reads them)."""
+    vocab = 100
+    torch.manual_seed(0)
+    model = ElectraForPretraining(no_dropout("tiny", vocab_size=vocab))
+    ids, mask = make_batch(50, batch=3, length=16)  # ids below 50
+    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=vocab, max_predictions=3, seed=0)
+    assert not (plan.generator_input_ids >= 50).any()
+    model(ids, mask, None, plan, torch.tensor(0)).mlm_loss.backward()
+    word = model.views(flats={k: p.grad for k, p in model.flat.items()})[f"{EMB}.word_embeddings.weight"]
+    assert word[50:].abs().sum(dim=1).gt(0).all()
 
 
 def test_autocast_casts_each_buffer_once_with_the_same_results(monkeypatch):

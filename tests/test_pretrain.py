@@ -82,6 +82,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
 
 # -- pieces ----------------------------------------------------------------------------------------------------
 
+
 def test_schedule_is_warmup_times_linear_decay():
     f = linear_warmup_decay(10, 100)
     assert f(0) == 0.0
@@ -111,6 +112,23 @@ def test_electra_adam_is_adam_without_bias_correction_with_decoupled_decay():
             ref[i] = ref[i] - 0.1 * (m[i] / (v[i].sqrt() + 1e-6) + wd * ref[i])
     torch.testing.assert_close(decay.detach().double(), ref[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(no_decay.detach().double(), ref[1], rtol=1e-5, atol=1e-6)
+
+
+def test_electra_adam_clips_only_above_max_grad_norm():
+    """The clipping coefficient is min(1, max_grad_norm / norm): a gradient norm below the limit steps unclipped."""
+    grad = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    grad /= grad.norm()  # norm 1, far below 100
+    results = []
+    for max_grad_norm in (0.0, 100.0):  # 0: no clipping
+        p = torch.nn.Parameter(torch.ones(64))
+        opt = ElectraAdam([p], lr=0.1, weight_decay=0.01, max_grad_norm=max_grad_norm)
+        p.grad = grad.clone()
+        opt.step()
+        results.append((p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone()))
+    assert float(opt.grad_norm) == pytest.approx(1.0, rel=1e-5)
+    for clipped, unclipped in zip(*results):
+        assert torch.equal(clipped, unclipped)
+    torch.testing.assert_close(results[1][1], 0.1 * grad)  # exp_avg = (1 - beta1) x the unscaled gradient
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -150,6 +168,37 @@ def test_seeds_are_distinct_per_step_rank_and_stream():
     seeds = {derive_seed(42, step, rank, stream) for step in range(50) for rank in range(4) for stream in (1, 2)}
     assert len(seeds) == 400
     assert derive_seed(42, 7, 1, 1) == derive_seed(42, 7, 1, 1) < 2 ** 62
+
+
+def test_masks_and_samples_differ_across_ranks():
+    """Each rank masks and samples with its own seeds: the same step and batch on ranks 0 and 1 get other masks."""
+    from electra_ds.train.pretrain import masking_inputs
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 100, (4, 32), generator=g)
+    ids[:, 0], ids[:, -1] = 2, 3
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    kw = dict(vocab_size=100, special_ids={"pad": 0, "cls": 2, "sep": 3, "mask": 4}, mlm_probability=0.15,
+              max_predictions=5, step=7, seed=42)
+    (plan0, seed0), (again, seed_again), (plan1, seed1) = (masking_inputs(batch, rank=r, **kw) for r in (0, 0, 1))
+    assert torch.equal(plan0.masked_positions, again.masked_positions) and int(seed0) == int(seed_again)
+    assert int(seed0) != int(seed1)
+    assert not torch.equal(plan0.masked_positions, plan1.masked_positions)
+    assert int(seed1) == derive_seed(42, 7, 1, pretrain.SAMPLE_STREAM)
+
+
+@pytest.mark.parametrize("size, probability, slots", [("tiny", 0.15, 19), ("small", 0.15, 19), ("base", 0.15, 79),
+                                                      ("large", 0.25, 130)])
+def test_recipes_mask_15_percent_and_large_25(size, probability, slots):
+    """DESIGN.md: 15% of tokens masked; ELECTRA-Large masks 25%. Without --mlm_probability the plan uses the recipe."""
+    from electra_ds.config import RECIPES
+
+    assert RECIPES[size]["mlm_probability"] == probability
+    plan = make_plan(parse_args(["--model_size", size, "--data", "x", "--deepspeed_config", "fp32"]), world_size=1)
+    assert (plan.mlm_probability, plan.max_predictions) == (probability, slots)
+    flagged = make_plan(parse_args(["--model_size", size, "--data", "x", "--deepspeed_config", "fp32",
+                                    "--mlm_probability", "0.2"]), world_size=1)
+    assert flagged.mlm_probability == 0.2
 
 
 def test_rc2020_step_flags_count_samples_and_the_readme_command_parses():
@@ -254,7 +303,67 @@ def test_engine_step_equals_a_hand_written_step(corpus):
     assert engine.get_lr()[0] == pytest.approx(1e-2 * 0.75)  # the schedule stepped once: (1 - 1/4)
 
 
+def test_evaluation_leaves_the_training_rng_as_it_was(corpus, monkeypatch):
+    """evaluate() runs in a forked RNG: whatever it draws from the global generator (here one draw per batch, as
+    dropout left on or a DataLoader would) leaves the training's dropout noise where it was."""
+    from electra_ds.config import preset
+    from electra_ds.data.sampler import SegmentSampler
+    from electra_ds.model import ElectraForPretraining
+    from electra_ds.train.pretrain import evaluate
+
+    cache = TokenCache(corpus)
+    model = ElectraForPretraining(preset("tiny", vocab_size=cache.vocab_size))
+
+    class Bare:  # what evaluate() needs of an engine
+        module, global_rank, device = model, 0, torch.device("cpu")
+        eval, train = model.eval, model.train
+
+        def __call__(self, *args):
+            return model(*args)
+
+    forward_once = pretrain.forward
+    draws = []
+
+    def drawing_forward(*args, **kwargs):
+        draws.append(torch.rand(()))
+        return forward_once(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "forward", drawing_forward)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    values = evaluate(Bare(), SegmentSampler(cache, 32, 4, seed=1), batches=2, special_ids=cache.special_ids,
+                      mlm_probability=0.15, max_predictions=5, seed=3, mask_replace_prob=0.85)
+    assert len(draws) == 2 and np.isfinite(values["loss"]) and model.training
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_dropout_is_seeded_per_rank(corpus, tmp_path, monkeypatch):
+    """After building the model (same weights everywhere) each rank seeds the global RNG, which dropout draws from,
+    with its own seed: derive_seed(seed, 0, rank, DROPOUT_STREAM). Run here as rank 1 up to that point."""
+    from electra_ds.seeding import DROPOUT_STREAM
+
+    class Seeded(Exception):
+        pass
+
+    seeds = []
+
+    def recording_seed_everything(seed):
+        seeds.append(seed)
+        if len(seeds) == 2:
+            raise Seeded
+
+    setup = ds_engine.setup_distributed
+    monkeypatch.setattr(ds_engine, "setup_distributed", lambda *a, **kw: (1, *setup(*a, **kw)[1:]))
+    monkeypatch.setattr(pretrain, "prepare_cache", lambda args, rank: Path(args.data))
+    monkeypatch.setattr(pretrain, "seed_everything", recording_seed_everything)
+    with pytest.raises(Seeded):
+        train(corpus, tmp_path / "out", steps=1)
+    assert seeds == [42, derive_seed(42, 0, 1, DROPOUT_STREAM)]
+    assert derive_seed(42, 0, 1, DROPOUT_STREAM) != derive_seed(42, 0, 0, DROPOUT_STREAM)
+
+
 # -- bad input: a clear error before any engine is built ------------------------------------------------------
+
 
 @pytest.mark.parametrize("extra, message", [
     (["--max_length", "256"], "longer than the model's 128 positions"),
@@ -308,6 +417,7 @@ def test_source_flags_reach_the_cache(tmp_path):
 
 # -- the real engine --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("ds_config", ["fp32", "bf16", "bf16_zero2", "bf16_zero3"])
 def test_engine_trains_each_precision_and_zero_stage(corpus, tmp_path, ds_config):
     out = tmp_path / "out"
@@ -334,6 +444,15 @@ def test_zero_resume_from_a_checkpoint_repeats_the_run(corpus, tmp_path, ds_conf
     checkpoint = tmp_path / "reference" / "checkpoints" / "step00000002"
     resumed = losses(train(corpus, tmp_path / "resumed", "--deepspeed_config", ds_config, "--resume",
                            str(checkpoint), steps=4))
+    assert resumed == {3: reference[3], 4: reference[4]}
+
+
+def test_resume_with_gradient_accumulation_repeats_the_run(corpus, tmp_path):
+    """The data position counts micro-batches: a resume at step 2 of 2 micro-batches a step continues at the 5th."""
+    accumulate = ("--gradient_accumulation_steps", "2", "--save_steps", "16")  # global batch 8: saves every 2 steps
+    reference = losses(train(corpus, tmp_path / "reference", *accumulate, steps=4))
+    checkpoint = tmp_path / "reference" / "checkpoints" / "step00000002"
+    resumed = losses(train(corpus, tmp_path / "resumed", *accumulate, "--resume", str(checkpoint), steps=4))
     assert resumed == {3: reference[3], 4: reference[4]}
 
 
@@ -431,6 +550,7 @@ def test_fp16_overflow_skips_steps_and_keeps_weights_finite(corpus, tmp_path):
 
 
 # -- checkpoints and resume -------------------------------------------------------------------------------------
+
 
 def test_resume_after_sigkill_repeats_the_uninterrupted_run(corpus, tmp_path):
     steps = 24
