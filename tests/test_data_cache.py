@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,45 @@ def test_round_trip_text_cache_windows(data_files, data_docs, data_tokenizer, tm
         assert ids[0] == tok.token_to_id("[CLS]") and ids[n - 1] == tok.token_to_id("[SEP]")
         window = tok.decode(ids[1:n - 1].tolist())
         assert window and window.split(" ", 1)[-1].rsplit(" ", 1)[0] in normalized
+
+
+ORPHAN_SCRIPT = """
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from electra_ds.data import cache
+
+if __name__ == "__main__":
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=cache._die_with,
+                               initargs=(os.getpid(),))
+    print(pool.submit(os.getpid).result(), flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_build_workers_end_with_a_killed_build(tmp_path):
+    """A SIGKILLed build (no clean-up runs) takes its tokenizing workers with it instead of leaving them waiting."""
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait()
+        deadline = time.time() + 20
+        while _running(worker) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _running(worker), "the worker outlived the killed build"
+    finally:
+        parent.kill()
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` is alive (an unreaped zombie is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
 
 
 def test_parallel_build_matches_in_process(data_files, data_tokenizer, tmp_path):

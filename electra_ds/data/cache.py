@@ -34,6 +34,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -129,10 +131,23 @@ def _split_of(doc: int, period: int) -> str:
 _worker_tokenizer = None
 
 
-def _init_worker(tokenizer_json: str) -> None:
+def _init_worker(tokenizer_json: str, parent: int) -> None:
     global _worker_tokenizer
+    _die_with(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
     _worker_tokenizer = text_tokenizer(tokenizer_json)
+
+
+def _die_with(parent: int) -> None:
+    """Linux: end this worker when the build process dies. A killed build's workers would otherwise wait forever on
+    their task queue, whose writing end they hold themselves."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the build died before the call above
+        os._exit(1)
 
 
 def _encode(tok, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -160,7 +175,7 @@ def _tokenized(batches: Iterator[tuple[list, list[str]]], tokenizer_json: str,
     import multiprocessing
 
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker, initargs=(tokenizer_json,)) as pool:
+                             initializer=_init_worker, initargs=(tokenizer_json, os.getpid())) as pool:
         pending: deque = deque()
         try:
             for meta, texts in batches:
