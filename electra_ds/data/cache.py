@@ -459,16 +459,9 @@ def _tokenize_into_shards(out: Path, state: dict, src: Source, tok, period: int,
             yield meta, texts
 
     tokens = 0
-    id_limit = int(np.iinfo(_DTYPES[state["dtype"]]).max)
-    try:
+    try:  # every id fits the dtype: dtype_for sized it by the tokenizer's largest id + 1
         for meta, flat, lengths in _tokenized(batches(), tok.to_str(), workers):
             offsets = np.concatenate(([0], np.cumsum(lengths)))
-            if len(flat) and int(flat.max()) > id_limit:  # storing it would wrap around silently
-                first = int(np.argmax(flat > id_limit))
-                doc = meta[int(np.searchsorted(offsets, first, side="right")) - 1][0]
-                raise CacheError(f"source {src.spec}, document {doc}: token id {int(flat.max())} does not fit "
-                                 f"{state['dtype']} (the tokenizer's largest id + 1 is {state['vocab_size']}); "
-                                 "use dtype='uint32'")
             for (doc, ends, split), a, b in zip(meta, offsets[:-1], offsets[1:]):
                 writers[split].add(doc, flat[a:b], ends)
             tokens += int(offsets[-1])

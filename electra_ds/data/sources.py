@@ -237,10 +237,8 @@ def _paragraphs(blocks: Iterable[str]) -> Iterator[Chunk]:
             yield carry, False
             carry, open_doc = "", True
         carry += tail
-    for part in _BLANK_LINES.split(carry):
-        if part.strip() or open_doc:
-            yield part, True
-        open_doc = False
+    if carry.strip() or open_doc:  # no blank line is left in carry: the loop split or stood in for each
+        yield carry, True
 
 
 class LocalFiles(Source):
@@ -256,7 +254,7 @@ class LocalFiles(Source):
         self.root = Path(path).expanduser().resolve()
         self.spec = str(self.root)
         self.doc_split, self.text_field = doc_split, text_field
-        self.skipped: list[Path] = []  # files of unsupported type in the folder
+        self.unsupported = 0  # files of other types in the folder, skipped
         self.files = self._list_files()
         self.progress_total = sum(f.stat().st_size for f in self.files)
 
@@ -272,11 +270,12 @@ class LocalFiles(Source):
                            if not any(part.startswith(".") for part in p.relative_to(self.root).parts)
                            and p.is_file())
             files = [p for p in found if _supported(p)]
-            self.skipped = [p for p in found if not _supported(p)]
-            if self.skipped:
-                names = ", ".join(str(p.relative_to(self.root)) for p in self.skipped[:5])
+            skipped = [p for p in found if not _supported(p)]
+            self.unsupported = len(skipped)
+            if skipped:
+                names = ", ".join(str(p.relative_to(self.root)) for p in skipped[:5])
                 log.warning("%s: skipped %d file(s) of unsupported type (%s%s; supported: %s)", self.root,
-                            len(self.skipped), names, ", ..." if len(self.skipped) > 5 else "", ", ".join(SUFFIXES))
+                            len(skipped), names, ", ..." if len(skipped) > 5 else "", ", ".join(SUFFIXES))
             if not files:
                 raise SourceError(f"no {', '.join(SUFFIXES)} files under {self.root}")
         for f in files:
@@ -292,7 +291,7 @@ class LocalFiles(Source):
         return h.hexdigest()[:16]
 
     def _chunks(self, progress: Progress) -> Iterator[Chunk]:
-        self.stats.unsupported_files_skipped = len(self.skipped)
+        self.stats.unsupported_files_skipped = self.unsupported
         for path in self.files:
             self.stats.files += 1
             name, suffix = str(path), path.name.lower()
