@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from electra_ds.data import glue
-from electra_ds.data.glue import DIAGNOSTIC, TASKS, GlueDataError, MissingData, get_task, load_split, read_tsv
+from electra_ds.data.glue import (DIAGNOSTIC, TASKS, GlueDataError, MissingData, check_glue_dir, get_task, load_split,
+                                  read_tsv)
 
 REAL_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
@@ -174,7 +175,7 @@ def test_glue_dir_that_does_not_exist_is_an_error(tmp_path):
     """A mistyped GLUE_DIR must fail, not make every task absent; a task missing from a real one is absent."""
     for glue_dir, message in ((tmp_path / "glu", "does not exist"), (tmp_path, "holds none of the task folders")):
         with pytest.raises(FileNotFoundError, match=f"GLUE directory {glue_dir} {message}.*--glue_dir") as failed:
-            load_split(TASKS["RTE"], "train", glue_dir)
+            check_glue_dir(glue_dir)
         assert not isinstance(failed.value, MissingData)
     (tmp_path / "RTE").mkdir()
     with pytest.raises(MissingData, match="QQP train: no file"):

@@ -153,9 +153,7 @@ def split_path(task: GlueTask, split: str, glue_dir: str | Path) -> Path:
 def load_split(task: GlueTask, split: str, glue_dir: str | Path | None = None) -> list[GlueExample]:
     """Examples of `split` from `glue_dir` (original TSV layout) or, when None, from Hugging Face datasets."""
     if glue_dir is not None:
-        path = split_path(task, split, glue_dir)
-        check_glue_dir(glue_dir)
-        return read_tsv(task, split, path)
+        return read_tsv(task, split, split_path(task, split, glue_dir))
     return read_hf(task, split)
 
 

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from electra_ds.config import ElectraConfig
 from electra_ds.data.cache import TOKENIZER_DIR
-from electra_ds.data.glue import DIAGNOSTIC, GlueExample, GlueTask, MissingData, get_task, load_split
-from electra_ds.data.tokenizer import load_tokenizer, special_ids, text_tokenizer
+from electra_ds.data.glue import (DIAGNOSTIC, GlueExample, GlueTask, MissingData, check_glue_dir, get_task,
+                                  load_split)
+from electra_ds.data.tokenizer import load_tokenizer, special_ids, text_tokenizer, tokenizer_hash
 from electra_ds.data.tokenizer import vocab_size as tokenizer_vocab_size
 from electra_ds.model.classifier import ElectraClassifier
 from electra_ds.model.hf import RUN_CONFIG, discriminator_config_from_hf, load_pretrained, read_hf_dir
@@ -328,6 +329,8 @@ def load_task_data(task: GlueTask, glue_dir: str | Path | None, max_train_sample
     splits exist (MNLI also predicts the diagnostic set, AX). `double_unordered`: a task whose pairs have no
     order (MRPC, STS-B) trains on each pair twice, once swapped, as google-research/electra does (after the
     `max_train_samples` cap on the rows read)."""
+    if glue_dir is not None:
+        check_glue_dir(glue_dir)
     train_rows = load_split(task, "train", glue_dir)
     if max_train_samples is not None and max_train_samples < len(train_rows):
         keep = np.sort(np.random.default_rng(0).permutation(len(train_rows))[:max_train_samples])
@@ -460,11 +463,9 @@ def run_task(model_path: str | Path, task_name: str, out_dir: str | Path, *, see
     encoded.update({stem: encode(tokenizer, rows, args.max_length) for stem, (_, rows) in data.test.items()})
 
     ds_config_file = ds_engine.resolve_ds_config(args.ds_config)
-    settings = {"weights_sha256": disc.weights_sha256, "tokenizer": str(Path(tok_path).resolve()),
+    settings = {"weights_sha256": disc.weights_sha256, "tokenizer": tokenizer_hash(tokenizer),
                 "glue_dir": None if glue_dir is None else str(Path(glue_dir).resolve()), "args": asdict(args),
-                "ds_config_file": str(ds_config_file.resolve()), "ds_config": ds_config_file.read_text(),
-                "world_size": world_size,
-                "test_files": sorted(data.test)}
+                "ds_config": ds_config_file.read_text(), "world_size": world_size, "test_files": sorted(data.test)}
     earlier = {seed: finished_run(out_dir, task, seed, settings) for seed in seeds}  # before any rank writes one
     runs = []
     for seed in seeds:
