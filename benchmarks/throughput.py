@@ -104,11 +104,6 @@ class Variant:
         """Which FLOP count applies: HF's generator head runs on every position, ours on the masked ones."""
         return "hf" if self.builder == "hf" else "ours"
 
-    @property
-    def mode(self) -> str | None:
-        """The `mode` argument of torch.compile."""
-        return None if self.compile in (None, "default") else self.compile
-
 
 @dataclass
 class Setup:
@@ -187,7 +182,7 @@ def eager_training_step(setup: Setup, forward: Callable, optimizer: torch.optim.
     if variant.compile:
         from electra_ds.train.pretrain import compiled_masking
 
-        mask_fn = compiled_masking(variant.mode)
+        mask_fn = compiled_masking(variant.compile)
 
     def clip() -> None:
         if not ours:
@@ -217,18 +212,18 @@ def eager_training_step(setup: Setup, forward: Callable, optimizer: torch.optim.
 
 
 def build_hf(setup: Setup, variant: Variant) -> Runner:
-    compiled, mode = variant.compile is not None, variant.mode
+    mode = variant.compile
     torch.manual_seed(setup.seed)
     model = build_hf_pair(setup.config).to(setup.device).train()
     optimizer = torch.optim.AdamW(hf_param_groups(model, 0.01), lr=setup.learning_rate, betas=(0.9, 0.999), eps=1e-6,
                                   fused=setup.device.type == "cuda" or None)
-    module = torch.compile(model, mode=mode) if compiled else model
+    module = torch.compile(model, mode=mode) if mode else model
 
     def forward(batch: dict[str, torch.Tensor], plan: MaskingPlan, seed: torch.Tensor) -> torch.Tensor:
         return module(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], plan).loss
 
     notes = "torch AdamW " + ("fused" if setup.device.type == "cuda" else "foreach") + \
-        (f", torch.compile(mode={mode!r})" if compiled else "")
+        (f", torch.compile(mode={mode!r})" if mode else "")
     return Runner(eager_training_step(setup, forward, optimizer, variant), "n/a (HF)", notes)
 
 
@@ -236,18 +231,18 @@ def build_ours_bare(setup: Setup, variant: Variant) -> Runner:
     from electra_ds.model.electra import ElectraForPretraining
     from electra_ds.train.engine import build_optimizer
 
-    compiled, mode = variant.compile is not None, variant.mode
+    mode = variant.compile
     backend = kernel_choice(setup, variant)
     torch.manual_seed(setup.seed)
     model = ElectraForPretraining(setup.config).to(setup.device).train()
     optimizer = build_optimizer(model.param_groups(0.01), lr=setup.learning_rate, name="electra_adam",
                                 max_grad_norm=1.0)  # clipping on the device, as the engine hands it over
-    module = torch.compile(model, mode=mode) if compiled else model
+    module = torch.compile(model, mode=mode) if mode else model
 
     def forward(batch: dict[str, torch.Tensor], plan: MaskingPlan, seed: torch.Tensor) -> torch.Tensor:
         return module(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], plan, seed).loss
 
-    notes = "ElectraAdam" + (f", torch.compile(mode={mode!r})" if compiled else "")
+    notes = "ElectraAdam" + (f", torch.compile(mode={mode!r})" if mode else "")
     return Runner(eager_training_step(setup, forward, optimizer, variant), backend, notes)
 
 
@@ -256,7 +251,7 @@ def build_ours_ds(setup: Setup, variant: Variant) -> Runner:
     from electra_ds.train import engine as ds_engine
     from electra_ds.train.pretrain import compile_engine, pretraining_step
 
-    compiled, mode = variant.compile is not None, variant.mode
+    mode = variant.compile
     backend = kernel_choice(setup, variant)
     ds_engine.setup_distributed()
     ds_config = ds_engine.load_ds_config(setup.precision, micro_batch_size=setup.batch_size,
@@ -266,7 +261,7 @@ def build_ours_ds(setup: Setup, variant: Variant) -> Runner:
     engine = ds_engine.initialize(model, ds_config, learning_rate=setup.learning_rate,
                                   warmup_steps=setup.warmup_steps, max_steps=setup.max_steps, weight_decay=0.01,
                                   optimizer="electra_adam")
-    mask_fn = compile_engine(engine, mode) if compiled else mask_tokens
+    mask_fn = compile_engine(engine, mode) if mode else mask_tokens
 
     def step(i: int) -> torch.Tensor:
         out = pretraining_step(engine, setup.our_batch(i), special_ids=setup.specials,
@@ -277,7 +272,7 @@ def build_ours_ds(setup: Setup, variant: Variant) -> Runner:
     clipping = "ElectraAdam, clipping on the device" if engine.basic_optimizer.max_grad_norm else \
         "ElectraAdam, DeepSpeed's clipping"
     notes = f"DeepSpeed ds_configs/{setup.precision}.json ({ds_engine.precision(ds_config)}), {clipping}" + \
-        (f", engine.compile(mode={mode!r})" if compiled else "")
+        (f", engine.compile(mode={mode!r})" if mode else "")
     return Runner(step, backend, notes, engine.destroy)
 
 

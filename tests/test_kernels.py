@@ -304,7 +304,8 @@ def test_pretraining_step_with_kernels_matches_twins(device, embedding_size, aut
     if autocast:
         monkeypatch.setattr(kernels, "gumbel_sample", lambda *args: samples[0])
     out, flat, grads = step("triton")
-    assert torch.equal(out.disc_input, ref.disc_input)
+    if not autocast:  # under autocast the kernel run was given these samples
+        assert torch.equal(out.disc_input, ref.disc_input)
     rtol, grad_tol = (2e-3, 5e-2) if autocast else (1e-5, 1e-4)
     for name in ("loss", "mlm_loss", "disc_loss"):
         torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=rtol, atol=0)
