@@ -29,6 +29,7 @@ TASKS=${TASKS:-CoLA,SST-2,MRPC,STS-B,QQP,MNLI,QNLI,RTE,WNLI}
 PYTHON=${PYTHON:-python3}
 LAUNCHER=${LAUNCHER:-$PYTHON}
 
+# glue.py checks it as well, but under a LAUNCHER every process would fail, with the launcher's exit code
 if [[ -n ${GLUE_DIR:-} && ! -d $GLUE_DIR ]]; then
     echo "$0: GLUE_DIR=$GLUE_DIR is not a directory; set it to the GLUE data (original TSV layout), or unset it" \
          "to read Hugging Face datasets" >&2

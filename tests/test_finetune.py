@@ -2,6 +2,7 @@
 rules, submission files, HF discriminator directories, bad input, and launch/glue.sh end to end."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import random
@@ -153,8 +154,8 @@ def test_recipe_of_google_research_electra(setup):
         swapped = [(r.guid, r.text_b, r.text_a, r.label) for r in once]
         assert [tuple(r) for r in twice] == ([tuple(r) for r in once] + swapped if doubled else
                                              [tuple(r) for r in once]), name
-    assert loss_fn(torch.tensor([[0.8]]), torch.tensor([4.0]), True, 5.0).item() == pytest.approx(0.0)
-    assert loss_fn(torch.tensor([[0.8]]), torch.tensor([4.0]), True).item() == pytest.approx(3.2 ** 2)
+    assert loss_fn(torch.tensor([[0.8]]), torch.tensor([4.0]), TASKS["STS-B"]).item() == pytest.approx(0.0)
+    assert loss_fn(torch.tensor([[0.6]]), torch.tensor([4.0]), TASKS["STS-B"]).item() == pytest.approx(0.2 ** 2)
     weight = build_classifier(load_discriminator(setup["run"]), TASKS["RTE"], seed=0).named_weights()[
         "classifier.weight"]
     bound = (6 / sum(weight.shape)) ** 0.5  # Glorot uniform; the encoder's normal(0.02) would stay far below it
@@ -191,15 +192,16 @@ def test_evaluation_is_deterministic(setup):
     tok = load_tokenizer(setup["tokenizer"])
     rows = [GlueExample(str(i), _sentence(random.Random(i), i % 2), "the plot was fine", 1.0) for i in range(12)]
     data = encode(tok, rows, 32, regression=True)
-    first = predict(engine, data, 5, regression=True)
-    second = predict(engine, data, 12, regression=True)
-    np.testing.assert_array_equal(first, predict(engine, data, 5, regression=True))  # bit-identical again
-    np.testing.assert_allclose(predict(engine, data, 5, regression=True, score_max=5.0), 5 * first, rtol=1e-6)
-    assert predict(engine, encode(tok, [], 32), 5, regression=False).shape == (0,)  # an empty test split
+    unit_scores = dataclasses.replace(TASKS["STS-B"], score_max=1.0)  # the model's raw output
+    first = predict(engine, data, 5, unit_scores)
+    second = predict(engine, data, 12, unit_scores)
+    np.testing.assert_array_equal(first, predict(engine, data, 5, unit_scores))  # bit-identical again
+    np.testing.assert_allclose(predict(engine, data, 5, TASKS["STS-B"]), 5 * first, rtol=1e-6)
+    assert predict(engine, encode(tok, [], 32), 5, TASKS["RTE"]).shape == (0,)  # an empty test split
     np.testing.assert_allclose(first, second, rtol=2e-2, atol=2e-2)  # other batches: rounding only (bf16 on GPU)
     assert engine.module.training  # predict restores the mode it found: training ...
     engine.eval()
-    predict(engine, data, 5, regression=True)
+    predict(engine, data, 5, unit_scores)
     assert not engine.module.training  # ... or eval (DeepSpeedEngine.training itself never changes)
     batch = {k: v.to(engine.device) for k, v in data.batch(range(12)).items()}
     with torch.no_grad():
@@ -316,6 +318,7 @@ def test_missing_data_keeps_results_and_a_bad_data_source_is_an_error(setup, tmp
     env = {**child_env(), "TASKS": "RTE", "GLUE_DIR": str(tmp_path / "glu"), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(REPO / "launch" / "glue.sh"), str(setup["run"]), str(out)], env=env,
                           capture_output=True, text=True, timeout=60)
+    # refused by glue.sh itself: under a LAUNCHER (torchrun) glue.py's own check would fail in every process
     assert proc.returncode == 2 and f"GLUE_DIR={tmp_path / 'glu'} is not a directory" in proc.stderr
     assert (out / "RTE" / "result.json").read_text() == before
     assert (out / "submission" / "RTE.tsv").read_text() == submission

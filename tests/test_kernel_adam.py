@@ -14,11 +14,9 @@ pytest.importorskip("triton")
 
 from electra_ds import kernels  # noqa: E402
 from electra_ds.kernels import adam, reference  # noqa: E402
+from model_helpers import GPU, kernel_devices, randn  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-CPU = pytest.mark.skipif(not INTERPRET, reason="CPU kernels need TRITON_INTERPRET=1")
-DEVICES = [pytest.param("cpu", marks=CPU), pytest.param("cuda", marks=GPU)]
+DEVICES = kernel_devices()
 HYPER = dict(beta1=0.9, beta2=0.999, eps=1e-6)
 LRS = (1e-3, 5e-4, 2e-3)  # a new lr each step
 # Both sides compute in fp32 (states agree to fp32 rounding); param is rounded once to its dtype, which can move
@@ -31,15 +29,11 @@ PARAM_TOL = {torch.float32: STATE_TOL, torch.bfloat16: dict(atol=1e-3, rtol=1.6e
 INTERPRETED_BF16_TOL = dict(atol=1e-3, rtol=(len(LRS) + 1) * 2**-7)
 
 
-def _randn(shape, seed, dtype=torch.float32, device="cpu", scale=1.0):
-    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale).to(device, dtype)
-
-
 def _states(shape, param_dtype, device):
     """param, exp_avg, exp_avg_sq as after some training: v >= 0, a few exact zeros in m and v."""
-    m, v = _randn(shape, 2, device=device, scale=0.1), _randn(shape, 3, device=device, scale=0.01).square()
+    m, v = randn(shape, 2, device=device, scale=0.1), randn(shape, 3, device=device, scale=0.01).square()
     m.view(-1)[::7], v.view(-1)[::7] = 0.0, 0.0
-    return _randn(shape, 1, param_dtype, device), m, v
+    return randn(shape, 1, param_dtype, device), m, v
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -53,7 +47,7 @@ def test_kernel_matches_twin(triton_backend, device, param_dtype, grad_dtype, sh
     tp, tm, tv = p.clone(), m.clone(), v.clone()
     scale = torch.tensor(0.37, device=device) if scaled else None
     for step, lr in enumerate(LRS):
-        grad = _randn(shape, 10 + step, grad_dtype, device, scale=3.0)
+        grad = randn(shape, 10 + step, grad_dtype, device, scale=3.0)
         kernels.adam_step(p, grad, m, v, lr=lr, weight_decay=weight_decay, grad_scale=scale, **HYPER)
         reference.adam_step(tp, grad, tm, tv, lr=lr, weight_decay=weight_decay, grad_scale=scale, **HYPER)
         assert p.dtype == param_dtype and p.shape == shape
@@ -100,7 +94,7 @@ def test_torch_backend_runs_the_twin(monkeypatch):
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=GPU)])
 def test_new_lr_reuses_compiled_kernel(triton_backend, device):
     p, m, v = _states((5000,), torch.bfloat16, device)
-    g = _randn((5000,), 4, torch.bfloat16, device)
+    g = randn((5000,), 4, torch.bfloat16, device)
     kernels.adam_step(p, g, m, v, lr=1e-3, weight_decay=0.01, **HYPER)
     caches = getattr(adam._electra_adam_step, "device_caches", None)
     if caches is None:

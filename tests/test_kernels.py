@@ -17,13 +17,10 @@ pytest.importorskip("triton")
 
 from electra_ds import kernels  # noqa: E402
 from electra_ds.kernels import reference  # noqa: E402
+from model_helpers import forward_backward, flat_grads, kernel_backend, kernel_devices, make_batch, mask_plan, \
+    no_dropout, perturbed, randn, softmax_counts  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU kernels need TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=[pytest.mark.gpu,
-                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
-]
+DEVICES = kernel_devices()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Both sides compute in fp32 and round once to the output dtype, so results differ by float32 rounding
 # (reduction order, erf/exp/log implementations), which can move a half-precision result by one unit in
@@ -34,9 +31,7 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5),
 
 
 def _make(shape, dtype, device, scale=1.0, seed=0, grad=True):
-    g = torch.Generator().manual_seed(seed)
-    t = (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dtype)
-    return t.requires_grad_(grad)
+    return randn(shape, seed, dtype, device, scale).requires_grad_(grad)
 
 
 def _run(fn, args, out_seed=123):
@@ -199,9 +194,7 @@ CHI2_999 = {5: 20.52}  # chi-square 0.999 quantile, 5 degrees of freedom
 
 
 def _chi2(samples: torch.Tensor, logits: torch.Tensor, temperature: float) -> float:
-    p = torch.softmax(logits.double() / temperature, dim=0)
-    counts = torch.bincount(samples.cpu(), minlength=p.numel()).double()
-    expected = p * samples.numel()
+    counts, expected = softmax_counts(samples, logits, temperature)
     return float(((counts - expected) ** 2 / expected).sum())
 
 
@@ -266,36 +259,18 @@ def test_pretraining_step_with_kernels_matches_twins(device, embedding_size, aut
     bf16 unit per op, which a few layers accumulate to about 2% of a weight's gradient norm). Under autocast a
     generator logit one bf16 unit off can flip a near-tie sample, so there the kernel run gets the twin run's
     samples (the samplers themselves are compared bit for bit above and in fp32 here)."""
-    from electra_ds.config import preset
-    from electra_ds.data.masking import mask_tokens
-    from electra_ds.model import ElectraForPretraining
-
     vocab = 128
-    torch.manual_seed(0)
-    model = ElectraForPretraining(preset("tiny", vocab_size=vocab, embedding_size=embedding_size,
-                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    with torch.no_grad():  # non-trivial LayerNorm and bias values
-        for w in model.flat.values():
-            w.add_(torch.randn_like(w) * 0.05)
-    model = model.to(device)
-    ids = torch.randint(5, vocab, (2, 16), generator=torch.Generator().manual_seed(1))
-    ids[:, 0], ids[:, -1], ids[1, 10], ids[1, 11:] = 2, 3, 3, 0
-    mask = (ids != 0).long()
+    model = perturbed(no_dropout("tiny", vocab_size=vocab, embedding_size=embedding_size), 0.05,
+                      training=True).to(device)
+    ids, mask = make_batch(vocab, batch=2, length=16, pad_from={1: 11}, seed=1)
     ids, mask = ids.to(device), mask.to(device)
-    plan = mask_tokens(ids, mask, mask_token_id=4, special_ids=(0, 2, 3, 4), vocab_size=vocab, max_predictions=3,
-                       seed=1)
+    plan = mask_plan(ids, mask, vocab_size=vocab, max_predictions=3, seed=1)
 
     def step(backend):
-        kernels.set_backend(backend)
-        try:
-            model.zero_grad(set_to_none=True)
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-                out = model(ids, mask, None, plan, torch.tensor(5, device=device))
-            out.loss.backward()
-        finally:
-            kernels.set_backend("auto")
-        flat_grads = {k: p.grad for k, p in model.flat.items()}
-        return out, flat_grads, model.views(flats=flat_grads)
+        with kernel_backend(backend):
+            out = forward_backward(model, ids, mask, plan, 5, autocast)
+        grads = flat_grads(model)
+        return out, grads, model.views(flats=grads)
 
     samples = []
     sample = kernels.gumbel_sample

@@ -9,28 +9,12 @@ import torch
 from electra_ds import kernels
 from electra_ds.config import ElectraConfig, max_predictions, preset
 from electra_ds.convert import main as convert_main
-from electra_ds.data.masking import mask_tokens
 from electra_ds.kernels import reference
 from electra_ds.model import ElectraClassifier, ElectraForPretraining, export_hf_pair, load_hf_pair, \
     load_pretrained, save_model
 from electra_ds.model.electra import EMB
-
-PAD, CLS, SEP, MASK = 0, 2, 3, 4
-SPECIAL = (PAD, CLS, SEP, MASK)
-
-
-def make_batch(vocab: int, batch: int = 3, length: int = 24, pad_from: dict | None = None, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, vocab, (batch, length), generator=g)
-    ids[:, 0], ids[:, -1] = CLS, SEP
-    mask = torch.ones_like(ids)
-    for row, start in (pad_from or {}).items():
-        ids[row, start - 1], ids[row, start:], mask[row, start:] = SEP, PAD, 0
-    return ids, mask
-
-
-def no_dropout(name: str, **kw) -> ElectraConfig:
-    return preset(name, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw)
+from model_helpers import CLS, MASK, PAD, SEP, SPECIAL, flat_grads, forward_backward, kernel_backend, make_batch, \
+    mask_plan, no_dropout, perturbed, softmax_counts
 
 
 # -- configuration ---------------------------------------------------------------------------------------------
@@ -61,7 +45,7 @@ def test_objective_weights_are_the_recipe_ones():
     torch.manual_seed(0)
     model = ElectraForPretraining(no_dropout("tiny", vocab_size=100)).eval()
     ids, mask = make_batch(100, batch=4, length=16, pad_from={1: 9})
-    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=100, max_predictions=3, seed=1)
+    plan = mask_plan(ids, mask, vocab_size=100, max_predictions=3, seed=1)
     out = model(ids, mask, None, plan, torch.tensor(5))
     torch.testing.assert_close(out.loss, out.mlm_loss + 50.0 * out.disc_loss)
 
@@ -93,12 +77,8 @@ def test_bad_config(kwargs, message):
 def test_logits_match_transformers(tmp_path, name, padded):
     from transformers import ElectraForMaskedLM, ElectraForPreTraining
 
-    torch.manual_seed(0)
     config = no_dropout(name)
-    ours = ElectraForPretraining(config).eval()
-    with torch.no_grad():  # non-trivial LayerNorm and bias values so a mix-up of weights shows
-        for w in ours.flat.values():
-            w.add_(torch.randn_like(w) * 0.05)
+    ours = perturbed(config, 0.05)  # non-trivial LayerNorm and bias values so a mix-up of weights shows
     export_hf_pair(ours, tmp_path)
     disc = ElectraForPreTraining.from_pretrained(tmp_path / "discriminator").eval()
     gen = ElectraForMaskedLM.from_pretrained(tmp_path / "generator").eval()
@@ -266,8 +246,7 @@ def test_token_id_outside_vocab_is_a_clear_error():
         model.discriminator_logits(ids, mask)
     # in training, also where masking replaces the bad id before either tower sees it
     ids, mask = make_batch(100)
-    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=100, max_predictions=3,
-                       mask_replace_prob=1.0, seed=0)
+    plan = mask_plan(ids, mask, vocab_size=100, max_predictions=3, mask_replace_prob=1.0, seed=0)
     ids[0, plan.masked_positions[0, 0]] = 100
     with pytest.raises(ValueError, match="outside the model's vocabulary of 100"):
         model(ids, mask, None, plan, torch.tensor(0))
@@ -278,8 +257,7 @@ def test_masking_respects_specials_cap_and_split():
     vocab, length = 1000, 128
     ids, mask = make_batch(vocab, batch=512, length=length, pad_from={i: 40 + i % 80 for i in range(0, 512, 2)})
     slots = max_predictions(length, 0.15)
-    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=vocab,
-                       max_predictions=slots, seed=0)
+    plan = mask_plan(ids, mask, vocab_size=vocab, max_predictions=slots, seed=0)
     real = plan.masked_weights > 0
     chosen = plan.masked_ids[real]
     assert not torch.isin(chosen, torch.tensor(SPECIAL)).any()
@@ -300,14 +278,13 @@ def test_masking_respects_specials_cap_and_split():
 
 def test_masking_random_share_and_short_rows():
     ids, mask = make_batch(50, batch=256, length=16)
-    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=50, max_predictions=3,
-                       mask_replace_prob=0.5, random_replace_prob=0.3, seed=1)
+    plan = mask_plan(ids, mask, vocab_size=50, max_predictions=3,
+                     mask_replace_prob=0.5, random_replace_prob=0.3, seed=1)
     real = plan.masked_weights > 0
     new = plan.generator_input_ids.gather(1, plan.masked_positions)[real]
     assert abs((new == MASK).float().mean().item() - 0.5) < 0.05
     short = torch.tensor([[CLS, SEP, PAD, PAD]])
-    plan = mask_tokens(short, (short != PAD).long(), mask_token_id=MASK, special_ids=SPECIAL, vocab_size=50,
-                       max_predictions=2)
+    plan = mask_plan(short, (short != PAD).long(), vocab_size=50, max_predictions=2)
     assert plan.masked_weights.sum() == 0 and torch.equal(plan.generator_input_ids, short)
 
 
@@ -317,8 +294,7 @@ def test_labels_mark_only_changed_tokens_and_losses_are_finite():
     vocab = 8  # few real tokens, so generator samples often equal the original
     model = ElectraForPretraining(preset("tiny", vocab_size=vocab))
     ids, mask = make_batch(vocab, batch=16, length=32, pad_from={0: 20, 5: 9})
-    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=vocab, max_predictions=6,
-                       seed=0)
+    plan = mask_plan(ids, mask, vocab_size=vocab, max_predictions=6, seed=0)
     out = model(ids, mask, None, plan, torch.tensor(7))
     assert torch.equal(out.labels, out.disc_input != ids)
     in_slots = torch.zeros_like(ids, dtype=torch.bool).scatter(1, plan.masked_positions, plan.masked_weights > 0)
@@ -336,24 +312,13 @@ def test_labels_mark_only_changed_tokens_and_losses_are_finite():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def perturbed_tiny(vocab: int) -> ElectraForPretraining:
-    """A dropout-free tiny model with weights far enough from their initial values that per-token losses differ."""
-    torch.manual_seed(0)
-    model = ElectraForPretraining(no_dropout("tiny", vocab_size=vocab)).eval()
-    with torch.no_grad():
-        for w in model.flat.values():
-            w.add_(torch.randn_like(w) * 0.1)
-    return model
-
-
 def test_mlm_loss_is_the_mean_over_real_masked_slots():
     """Rows with fewer masked tokens than slots: the padding slots (weight 0) count neither in the sum nor in the
     count. Recomputed from the generator's logits at the plan's positions."""
     vocab = 80
-    model = perturbed_tiny(vocab)
+    model = perturbed(no_dropout("tiny", vocab_size=vocab))
     ids, mask = make_batch(vocab, batch=4, length=24, pad_from={1: 8, 2: 14})
-    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=vocab, max_predictions=6,
-                       seed=3)
+    plan = mask_plan(ids, mask, vocab_size=vocab, max_predictions=6, seed=3)
     real = plan.masked_weights > 0
     assert (~real).sum(1).min() > 0 and real.sum() > 4  # every row has unused slots
     out = model(ids, mask, None, plan, torch.tensor(1))
@@ -368,10 +333,9 @@ def test_mlm_loss_is_the_mean_over_real_masked_slots():
 def test_disc_loss_is_the_mean_bce_over_real_tokens():
     """Padding neither adds to the discriminator's loss nor to its count: ids at padding positions change nothing."""
     vocab = 80
-    model = perturbed_tiny(vocab)
+    model = perturbed(no_dropout("tiny", vocab_size=vocab))
     ids, mask = make_batch(vocab, batch=4, length=24, pad_from={1: 8, 2: 14})
-    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=vocab, max_predictions=6,
-                       seed=3)
+    plan = mask_plan(ids, mask, vocab_size=vocab, max_predictions=6, seed=3)
     out = model(ids, mask, None, plan, torch.tensor(1))
     real = mask.bool()
     expected = torch.nn.functional.binary_cross_entropy_with_logits(out.disc_logits[real], out.labels[real].float())
@@ -388,10 +352,10 @@ def test_mlm_loss_reaches_the_tied_embedding_rows_through_the_output_layer():
     torch.manual_seed(0)
     model = ElectraForPretraining(no_dropout("tiny", vocab_size=vocab))
     ids, mask = make_batch(50, batch=3, length=16)  # ids below 50
-    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=vocab, max_predictions=3, seed=0)
+    plan = mask_plan(ids, mask, vocab_size=vocab, max_predictions=3, seed=0)
     assert not (plan.generator_input_ids >= 50).any()
     model(ids, mask, None, plan, torch.tensor(0)).mlm_loss.backward()
-    word = model.views(flats={k: p.grad for k, p in model.flat.items()})[f"{EMB}.word_embeddings.weight"]
+    word = model.views(flats=flat_grads(model))[f"{EMB}.word_embeddings.weight"]
     assert word[50:].abs().sum(dim=1).gt(0).all()
 
 
@@ -399,16 +363,12 @@ def test_autocast_casts_each_buffer_once_with_the_same_results(monkeypatch):
     """forward_views: under autocast the matmul operands are views of one bf16 copy per flat buffer; autocast itself
     would cast each at each use. Same loss; gradients equal up to fp32 summation order."""
     torch.manual_seed(0)
-    model = ElectraForPretraining(preset("tiny", vocab_size=100, hidden_dropout_prob=0.0,
-                                         attention_probs_dropout_prob=0.0))
+    model = ElectraForPretraining(no_dropout("tiny", vocab_size=100))
     ids, mask = make_batch(100, batch=4, length=16, pad_from={1: 9})
-    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=100, max_predictions=3, seed=2)
+    plan = mask_plan(ids, mask, vocab_size=100, max_predictions=3, seed=2)
 
     def step():
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(ids, mask, None, plan, torch.tensor(3))
-        out.loss.backward()
+        out = forward_backward(model, ids, mask, plan, 3, autocast=True)
         return out.loss.detach(), [p.grad.clone() for p in model.parameters()]
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -432,23 +392,16 @@ def test_discriminator_sees_gumbel_samples_of_the_generator_on_the_masked_input(
     """The replaced tokens are the Gumbel-max samples (forward's seed and temperature) of the generator's logits on
     plan.generator_input_ids, recomputed here with the twins: a generator fed the original ids (a label leak), the
     wrong logits, seed or temperature would change many of them."""
-    torch.manual_seed(0)
     vocab = 60
-    model = ElectraForPretraining(no_dropout("tiny", vocab_size=vocab, temperature=0.5)).eval()
-    with torch.no_grad():  # logits far from flat, so the samples depend on them and not only on the noise
-        for w in model.flat.values():
-            w.add_(torch.randn_like(w) * 0.1)
+    # logits far from flat, so the samples depend on them and not only on the noise
+    model = perturbed(no_dropout("tiny", vocab_size=vocab, temperature=0.5))
     ids, mask = make_batch(vocab, batch=8, length=32, pad_from={2: 20})
-    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=vocab, max_predictions=5,
-                       seed=4)
+    plan = mask_plan(ids, mask, vocab_size=vocab, max_predictions=5, seed=4)
     seed = torch.tensor(2**33 + 9)
-    kernels.set_backend("torch")
-    try:
+    with kernel_backend("torch"):
         out = model(ids, mask, None, plan, seed)
         with torch.no_grad():
             logits = model.generator_logits(plan.generator_input_ids, mask, positions=plan.masked_positions)
-    finally:
-        kernels.set_backend("auto")
     expected = reference.gumbel_sample(logits.reshape(-1, vocab), seed, 0.5).view(plan.masked_positions.shape)
     real = plan.masked_weights > 0
     got = out.disc_input.gather(1, plan.masked_positions)
@@ -461,8 +414,7 @@ def test_discriminator_sees_gumbel_samples_of_the_generator_on_the_masked_input(
 def test_forward_is_deterministic_given_seeds():
     model = ElectraForPretraining(preset("tiny", vocab_size=200)).eval()
     ids, mask = make_batch(200, batch=4, length=32)
-    plan = mask_tokens(ids, mask, mask_token_id=MASK, special_ids=SPECIAL, vocab_size=200, max_predictions=5,
-                       seed=3)
+    plan = mask_plan(ids, mask, vocab_size=200, max_predictions=5, seed=3)
     a = model(ids, mask, None, plan, torch.tensor(11))
     b = model(ids, mask, None, plan, torch.tensor(11))
     assert torch.equal(a.disc_input, b.disc_input) and torch.equal(a.loss, b.loss)
@@ -474,10 +426,8 @@ def test_gumbel_sampling_follows_softmax():
 
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     rows = logits.expand(4000, -1).contiguous()
-    counts = torch.zeros(6)
-    for seed in range(5):
-        counts += torch.bincount(kernels.gumbel_sample(rows, torch.tensor(seed), 1.0), minlength=6).float()
-    expected = torch.softmax(logits, 0) * counts.sum()
+    samples = torch.cat([kernels.gumbel_sample(rows, torch.tensor(seed), 1.0) for seed in range(5)])
+    counts, expected = softmax_counts(samples, logits, 1.0)
     assert chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-3
     hot = kernels.gumbel_sample(rows.to(torch.bfloat16), torch.tensor(0), 0.05)  # low temperature: argmax
     assert (hot == 0).float().mean() > 0.99

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import child_env
+from conftest import child_env, saved_environ
 from electra_ds.data.cache import TokenCache
 from electra_ds.seeding import derive_seed
 from electra_ds.train import engine as ds_engine
-from electra_ds.train.checkpoint import MANIFEST, CheckpointError, CheckpointManager
+from electra_ds.train.checkpoint import MANIFEST, PARTIAL, CheckpointError, CheckpointManager
 from electra_ds.train.engine import DSConfigError, linear_warmup_decay, load_ds_config
 from electra_ds.train.metrics_log import CollapseMonitor, MetricsFile
 from electra_ds.train.optim import ElectraAdam
@@ -55,11 +55,13 @@ def losses(records: list[dict]) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
 
 
-def start(data: Path, out: Path, *extra: str, **kw) -> subprocess.Popen:
-    """launch/pretrain.py in a subprocess; its output goes to OUT.log (a pipe could fill and block it)."""
+def start(data: Path, out: Path, *extra: str, kill_at: str | None = None, **kw) -> subprocess.Popen:
+    """launch/pretrain.py in a subprocess; its output goes to OUT.log (a pipe could fill and block it). With
+    `kill_at` (a key of KILL_POINTS) the process SIGKILLs itself there instead (`KILLED_AT`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     log_file = open(out.with_suffix(".log"), "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "pretrain.py"), *argv(data, out, *extra, **kw)],
+    program = [str(REPO / "launch" / "pretrain.py")] if kill_at is None else ["-c", KILLED_AT, kill_at]
+    proc = subprocess.Popen([sys.executable, *program, *argv(data, out, *extra, **kw)],
                             env=child_env(), stdout=log_file, stderr=subprocess.STDOUT, text=True)
     proc.log_path = out.with_suffix(".log")
     return proc
@@ -69,14 +71,18 @@ def output_of(proc: subprocess.Popen) -> str:
     return proc.log_path.read_text()
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600.0) -> None:
+    """Poll `predicate` until it holds. Make it one that stays true once true (a condition that can pass between
+    two polls, e.g. a checkpoint that pruning deletes, is missed by a poller the machine's load holds back), and
+    the timeout generous: the subprocess's start-up alone can take minutes on a loaded machine."""
     deadline = time.time() + timeout
     while not predicate():
         if proc.poll() is not None:
             raise AssertionError(f"process ended (rc {proc.returncode}) before the condition:\n{output_of(proc)}")
         if time.time() > deadline:
             proc.kill()
-            raise AssertionError("timed out waiting")
+            proc.wait()
+            raise AssertionError(f"timed out waiting ({timeout:.0f} s):\n{output_of(proc)}")
         time.sleep(0.05)
 
 
@@ -315,7 +321,7 @@ def test_evaluation_leaves_the_training_rng_as_it_was(corpus, monkeypatch):
     model = ElectraForPretraining(preset("tiny", vocab_size=cache.vocab_size))
 
     class Bare:  # what evaluate() needs of an engine
-        module, global_rank, device = model, 0, torch.device("cpu")
+        module, global_rank, world_size, device = model, 0, 1, torch.device("cpu")
         eval, train = model.eval, model.train
 
         def __call__(self, *args):
@@ -552,20 +558,97 @@ def test_fp16_overflow_skips_steps_and_keeps_weights_finite(corpus, tmp_path):
 # -- checkpoints and resume -------------------------------------------------------------------------------------
 
 
-def test_resume_after_sigkill_repeats_the_uninterrupted_run(corpus, tmp_path):
-    steps = 24
-    reference = losses(train(corpus, tmp_path / "reference", "--save_steps", "12", steps=steps))
+# The SIGKILL tests' run: 15 steps, a checkpoint every 3 (keep 3). `python -c KILLED_AT POINT ARGS...` runs it and
+# SIGKILLs itself at POINT, so where the kill lands does not depend on timing. (Killing it from outside once step 6's
+# checkpoint appeared failed on a loaded machine: that checkpoint exists for under a second before pruning deletes
+# it, so a poller held back that long missed it and the run ended unkilled; and the start-up alone can outlast a
+# deadline.)
+SIGKILL_RUN = dict(extra=("--save_steps", "12"), steps=15)
+KILLED_AT = """
+import os, shutil, signal, sys
+from pathlib import Path
+from electra_ds.train import checkpoint, pretrain
+
+point, args = sys.argv[1], sys.argv[2:]
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def before(module, name, hit):
+    original = getattr(module, name)
+
+    def wrapped(*a, **kw):
+        if hit(*a, **kw):
+            die()
+        return original(*a, **kw)
+
+    setattr(module, name, wrapped)
+
+
+if point == "training":
+    before(pretrain, "pretraining_step", lambda engine, batch, *, step, **kw: step == 7)
+elif point == "saving":
+    before(checkpoint, "atomic_write", lambda path, data: Path(path).parent.name == "step00000009.partial")
+elif point == "renaming":
+    before(checkpoint, "move_into_place", lambda src, dst, aside: Path(dst).name == "step00000009")
+elif point == "pointing":  # the new `latest` written to its temporary name, not yet renamed
+    before(os, "replace", lambda src, dst: Path(dst).name == "latest" and Path(src).read_text() == "step00000009")
+elif point == "pruning":
+    def half_removed(path, *a, **kw):
+        if Path(path).name == "step00000003":
+            (Path(path) / "mp_rank_00_model_states.pt").unlink()
+            return True
+        return False
+
+    before(shutil, "rmtree", half_removed)
+else:
+    raise SystemExit(f"unknown kill point {point}")
+sys.exit(pretrain.main(args))
+"""
+# Where the run kills itself: (the complete checkpoints it leaves, the step a resume continues from).
+KILL_POINTS = {
+    "training": ([6, 3], 6),  # during step 8, between two saves
+    "saving": ([6, 3], 6),  # step 9's files written under step00000009.partial, not yet its manifest
+    "renaming": ([6, 3], 9),  # step 9 complete under its .partial name, not yet renamed: the resume finishes it
+    "pointing": ([9, 6, 3], 9),  # step 9 in place, DeepSpeed's `latest` still names step 6, its successor a temp
+    "pruning": ([12, 9, 6, 3], 12),  # step 12's save pruning step 3: its model file gone, its manifest left
+}
+
+
+@pytest.fixture(scope="module")
+def sigkill_reference(corpus, tmp_path_factory) -> dict[int, float]:
+    """The losses of the SIGKILL tests' run uninterrupted."""
+    with saved_environ():
+        return losses(train(corpus, tmp_path_factory.mktemp("sigkill") / "reference", *SIGKILL_RUN["extra"],
+                            steps=SIGKILL_RUN["steps"]))
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_resume_after_sigkill_repeats_the_uninterrupted_run(corpus, tmp_path, sigkill_reference, point, caplog):
+    steps, (left, resume_step) = SIGKILL_RUN["steps"], KILL_POINTS[point]
     out = tmp_path / "killed"
-    proc = start(corpus, out, "--save_steps", "12", steps=steps)  # a checkpoint every 3 steps
-    wait_for(lambda: (out / "checkpoints" / "step00000006" / MANIFEST).is_file(), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    resumed = losses(train(corpus, out, "--save_steps", "12", steps=steps))
+    proc = start(corpus, out, *SIGKILL_RUN["extra"], steps=steps, kill_at=point)
+    try:
+        proc.wait(timeout=600)  # minutes only on a heavily loaded machine
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"the run did not reach its kill point in 600 s:\n{output_of(proc)}") from None
+    assert proc.returncode == -signal.SIGKILL, output_of(proc)
+    checkpoints = CheckpointManager(out / "checkpoints", 3, 0, 1)
+    assert [s for s, _ in checkpoints.complete()] == left  # the kill landed where it was meant to
+    if point == "pruning":
+        assert [s for s, _ in checkpoints.sound()] == [12, 9, 6]
+    with caplog.at_level(logging.INFO, logger="electra_ds"):
+        resumed = losses(train(corpus, out, *SIGKILL_RUN["extra"], steps=steps))
+    assert f"resumed from step {resume_step} " in caplog.text
     assert sorted(resumed) == list(range(1, steps + 1))
-    np.testing.assert_allclose([resumed[s] for s in range(1, steps + 1)], [reference[s] for s in range(1, steps + 1)],
-                               rtol=1e-6, atol=0)
-    assert len(CheckpointManager(out / "checkpoints", 3, 0, 1).complete()) == 3  # keep-last-K pruning
+    np.testing.assert_allclose([resumed[s] for s in range(1, steps + 1)],
+                               [sigkill_reference[s] for s in range(1, steps + 1)], rtol=1e-6, atol=0)
+    assert [s for s, _ in checkpoints.complete()] == [15, 12, 9]  # keep-last-K pruning, the damaged one included
+    assert not list(checkpoints.root.glob(f"*{PARTIAL}")) and not list(checkpoints.root.glob(".*"))
 
 
 def test_sigterm_saves_and_exits_zero(corpus, tmp_path):
@@ -613,6 +696,22 @@ def test_a_stop_between_logging_steps_resumes_to_the_same_records(corpus, tmp_pa
     timing = ("tokens_per_s", "elapsed_s")
     assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == \
         [{k: v for k, v in r.items() if k not in timing} for r in reference]
+
+
+def test_tokens_per_s_leaves_out_the_startup_steps(corpus, tmp_path, monkeypatch):
+    """Compilation and CUDA-graph capture make a process's first steps slow; the logged rate must not average them
+    in. Here the first step takes an extra 2 s: counted, the first record would show a fraction of the second's rate."""
+    step_once = pretrain.pretraining_step
+
+    def slow_first_step(engine, batch, *, step, **kw):
+        if step == 0:
+            time.sleep(2.0)
+        return step_once(engine, batch, step=step, **kw)
+
+    monkeypatch.setattr(pretrain, "pretraining_step", slow_first_step)
+    records = train(corpus, tmp_path / "out", "--logging_steps", "24", steps=12)  # records at steps 6 and 12
+    first, second = [r["tokens_per_s"] for r in records if r["split"] == "train"]
+    assert first > 0.5 * second, (first, second)
 
 
 def test_resume_warns_of_another_world_size_or_an_edited_ds_config(corpus, tmp_path, caplog):

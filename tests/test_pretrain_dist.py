@@ -42,6 +42,13 @@ def argv(data: Path, out: Path, ds_config: Path | str, micro_batch: int, steps: 
             "--dist_timeout", "30", *NO_DROPOUT, *extra]
 
 
+def two_ranks(script: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """SCRIPT ARGS... on 2 ranks through torchrun (one thread each: the machine has 2 cores)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script), *args], env=child_env(OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def train_losses(out: Path) -> np.ndarray:
     return np.array([r["loss"] for r in MetricsFile(out / "metrics.jsonl").records() if r["split"] == "train"])
 
@@ -51,13 +58,8 @@ def test_two_ranks_agree_with_one_rank(corpus, zero2_fp32, tmp_path, zero):
     config = zero2_fp32 if zero == 2 else "fp32"
     steps = 12
     two = tmp_path / "two"
-    log = tmp_path / "two.log"
-    with log.open("w") as f:
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", str(free_port()), str(REPO / "launch" / "pretrain.py"),
-                               *argv(corpus, two, config, 4, steps)],
-                              env=child_env(OMP_NUM_THREADS="1"), stdout=f, stderr=subprocess.STDOUT, timeout=240)
-    assert proc.returncode == 0, log.read_text()[-3000:]
+    proc = two_ranks(REPO / "launch" / "pretrain.py", *argv(corpus, two, config, 4, steps))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((two / "run_config.json").read_text())["world_size"] == 2
     one = tmp_path / "one"
     run(parse_args(argv(corpus, one, config, 8, steps)))
@@ -67,6 +69,22 @@ def test_two_ranks_agree_with_one_rank(corpus, zero2_fp32, tmp_path, zero):
     np.testing.assert_allclose(a[0], b[0], rtol=0.03)
     np.testing.assert_allclose(a, b, rtol=0.1)
     assert a[-3:].mean() < 0.85 * a[:2].mean() and b[-3:].mean() < 0.85 * b[:2].mean()
+
+
+def test_evaluation_does_not_depend_on_the_number_of_ranks(corpus, tmp_path):
+    """The ranks share out one stream of held-out batches, masked alike: 2 ranks report what 1 rank does. The one
+    step before the evaluation runs at learning rate 0 (warm-up), so both evaluate the initial weights."""
+    extra = ("--eval_batches", "5")  # 3 on rank 0, 2 on rank 1
+    two, one = tmp_path / "two", tmp_path / "one"
+    proc = two_ranks(REPO / "launch" / "pretrain.py", *argv(corpus, two, "fp32", 4, 1, *extra))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run(parse_args(argv(corpus, one, "fp32", 4, 1, *extra)))
+    records = [MetricsFile(out / "metrics.jsonl").records() for out in (two, one)]
+    assert [r["lr"] for rs in records for r in rs if r["split"] == "train"] == [0.0, 0.0]
+    (eval_two,), (eval_one,) = [[r for r in rs if r["split"] == "eval"] for rs in records]
+    assert eval_two.keys() == eval_one.keys()
+    for key, value in eval_one.items():
+        assert eval_two[key] == pytest.approx(value, rel=1e-5), key
 
 
 NO_AVERAGING_SCRIPT = """
@@ -85,9 +103,7 @@ def test_ranks_that_stop_averaging_gradients_are_caught_before_saving(corpus, tm
     script = tmp_path / "no_averaging.py"
     script.write_text(NO_AVERAGING_SCRIPT)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(script), *argv(corpus, out, "fp32", 4, 4)],
-                          env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+    proc = two_ranks(script, *argv(corpus, out, "fp32", 4, 4))
     assert proc.returncode != 0
     assert "at step 4 the weights of rank(s) [1] differ from rank 0's (relative gaps" in proc.stdout + proc.stderr, \
         proc.stderr[-3000:]
@@ -157,9 +173,7 @@ def test_ranks_that_restore_different_steps_stop_with_a_clear_error(tmp_path):
 
     script = tmp_path / "agree.py"
     script.write_text(AGREE_SCRIPT.replace("MANIFEST.json", MANIFEST))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(script), str(tmp_path)], env=child_env(OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=120)
+    proc = two_ranks(script, str(tmp_path), timeout=120)
     outcomes = [(tmp_path / f"outcome{r}").read_text() if (tmp_path / f"outcome{r}").is_file() else proc.stderr[-2000:]
                 for r in (0, 1)]
     for outcome in outcomes:

@@ -43,7 +43,7 @@ def get_backend() -> str:
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:
-        import triton  # noqa: F401
+        importlib.import_module("triton")  # imports, not only installed
     except ImportError:
         return False
     return True

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from electra_ds.files import atomic_write, move_into_place, replacing
+from electra_ds.files import atomic_write, move_into_place, remove_stale_temps, replacing
 from electra_ds.train.engine import fp32_weights
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,8 @@ class CheckpointManager:
 
     def _finish_interrupted_saves(self) -> None:
         """A save killed after its manifest was written, before its `.partial` folder was renamed into place: finish
-        it (the checkpoint is complete), dropping what it was replacing."""
+        it (the checkpoint is complete), dropping what it was replacing. Temporaries of killed writes go."""
+        remove_stale_temps(self.root)
         for work in sorted(self.root.glob(f"step*{PARTIAL}")):
             if not (work / MANIFEST).is_file():
                 continue  # killed earlier: prune() removes it

@@ -261,19 +261,19 @@ def make_engine(model: ElectraClassifier, args: FinetuneArgs, lr: float, steps: 
                                 optimizer=args.optimizer, param_groups=groups, eps=args.adam_eps)
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor, regression: bool, score_max: float = 1.0) -> torch.Tensor:
-    """Cross-entropy, or the squared error against the score / score_max (ELECTRA scales STS-B to 0..1)."""
-    if regression:
-        return F.mse_loss(logits[:, 0].float(), labels.float() / score_max)
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, task: GlueTask) -> torch.Tensor:
+    """Cross-entropy, or the squared error against the score / task.score_max (ELECTRA scales STS-B to 0..1)."""
+    if task.is_regression:
+        return F.mse_loss(logits[:, 0].float(), labels.float() / task.score_max)
     return F.cross_entropy(logits.float(), labels)
 
 
 @torch.no_grad()
-def predict(engine, data: Encoded, batch_size: int, regression: bool, score_max: float = 1.0) -> np.ndarray:
+def predict(engine, data: Encoded, batch_size: int, task: GlueTask) -> np.ndarray:
     """Deterministic predictions in input order (eval mode: no dropout): class index, or score (the model's output
-    x score_max). Batches hold examples of similar length (less padding); the order is a fixed function of the
-    data."""
-    out = np.zeros(len(data), dtype=np.float32 if regression else np.int64)
+    x task.score_max). Batches hold examples of similar length (less padding); the order is a fixed function of
+    the data."""
+    out = np.zeros(len(data), dtype=np.float32 if task.is_regression else np.int64)
     if not len(data):
         return out
     was_training = engine.module.training  # DeepSpeedEngine.train/eval set only its module's mode
@@ -284,14 +284,14 @@ def predict(engine, data: Encoded, batch_size: int, regression: bool, score_max:
         rows = order[start:start + batch_size]
         batch = ds_engine.device_batch(data.batch(rows), engine.device)
         logits = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).float()
-        preds.append(logits[:, 0] * score_max if regression else logits.argmax(dim=-1))
+        preds.append(logits[:, 0] * task.score_max if task.is_regression else logits.argmax(dim=-1))
     engine.train(was_training)
     out[order] = torch.cat(preds).cpu().numpy()  # one copy to the host, after the last batch
     return out
 
 
-def train(engine, data: Encoded, args: FinetuneArgs, steps: int, seed: int, regression: bool,
-          rank: int = 0, world_size: int = 1, score_max: float = 1.0) -> float:
+def train(engine, data: Encoded, args: FinetuneArgs, steps: int, seed: int, task: GlueTask,
+          rank: int = 0, world_size: int = 1) -> float:
     """`steps` optimizer steps over seeded batches; each rank takes its slice of every global batch.
     Returns the mean training loss of the last 10% of steps (this rank)."""
     from tqdm.auto import tqdm
@@ -306,7 +306,7 @@ def train(engine, data: Encoded, args: FinetuneArgs, steps: int, seed: int, regr
             start = (acc * world_size + rank) * micro
             batch = ds_engine.device_batch(data.batch(order[step, start:start + micro]), engine.device)
             logits = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-            loss = loss_fn(logits, batch["labels"], regression, score_max)
+            loss = loss_fn(logits, batch["labels"], task)
             engine.backward(loss)
             engine.step()
             if step >= steps - tail:
@@ -364,20 +364,19 @@ def finetune_seed(disc: Discriminator, task: GlueTask, data: TaskData, encoded: 
     model = build_classifier(disc, task, seed)
     engine = make_engine(model, args, lr, steps, warmup)
     torch.manual_seed(derive_seed(seed, 0, rank, DROPOUT_STREAM))  # same head on every rank, own dropout noise
-    train_loss = train(engine, encoded["train"], args, steps, seed, task.is_regression, rank, world_size,
-                       task.score_max)
+    train_loss = train(engine, encoded["train"], args, steps, seed, task, rank, world_size)
     run: dict[str, Any] = {"seed": seed, "steps": steps, "warmup_steps": warmup, "learning_rate": lr,
                            "layerwise_lr_decay": layerwise_lr_decay(args, disc.config),
                            "train_examples": len(data.train), "train_loss": train_loss,
                            "train_seconds": time.time() - started, "dev": {}}
     folder = seed_dir(out_dir, task, seed)
     for split, rows in data.dev.items():
-        preds = predict(engine, encoded[split], args.eval_batch_size, task.is_regression, task.score_max)
+        preds = predict(engine, encoded[split], args.eval_batch_size, task)
         run["dev"][split] = compute_metrics(task.metric, preds, encoded[split].labels)
         if rank == 0:
             write_predictions(folder / f"{split}.tsv", task, [r.guid for r in rows], preds)
     for stem, (source_task, rows) in data.test.items():
-        preds = predict(engine, encoded[stem], args.eval_batch_size, source_task.is_regression, source_task.score_max)
+        preds = predict(engine, encoded[stem], args.eval_batch_size, source_task)
         if rank == 0:
             write_predictions(folder / f"{stem}.tsv", source_task, [r.guid for r in rows], preds)
     run["seconds"] = time.time() - started
@@ -399,20 +398,22 @@ def finished_run(out_dir: str | Path, task: GlueTask, seed: int, settings: dict[
     return run if run.pop("settings", None) == settings else None
 
 
-def check_same_model(out_dir: str | Path, model_path: str | Path) -> None:
-    """Refuse an output directory holding results of another model: its report would mix the two."""
+def check_same_model(out_dir: str | Path, results: dict[str, dict], model_path: str | Path) -> None:
+    """Refuse an output directory whose `results` (`load_results`) come from another model: its report would mix
+    the two."""
     mine = model_root(model_path)
-    others = {model: tasks for model, tasks in models_of(load_results(out_dir)).items() if model != mine}
+    others = {model: tasks for model, tasks in models_of(results).items() if model != mine}
     if others:
         held = "; ".join(f"{path} ({', '.join(tasks)})" for path, tasks in others.items())
         raise ValueError(f"{out_dir} holds GLUE results of another model: {held}. Use another --output_dir, or "
                          "remove those task folders first")
 
 
-def check_same_weights(out_dir: str | Path, disc: Discriminator) -> None:
-    """Refuse an output directory holding results of other weights under the same model path (a run pretrained
-    further since): its report would mix two checkpoints. Results from before weights were recorded pass."""
-    stale = [name for name, result in load_results(out_dir).items()
+def check_same_weights(out_dir: str | Path, results: dict[str, dict], disc: Discriminator) -> None:
+    """Refuse an output directory whose `results` (`load_results`) come from other weights under the same model
+    path (a run pretrained further since): its report would mix two checkpoints. Results from before weights were
+    recorded pass."""
+    stale = [name for name, result in results.items()
              if result.get("weights_sha256", disc.weights_sha256) != disc.weights_sha256]
     if stale:
         raise ValueError(f"{out_dir} holds GLUE results ({', '.join(stale)}) of other weights than {disc.source} "
@@ -432,7 +433,8 @@ def run_task(model_path: str | Path, task_name: str, out_dir: str | Path, *, see
         raise ValueError(f"{task.name} is test-only; it is predicted by the MNLI model")
     rank, world_size, _ = ds_engine.setup_distributed()
     name = model_name or display_name(model_path)
-    check_same_model(out_dir, model_path)
+    existing = load_results(out_dir)
+    check_same_model(out_dir, existing, model_path)
     try:
         data = load_task_data(task, glue_dir, args.max_train_samples, with_test=predict_test,
                               double_unordered=args.double_unordered)
@@ -444,7 +446,7 @@ def run_task(model_path: str | Path, task_name: str, out_dir: str | Path, *, see
         return result
 
     disc = load_discriminator(model_path)
-    check_same_weights(out_dir, disc)
+    check_same_weights(out_dir, existing, disc)
     tok_path = tokenizer_path or disc.tokenizer_path
     if tok_path is None:
         raise FileNotFoundError(f"{model_path}: no tokenizer (tokenizer.json or vocab.txt) next to the model, in "

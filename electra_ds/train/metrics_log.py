@@ -4,7 +4,8 @@ record is written; records go to OUT/metrics.jsonl (and wandb when enabled).
 A record's keys: step, split ("train" or "eval"), loss, mlm_loss, disc_loss, gen_acc (generator top-1 on the
 masked slots), disc_acc_replaced / disc_acc_original (discriminator accuracy on replaced and on original
 tokens), replaced_frac (replaced tokens / real tokens), and for training also lr, loss_scale, grad_norm,
-tokens_per_s, elapsed_s, flops, pfs_days, skipped_steps, nonfinite_steps.
+tokens_per_s (without a process's first `STARTUP_STEPS`), elapsed_s, flops, pfs_days, skipped_steps,
+nonfinite_steps.
 """
 from __future__ import annotations
 

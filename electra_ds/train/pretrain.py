@@ -53,6 +53,9 @@ CACHE_BUILD_TIMEOUT = timedelta(days=7)
 # Signals this close together are one stop request (the terminal's Ctrl-C and a launcher passing it on).
 SAME_REQUEST_S = 3.0
 
+# A process's first steps compile kernels, autotune and capture CUDA graphs: tokens_per_s leaves them out.
+STARTUP_STEPS = 3
+
 # Words in the errors gloo / NCCL raise when a peer is gone or a collective timed out.
 COLLECTIVE_FAILURES = ("Connection reset", "Connection closed", "Broken pipe", "timed out", "Timeout", "NCCL",
                        "gloo", "ProcessGroup")
@@ -129,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keep_checkpoints", type=int, default=3)
     run.add_argument("--export_hf", action=argparse.BooleanOptionalAction, default=True,
                      help="export the Hugging Face pair (discriminator/, generator/, tokenizer) to OUT/hf at the end")
-    run.add_argument("--eval_batches", type=int, default=100, help="held-out batches per evaluation")
+    run.add_argument("--eval_batches", type=int, default=100,
+                     help="held-out batches (of the per-device batch size) per evaluation, shared out among the ranks")
     run.add_argument("--wandb", default="offline", choices=("offline", "online", "disabled"))
     run.add_argument("--wandb_project", default="electra_ds")
     run.add_argument("--dist_timeout", type=float, default=600.0,
@@ -346,15 +350,17 @@ def pretraining_step(engine, batch: dict[str, torch.Tensor | None], *, special_i
 @torch.no_grad()
 def evaluate(engine, sampler, *, batches: int, special_ids: dict[str, int], mlm_probability: float,
              max_predictions: int, seed: int, mask_replace_prob: float) -> dict[str, float]:
-    """Held-out loss and accuracies: fixed batches, masks and samples, dropout off; training RNG untouched."""
+    """Held-out loss and accuracies over `batches` batches of `sampler` (one stream for all ranks), with fixed
+    masks and samples, dropout off, training RNG untouched. The ranks share the batches out (rank r takes
+    r, r + world size, ...), so the figures do not depend on how many ranks there are."""
     device = engine.device
     meter = DeviceMeter(device)
     engine.eval()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
-        for i in range(batches):
+        for i in range(engine.global_rank, batches, engine.world_size):
             batch = ds_engine.device_batch({k: torch.from_numpy(v) for k, v in sampler.batch(i).items()}, device)
             meter.add(forward(engine, batch, special_ids=special_ids, mlm_probability=mlm_probability,
-                              max_predictions=max_predictions, step=i, seed=seed, rank=engine.global_rank,
+                              max_predictions=max_predictions, step=i, seed=seed, rank=0,
                               mask_replace_prob=mask_replace_prob))
     engine.train()
     values = meter.read()
@@ -653,7 +659,7 @@ def run(args: argparse.Namespace) -> Path:
     eval_sampler = None
     try:
         eval_sampler = SegmentSampler(TokenCache(cache_path, split="heldout"), plan.max_length, plan.micro_batch,
-                                      derive_seed(args.seed, 0, 0, EVAL_STREAM), rank, world_size, **layout)
+                                      derive_seed(args.seed, 0, 0, EVAL_STREAM), **layout)  # see `evaluate`
     except CacheError as e:  # a cache without held-out documents still trains
         log.warning("no evaluation: %s", e)
     with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global RNG: keep dropout's
@@ -702,6 +708,15 @@ def run(args: argparse.Namespace) -> Path:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
+
+    def exclude_startup(step: int) -> None:
+        """Take this process's first STARTUP_STEPS steps out of the logging window (steps and time)."""
+        startup_s = pause_start() - t_start - window["paused"]
+        window["paused"] += startup_s
+        window["step"] += STARTUP_STEPS
+        if rank == 0:
+            log.info("steps %d-%d took %.1f s (compilation, autotuning, CUDA-graph capture); tokens_per_s leaves "
+                     "them out", step - STARTUP_STEPS + 1, step, startup_s)
 
     def run_eval(step: int) -> None:
         t = pause_start()
@@ -768,6 +783,8 @@ def run(args: argparse.Namespace) -> Path:
             step += 1
             bar.update()
             log_now = step % plan.log_every == 0 or step == plan.max_steps
+            if step == start_step + STARTUP_STEPS and not log_now:  # else the window would be left with no steps
+                exclude_startup(step)
             if log_now:
                 log_train(step, lr)
             if evaluating and (step % plan.eval_every == 0 or step == plan.max_steps):
