@@ -4,6 +4,8 @@ exit with an error instead of hanging."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,6 +87,35 @@ def test_evaluation_does_not_depend_on_the_number_of_ranks(corpus, tmp_path):
     assert eval_two.keys() == eval_one.keys()
     for key, value in eval_one.items():
         assert eval_two[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_a_stop_request_stops_every_rank_within_steps(corpus, tmp_path):
+    """SIGTERM to the launcher and its ranks at once (a terminal's Ctrl-C, a cluster's preemption): the ranks agree
+    within StopVote.LAG steps, with no logging step to wait for (none falls in this run), save and exit 0."""
+    from electra_ds.train.checkpoint import CheckpointManager
+
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(REPO / "launch" / "pretrain.py"),
+               *argv(corpus, out, "fp32", 4, 5000, "--logging_steps", "80000", "--save_steps", "80000")]
+    with log.open("w") as f:
+        proc = subprocess.Popen(command, env=child_env(OMP_NUM_THREADS="1"), stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group, which the signal goes to
+    try:
+        deadline = time.time() + 600
+        while "INFO electra_ds.pretrain: training " not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(2)  # some steps in
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()  # torchrun itself ends with a traceback of the signal it got
+    stopped = re.search(r"\[rank 0\] WARNING electra_ds.pretrain: stopped by SIGTERM at step (\d+)", text)
+    assert stopped and "] ERROR" not in text, text[-3000:]
+    assert [s for s, _ in CheckpointManager(out / "checkpoints", 3, 0, 1).complete()] == [int(stopped[1])]
 
 
 NO_AVERAGING_SCRIPT = """

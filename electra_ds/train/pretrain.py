@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from pathlib import Path
@@ -371,8 +372,8 @@ def evaluate(engine, sampler, *, batches: int, special_ids: dict[str, int], mlm_
 # -- signals -------------------------------------------------------------------------------------------------
 
 class GracefulStop:
-    """SIGTERM / SIGINT: finish the step (with several ranks: up to the next logging step, where the ranks agree
-    to stop), save a checkpoint, exit 0. A second signal, SAME_REQUEST_S or more after the first, exits at once."""
+    """SIGTERM / SIGINT: finish the step (with several ranks: the few more that `StopVote` takes), save a
+    checkpoint, exit 0. A second signal, SAME_REQUEST_S or more after the first, exits at once."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
@@ -397,18 +398,40 @@ class GracefulStop:
                 return
             raise KeyboardInterrupt(f"second {name}: exiting without saving")
         self.requested, self._first_at = name, time.monotonic()
-        log.warning("%s received: finishing this step (several ranks: the next logging step), saving a checkpoint, "
-                    "then exiting", name)
+        log.warning("%s received: finishing this step (several ranks: %d more), saving a checkpoint, then exiting",
+                    name, StopVote.LAG)
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    import torch.distributed as dist
+class StopVote:
+    """Whether any rank was asked to stop, the same answer on every rank at the same step, without making the step
+    wait: each step every rank starts an all-reduce (MAX) of its flag over a gloo group of its own, and reads the one
+    it started LAG steps before, finished by then. One rank: its own flag, at once."""
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    LAG = 2
+
+    def __init__(self, world_size: int, timeout: timedelta) -> None:
+        import torch.distributed as dist
+
+        self.group = dist.new_group(backend="gloo", timeout=timeout) if world_size > 1 else None  # every rank
+        self.pending: deque[tuple[Any, torch.Tensor]] = deque()
+
+    def __call__(self, requested: bool) -> bool:
+        import torch.distributed as dist
+
+        if self.group is None:
+            return requested
+        flag = torch.tensor([int(requested)], dtype=torch.int32)
+        self.pending.append((dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag))
+        if len(self.pending) <= self.LAG:
+            return False
+        work, flag = self.pending.popleft()
+        work.wait()
+        return bool(flag.item())
+
+    def close(self) -> None:
+        """Wait for the votes still under way (every rank started as many)."""
+        while self.pending:
+            self.pending.popleft()[0].wait()
 
 
 # -- set-up helpers ------------------------------------------------------------------------------------------
@@ -774,6 +797,7 @@ def run(args: argparse.Namespace) -> Path:
     stopped_by = None
     saved_at = curves = None
     engine.train()
+    stop_vote = StopVote(world_size, timedelta(seconds=args.dist_timeout))
     with GracefulStop() as stop:
         while step < plan.max_steps:
             lr = engine.get_lr()[0]  # the rate this step's update uses: the schedule steps right after the update
@@ -789,12 +813,12 @@ def run(args: argparse.Namespace) -> Path:
                 log_train(step, lr)
             if evaluating and (step % plan.eval_every == 0 or step == plan.max_steps):
                 run_eval(step)
-            # the stop flag is agreed across ranks where the ranks sync anyway (logging steps); alone, every step
-            if (world_size == 1 or log_now) and _any_rank(stop.requested is not None, device):
+            if stop_vote(stop.requested is not None):
                 stopped_by = stop.requested or "a signal on another rank"
                 break
             if step % plan.save_every == 0:
                 curves, saved_at = save(step), step
+        stop_vote.close()
         if saved_at != step:  # the last step, unless saved just now (a resumed finished run saves and plots here)
             curves = save(step)
     bar.close()
