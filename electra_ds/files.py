@@ -92,5 +92,5 @@ def remove_stale_temps(directory: str | os.PathLike) -> int:
     """Remove the temporary files and directories that interrupted writes left in `directory`; returns how many."""
     stale = list(Path(directory).glob(TEMP_GLOB))
     for path in stale:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return len(stale)

@@ -708,10 +708,24 @@ def test_tokens_per_s_leaves_out_the_startup_steps(corpus, tmp_path, monkeypatch
             time.sleep(2.0)
         return step_once(engine, batch, step=step, **kw)
 
-    monkeypatch.setattr(pretrain, "pretraining_step", slow_first_step)
-    records = train(corpus, tmp_path / "out", "--logging_steps", "24", steps=12)  # records at steps 6 and 12
+    with monkeypatch.context() as patch:
+        patch.setattr(pretrain, "pretraining_step", slow_first_step)
+        records = train(corpus, tmp_path / "out", "--logging_steps", "24", steps=12)  # records at steps 6 and 12
     first, second = [r["tokens_per_s"] for r in records if r["split"] == "train"]
     assert first > 0.5 * second, (first, second)
+
+    # Records within the start-up steps (slow, but plain rates), and a resume off the logging grid: no window is
+    # left with start-up time taken out twice or steps it did not hold (that gave 0, negative or huge rates).
+    def rates(records: list[dict], after: int = 0) -> list[float]:
+        return [r["tokens_per_s"] for r in records if r["split"] == "train" and r["step"] > after]
+
+    every_2 = rates(train(corpus, tmp_path / "every_2", "--logging_steps", "8", steps=8))
+    out = tmp_path / "resumed"
+    train(corpus, out, "--logging_steps", "12", steps=5)  # records at 3 and 5, saved at 5
+    every_3 = rates(train(corpus, out, "--logging_steps", "12", steps=12), after=5)  # records at 6, 9 and 12
+    median = np.median(every_2 + every_3)
+    assert len(every_2) == 4 and len(every_3) == 3 and all(0 < r < 5 * median for r in every_2 + every_3), \
+        (every_2, every_3)
 
 
 def test_resume_warns_of_another_world_size_or_an_edited_ds_config(corpus, tmp_path, caplog):

@@ -24,13 +24,17 @@ REPO = Path(__file__).resolve().parents[1]
 NO_DROPOUT = ["--model_override", "hidden_dropout_prob=0", "--model_override", "attention_probs_dropout_prob=0"]
 
 
-@pytest.fixture(scope="module")
-def zero2_fp32(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ds") / "fp32_zero2.json"
+def fp32_zero(folder: Path, stage: int) -> Path:
+    path = folder / f"fp32_zero{stage}.json"
     path.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
                                 "gradient_accumulation_steps": "auto", "gradient_clipping": 1.0,
-                                "zero_optimization": {"stage": 2}}))
+                                "zero_optimization": {"stage": stage}}))
     return path
+
+
+@pytest.fixture(scope="module")
+def zero2_fp32(tmp_path_factory) -> Path:
+    return fp32_zero(tmp_path_factory.mktemp("ds"), 2)
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_environ")]
@@ -73,14 +77,16 @@ def test_two_ranks_agree_with_one_rank(corpus, zero2_fp32, tmp_path, zero):
     assert a[-3:].mean() < 0.85 * a[:2].mean() and b[-3:].mean() < 0.85 * b[:2].mean()
 
 
-def test_evaluation_does_not_depend_on_the_number_of_ranks(corpus, tmp_path):
+@pytest.mark.parametrize("zero", [0, 3])  # ZeRO-3: every rank must run as many forwards (uneven shares here)
+def test_evaluation_does_not_depend_on_the_number_of_ranks(corpus, tmp_path, zero):
     """The ranks share out one stream of held-out batches, masked alike: 2 ranks report what 1 rank does. The one
     step before the evaluation runs at learning rate 0 (warm-up), so both evaluate the initial weights."""
+    config = "fp32" if zero == 0 else fp32_zero(tmp_path, zero)
     extra = ("--eval_batches", "5")  # 3 on rank 0, 2 on rank 1
     two, one = tmp_path / "two", tmp_path / "one"
-    proc = two_ranks(REPO / "launch" / "pretrain.py", *argv(corpus, two, "fp32", 4, 1, *extra))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run(parse_args(argv(corpus, one, "fp32", 4, 1, *extra)))
+    proc = two_ranks(REPO / "launch" / "pretrain.py", *argv(corpus, two, config, 4, 1, *extra))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    run(parse_args(argv(corpus, one, config, 4, 1, *extra)))
     records = [MetricsFile(out / "metrics.jsonl").records() for out in (two, one)]
     assert [r["lr"] for rs in records for r in rs if r["split"] == "train"] == [0.0, 0.0]
     (eval_two,), (eval_one,) = [[r for r in rs if r["split"] == "eval"] for rs in records]

@@ -181,7 +181,9 @@ class CheckpointManager:
 
     def prune(self) -> None:
         """Keep the newest `keep` sound checkpoints and drop everything older: complete, damaged or unfinished. A
-        damaged or unfinished checkpoint newer than all of those stays (a resume skips it)."""
+        damaged or unfinished checkpoint newer than all of those stays (a resume skips it). Temporary files that
+        killed writes left (of `latest`) go too."""
+        remove_stale_temps(self.root)
         kept = self.sound()[: self.keep]
         if not kept:
             return
@@ -240,8 +242,7 @@ class CheckpointManager:
 
     def _finish_interrupted_saves(self) -> None:
         """A save killed after its manifest was written, before its `.partial` folder was renamed into place: finish
-        it (the checkpoint is complete), dropping what it was replacing. Temporaries of killed writes go."""
-        remove_stale_temps(self.root)
+        it (the checkpoint is complete), dropping what it was replacing."""
         for work in sorted(self.root.glob(f"step*{PARTIAL}")):
             if not (work / MANIFEST).is_file():
                 continue  # killed earlier: prune() removes it

@@ -45,21 +45,21 @@ class DeviceMeter:
         self.sums += torch.cat([losses.where(finite, 0.0), finite.double(), out.stats.detach().double()])
         self.micro_batches += 1
 
-    def _summed_over_ranks(self) -> tuple[list[float], int]:
-        """(sums over every rank, world size)."""
+    def _summed_over_ranks(self) -> tuple[list[float], int, int]:
+        """(sums over every rank, micro-batches over every rank, world size)."""
         import torch.distributed as dist
 
-        sums = self.sums.clone()
+        sums = torch.cat([self.sums, self.sums.new_tensor([self.micro_batches])])
         world = 1
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums)
             world = dist.get_world_size()
-        return sums.tolist(), world
+        *values, micro = sums.tolist()
+        return values, int(micro), world
 
     def read(self) -> dict[str, float]:
         """Sum over ranks, move to the host (the one sync), reset, and return the means and accuracies."""
-        values, world = self._summed_over_ranks()
-        micro = self.micro_batches * world
+        values, micro, _ = self._summed_over_ranks()
         self.sums.zero_()
         self.micro_batches = 0
         return summarize(values, micro)
@@ -67,7 +67,7 @@ class DeviceMeter:
     def state(self) -> dict[str, Any]:
         """The sums so far, over all ranks (every rank takes part): a checkpoint keeps them, so that a resume
         mid-interval logs what an uninterrupted run logs."""
-        values, world = self._summed_over_ranks()
+        values, _, world = self._summed_over_ranks()
         return {"sums": values, "micro_batches": self.micro_batches, "world_size": world}
 
     def load_state(self, state: dict[str, Any], rank: int, world_size: int) -> bool:

@@ -353,16 +353,22 @@ def evaluate(engine, sampler, *, batches: int, special_ids: dict[str, int], mlm_
              max_predictions: int, seed: int, mask_replace_prob: float) -> dict[str, float]:
     """Held-out loss and accuracies over `batches` batches of `sampler` (one stream for all ranks), with fixed
     masks and samples, dropout off, training RNG untouched. The ranks share the batches out (rank r takes
-    r, r + world size, ...), so the figures do not depend on how many ranks there are."""
+    r, r + world size, ...), so at a given per-device batch size the figures do not depend on how many ranks
+    there are. Every rank runs as many forwards (ZeRO-3 gathers the weights in each, on all ranks together): one
+    past the end repeats a batch and is not counted."""
     device = engine.device
     meter = DeviceMeter(device)
     engine.eval()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
-        for i in range(engine.global_rank, batches, engine.world_size):
-            batch = ds_engine.device_batch({k: torch.from_numpy(v) for k, v in sampler.batch(i).items()}, device)
-            meter.add(forward(engine, batch, special_ids=special_ids, mlm_probability=mlm_probability,
-                              max_predictions=max_predictions, step=i, seed=seed, rank=0,
-                              mask_replace_prob=mask_replace_prob))
+        for i in range(engine.global_rank, math.ceil(batches / engine.world_size) * engine.world_size,
+                       engine.world_size):
+            batch = ds_engine.device_batch({k: torch.from_numpy(v) for k, v in sampler.batch(i % batches).items()},
+                                           device)
+            out = forward(engine, batch, special_ids=special_ids, mlm_probability=mlm_probability,
+                          max_predictions=max_predictions, step=i % batches, seed=seed, rank=0,
+                          mask_replace_prob=mask_replace_prob)
+            if i < batches:
+                meter.add(out)
     engine.train()
     values = meter.read()
     values.pop("nonfinite_steps")
@@ -733,13 +739,15 @@ def run(args: argparse.Namespace) -> Path:
         return time.perf_counter()
 
     def exclude_startup(step: int) -> None:
-        """Take this process's first STARTUP_STEPS steps out of the logging window (steps and time)."""
-        startup_s = pause_start() - t_start - window["paused"]
+        """Take this process's first STARTUP_STEPS steps out of the logging window (steps and time): those since
+        the window opened (at the start, or later if a record was written within them)."""
+        since_step, since = max(window["step"], start_step), max(window["start"], t_start)
+        startup_s = pause_start() - since - window["paused"]
         window["paused"] += startup_s
-        window["step"] += STARTUP_STEPS
+        window["step"] += step - since_step
         if rank == 0:
             log.info("steps %d-%d took %.1f s (compilation, autotuning, CUDA-graph capture); tokens_per_s leaves "
-                     "them out", step - STARTUP_STEPS + 1, step, startup_s)
+                     "them out", since_step + 1, step, startup_s)
 
     def run_eval(step: int) -> None:
         t = pause_start()
