@@ -95,15 +95,30 @@ def test_evaluation_does_not_depend_on_the_number_of_ranks(corpus, tmp_path, zer
         assert eval_two[key] == pytest.approx(value, rel=1e-5), key
 
 
-def test_a_stop_request_stops_every_rank_within_steps(corpus, tmp_path):
-    """SIGTERM to the launcher and its ranks at once (a terminal's Ctrl-C, a cluster's preemption): the ranks agree
-    within StopVote.LAG steps, with no logging step to wait for (none falls in this run), save and exit 0."""
+def rank_pid(launcher_pid: int, rank: int) -> int:
+    """The process id of `rank`, a child of the launcher (read from /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == launcher_pid and f"\0RANK={rank}\0" in "\0" + (stat.parent / "environ").read_text():
+                return int(stat.parent.name)
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    raise AssertionError(f"no rank {rank} under process {launcher_pid}")
+
+
+@pytest.mark.parametrize("signalled", ["launcher", "rank 1"])
+def test_a_stop_request_stops_every_rank_within_steps(corpus, tmp_path, signalled):
+    """SIGTERM to the launcher's process group (torchrun passes it on to each rank's), or to one rank alone: every
+    rank stops at the same step within StopVote.LAG steps, with no logging step to wait for (none falls in this
+    run), saves and exits 0. With a data loader worker: it must not die of the signal before the save."""
     from electra_ds.train.checkpoint import CheckpointManager
 
     out, log = tmp_path / "out", tmp_path / "run.log"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), str(REPO / "launch" / "pretrain.py"),
-               *argv(corpus, out, "fp32", 4, 5000, "--logging_steps", "80000", "--save_steps", "80000")]
+               *argv(corpus, out, "fp32", 4, 5000, "--logging_steps", "80000", "--save_steps", "80000",
+                     "--num_workers", "1")]
     with log.open("w") as f:
         proc = subprocess.Popen(command, env=child_env(OMP_NUM_THREADS="1"), stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # its own process group, which the signal goes to
@@ -113,15 +128,21 @@ def test_a_stop_request_stops_every_rank_within_steps(corpus, tmp_path):
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.1)
         time.sleep(2)  # some steps in
-        os.killpg(proc.pid, signal.SIGTERM)
+        if signalled == "launcher":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            os.kill(rank_pid(proc.pid, 1), signal.SIGTERM)
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    text = log.read_text()  # torchrun itself ends with a traceback of the signal it got
-    stopped = re.search(r"\[rank 0\] WARNING electra_ds.pretrain: stopped by SIGTERM at step (\d+)", text)
-    assert stopped and "] ERROR" not in text, text[-3000:]
+    text = log.read_text()  # signalled itself, torchrun ends with a traceback of the signal
+    by = "SIGTERM" if signalled == "launcher" else "a signal on another rank"
+    stopped = re.search(rf"\[rank 0\] WARNING electra_ds.pretrain: stopped by {by} at step (\d+)", text)
+    assert stopped and "] ERROR" not in text and "RuntimeError" not in text, text[-3000:]
     assert [s for s, _ in CheckpointManager(out / "checkpoints", 3, 0, 1).complete()] == [int(stopped[1])]
+    if signalled == "rank 1":
+        assert proc.returncode == 0, text[-3000:]
 
 
 NO_AVERAGING_SCRIPT = """

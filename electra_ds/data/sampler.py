@@ -156,5 +156,15 @@ def batches(sampler: SegmentSampler, start_step: int, num_workers: int = 1,
 
     loader = DataLoader(_StepBatches(sampler), batch_size=None, sampler=itertools.count(start_step),
                         num_workers=num_workers, pin_memory=pin_memory and torch.cuda.is_available(),
-                        prefetch_factor=4 if num_workers > 0 else None)
+                        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_own_session)
     return iter(loader)
+
+
+def _own_session(worker_id: int) -> None:
+    """Loader workers leave the training process's process group: a Ctrl-C or SIGTERM sent to the group (a
+    terminal, torchrun passing a signal on) reaches the training process alone, which finishes its step and saves
+    with its workers, then ends them itself. (A worker killed by the signal made the loader raise in the middle of
+    that save.) A launcher that signals every process of the job (Slurm, deepspeed) still reaches them."""
+    import os
+
+    os.setsid()

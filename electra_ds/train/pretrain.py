@@ -57,6 +57,10 @@ SAME_REQUEST_S = 3.0
 # A process's first steps compile kernels, autotune and capture CUDA graphs: tokens_per_s leaves them out.
 STARTUP_STEPS = 3
 
+# Where torch.save's RuntimeErrors come from when a write fails (a full disk gives "[enforce fail at
+# inline_container.cc:672] . unexpected pos ...").
+WRITE_FAILURES = ("inline_container", "PytorchStreamWriter")
+
 # Words in the errors gloo / NCCL raise when a peer is gone or a collective timed out.
 COLLECTIVE_FAILURES = ("Connection reset", "Connection closed", "Broken pipe", "timed out", "Timeout", "NCCL",
                        "gloo", "ProcessGroup")
@@ -158,8 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--pack_documents", action="store_true",
                       help="windows may span consecutive documents (within a shard) instead of staying inside one")
     data.add_argument("--num_workers", type=int, default=0,
-                      help="data loader processes; 0 samples in the main process (about a millisecond a batch), "
-                           "which also keeps Ctrl-C from killing loader workers before the final checkpoint")
+                      help="data loader processes; 0 samples in the main process (about a millisecond a batch)")
     return p
 
 
@@ -426,7 +429,7 @@ class StopVote:
 
         if self.group is None:
             return requested
-        flag = torch.tensor([int(requested)], dtype=torch.int32)
+        flag = torch.tensor([int(requested)], dtype=torch.int32, device="cpu")  # never a device sync
         self.pending.append((dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag))
         if len(self.pending) <= self.LAG:
             return False
@@ -435,9 +438,14 @@ class StopVote:
         return bool(flag.item())
 
     def close(self) -> None:
-        """Wait for the votes still under way (every rank started as many)."""
+        """Wait for the votes still under way (every rank started as many), then drop the group."""
+        import torch.distributed as dist
+
         while self.pending:
             self.pending.popleft()[0].wait()
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
 
 
 # -- set-up helpers ------------------------------------------------------------------------------------------
@@ -779,8 +787,8 @@ def run(args: argparse.Namespace) -> Path:
                                             "wandb_id": wandb.id if wandb else state.get("wandb_id"),
                                             "log_window": log_window})
         except (OSError, RuntimeError) as e:
-            if not isinstance(e, OSError) and any(k in str(e) for k in COLLECTIVE_FAILURES):
-                raise
+            if not isinstance(e, OSError) and not any(k in str(e) for k in WRITE_FAILURES):
+                raise  # not the disk: a collective, a data loader worker killed, ...
             free_gb = shutil.disk_usage(checkpoints.root).free / 1e9 if checkpoints.root.is_dir() else float("nan")
             first_line = (str(e).strip().splitlines() or [""])[0][:300]
             raise SaveError(f"could not write the checkpoint of step {step} under {checkpoints.root} ({free_gb:.1f} "
