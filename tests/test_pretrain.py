@@ -656,7 +656,7 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run(corpus, tmp_path, si
 
 def test_sigterm_saves_and_exits_zero(corpus, tmp_path):
     """SIGTERM to the process group (a launcher or a cluster signals every process), data loader workers included:
-    they must outlive the signal until the save is done."""
+    they take it only from the training process, which saves with them and then ends them."""
     out = tmp_path / "out"
     proc = start(corpus, out, "--num_workers", "1", steps=2000, start_new_session=True)
     wait_for(lambda: len(MetricsFile(out / "metrics.jsonl").records()) >= 2, proc)

@@ -156,15 +156,24 @@ def batches(sampler: SegmentSampler, start_step: int, num_workers: int = 1,
 
     loader = DataLoader(_StepBatches(sampler), batch_size=None, sampler=itertools.count(start_step),
                         num_workers=num_workers, pin_memory=pin_memory and torch.cuda.is_available(),
-                        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_own_session)
+                        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_stop_signals_from_the_trainer_only)
     return iter(loader)
 
 
-def _own_session(worker_id: int) -> None:
-    """Loader workers leave the training process's process group: a Ctrl-C or SIGTERM sent to the group (a
-    terminal, torchrun passing a signal on) reaches the training process alone, which finishes its step and saves
-    with its workers, then ends them itself. (A worker killed by the signal made the loader raise in the middle of
-    that save.) A launcher that signals every process of the job (Slurm, deepspeed) still reaches them."""
+def _stop_signals_from_the_trainer_only(worker_id: int) -> None:
+    """A loader worker takes SIGINT / SIGTERM only from its training process (which ends its workers so when it
+    is done). A terminal, torchrun, deepspeed or Slurm signals every process: the training process then finishes its
+    step and saves with its workers alive. (A worker killed by such a signal made the loader raise mid-save.)"""
     import os
+    import signal
+    import threading
 
-    os.setsid()
+    trainer, stop = os.getppid(), {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # delivered to the thread below only
+
+    def wait_for_the_trainer() -> None:
+        while signal.sigwaitinfo(stop).si_pid != trainer:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait_for_the_trainer, name="stop-signals", daemon=True).start()
