@@ -17,12 +17,18 @@ does not depend on how it is split across ranks.
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import os
+import signal
 from collections.abc import Iterator
 
 import numpy as np
 
 from .cache import TokenCache
+
+# What a terminal, a launcher or a cluster sends to stop a run.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 SINGLE_SEGMENT_PROBABILITY = 0.1  # share of single-segment samples in two-segment mode (original recipe)
 
@@ -156,23 +162,24 @@ def batches(sampler: SegmentSampler, start_step: int, num_workers: int = 1,
 
     loader = DataLoader(_StepBatches(sampler), batch_size=None, sampler=itertools.count(start_step),
                         num_workers=num_workers, pin_memory=pin_memory and torch.cuda.is_available(),
-                        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_stop_signals_from_the_trainer_only)
+                        prefetch_factor=4 if num_workers > 0 else None,
+                        worker_init_fn=functools.partial(_stop_signals_only_from, os.getpid()))
     return iter(loader)
 
 
-def _stop_signals_from_the_trainer_only(worker_id: int) -> None:
-    """A loader worker takes SIGINT / SIGTERM only from its training process (which ends its workers so when it
-    is done). A terminal, torchrun, deepspeed or Slurm signals every process: the training process then finishes its
-    step and saves with its workers alive. (A worker killed by such a signal made the loader raise mid-save.)"""
-    import os
-    import signal
+def _stop_signals_only_from(trainer: int, worker_id: int) -> None:
+    """A loader worker takes SIGINT / SIGTERM only from its training process `trainer` (which ends its workers so
+    when it is done; not always the worker's parent: a forkserver starts them). A terminal, torchrun, deepspeed or
+    Slurm signals every process: the training process then finishes its step and saves with its workers alive. (A
+    worker killed by such a signal made the loader raise mid-save.)"""
     import threading
 
-    trainer, stop = os.getppid(), {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # delivered to the thread below only
+    # Blocked here, the signals go to the thread below. Checked for forked workers (the default on Linux up to
+    # Python 3.13); one started by spawn or a forkserver still died of another process's SIGTERM, as before.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
     def wait_for_the_trainer() -> None:
-        while signal.sigwaitinfo(stop).si_pid != trainer:
+        while signal.sigwaitinfo(STOP_SIGNALS).si_pid != trainer:
             pass
         os._exit(0)
 
