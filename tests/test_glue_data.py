@@ -174,9 +174,10 @@ def test_ids_are_the_index_column_or_the_row_number(glue_dir, tmp_path):
 def test_glue_dir_that_does_not_exist_is_an_error(tmp_path):
     """A mistyped GLUE_DIR must fail, not make every task absent; a task missing from a real one is absent."""
     for glue_dir, message in ((tmp_path / "glu", "does not exist"), (tmp_path, "holds none of the task folders")):
-        with pytest.raises(FileNotFoundError, match=f"GLUE directory {glue_dir} {message}.*--glue_dir") as failed:
-            check_glue_dir(glue_dir)
-        assert not isinstance(failed.value, MissingData)
+        for load in (lambda: check_glue_dir(glue_dir), lambda: load_split(TASKS["QQP"], "train", glue_dir)):
+            with pytest.raises(FileNotFoundError, match=f"GLUE directory {glue_dir} {message}.*--glue_dir") as failed:
+                load()
+            assert not isinstance(failed.value, MissingData)
     (tmp_path / "RTE").mkdir()
     with pytest.raises(MissingData, match="QQP train: no file"):
         load_split(TASKS["QQP"], "train", tmp_path)

@@ -390,13 +390,13 @@ def build_cache(source: str | os.PathLike, output: str | os.PathLike, tokenizer:
         state = _read_json(out / BUILD_STATE) if (out / BUILD_STATE).is_file() else None
         if state is not None:
             remove_stale_temps(out)  # what the interrupted run was writing
-            if state.get("settings") != settings and not _wrote_shards(state):
+            if state.get("settings") != settings:
+                if _wrote_shards(state):
+                    _compare(settings, state.get("settings", {}), out)  # raises: the shards are the old settings'
                 # e.g. a source that failed to open, or a tokenizer training that failed: nothing to keep
                 log.info("%s: an unfinished build with other settings wrote no shard; starting afresh", out)
                 shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)  # it may come from the old settings
                 state = None
-            else:
-                _compare(settings, state.get("settings", {}), out)
         if state is None:
             state = {"settings": settings, "tokenizer_hash": None,
                      "splits": {s: {"shards": [], "resume": [0, 0], "documents": 0, "empty_documents": 0}

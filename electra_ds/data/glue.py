@@ -151,9 +151,12 @@ def split_path(task: GlueTask, split: str, glue_dir: str | Path) -> Path:
 
 
 def load_split(task: GlueTask, split: str, glue_dir: str | Path | None = None) -> list[GlueExample]:
-    """Examples of `split` from `glue_dir` (original TSV layout) or, when None, from Hugging Face datasets."""
+    """Examples of `split` from `glue_dir` (original TSV layout; `check_glue_dir` first) or, when None, from Hugging
+    Face datasets."""
     if glue_dir is not None:
-        return read_tsv(task, split, split_path(task, split, glue_dir))
+        path = split_path(task, split, glue_dir)  # an unknown split is refused first
+        check_glue_dir(glue_dir)
+        return read_tsv(task, split, path)
     return read_hf(task, split)
 
 

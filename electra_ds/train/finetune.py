@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 from electra_ds.config import ElectraConfig
 from electra_ds.data.cache import TOKENIZER_DIR
-from electra_ds.data.glue import (DIAGNOSTIC, GlueExample, GlueTask, MissingData, check_glue_dir, get_task,
-                                  load_split)
+from electra_ds.data.glue import DIAGNOSTIC, GlueExample, GlueTask, MissingData, get_task, load_split
 from electra_ds.data.tokenizer import load_tokenizer, special_ids, text_tokenizer, tokenizer_hash
 from electra_ds.data.tokenizer import vocab_size as tokenizer_vocab_size
 from electra_ds.model.classifier import ElectraClassifier
@@ -329,8 +328,6 @@ def load_task_data(task: GlueTask, glue_dir: str | Path | None, max_train_sample
     splits exist (MNLI also predicts the diagnostic set, AX). `double_unordered`: a task whose pairs have no
     order (MRPC, STS-B) trains on each pair twice, once swapped, as google-research/electra does (after the
     `max_train_samples` cap on the rows read)."""
-    if glue_dir is not None:
-        check_glue_dir(glue_dir)
     train_rows = load_split(task, "train", glue_dir)
     if max_train_samples is not None and max_train_samples < len(train_rows):
         keep = np.sort(np.random.default_rng(0).permutation(len(train_rows))[:max_train_samples])

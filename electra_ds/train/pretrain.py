@@ -509,9 +509,9 @@ def check_output_dir(out: Path, run_config: dict, resume: str) -> None:
     if changed:
         log.warning("resuming %s with changed flags: %s", out,
                     ", ".join(f"{k}: {previous['flags'].get(k)} -> {run_config['flags'][k]}" for k in changed))
-    edited = sorted(k for k in set(previous.get("ds_config", {})) | set(run_config["ds_config"])
-                    if k not in ds_engine.BATCH_KEYS  # filled from the flags and the world size
-                    and previous.get("ds_config", {}).get(k) != run_config["ds_config"].get(k))
+    before, now = previous.get("ds_config", {}), run_config["ds_config"]
+    edited = sorted(k for k in before.keys() | now.keys()
+                    if k not in ds_engine.BATCH_KEYS and before.get(k) != now.get(k))  # those follow the flags
     if "ds_config" in previous and edited:
         log.warning("resuming %s with a changed DeepSpeed config (keys %s)", out, ", ".join(edited))
     if previous.get("world_size", run_config["world_size"]) != run_config["world_size"]:
