@@ -45,11 +45,10 @@ def child_env(**extra: str) -> dict[str, str]:
 @pytest.fixture
 def triton_backend() -> Iterator[None]:
     """The Triton kernels forced for the test (CPU tensors need TRITON_INTERPRET=1), "auto" again after it."""
-    from electra_ds import kernels
+    from model_helpers import kernel_backend
 
-    kernels.set_backend("triton")
-    yield
-    kernels.set_backend("auto")
+    with kernel_backend("triton"):
+        yield
 
 
 def made_text() -> str:
