@@ -10,7 +10,7 @@
 # 4. times ELECTRA-Small bf16, batch 128 x 128: every variant of benchmarks/throughput.py in the order of $VARIANTS
 #    (the JSON and the table are rewritten after each, so an overrun keeps what finished), each followed by its
 #    host syncs per step and a 3-step profile (GPU busy time per step, top kernels: benchmarks/step_profile.py),
-# 5. with REAL_LOOP=1, the real training loop (launch/pretrain.py, Small, --compile reduce-overhead, 600 steps:
+# 5. with REAL_LOOP=1, the real training loop (launch/pretrain.py, Small, --compile reduce-overhead, 3000 steps:
 #    tokens/s per 50 steps in real_loop_metrics.jsonl; its time is kept aside from the throughput stage),
 # 6. if time is left, each fused kernel timed against its twin and plain torch (benchmarks/kernel_speed.py) and a
 #    batch sweep (256, 512) of the eager variants.
@@ -28,11 +28,12 @@ BUDGET=${GPU_CHECK_BUDGET_S:-520}
 # had no time left for, then the rest. Each compiled variant takes about a minute to compile; max-autotune takes
 # minutes, so it is left to a second call (below).
 VARIANTS=${VARIANTS:-hf_eager,ours_ds_compile_cudagraphs,ours_compile_cudagraphs,hf_compile_cudagraphs,ours_ds_triton,ours_ds_torch,ours_bare,hf_compile,ours_compile}
-# SKIP_TESTS=1 skips the two pytest stages, and REAL_LOOP=1 adds the real training loop, for a second call:
+# SKIP_TESTS=1 skips the two pytest stages, VARIANTS=none the throughput stage, and REAL_LOOP=1 adds the real
+# training loop (REAL_LOOP_STEPS steps, default 3000), for a second call:
 #   SKIP_TESTS=1 REAL_LOOP=1 VARIANTS=ours_ds_compile_max_autotune bash benchmarks/gpu_check.sh
 SKIP_TESTS=${SKIP_TESTS:-0}
 REAL_LOOP=${REAL_LOOP:-0}
-LOOP_S=190  # the real loop's share: a cold compile (about a minute) and 600 steps
+LOOP_S=190  # the real loop's share: 3000 steps took 163 s on an H200 at e21871c, 131 s of them compiling
 START=$SECONDS
 
 left() { echo $((BUDGET - (SECONDS - START))); }
@@ -104,15 +105,19 @@ PY
     status "engine step GPU tests" "${PIPESTATUS[0]}"
   fi
 
-  t=$(limit 330 $(( REAL_LOOP == 1 ? LOOP_S + 45 : 45 )))
-  banner "throughput: ELECTRA-Small bf16 128 x 128, all variants (at most ${t}s)"
-  # No new variant starts in the last 70 s (a compile would not finish); a window shorter than that gets no such cut.
-  local cut=()
-  (( t > 70 )) && cut=(--max_seconds $((t - 70)))
-  timeout -k 10 "$t" python3 benchmarks/throughput.py --model_size small --batch_size 128 --max_length 128 \
-    --precision bf16 --steps 30 --warmup 10 --profile_steps 3 "${cut[@]}" \
-    --variants "$VARIANTS" --json "$OUT/throughput.json" --markdown "$OUT/throughput.md"
-  status "throughput (the JSON keeps finished variants)" $?
+  if [ "$VARIANTS" = none ]; then
+    banner "throughput skipped (VARIANTS=none)"
+  else
+    t=$(limit 330 $(( REAL_LOOP == 1 ? LOOP_S + 45 : 45 )))
+    banner "throughput: ELECTRA-Small bf16 128 x 128, all variants (at most ${t}s)"
+    # No new variant starts in the last 70 s (a compile would not finish); a window shorter than that gets no such cut.
+    local cut=()
+    (( t > 70 )) && cut=(--max_seconds $((t - 70)))
+    timeout -k 10 "$t" python3 benchmarks/throughput.py --model_size small --batch_size 128 --max_length 128 \
+      --precision bf16 --steps 30 --warmup 10 --profile_steps 3 "${cut[@]}" \
+      --variants "$VARIANTS" --json "$OUT/throughput.json" --markdown "$OUT/throughput.md"
+    status "throughput (the JSON keeps finished variants)" $?
+  fi
 
   if (( REAL_LOOP == 1 && $(left) >= 150 )); then
     t=$(limit $LOOP_S 5)
@@ -121,7 +126,7 @@ PY
     # record includes the compile, the later ones are the loop's steady speed.
     rm -rf /tmp/gpu_check_loop  # a warm machine keeps the last call's run
     timeout -k 10 "$t" python3 launch/pretrain.py --model_size small --data builtin --cache_root /tmp/gpu_check_caches \
-      --output_dir /tmp/gpu_check_loop --resume none --max_steps "${REAL_LOOP_STEPS:-600}" --logging_steps 6400 \
+      --output_dir /tmp/gpu_check_loop --resume none --max_steps "${REAL_LOOP_STEPS:-3000}" --logging_steps 6400 \
       --eval_batches 0 --save_steps 100000000 --compile reduce-overhead --deepspeed_config bf16 --wandb disabled \
       --no-export_hf
     status "real training loop" $?
