@@ -186,6 +186,24 @@ def test_kernel_speed_cases_run_on_small_shapes():
                 torch.testing.assert_close(x.float(), y.float(), atol=0.05, rtol=0.05, msg=name)
 
 
+def test_kernel_speed_attention_cases_run_on_small_shapes():
+    """The attention cases (SDPA forward and backward per tower, with and without a padding mask) run on the CPU
+    under the MATH backend; without dropout a padded key gets no gradient, a real one does."""
+    from benchmarks import kernel_speed
+
+    torch.manual_seed(0)
+    cases = kernel_speed.attention_cases("cpu", batch=2, length=20, head_dim=8, dropout=0.0)
+    assert set(cases) == {"discriminator (4 heads) no mask", "discriminator (4 heads) padding mask",
+                          "generator (1 heads) no mask", "generator (1 heads) padding mask"}
+    for name, fn in cases.items():
+        grads = kernel_speed._with_backend(fn, "MATH")()
+        heads = 4 if name.startswith("discriminator") else 1
+        assert [tuple(g.shape) for g in grads] == [(2, heads, 20, 8)] * 3
+        key_grad = grads[1][0].float().abs().sum(dim=(0, 2))  # row 0: padded in the mask case
+        assert bool((key_grad[:4] > 0).all())
+        assert bool((key_grad[4:] == 0).all()) == name.endswith("padding mask"), name
+
+
 def test_data_pipeline_benchmark_runs_and_reports(tmp_path):
     """benchmarks/data_pipeline.py on a small made corpus: raw encoding, the build per worker count and every
     sampler layout are timed and written to its JSON."""

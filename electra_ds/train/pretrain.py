@@ -922,6 +922,10 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(4)
         raise
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # NCCL warns at exit (possible leaks) when the group is left to the destructors
+        dist.destroy_process_group()
     return 0
 
 
