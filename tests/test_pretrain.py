@@ -893,6 +893,18 @@ def test_a_save_killed_while_moving_into_place_is_finished_on_restore(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step00000004"]
 
 
+def test_restoring_from_another_runs_checkpoints_changes_nothing_there(tmp_path):
+    """`--resume` naming another run's checkpoint reads that run's folder read-only: its save killed while moving
+    into place stays for that run to finish (the same layout as the test above; here the folder could be shared)."""
+    root = tmp_path / "theirs" / "checkpoints"
+    CheckpointManager(root, keep=3, rank=0, world_size=1).save(FakeEngine("older"), 2, {})
+    CheckpointManager(root, keep=3, rank=0, world_size=1).save(FakeEngine("new"), 4, {})
+    os.replace(root / "step00000004", root / "step00000004.partial")
+    before = sorted(p.name for p in root.iterdir())
+    assert CheckpointManager(root, keep=3, rank=0, world_size=1).restore(FakeEngine(""), read_only=True)[0] == 2
+    assert sorted(p.name for p in root.iterdir()) == before
+
+
 def test_pruning_never_keeps_a_damaged_checkpoint_instead_of_a_sound_one(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (10, 20):

@@ -222,14 +222,16 @@ class CheckpointManager:
         return moved
 
     # -- restoring ---------------------------------------------------------------------------------------------
-    def restore(self, engine, tag: str | None = None) -> tuple[int, dict[str, Any]] | None:
+    def restore(self, engine, tag: str | None = None, *, read_only: bool = False) -> tuple[int, dict[str, Any]] | None:
         """Load the newest usable checkpoint (or `tag`) into `engine` and this rank's RNG.
 
         Returns (step, client_state), or None when there is no checkpoint at all. A damaged checkpoint is skipped
         with a warning; if checkpoints exist but none loads, raises CheckpointError (never silently restarts).
         Every rank then checks that all restored the same step, whatever each found (no rank is left waiting).
+        `read_only` (another run's checkpoints): nothing under `root` changes; a save of that run killed while it
+        was being moved into place stays for that run to finish.
         """
-        if self.rank == 0:
+        if self.rank == 0 and not read_only:
             self._finish_interrupted_saves()
         _barrier()
         try:

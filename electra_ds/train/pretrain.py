@@ -665,7 +665,8 @@ def run(args: argparse.Namespace) -> Path:
                                        settings=settings)
         resume_tag = given.name
     try:
-        restored = None if args.resume == "none" else source.restore(engine, resume_tag)
+        restored = None if args.resume == "none" else source.restore(engine, resume_tag,
+                                                                          read_only=source is not checkpoints)
     except CheckpointError as e:
         raise SetupError(str(e)) from None
     start_step, state = restored if restored else (0, {})
