@@ -9,15 +9,17 @@
 # 3. runs the GPU-marked tests (kernels vs twins, no host sync in the engine step, eager and CUDA graphs),
 # 4. times ELECTRA-Small bf16, batch 128 x 128: every variant of benchmarks/throughput.py in the order of $VARIANTS
 #    (the JSON and the table are rewritten after each, so an overrun keeps what finished), each followed by its
-#    host syncs per step and a 3-step profile (GPU busy time per step, top kernels: benchmarks/step_profile.py),
+#    host syncs per step and a 3-step profile (GPU busy time per step, top kernels: benchmarks/step_profile.py);
+#    with INDUCTOR_SETS, the engine step with CUDA graphs again under each set of inductor settings,
 # 5. with REAL_LOOP=1, the real training loop (launch/pretrain.py, Small, --compile reduce-overhead, 3000 steps:
 #    tokens/s per 50 steps in real_loop_metrics.jsonl; its time is kept aside from the throughput stage),
-# 6. if time is left, each fused kernel timed against its twin and plain torch (benchmarks/kernel_speed.py) and a
-#    batch sweep (256, 512) of the eager variants.
+# 6. if time is left, each fused kernel timed against its twin and plain torch, and attention under each SDPA
+#    backend (benchmarks/kernel_speed.py), and a batch sweep (256, 512) of the eager variants.
 # Logs (gpu_check.log: everything; pytest_gpu_kernels.log, pytest_gpu.log), JSON and tables (throughput.*,
-# real_loop_metrics.jsonl, kernels.json, sweep.*) go to $OUT (./gpu_out when OUT is unset). The whole script keeps
-# within GPU_CHECK_BUDGET_S seconds (default 520, under 9 minutes): every stage runs under `timeout`, sized from what
-# is left. Without an NVIDIA GPU it says so and exits 0 at once; otherwise it exits 1 if a stage failed or timed out.
+# inductor_N.*, real_loop_metrics.jsonl, kernels.json, sweep.*) go to $OUT (./gpu_out when OUT is unset). The whole
+# script keeps within GPU_CHECK_BUDGET_S seconds (default 520, under 9 minutes): every stage runs under `timeout`,
+# sized from what is left. Without an NVIDIA GPU it says so and exits 0 at once; otherwise it exits 1 if a stage
+# failed or timed out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -31,6 +33,9 @@ VARIANTS=${VARIANTS:-hf_eager,ours_ds_compile_cudagraphs,ours_compile_cudagraphs
 # SKIP_TESTS=1 skips the two pytest stages, VARIANTS=none the throughput stage, and REAL_LOOP=1 adds the real
 # training loop (REAL_LOOP_STEPS steps, default 3000), for a second call:
 #   SKIP_TESTS=1 REAL_LOOP=1 VARIANTS=ours_ds_compile_max_autotune bash benchmarks/gpu_check.sh
+# INDUCTOR_SETS="SET SET ...", each a --inductor value (pretrain.py), times ours_ds_compile_cudagraphs again under each,
+# after the throughput stage, e.g. INDUCTOR_SETS="combo_kernels=True coordinate_descent_tuning=True" (inductor_N.*).
+INDUCTOR_SETS=${INDUCTOR_SETS:-}
 SKIP_TESTS=${SKIP_TESTS:-0}
 REAL_LOOP=${REAL_LOOP:-0}
 LOOP_S=190  # the real loop's share: 3000 steps took 163 s on an H200 at e21871c, 131 s of them compiling
@@ -119,6 +124,21 @@ PY
     status "throughput (the JSON keeps finished variants)" $?
   fi
 
+  local n=0 set
+  for set in $INDUCTOR_SETS; do
+    n=$((n + 1))
+    if (( $(left) < 100 )); then
+      banner "throughput with --inductor $set skipped: $(left)s left"
+      continue
+    fi
+    t=$(limit 150 $(( REAL_LOOP == 1 ? LOOP_S + 10 : 10 )))
+    banner "throughput with --inductor $set: the engine step with CUDA graphs (at most ${t}s)"
+    timeout -k 10 "$t" python3 benchmarks/throughput.py --model_size small --batch_size 128 --max_length 128 \
+      --precision bf16 --steps 30 --warmup 10 --profile_steps 3 --no_check --variants ours_ds_compile_cudagraphs \
+      --inductor "$set" --json "$OUT/inductor_$n.json" --markdown "$OUT/inductor_$n.md"
+    status "throughput --inductor $set" $?
+  done
+
   if (( REAL_LOOP == 1 && $(left) >= 150 )); then
     t=$(limit $LOOP_S 5)
     banner "the real training loop: launch/pretrain.py, ELECTRA-Small bf16 on the builtin corpus (at most ${t}s)"
@@ -136,7 +156,7 @@ PY
   fi
 
   if (( $(left) >= 30 )); then
-    t=$(limit 40 5)
+    t=$(limit 60 5)
     banner "fused kernels vs twins vs torch, ELECTRA-Small shapes (at most ${t}s)"
     timeout -k 10 "$t" python3 benchmarks/kernel_speed.py --json "$OUT/kernels.json"
     status kernels $?

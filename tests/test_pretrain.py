@@ -210,6 +210,27 @@ def test_recipes_mask_15_percent_and_large_25(size, probability, slots):
     assert flagged.mlm_probability == 0.2
 
 
+def test_inductor_settings_are_checked_before_any_compile(capsys):
+    """--inductor: torch._inductor.config settings, parsed and checked when the arguments are (a typo must not cost
+    a compile), and only with --compile; applying them sets the process-wide config."""
+    import torch._inductor.config as inductor_config
+
+    base = ["--model_size", "tiny", "--data", "x", "--deepspeed_config", "fp32"]
+    args = parse_args(base + ["--compile", "reduce-overhead", "--inductor", "combo_kernels=True, max_fusion_size=32"])
+    assert args.inductor == {"combo_kernels": True, "max_fusion_size": 32}
+    make_plan(args, world_size=1)
+    for bad, says in [("combo_kernels", "expected KEY=VALUE"), ("no_such_setting=1", "not a torch._inductor.config"),
+                      ("max_fusion_size=big", "expected a int like its default, 64")]:
+        with pytest.raises(SystemExit):
+            parse_args(base + ["--compile", "default", "--inductor", bad])
+        assert says in capsys.readouterr().err, bad
+    with pytest.raises(SetupError, match="add --compile"):
+        make_plan(parse_args(base + ["--inductor", "combo_kernels=True"]), world_size=1)
+    with inductor_config.patch(combo_kernels=False, max_fusion_size=64):  # restored on leaving
+        pretrain.apply_inductor_settings(args.inductor)
+        assert inductor_config.combo_kernels is True and inductor_config.max_fusion_size == 32
+
+
 def test_rc2020_step_flags_count_samples_and_the_readme_command_parses():
     readme = ("--mlm_probability 0.15  --mlm_replacement_probability 0.85 --max_length 128 "
               "--per_device_train_batch_size 128 --gradient_accumulation_steps 1 --logging_steps 3840 "

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "autotunes the matrix products (minutes at start). Changes speed only: "
                           "the compiled model runs the PyTorch twins of the kernels, which are their specification, "
                           "and the Triton Gumbel sampler, which matches its twin bit for bit")
+    run.add_argument("--inductor", type=inductor_settings, default={}, metavar="KEY=VALUE[,KEY=VALUE]",
+                     help="torch._inductor.config settings for --compile, e.g. combo_kernels=True or "
+                          "coordinate_descent_tuning=True: speed only (results within floating-point rounding)")
     run.add_argument("--deepspeed_config", "--ds_config", default="auto",
                      help="DeepSpeed JSON: a path or a name in ds_configs/ (bf16, bf16_zero2, ...); auto: bf16 on a "
                           "bf16 GPU, fp16 on older GPUs, fp32 without a GPU")
@@ -258,6 +261,8 @@ def make_plan(args: argparse.Namespace, world_size: int) -> Plan:
         raise SetupError(f"--mlm_probability must be in (0, 1), got {mlm_probability}")
     if not 0 <= args.mlm_replacement_probability <= 1:
         raise SetupError(f"--mlm_replacement_probability must be in [0, 1], got {args.mlm_replacement_probability}")
+    if args.inductor and args.compile == "none":
+        raise SetupError("--inductor sets how --compile compiles: add --compile reduce-overhead (or another mode)")
     accumulation = args.gradient_accumulation_steps
     if accumulation < 1:
         raise SetupError(f"--gradient_accumulation_steps must be >= 1, got {accumulation}")
@@ -323,9 +328,47 @@ def compiled_masking(mode: str | None) -> Callable[..., MaskingPlan]:
     return torch.compile(mask_tokens, fullgraph=True, dynamic=False, mode=mode)
 
 
-def compile_engine(engine, mode: str | None) -> Callable[..., MaskingPlan]:
-    """What `--compile` does: torch.compile the engine's model (mode None: the default) and the masking; returns
-    the masking function for `pretraining_step`."""
+def inductor_settings(text: str) -> dict[str, Any]:
+    """`--inductor` "KEY=VALUE[,KEY=VALUE...]" -> {key: value} of torch._inductor.config settings (values are Python
+    literals: True, 8, 'name'), each checked against the config's keys and value types, so a typo fails before a
+    minute-long compile."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    settings = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = (x.strip() for x in item.partition("="))
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected KEY=VALUE, e.g. combo_kernels=True")
+        if key not in known:
+            raise argparse.ArgumentTypeError(f"{key!r} is not a torch._inductor.config setting (torch "
+                                             f"{torch.__version__})")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        if known[key] is not None and not isinstance(value, type(known[key])):
+            raise argparse.ArgumentTypeError(f"{key}={raw}: expected a {type(known[key]).__name__} like its "
+                                             f"default, {known[key]!r}")
+        settings[key] = value
+    return settings
+
+
+def apply_inductor_settings(settings: dict[str, Any]) -> None:
+    """Set `inductor_settings`' result for every later compile in this process."""
+    import torch._inductor.config as inductor_config
+
+    for key, value in settings.items():
+        setattr(inductor_config, key, value)
+
+
+def compile_engine(engine, mode: str | None, inductor: dict[str, Any] | None = None) -> Callable[..., MaskingPlan]:
+    """What `--compile` does: torch.compile the engine's model (mode None: the default) and the masking, with the
+    `inductor` config settings (`inductor_settings`; process-wide); returns the masking function for
+    `pretraining_step`."""
+    apply_inductor_settings(inductor or {})
     engine.compile(compile_kwargs={"mode": mode} if mode else {})
     return compiled_masking(mode)
 
@@ -642,7 +685,7 @@ def run(args: argparse.Namespace) -> Path:
                                   weight_decay=args.weight_decay, optimizer=args.optimizer)
     mask_fn = mask_tokens
     if args.compile != "none":
-        mask_fn = compile_engine(engine, None if args.compile == "default" else args.compile)
+        mask_fn = compile_engine(engine, None if args.compile == "default" else args.compile, args.inductor)
     device = engine.device
     seed_everything(derive_seed(args.seed, 0, rank, DROPOUT_STREAM))  # dropout noise differs across ranks
 
@@ -931,7 +974,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["GracefulStop", "NonFiniteError", "Plan", "ReplicasDifferError", "SaveError", "SetupError",
-           "build_parser", "differing_ranks", "evaluate", "forward", "main", "make_plan", "parse_args",
+           "apply_inductor_settings", "build_parser", "differing_ranks", "evaluate", "forward", "inductor_settings",
+           "main", "make_plan", "parse_args",
            "pretraining_step", "replica_gaps", "run", "weight_stats"]
 
 if __name__ == "__main__":
