@@ -131,6 +131,28 @@ def test_cross_entropy_mean_and_strided_rows(triton_backend, device):
              TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_minus_inf_padding_columns_change_no_loss_gradient_or_sample(triton_backend, device, dtype):
+    """The training forward pads the generator's logits with -inf columns (electra.VOCAB_MULTIPLE): the kernels and
+    their twins give the unpadded rows' loss and samples, and no gradient to the padding."""
+    n, v, extra = 5, 4100, 60  # the padding crosses into a second 4096-column block
+    logits = _make((n, v), dtype, device, scale=4.0, seed=1, grad=False)
+    padded = torch.cat([logits, torch.full((n, extra), float("-inf"), dtype=dtype, device=device)], dim=1)
+    targets = _targets(n, v, device)
+    _compare(kernels.cross_entropy, reference.cross_entropy, (padded.requires_grad_(), targets), TOL[dtype])
+    loss, (grad,) = _run(kernels.cross_entropy, (padded, targets))
+    ref_loss, (ref_grad,) = _run(kernels.cross_entropy, (logits.requires_grad_(), targets))
+    torch.testing.assert_close(loss, ref_loss, **TOL[dtype])
+    torch.testing.assert_close(grad[:, :v], ref_grad, **TOL[dtype])
+    assert bool((grad[:, v:] == 0).all())
+    seed = torch.tensor(11, device=device)
+    assert torch.equal(kernels.gumbel_sample(padded.detach(), seed, 1.0), kernels.gumbel_sample(logits.detach(), seed,
+                                                                                                  1.0))
+    assert torch.equal(kernels.gumbel_sample(padded.detach(), seed, 1.0),
+                       reference.gumbel_sample(padded.detach(), seed, 1.0))
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # interpreter: exp(100) = inf
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)

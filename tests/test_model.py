@@ -388,6 +388,37 @@ def test_autocast_casts_each_buffer_once_with_the_same_results(monkeypatch):
         torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_padded_vocabulary_columns_change_nothing(monkeypatch, autocast):
+    """The training forward pads the generator's logits with -inf columns to a multiple of VOCAB_MULTIPLE (aligned
+    rows for cuBLAS): same losses, samples, statistics and gradients as without padding."""
+    from electra_ds.model import electra
+
+    vocab = 200  # padded to 256, a width no other layer of tiny has
+    model = perturbed(no_dropout("tiny", vocab_size=vocab), training=True)
+    ids, mask = make_batch(vocab, batch=4, length=16, pad_from={1: 9})
+    plan = mask_plan(ids, mask, vocab_size=vocab, max_predictions=3, seed=2)
+    widths = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(electra.F, "linear", lambda *a: widths.append(a[1].shape[0]) or linear(*a))
+
+    def step():
+        widths.clear()
+        out = forward_backward(model, ids, mask, plan, 3, autocast=autocast)
+        return out, {k: g.clone() for k, g in flat_grads(model).items()}, set(widths)
+
+    padded, grads, widths_padded = step()
+    assert 256 in widths_padded and vocab not in widths_padded
+    monkeypatch.setattr(electra, "VOCAB_MULTIPLE", 1)
+    plain, ref_grads, widths_plain = step()
+    assert vocab in widths_plain and 256 not in widths_plain
+    assert torch.equal(padded.disc_input, plain.disc_input) and torch.equal(padded.stats, plain.stats)
+    torch.testing.assert_close(padded.mlm_loss, plain.mlm_loss)
+    torch.testing.assert_close(padded.loss, plain.loss)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_discriminator_sees_gumbel_samples_of_the_generator_on_the_masked_input():
     """The replaced tokens are the Gumbel-max samples (forward's seed and temperature) of the generator's logits on
     plan.generator_input_ids, recomputed here with the twins: a generator fed the original ids (a label leak), the

@@ -23,6 +23,10 @@ from electra_ds.model.params import FlatModule, WeightSpec
 DISC, GEN = "discriminator", "generator"
 EMB = f"{DISC}.electra.embeddings"
 LM_HEAD = f"{GEN}.generator_lm_head.weight"  # tied to the word embeddings
+# The training forward pads the generator's logits with -inf columns to a multiple of this many: cuBLAS runs the
+# 30522-wide output layer with slow kernels for rows that are not 16-byte aligned (an sm80 "align2" CUTLASS kernel
+# on an H200). A -inf logit has no probability, is never sampled and gets no gradient.
+VOCAB_MULTIPLE = 64
 STAT_NAMES = ("gen_correct", "gen_count", "disc_replaced_correct", "replaced_count", "disc_original_correct",
               "original_count", "token_count")
 
@@ -99,12 +103,18 @@ class ElectraForPretraining(FlatModule):
         return tower_forward(w, f"{tower}.electra", x, attention_mask_for_sdpa(attention_mask),
                              shape, cfg, self.training)
 
-    def _generator_head(self, w: dict, hidden: torch.Tensor) -> torch.Tensor:
+    def _generator_head(self, w: dict, hidden: torch.Tensor, vocab_multiple: int = 1) -> torch.Tensor:
+        """Vocabulary logits, with -inf columns appended up to a multiple of `vocab_multiple` (VOCAB_MULTIPLE)."""
         p = f"{GEN}.generator_predictions"
         h = kernels.bias_gelu(F.linear(hidden, w[f"{p}.dense.weight"]), w[f"{p}.dense.bias"])
         h = kernels.add_layer_norm(h, None, w[f"{p}.LayerNorm.weight"], w[f"{p}.LayerNorm.bias"],
                                    self.config.layer_norm_eps)
-        return F.linear(h, w[LM_HEAD], w[f"{GEN}.generator_lm_head.bias"])  # the word embeddings, tied
+        weight, bias = w[LM_HEAD], w[f"{GEN}.generator_lm_head.bias"]  # the word embeddings, tied
+        extra = -weight.shape[0] % vocab_multiple
+        if extra:
+            weight = torch.cat([weight, weight.new_zeros(extra, weight.shape[1])])
+            bias = torch.cat([bias, bias.new_full((extra,), float("-inf"))])
+        return F.linear(h, weight, bias)
 
     def _discriminator_head(self, w: dict, hidden: torch.Tensor) -> torch.Tensor:
         p = f"{DISC}.discriminator_predictions"
@@ -145,7 +155,7 @@ class ElectraForPretraining(FlatModule):
 
         gen_hidden = self._tower(w, GEN, plan.generator_input_ids, attention_mask, token_type_ids)
         gen_hidden = gen_hidden.gather(1, plan.masked_positions[..., None].expand(-1, -1, gen_hidden.shape[-1]))
-        logits = self._generator_head(w, gen_hidden).view(batch * slots, -1)
+        logits = self._generator_head(w, gen_hidden, VOCAB_MULTIPLE).view(batch * slots, -1)
         targets, weights = plan.masked_ids.reshape(-1), plan.masked_weights.reshape(-1)
         n_slots = weights.sum()
         mlm_loss = (kernels.cross_entropy(logits, targets) * weights).sum() / n_slots.clamp_min(1.0)
