@@ -33,12 +33,15 @@ VARIANTS=${VARIANTS:-hf_eager,ours_ds_compile_cudagraphs,ours_compile_cudagraphs
 # SKIP_TESTS=1 skips the two pytest stages, VARIANTS=none the throughput stage, and REAL_LOOP=1 adds the real
 # training loop (REAL_LOOP_STEPS steps, default 3000), for a second call:
 #   SKIP_TESTS=1 REAL_LOOP=1 VARIANTS=ours_ds_compile_max_autotune bash benchmarks/gpu_check.sh
-# INDUCTOR_SETS="SET SET ...", each a --inductor value (pretrain.py), times ours_ds_compile_cudagraphs again under each,
-# after the throughput stage, e.g. INDUCTOR_SETS="combo_kernels=True coordinate_descent_tuning=True" (inductor_N.*).
+# INDUCTOR_SETS="SET; SET; ...", each set one or more KEY=VALUE inductor settings (pretrain.py's --inductor) separated
+# by spaces, times ours_ds_compile_cudagraphs again under each set after the throughput stage, e.g.
+# INDUCTOR_SETS="combo_kernels=True; coordinate_descent_tuning=True" (inductor_N.*).
 INDUCTOR_SETS=${INDUCTOR_SETS:-}
+IFS=';' read -ra INDUCTOR_SET_LIST <<<"$INDUCTOR_SETS"
+SET_S=130  # each inductor set's share: a compile (about a minute) and the timing
 SKIP_TESTS=${SKIP_TESTS:-0}
 REAL_LOOP=${REAL_LOOP:-0}
-LOOP_S=190  # the real loop's share: 3000 steps took 163 s on an H200 at e21871c, 131 s of them compiling
+LOOP_S=240  # the real loop's share: 3000 steps took 189 s on an H200 at e21871c, 131 s of them compiling
 START=$SECONDS
 
 left() { echo $((BUDGET - (SECONDS - START))); }
@@ -113,7 +116,7 @@ PY
   if [ "$VARIANTS" = none ]; then
     banner "throughput skipped (VARIANTS=none)"
   else
-    t=$(limit 330 $(( REAL_LOOP == 1 ? LOOP_S + 45 : 45 )))
+    t=$(limit 330 $(( ${#INDUCTOR_SET_LIST[@]} * SET_S + (REAL_LOOP == 1 ? LOOP_S : 0) + 45 )))
     banner "throughput: ELECTRA-Small bf16 128 x 128, all variants (at most ${t}s)"
     # No new variant starts in the last 70 s (a compile would not finish); a window shorter than that gets no such cut.
     local cut=()
@@ -124,19 +127,21 @@ PY
     status "throughput (the JSON keeps finished variants)" $?
   fi
 
-  local n=0 set
-  for set in $INDUCTOR_SETS; do
+  local n=0 settings flags
+  for settings in "${INDUCTOR_SET_LIST[@]}"; do
+    read -ra flags <<<"$settings"
+    (( ${#flags[@]} )) || continue
     n=$((n + 1))
     if (( $(left) < 100 )); then
-      banner "throughput with --inductor $set skipped: $(left)s left"
+      banner "throughput with inductor settings ${flags[*]} skipped: $(left)s left"
       continue
     fi
-    t=$(limit 150 $(( REAL_LOOP == 1 ? LOOP_S + 10 : 10 )))
-    banner "throughput with --inductor $set: the engine step with CUDA graphs (at most ${t}s)"
+    t=$(limit $SET_S $(( (${#INDUCTOR_SET_LIST[@]} - n) * SET_S + (REAL_LOOP == 1 ? LOOP_S : 0) + 10 )))
+    banner "throughput with inductor settings ${flags[*]}: the engine step with CUDA graphs (at most ${t}s)"
     timeout -k 10 "$t" python3 benchmarks/throughput.py --model_size small --batch_size 128 --max_length 128 \
       --precision bf16 --steps 30 --warmup 10 --profile_steps 3 --no_check --variants ours_ds_compile_cudagraphs \
-      --inductor "$set" --json "$OUT/inductor_$n.json" --markdown "$OUT/inductor_$n.md"
-    status "throughput --inductor $set" $?
+      "${flags[@]/#/--inductor=}" --json "$OUT/inductor_$n.json" --markdown "$OUT/inductor_$n.md"
+    status "throughput with inductor settings ${flags[*]}" $?
   done
 
   if (( REAL_LOOP == 1 && $(left) >= 150 )); then

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -87,16 +88,18 @@ SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "M
 
 
 def attention_cases(dev: str = "cuda", batch: int = 128, length: int = 128, head_dim: int = 64,
-                    heads: dict[str, int] | None = None, dropout: float = 0.1) -> dict:
-    """name -> fwd+bwd callable of one layer's SDPA as `encoder_layer` calls it (bf16, attention dropout on), for
-    each tower of ELECTRA-Small by default, without a mask and with a (B, 1, 1, L) key-padding mask where every
-    other row ends in 16 padding tokens. Which SDPA backend runs is up to the caller (`sdpa_kernel`)."""
+                    heads: dict[str, int] | None = None, dropout: float = 0.1) -> dict[str, Callable[[], tuple]]:
+    """name -> fwd+bwd callable of one layer's SDPA as `encoder_layer` calls it (bf16, attention dropout on, q/k/v
+    permuted views of one (B, L, 3, heads, head_dim) projection), for each tower of ELECTRA-Small by default,
+    without a mask and with a (B, 1, 1, L) key-padding mask where every other row ends in 16 padding tokens. Which
+    SDPA backend runs is up to the caller (`sdpa_kernel`)."""
     heads = heads or {"discriminator": 4, "generator": 1}
     padded = torch.ones(batch, 1, 1, length, dtype=torch.bool, device=dev)
     padded[::2, ..., length - min(16, length - 1):] = False
     out = {}
     for tower, n in heads.items():
-        q, k, v = torch.randn(3, batch, n, length, head_dim, device=dev, dtype=torch.bfloat16).unbind(0)
+        qkv = torch.randn(batch, length, 3, n, head_dim, device=dev, dtype=torch.bfloat16)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         for label, mask in (("no mask", None), ("padding mask", padded)):
             out[f"{tower} ({n} heads) {label}"] = _fwd_bwd(
                 lambda q, k, v, mask=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout),
@@ -104,26 +107,39 @@ def attention_cases(dev: str = "cuda", batch: int = 128, length: int = 128, head
     return out
 
 
-def _with_backend(fn, backend: str):
+def _with_backend(fn: Callable[[], tuple], backend: str) -> Callable[[], tuple]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def run():
+    def run() -> tuple:
         with sdpa_kernel(getattr(SDPBackend, backend)):
             return fn()
     return run
 
 
-def time_attention() -> dict:
-    """case -> backend -> ms per call inside a CUDA graph, or the error that backend gave for the case."""
-    results = {}
+def time_attention() -> dict[str, dict[str, float | str]]:
+    """case -> backend -> ms per call inside a CUDA graph, or why there is no figure. Each backend is tried eagerly
+    first (a backend that does not take the case, e.g. flash with a mask, refuses there, outside any capture); a
+    capture that still fails ends the section, since the CUDA context may not be usable after it."""
+    results: dict[str, dict[str, float | str]] = {}
+    broken = None
     for name, fn in attention_cases().items():
         row = results[name] = {}
         for backend in SDPA_BACKENDS:
+            if broken:
+                row[backend] = f"skipped: {broken}"
+                continue
+            run = _with_backend(fn, backend)
             try:
-                row[backend] = _ms(_graphed(_with_backend(fn, backend)))
-            except RuntimeError as err:  # the backend does not take this case (mask, dropout, dtype)
-                row[backend] = f"unsupported: {str(err).splitlines()[0][:160]}"
+                run()
                 torch.cuda.synchronize()
+            except RuntimeError as err:
+                row[backend] = f"unsupported: {str(err).splitlines()[0][:160]}"
+                continue
+            try:
+                row[backend] = _ms(_graphed(run))
+            except Exception as err:  # noqa: BLE001 - reported, and the section stops
+                broken = f"{backend} failed in a CUDA graph ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+                row[backend] = broken
     return results
 
 
@@ -143,14 +159,16 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: ms per call, eager / CUDA graph")
     for name, row in results.items():
         print(f"{name:24s} " + "  ".join(f"{k} {v['eager']:.3f} / {v['graph']:.3f}" for k, v in row.items()))
+    report = {"device": torch.cuda.get_device_name(), "ms": results}
+    if args.json:  # kept even if the attention section below does not finish
+        atomic_write(args.json, json.dumps(report, indent=1))
     attention = time_attention()
     print("SDPA forward + backward of one layer, bf16, dropout 0.1, ms per call in a CUDA graph (x 12 layers per tower):")
     for name, row in attention.items():
         print(f"{name:40s} " + "  ".join(f"{b.split('_')[0].lower()} " + (f"{v:.3f}" if isinstance(v, float) else "n/a")
                                          for b, v in row.items()))
     if args.json:
-        atomic_write(args.json, json.dumps({"device": torch.cuda.get_device_name(), "ms": results,
-                                            "attention_ms": attention}, indent=1))
+        atomic_write(args.json, json.dumps({**report, "attention_ms": attention}, indent=1))
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ from electra_ds.files import atomic_write
 from electra_ds.flops import executed_step_flops, recipe_flops
 from electra_ds.host_sync import SyncCounter
 from electra_ds.train.engine import device_batch
-from electra_ds.train.pretrain import apply_inductor_settings, inductor_settings
+from electra_ds.train.pretrain import apply_inductor_settings, inductor_setting
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Dense bf16 tensor-core peak from the datasheets, by a substring of torch.cuda.get_device_name().
@@ -456,7 +456,6 @@ def code_version() -> str | None:
 # -- one run (batch size) ------------------------------------------------------------------------------------
 
 def make_setup(args: argparse.Namespace, batch_size: int, device: torch.device) -> Setup:
-    apply_inductor_settings(args.inductor)  # process-wide: every compile below sees them
     config = preset(args.model_size)
     recipe = RECIPES[args.model_size]
     specials = special_token_ids(config.vocab_size)
@@ -631,8 +630,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile_steps", type=int, default=0,
                    help="after timing, profile this many more steps of each variant (benchmarks/step_profile.py): "
                         "GPU busy time per step and the top kernels")
-    p.add_argument("--inductor", type=inductor_settings, default={}, metavar="KEY=VALUE[,KEY=VALUE]",
-                   help="torch._inductor.config settings for every compiled variant, as pretrain.py's --inductor")
+    p.add_argument("--inductor", type=inductor_setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="a torch._inductor.config setting (repeatable), as pretrain.py's --inductor, for every "
+                        "compiled variant: ours and the Hugging Face baselines alike")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_check", action="store_true",
                    help="skip the check that the HF wiring computes our losses (check_same_loss)")
@@ -673,7 +673,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if steps < 1 or warmup < 0:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
 
-    apply_inductor_settings(args.inductor)  # process-wide: every compile below sees them
+    inductor = dict(args.inductor)
+    apply_inductor_settings(inductor)  # process-wide: every compile below sees them
     config = preset(args.model_size)
     recipe = RECIPES[args.model_size]
     env = environment(device)
@@ -690,7 +691,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "pfs_days": recipe_flops(config, recipe["batch_size"], recipe["max_length"],
                                             recipe["max_steps"]).pfs_days},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv if argv is None else argv,
-        "inductor": args.inductor,
+        "inductor": inductor,
     }
     result: dict[str, Any] = {"meta": meta, "runs": []}
     if not args.no_check:

@@ -418,6 +418,13 @@ def test_padded_vocabulary_columns_change_nothing(monkeypatch, autocast):
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
+    with torch.no_grad():  # an infinite hidden state: the padding columns turn NaN (0 * inf), the samples stay ids
+        model.named_weights()["generator.generator_predictions.LayerNorm.weight"][0] = float("inf")
+        plain = model(ids, mask, None, plan, torch.tensor(3))
+        monkeypatch.setattr(electra, "VOCAB_MULTIPLE", 64)
+        padded = model(ids, mask, None, plan, torch.tensor(3))
+    assert torch.equal(padded.disc_input, plain.disc_input) and int(padded.disc_input.max()) < vocab
+
 
 def test_discriminator_sees_gumbel_samples_of_the_generator_on_the_masked_input():
     """The replaced tokens are the Gumbel-max samples (forward's seed and temperature) of the generator's logits on

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,23 +212,27 @@ def test_recipes_mask_15_percent_and_large_25(size, probability, slots):
 
 
 def test_inductor_settings_are_checked_before_any_compile(capsys):
-    """--inductor: torch._inductor.config settings, parsed and checked when the arguments are (a typo must not cost
-    a compile), and only with --compile; applying them sets the process-wide config."""
+    """--inductor KEY=VALUE (repeatable): torch._inductor.config settings, parsed and checked when the arguments
+    are (a typo must not cost a compile), and only with --compile; applying them sets the process-wide config."""
     import torch._inductor.config as inductor_config
 
     base = ["--model_size", "tiny", "--data", "x", "--deepspeed_config", "fp32"]
-    args = parse_args(base + ["--compile", "reduce-overhead", "--inductor", "combo_kernels=True, max_fusion_size=32"])
-    assert args.inductor == {"combo_kernels": True, "max_fusion_size": 32}
+    args = parse_args(base + ["--compile", "reduce-overhead", "--inductor", "combo_kernels=True", "--inductor",
+                              "max_fusion_size = 32", "--inductor", "max_autotune_gemm_backends=ATEN,TRITON"])
+    assert dict(args.inductor) == {"combo_kernels": True, "max_fusion_size": 32,
+                                   "max_autotune_gemm_backends": "ATEN,TRITON"}
     make_plan(args, world_size=1)
     for bad, says in [("combo_kernels", "expected KEY=VALUE"), ("no_such_setting=1", "not a torch._inductor.config"),
-                      ("max_fusion_size=big", "expected a int like its default, 64")]:
+                      ("max_fusion_size=big", "expected int, like its default 64"),
+                      ("max_fusion_size=True", "expected int"), ("combo_kernels=1", "expected bool")]:
         with pytest.raises(SystemExit):
             parse_args(base + ["--compile", "default", "--inductor", bad])
         assert says in capsys.readouterr().err, bad
     with pytest.raises(SetupError, match="add --compile"):
         make_plan(parse_args(base + ["--inductor", "combo_kernels=True"]), world_size=1)
-    with inductor_config.patch(combo_kernels=False, max_fusion_size=64):  # restored on leaving
-        pretrain.apply_inductor_settings(args.inductor)
+    with inductor_config.patch(combo_kernels=False, max_fusion_size=64,
+                               max_autotune_gemm_backends=inductor_config.max_autotune_gemm_backends):
+        pretrain.apply_inductor_settings(dict(args.inductor))
         assert inductor_config.combo_kernels is True and inductor_config.max_fusion_size == 32
 
 
@@ -855,7 +860,11 @@ def test_resume_from_another_output_dir_logs_to_a_new_wandb_run(corpus, tmp_path
     monkeypatch.setattr(pretrain, "Wandb", FakeWandb)
     monkeypatch.setattr(FakeWandb, "runs", [])
     train(corpus, tmp_path / "a", steps=2)
-    train(corpus, tmp_path / "b", "--resume", str(tmp_path / "a" / "checkpoints" / "step00000002"), steps=3)
+    theirs = tmp_path / "a" / "checkpoints"
+    shutil.copytree(theirs / "step00000002", theirs / f"step00000004{PARTIAL}")  # as if killed while moving it
+    listing = sorted(p.name for p in theirs.iterdir())
+    train(corpus, tmp_path / "b", "--resume", str(theirs / "step00000002"), steps=3)
+    assert sorted(p.name for p in theirs.iterdir()) == listing  # read, not changed (a resume there would finish it)
     assert [resume_id for resume_id, _ in FakeWandb.runs] == [None, None]
     assert FakeWandb.runs[1][1]["resumed_from_wandb_run"] == "run0"
 
@@ -922,7 +931,13 @@ def test_restoring_from_another_runs_checkpoints_changes_nothing_there(tmp_path)
     CheckpointManager(root, keep=3, rank=0, world_size=1).save(FakeEngine("new"), 4, {})
     os.replace(root / "step00000004", root / "step00000004.partial")
     before = sorted(p.name for p in root.iterdir())
-    assert CheckpointManager(root, keep=3, rank=0, world_size=1).restore(FakeEngine(""), read_only=True)[0] == 2
+    theirs = CheckpointManager(root, keep=3, rank=0, world_size=1, read_only=True)
+    with pytest.raises(CheckpointError, match="killed while being moved into place"):
+        theirs.restore(FakeEngine(""), "step00000004")
+    assert theirs.restore(FakeEngine(""))[0] == 2
+    for write in (lambda: theirs.save(FakeEngine("mine"), 6, {}), theirs.prune, lambda: theirs.set_aside(2)):
+        with pytest.raises(CheckpointError, match="not written to"):
+            write()
     assert sorted(p.name for p in root.iterdir()) == before
 
 

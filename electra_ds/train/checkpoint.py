@@ -102,12 +102,15 @@ class CheckpointManager:
     """Save, verify, restore and prune the engine checkpoints under `root`; every rank makes the same calls."""
 
     def __init__(self, root: str | os.PathLike, keep: int, rank: int, world_size: int,
-                 settings: dict[str, Any] | None = None) -> None:
+                 settings: dict[str, Any] | None = None, read_only: bool = False) -> None:
         """`settings` (keys of RESUME_SETTINGS but world_size) go into every manifest written, and are compared
-        with the manifest of the checkpoint restored."""
+        with the manifest of the checkpoint restored. `read_only` (another run's checkpoints, to resume from):
+        nothing under `root` changes; a save of that run killed while being moved into place stays for that run
+        to finish, and save / prune / set_aside refuse."""
         if keep < 1:
             raise ValueError(f"--keep_checkpoints must be >= 1, got {keep}")
         self.root, self.keep, self.rank, self.world_size = Path(root), keep, rank, world_size
+        self.read_only = read_only
         self.settings = dict(settings or {})
         self.held: str | None = None  # the tag this process last saved or restored: it holds this run's state
         self.unreadable: set[str] = set()  # complete checkpoints whose files did not load (`first_usable`)
@@ -150,6 +153,7 @@ class CheckpointManager:
         one). Any other checkpoint at that step (damaged, or of another run) is replaced: the new one is written
         under `<tag>.partial` and renamed into place once its manifest is written.
         """
+        self._writable()
         tag = tag_for(step)
         directory = self.root / tag
         if tag == self.held:  # the same on every rank: all return here together
@@ -183,6 +187,7 @@ class CheckpointManager:
         """Keep the newest `keep` sound checkpoints and drop everything older: complete, damaged or unfinished. A
         damaged or unfinished checkpoint newer than all of those stays (a resume skips it). Temporary files that
         killed writes left (of `latest`) go too."""
+        self._writable()
         remove_stale_temps(self.root)
         kept = self.sound()[: self.keep]
         if not kept:
@@ -199,6 +204,7 @@ class CheckpointManager:
         later that this process did not restore to `<tag>.superseded` (sound ones, of the trajectory the resume
         abandons) or `<tag>.damaged`, so that the resumed run writes its own and a later resume cannot continue the
         abandoned one. Nothing is deleted. Returns the new paths."""
+        self._writable()
         if self.rank != 0:
             return []
         moved = []
@@ -221,17 +227,19 @@ class CheckpointManager:
                         "resume from it, or delete them): %s", step, ", ".join(p.name for p in moved))
         return moved
 
+    def _writable(self) -> None:
+        if self.read_only:
+            raise CheckpointError(f"{self.root}: another run's checkpoints, opened to resume from; not written to")
+
     # -- restoring ---------------------------------------------------------------------------------------------
-    def restore(self, engine, tag: str | None = None, *, read_only: bool = False) -> tuple[int, dict[str, Any]] | None:
+    def restore(self, engine, tag: str | None = None) -> tuple[int, dict[str, Any]] | None:
         """Load the newest usable checkpoint (or `tag`) into `engine` and this rank's RNG.
 
         Returns (step, client_state), or None when there is no checkpoint at all. A damaged checkpoint is skipped
         with a warning; if checkpoints exist but none loads, raises CheckpointError (never silently restarts).
         Every rank then checks that all restored the same step, whatever each found (no rank is left waiting).
-        `read_only` (another run's checkpoints): nothing under `root` changes; a save of that run killed while it
-        was being moved into place stays for that run to finish.
         """
-        if self.rank == 0 and not read_only:
+        if self.rank == 0 and not self.read_only:
             self._finish_interrupted_saves()
         _barrier()
         try:
@@ -256,6 +264,9 @@ class CheckpointManager:
 
     def _restore(self, engine, tag: str | None) -> tuple[int, dict[str, Any]] | None:
         if tag is not None and tag not in {t for _, t in self.complete()}:
+            if (self.root / f"{tag}{PARTIAL}" / MANIFEST).is_file():
+                raise CheckpointError(f"{self.root / tag}: its save was killed while being moved into place; run "
+                                      "its own run once (it finishes the save), or resume from another checkpoint")
             raise CheckpointError(f"{self.root / tag}: no such complete checkpoint")
         found = self.first_usable(lambda name: self._load(engine, name), tag)
         if found is None:

@@ -127,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "autotunes the matrix products (minutes at start). Changes speed only: "
                           "the compiled model runs the PyTorch twins of the kernels, which are their specification, "
                           "and the Triton Gumbel sampler, which matches its twin bit for bit")
-    run.add_argument("--inductor", type=inductor_settings, default={}, metavar="KEY=VALUE[,KEY=VALUE]",
-                     help="torch._inductor.config settings for --compile, e.g. combo_kernels=True or "
-                          "coordinate_descent_tuning=True: speed only (results within floating-point rounding)")
+    run.add_argument("--inductor", type=inductor_setting, action="append", default=[], metavar="KEY=VALUE",
+                     help="a torch._inductor.config setting for --compile (repeatable), e.g. combo_kernels=True or "
+                          "coordinate_descent_tuning=True. Meant for speed settings, which leave results as they "
+                          "are up to floating-point rounding; a setting such as fallback_random changes them")
     run.add_argument("--deepspeed_config", "--ds_config", default="auto",
                      help="DeepSpeed JSON: a path or a name in ds_configs/ (bf16, bf16_zero2, ...); auto: bf16 on a "
                           "bf16 GPU, fp16 on older GPUs, fp32 without a GPU")
@@ -328,36 +329,37 @@ def compiled_masking(mode: str | None) -> Callable[..., MaskingPlan]:
     return torch.compile(mask_tokens, fullgraph=True, dynamic=False, mode=mode)
 
 
-def inductor_settings(text: str) -> dict[str, Any]:
-    """`--inductor` "KEY=VALUE[,KEY=VALUE...]" -> {key: value} of torch._inductor.config settings (values are Python
-    literals: True, 8, 'name'), each checked against the config's keys and value types, so a typo fails before a
-    minute-long compile."""
+def inductor_setting(text: str) -> tuple[str, Any]:
+    """One `--inductor` value, "KEY=VALUE" -> (key, value): a torch._inductor.config setting (the value a Python
+    literal: True, 8, 0.5, 'name'; else the text), checked against the config's keys and value types, so a typo
+    fails before a minute-long compile."""
     import ast
 
     import torch._inductor.config as inductor_config
 
+    key, sep, raw = (part.strip() for part in text.partition("="))
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. combo_kernels=True")
     known = inductor_config.get_config_copy()
-    settings = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, raw = (x.strip() for x in item.partition("="))
-        if not sep or not key:
-            raise argparse.ArgumentTypeError(f"{item!r}: expected KEY=VALUE, e.g. combo_kernels=True")
-        if key not in known:
-            raise argparse.ArgumentTypeError(f"{key!r} is not a torch._inductor.config setting (torch "
-                                             f"{torch.__version__})")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        if known[key] is not None and not isinstance(value, type(known[key])):
-            raise argparse.ArgumentTypeError(f"{key}={raw}: expected a {type(known[key]).__name__} like its "
-                                             f"default, {known[key]!r}")
-        settings[key] = value
-    return settings
+    if key not in known:
+        raise argparse.ArgumentTypeError(f"{key!r} is not a torch._inductor.config setting (torch {torch.__version__})")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    default = known[key]
+    if isinstance(default, float) and type(value) is int:
+        value = float(value)
+    if default is not None and not (type(value) is type(default) or (isinstance(value, type(default)) and
+                                                                      not isinstance(value, bool))):
+        raise argparse.ArgumentTypeError(f"{key}={raw}: expected {type(default).__name__}, like its default "
+                                         f"{default!r}")
+    return key, value
 
 
 def apply_inductor_settings(settings: dict[str, Any]) -> None:
-    """Set `inductor_settings`' result for every later compile in this process."""
+    """Set these torch._inductor.config settings (`inductor_setting`'s pairs) for every later compile in this
+    process."""
     import torch._inductor.config as inductor_config
 
     for key, value in settings.items():
@@ -366,7 +368,7 @@ def apply_inductor_settings(settings: dict[str, Any]) -> None:
 
 def compile_engine(engine, mode: str | None, inductor: dict[str, Any] | None = None) -> Callable[..., MaskingPlan]:
     """What `--compile` does: torch.compile the engine's model (mode None: the default) and the masking, with the
-    `inductor` config settings (`inductor_settings`; process-wide); returns the masking function for
+    `inductor` config settings (`apply_inductor_settings`; process-wide); returns the masking function for
     `pretraining_step`."""
     apply_inductor_settings(inductor or {})
     engine.compile(compile_kwargs={"mode": mode} if mode else {})
@@ -685,7 +687,8 @@ def run(args: argparse.Namespace) -> Path:
                                   weight_decay=args.weight_decay, optimizer=args.optimizer)
     mask_fn = mask_tokens
     if args.compile != "none":
-        mask_fn = compile_engine(engine, None if args.compile == "default" else args.compile, args.inductor)
+        mask_fn = compile_engine(engine, None if args.compile == "default" else args.compile,
+                                 dict(args.inductor))
     device = engine.device
     seed_everything(derive_seed(args.seed, 0, rank, DROPOUT_STREAM))  # dropout noise differs across ranks
 
@@ -705,11 +708,10 @@ def run(args: argparse.Namespace) -> Path:
                 raise SetupError(f"--resume {given}: its run ({foreign}) used tokenizer {theirs}, this run's data "
                                  f"{cache.tokenizer_hash}: the token ids would mean other words. Use that run's --data")
             source = CheckpointManager(given.parent, keep=args.keep_checkpoints, rank=rank, world_size=world_size,
-                                       settings=settings)
+                                       settings=settings, read_only=True)
         resume_tag = given.name
     try:
-        restored = None if args.resume == "none" else source.restore(engine, resume_tag,
-                                                                          read_only=source is not checkpoints)
+        restored = None if args.resume == "none" else source.restore(engine, resume_tag)
     except CheckpointError as e:
         raise SetupError(str(e)) from None
     start_step, state = restored if restored else (0, {})
@@ -974,7 +976,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["GracefulStop", "NonFiniteError", "Plan", "ReplicasDifferError", "SaveError", "SetupError",
-           "apply_inductor_settings", "build_parser", "differing_ranks", "evaluate", "forward", "inductor_settings",
+           "apply_inductor_settings", "build_parser", "differing_ranks", "evaluate", "forward", "inductor_setting",
            "main", "make_plan", "parse_args",
            "pretraining_step", "replica_gaps", "run", "weight_stats"]
 
