@@ -214,3 +214,43 @@ def test_loader_matches_batches_and_cache_pickles(data_word_cache_sharded):
     assert all(m is None for m in clone.cache._maps)  # not copied: a worker maps the shards itself
     assert np.array_equal(clone.batch(3)["input_ids"], sampler.batch(3)["input_ids"])
     assert clone.cache.num_tokens == sum(DOC_LENGTHS)
+
+
+LOADER_UNDER_SIGNALS = """
+import multiprocessing, os, signal, subprocess, sys, time
+import numpy as np
+
+class Steps:
+    def batch(self, step):
+        return {"x": np.full((2, 3), step, dtype=np.int64)}
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method(sys.argv[1], force=True)
+    from electra_ds.data.sampler import batches
+    it = batches(Steps(), 0, num_workers=1)
+    assert int(next(it)["x"][0, 0]) == 0
+    worker = it._workers[0]
+    for sig in ("INT", "TERM"):  # from another process, as a terminal, torchrun or Slurm sends them
+        subprocess.run(["kill", f"-{sig}", str(worker.pid)], check=True)
+    time.sleep(0.5)
+    print("alive", worker.is_alive(), "next", [int(next(it)["x"][0, 0]) for _ in range(3)], flush=True)
+    del it  # the loader ends its workers
+    worker.join(timeout=20)
+    print("ended", not worker.is_alive(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_loader_workers_outlive_stop_signals_from_other_processes(tmp_path, start_method):
+    """SIGINT / SIGTERM sent to every process (terminal, torchrun, deepspeed, Slurm) must not kill a loader worker
+    while the training process finishes its step and saves; the loader still ends its workers. Every start method:
+    spawned and forkserver workers run threads before worker_init_fn, and Python 3.14 makes forkserver the default."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    script = tmp_path / "loader_under_signals.py"
+    script.write_text(LOADER_UNDER_SIGNALS)
+    done = subprocess.run([sys.executable, str(script), start_method], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["alive True next [1, 2, 3]", "ended True"], done.stdout + done.stderr[-2000:]

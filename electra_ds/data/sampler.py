@@ -17,10 +17,10 @@ does not depend on how it is split across ranks.
 """
 from __future__ import annotations
 
-import functools
+import atexit
 import itertools
-import os
 import signal
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -163,24 +163,28 @@ def batches(sampler: SegmentSampler, start_step: int, num_workers: int = 1,
     loader = DataLoader(_StepBatches(sampler), batch_size=None, sampler=itertools.count(start_step),
                         num_workers=num_workers, pin_memory=pin_memory and torch.cuda.is_available(),
                         prefetch_factor=4 if num_workers > 0 else None,
-                        worker_init_fn=functools.partial(_stop_signals_only_from, os.getpid()))
-    return iter(loader)
+                        worker_init_fn=_ignore_stop_signals)
+    iterator = iter(loader)
+    if num_workers > 0:
+        # The workers ignore SIGTERM, so multiprocessing's exit handler (terminate, then join, each daemon child)
+        # would wait forever: the loader ends them through its queues first (atexit runs later handlers first).
+        atexit.register(_end_workers, weakref.ref(iterator))
+    return iterator
 
 
-def _stop_signals_only_from(trainer: int, worker_id: int) -> None:
-    """A loader worker takes SIGINT / SIGTERM only from its training process `trainer` (which ends its workers so
-    when it is done; not always the worker's parent: a forkserver starts them). A terminal, torchrun, deepspeed or
-    Slurm signals every process: the training process then finishes its step and saves with its workers alive. (A
-    worker killed by such a signal made the loader raise mid-save.)"""
-    import threading
+def _end_workers(loader_iterator: weakref.ref) -> None:
+    iterator = loader_iterator()
+    if iterator is not None:
+        iterator._shutdown_workers()  # what the iterator's __del__ does
 
-    # Blocked here, the signals go to the thread below. Checked for forked workers (the default on Linux up to
-    # Python 3.13); one started by spawn or a forkserver still died of another process's SIGTERM, as before.
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
-    def wait_for_the_trainer() -> None:
-        while signal.sigwaitinfo(STOP_SIGNALS).si_pid != trainer:
-            pass
-        os._exit(0)
-
-    threading.Thread(target=wait_for_the_trainer, name="stop-signals", daemon=True).start()
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker ignores SIGINT and SIGTERM. A terminal, torchrun, deepspeed or Slurm signals every process:
+    the training process then finishes its step and saves with its workers alive (a worker killed by such a signal
+    made the loader raise mid-save). The loader ends its workers through its queues when the training process is
+    done, and a worker whose training process died ends within seconds (DataLoader's watchdog); SIGKILL still
+    works. Ignoring, rather than blocking, covers every thread of the worker: a spawned or forkserver worker runs
+    threads started before this function, and DataLoader's own SIGTERM handler, left in place, re-raises a signal
+    from any process but the worker's parent with the default action (death)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
