@@ -216,12 +216,14 @@ def test_loader_matches_batches_and_cache_pickles(data_word_cache_sharded):
     assert clone.cache.num_tokens == sum(DOC_LENGTHS)
 
 
-LOADER_UNDER_SIGNALS = """
-import multiprocessing, os, signal, subprocess, sys, time
+LOADER_SCRIPT = """
+import gc, multiprocessing, os, signal, subprocess, sys, time
 import numpy as np
 
 class Steps:
     def batch(self, step):
+        if step >= 2 and sys.argv[2] == "stuck":
+            time.sleep(3600)  # a worker that never finishes its batch
         return {"x": np.full((2, 3), step, dtype=np.int64)}
 
 if __name__ == "__main__":
@@ -229,28 +231,83 @@ if __name__ == "__main__":
     from electra_ds.data.sampler import batches
     it = batches(Steps(), 0, num_workers=1)
     assert int(next(it)["x"][0, 0]) == 0
-    worker = it._workers[0]
-    for sig in ("INT", "TERM"):  # from another process, as a terminal, torchrun or Slurm sends them
-        subprocess.run(["kill", f"-{sig}", str(worker.pid)], check=True)
-    time.sleep(0.5)
-    print("alive", worker.is_alive(), "next", [int(next(it)["x"][0, 0]) for _ in range(3)], flush=True)
-    del it  # the loader ends its workers
-    worker.join(timeout=20)
-    print("ended", not worker.is_alive(), flush=True)
+    worker = it.workers[0]
+    print("worker", worker.pid, flush=True)
+    if sys.argv[2] == "signals":  # from another process, as a terminal, torchrun or Slurm sends them
+        for sig in ("INT", "TERM"):
+            subprocess.run(["kill", f"-{sig}", str(worker.pid)], check=True)
+        time.sleep(0.5)
+        print("alive", worker.is_alive(), "next", [int(next(it)["x"][0, 0]) for _ in range(3)], flush=True)
+        it.close()
+    elif sys.argv[2] == "cycle":  # an iterator in a reference cycle: only the collector frees it
+        cycle = [it]
+        cycle.append(cycle)
+        del it, cycle
+        gc.collect()
+    elif sys.argv[2] == "killed":
+        time.sleep(3600)  # the test SIGKILLs this process
+    if sys.argv[2] != "stuck":  # "stuck" leaves its worker to the exit handler
+        worker.join(timeout=20)
+        print("ended", not worker.is_alive(), flush=True)
 """
+
+
+def _loader_script(tmp_path, start_method: str, scenario: str, **popen):
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    script = tmp_path / "loader.py"
+    script.write_text(LOADER_SCRIPT)
+    return subprocess.Popen([sys.executable, str(script), start_method, scenario], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")  # a zombie has ended; only its parent's wait is missing
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
 def test_loader_workers_outlive_stop_signals_from_other_processes(tmp_path, start_method):
     """SIGINT / SIGTERM sent to every process (terminal, torchrun, deepspeed, Slurm) must not kill a loader worker
-    while the training process finishes its step and saves; the loader still ends its workers. Every start method:
+    while the training process finishes its step and saves; close() still ends the workers. Every start method:
     spawned and forkserver workers run threads before worker_init_fn, and Python 3.14 makes forkserver the default."""
-    import subprocess
-    import sys
+    out, err = _loader_script(tmp_path, start_method, "signals").communicate(timeout=120)
+    assert out.split("\n")[1:3] == ["alive True next [1, 2, 3]", "ended True"], out + err[-2000:]
 
-    pytest.importorskip("torch")
-    script = tmp_path / "loader_under_signals.py"
-    script.write_text(LOADER_UNDER_SIGNALS)
-    done = subprocess.run([sys.executable, str(script), start_method], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split("\n")[:2] == ["alive True next [1, 2, 3]", "ended True"], done.stdout + done.stderr[-2000:]
+
+@pytest.mark.parametrize("scenario", ["stuck", "cycle"])
+def test_loader_workers_end_when_stuck_or_collected(tmp_path, scenario):
+    """A worker stuck in a batch ignores the loader's SIGTERM, and an iterator freed by the garbage collector skips
+    the loader's own shutdown: neither may leave a worker behind or hang the exit."""
+    proc = _loader_script(tmp_path, "fork", scenario)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err[-2000:]
+    worker = int(out.split("\n")[0].split()[1])
+    assert out.split("\n")[1] == ("" if scenario == "stuck" else "ended True"), out + err[-2000:]
+    assert not _running(worker)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_loader_workers_end_with_a_killed_training_process(tmp_path, start_method):
+    """SIGKILL leaves no exit handler: the workers must notice by themselves. Under forkserver their parent is
+    the forkserver, which DataLoader's watchdog watches instead of the training process."""
+    import signal
+    import time
+
+    proc = _loader_script(tmp_path, start_method, "killed")
+    try:
+        worker = int(proc.stdout.readline().split()[1])
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdout.close()  # a surviving worker would hold these pipes open
+        proc.stderr.close()
+    deadline = time.monotonic() + 30
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(worker), f"worker {worker} still running 30 s after its training process was killed"

@@ -18,8 +18,12 @@ does not depend on how it is split across ranks.
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
+import os
+import select
 import signal
+import threading
 import weakref
 from collections.abc import Iterator
 
@@ -150,12 +154,12 @@ class _StepBatches:
 
 
 def batches(sampler: SegmentSampler, start_step: int, num_workers: int = 1,
-            pin_memory: bool = False) -> Iterator[dict]:
+            pin_memory: bool = False) -> LoaderBatches:
     """Endless iterator of tensor batches for steps ``start_step``, ``start_step + 1``, ... .
 
     A DataLoader runs :meth:`SegmentSampler.batch` in ``num_workers`` processes (0: in this process),
     in step order; ``pin_memory`` pins the tensors for fast, asynchronous copies to the GPU (ignored
-    without CUDA).
+    without CUDA). Close it (or let it be collected, or the process exit) to end the workers.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -163,28 +167,77 @@ def batches(sampler: SegmentSampler, start_step: int, num_workers: int = 1,
     loader = DataLoader(_StepBatches(sampler), batch_size=None, sampler=itertools.count(start_step),
                         num_workers=num_workers, pin_memory=pin_memory and torch.cuda.is_available(),
                         prefetch_factor=4 if num_workers > 0 else None,
-                        worker_init_fn=_ignore_stop_signals)
-    iterator = iter(loader)
-    if num_workers > 0:
-        # The workers ignore SIGTERM, so multiprocessing's exit handler (terminate, then join, each daemon child)
-        # would wait forever: the loader ends them through its queues first (atexit runs later handlers first).
-        atexit.register(_end_workers, weakref.ref(iterator))
-    return iterator
+                        worker_init_fn=functools.partial(_init_worker, os.getpid()))
+    # Registered (once) after torch's and multiprocessing's exit handlers, which the import above guarantees, so it
+    # runs before them: torch's marks the interpreter as exiting, which makes the loader's shutdown a no-op, and
+    # multiprocessing's would wait on workers that ignore its SIGTERM.
+    atexit.unregister(_close_open_loaders)
+    atexit.register(_close_open_loaders)
+    return LoaderBatches(iter(loader))
 
 
-def _end_workers(loader_iterator: weakref.ref) -> None:
-    iterator = loader_iterator()
-    if iterator is not None:
-        iterator._shutdown_workers()  # what the iterator's __del__ does
+class LoaderBatches:
+    """A DataLoader iterator whose workers, which ignore SIGINT and SIGTERM (see `_init_worker`), end for certain.
+
+    ``close()`` asks them to stop through the loader's queues, then SIGKILLs any still alive (a worker stuck in
+    a batch: the loader's own fallback is SIGTERM). Collection and process exit close it too: at exit
+    multiprocessing would otherwise SIGTERM and join each worker, forever.
+    """
+
+    def __init__(self, iterator: Iterator[dict]) -> None:
+        self._iterator = iterator
+        _OPEN.add(self)
+
+    def __iter__(self) -> LoaderBatches:
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._iterator)
+
+    @property
+    def workers(self) -> list:
+        return list(getattr(self._iterator, "_workers", []))
+
+    def close(self) -> None:
+        shutdown = getattr(self._iterator, "_shutdown_workers", None)  # what the iterator's __del__ calls
+        if shutdown is not None:
+            shutdown()
+        for worker in self.workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
+
+    __del__ = close
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+_OPEN: weakref.WeakSet[LoaderBatches] = weakref.WeakSet()
+
+
+def _close_open_loaders() -> None:
+    for loader in list(_OPEN):
+        loader.close()
+
+
+
+def _init_worker(trainer_pid: int, worker_id: int) -> None:
     """A loader worker ignores SIGINT and SIGTERM. A terminal, torchrun, deepspeed or Slurm signals every process:
     the training process then finishes its step and saves with its workers alive (a worker killed by such a signal
-    made the loader raise mid-save). The loader ends its workers through its queues when the training process is
-    done, and a worker whose training process died ends within seconds (DataLoader's watchdog); SIGKILL still
-    works. Ignoring, rather than blocking, covers every thread of the worker: a spawned or forkserver worker runs
-    threads started before this function, and DataLoader's own SIGTERM handler, left in place, re-raises a signal
-    from any process but the worker's parent with the default action (death)."""
+    made the loader raise mid-save). Ignoring, rather than blocking, covers every thread of the worker: a spawned or
+    forkserver worker runs threads started before this function, and DataLoader's own SIGTERM handler, left in
+    place, re-raises a signal from any process but the worker's parent with the default action (death).
+
+    The worker ends when the training process does: `LoaderBatches.close` on a normal exit, and a watch on the
+    training process otherwise. DataLoader's own watchdog checks the worker's parent, which under forkserver is
+    the forkserver: it outlives a SIGKILLed training process while any worker holds it open."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(trainer_pid,), name="exit-with-trainer", daemon=True).start()
+
+
+def _exit_with(pid: int) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return  # no pidfd (not Linux >= 5.3), or already gone: DataLoader's watchdog remains
+    select.select([pidfd], [], [])  # readable once the process has exited
+    os._exit(0)

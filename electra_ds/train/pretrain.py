@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from collections import deque
+from contextlib import closing
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from pathlib import Path
@@ -860,7 +861,7 @@ def run(args: argparse.Namespace) -> Path:
     saved_at = curves = None
     engine.train()
     stop_vote = StopVote(world_size, timedelta(seconds=args.dist_timeout))
-    with GracefulStop() as stop:
+    with GracefulStop() as stop, closing(data):  # closing ends the loader's workers
         while step < plan.max_steps:
             lr = engine.get_lr()[0]  # the rate this step's update uses: the schedule steps right after the update
             for micro in range(plan.accumulation):
