@@ -248,7 +248,7 @@ if __name__ == "__main__":
         time.sleep(3600)  # the test SIGKILLs this process
     if sys.argv[2] != "stuck":  # "stuck" leaves its worker to the exit handler
         worker.join(timeout=20)
-        print("ended", not worker.is_alive(), flush=True)
+        print("ended", not worker.is_alive(), "exit code", worker.exitcode, flush=True)
 """
 
 
@@ -276,19 +276,24 @@ def test_loader_workers_outlive_stop_signals_from_other_processes(tmp_path, star
     """SIGINT / SIGTERM sent to every process (terminal, torchrun, deepspeed, Slurm) must not kill a loader worker
     while the training process finishes its step and saves; close() still ends the workers. Every start method:
     spawned and forkserver workers run threads before worker_init_fn, and Python 3.14 makes forkserver the default."""
-    out, err = _loader_script(tmp_path, start_method, "signals").communicate(timeout=120)
-    assert out.split("\n")[1:3] == ["alive True next [1, 2, 3]", "ended True"], out + err[-2000:]
+    proc = _loader_script(tmp_path, start_method, "signals")
+    out, err = proc.communicate(timeout=120)
+    lines = out.split("\n")
+    assert proc.returncode == 0, err[-2000:]
+    # The exit code is not checked: a spawned worker that was signalled sometimes aborts in C++ teardown as it exits.
+    assert lines[1] == "alive True next [1, 2, 3]" and lines[2].startswith("ended True"), out + err[-2000:]
 
 
 @pytest.mark.parametrize("scenario", ["stuck", "cycle"])
 def test_loader_workers_end_when_stuck_or_collected(tmp_path, scenario):
-    """A worker stuck in a batch ignores the loader's SIGTERM, and an iterator freed by the garbage collector skips
-    the loader's own shutdown: neither may leave a worker behind or hang the exit."""
+    """A worker stuck in a batch ignores the loader's SIGTERM, and an iterator freed by the garbage collector from a
+    reference cycle may find its queues closed: neither may leave a worker behind or hang the exit, and the freed
+    one's worker is told to stop (exit code 0), not killed after a timeout."""
     proc = _loader_script(tmp_path, "fork", scenario)
     out, err = proc.communicate(timeout=90)
     assert proc.returncode == 0, err[-2000:]
     worker = int(out.split("\n")[0].split()[1])
-    assert out.split("\n")[1] == ("" if scenario == "stuck" else "ended True"), out + err[-2000:]
+    assert out.split("\n")[1] == ("" if scenario == "stuck" else "ended True exit code 0"), out + err[-2000:]
     assert not _running(worker)
 
 
@@ -296,11 +301,14 @@ def test_loader_workers_end_when_stuck_or_collected(tmp_path, scenario):
 def test_loader_workers_end_with_a_killed_training_process(tmp_path, start_method):
     """SIGKILL leaves no exit handler: the workers must notice by themselves. Under forkserver their parent is
     the forkserver, which DataLoader's watchdog watches instead of the training process."""
+    import select
     import signal
     import time
 
     proc = _loader_script(tmp_path, start_method, "killed")
     try:
+        started, _, _ = select.select([proc.stdout], [], [], 120)
+        assert started, "the loader script printed nothing in 120 s"
         worker = int(proc.stdout.readline().split()[1])
     finally:
         proc.send_signal(signal.SIGKILL)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import functools
 import itertools
+import logging
 import os
 import select
 import signal
@@ -30,6 +31,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from .cache import TokenCache
+
+log = logging.getLogger(__name__)
 
 # What a terminal, a launcher or a cluster sends to stop a run.
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -186,6 +189,11 @@ class LoaderBatches:
 
     def __init__(self, iterator: Iterator[dict]) -> None:
         self._iterator = iterator
+        # A finalizer rather than __del__: it holds the iterator, so when the collector frees this object from a
+        # reference cycle the iterator's queues are still open and can tell the workers to stop (from a freed
+        # cycle, their finalizers may have closed them first: the workers would then wait out a 5 s join each).
+        self._end = weakref.finalize(self, _end_workers, iterator)
+        self._end.atexit = False  # `_close_open_loaders` does it, in the right order
         _OPEN.add(self)
 
     def __iter__(self) -> LoaderBatches:
@@ -199,15 +207,20 @@ class LoaderBatches:
         return list(getattr(self._iterator, "_workers", []))
 
     def close(self) -> None:
-        shutdown = getattr(self._iterator, "_shutdown_workers", None)  # what the iterator's __del__ calls
+        self._end()
+
+
+def _end_workers(iterator: Iterator[dict]) -> None:
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # what the iterator's __del__ calls
+    try:
         if shutdown is not None:
             shutdown()
-        for worker in self.workers:
-            if worker.is_alive():
-                worker.kill()
-                worker.join(timeout=5)
-
-    __del__ = close
+    except RuntimeError as e:  # DataLoader's SIGCHLD check: a worker that died while exiting
+        log.warning("a data loader worker failed while exiting (its batches were complete): %s", e)
+    for worker in getattr(iterator, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
 
 
 _OPEN: weakref.WeakSet[LoaderBatches] = weakref.WeakSet()
@@ -216,7 +229,6 @@ _OPEN: weakref.WeakSet[LoaderBatches] = weakref.WeakSet()
 def _close_open_loaders() -> None:
     for loader in list(_OPEN):
         loader.close()
-
 
 
 def _init_worker(trainer_pid: int, worker_id: int) -> None:
@@ -239,5 +251,7 @@ def _exit_with(pid: int) -> None:
         pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):
         return  # no pidfd (not Linux >= 5.3), or already gone: DataLoader's watchdog remains
-    select.select([pidfd], [], [])  # readable once the process has exited
+    watch = select.poll()  # not select.select: a forked worker inherits the trainer's descriptors, maybe > 1023
+    watch.register(pidfd, select.POLLIN)  # readable once the process has exited
+    watch.poll()
     os._exit(0)
