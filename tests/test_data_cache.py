@@ -8,7 +8,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from electra_ds.data.sources import SourceError, open_source
 from electra_ds.data.tokenizer import (TokenizerError, load_tokenizer, special_ids, tokenizer_hash, train_tokenizer,
                                        vocab_size)
 from electra_ds.files import TEMP_GLOB
+from process_helpers import ended_within, needs_pidfd
 
 WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but "
          "have an they you were her she there been one all we their has would when what if more no out so said "
@@ -196,7 +196,7 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@needs_pidfd
 def test_build_workers_end_with_a_killed_build(tmp_path):
     """A SIGKILLed build (no clean-up runs) takes its tokenizing workers with it instead of leaving them waiting."""
     script = tmp_path / "orphan.py"
@@ -206,20 +206,9 @@ def test_build_workers_end_with_a_killed_build(tmp_path):
         worker = int(parent.stdout.readline())
         parent.kill()
         parent.wait()
-        deadline = time.time() + 20
-        while _running(worker) and time.time() < deadline:
-            time.sleep(0.1)
-        assert not _running(worker), "the worker outlived the killed build"
+        assert ended_within(worker, 20), "the worker outlived the killed build"
     finally:
         parent.kill()
-
-
-def _running(pid: int) -> bool:
-    """Whether process `pid` is alive (an unreaped zombie is not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def test_parallel_build_matches_in_process(data_files, data_tokenizer, tmp_path):

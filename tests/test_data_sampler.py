@@ -13,6 +13,7 @@ import pytest
 
 from electra_ds.data.cache import CacheError, TokenCache, build_cache
 from electra_ds.data.sampler import SegmentSampler, batches
+from process_helpers import ended_within, needs_pidfd, running
 
 DOC_LENGTHS = [3, 10, 40, 200, 700]
 FIRST_WORD_ID = 5  # after [PAD] [UNK] [CLS] [SEP] [MASK]
@@ -252,7 +253,7 @@ if __name__ == "__main__":
 """
 
 
-def _loader_script(tmp_path, start_method: str, scenario: str, **popen):
+def _loader_script(tmp_path, start_method: str, scenario: str):
     import subprocess
     import sys
 
@@ -260,15 +261,7 @@ def _loader_script(tmp_path, start_method: str, scenario: str, **popen):
     script = tmp_path / "loader.py"
     script.write_text(LOADER_SCRIPT)
     return subprocess.Popen([sys.executable, str(script), start_method, scenario], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")  # a zombie has ended; only its parent's wait is missing
+                            stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
@@ -294,16 +287,16 @@ def test_loader_workers_end_when_stuck_or_collected(tmp_path, scenario):
     assert proc.returncode == 0, err[-2000:]
     worker = int(out.split("\n")[0].split()[1])
     assert out.split("\n")[1] == ("" if scenario == "stuck" else "ended True exit code 0"), out + err[-2000:]
-    assert not _running(worker)
+    assert not running(worker)
 
 
+@needs_pidfd
 @pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
 def test_loader_workers_end_with_a_killed_training_process(tmp_path, start_method):
     """SIGKILL leaves no exit handler: the workers must notice by themselves. Under forkserver their parent is
     the forkserver, which DataLoader's watchdog watches instead of the training process."""
     import select
     import signal
-    import time
 
     proc = _loader_script(tmp_path, start_method, "killed")
     try:
@@ -315,7 +308,4 @@ def test_loader_workers_end_with_a_killed_training_process(tmp_path, start_metho
         proc.wait(timeout=30)
         proc.stdout.close()  # a surviving worker would hold these pipes open
         proc.stderr.close()
-    deadline = time.monotonic() + 30
-    while _running(worker) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _running(worker), f"worker {worker} still running 30 s after its training process was killed"
+    assert ended_within(worker, 30), f"worker {worker} still running 30 s after its training process was killed"

@@ -34,8 +34,6 @@ import logging
 import os
 import re
 import shutil
-import signal
-import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -45,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from electra_ds.files import TEMP_GLOB, atomic_write, remove_stale_temps, replacing_dir
+from electra_ds.lifetime import exit_with
 
 from .sources import SOURCE_OPTIONS, Builtin, LocalFiles, Source, open_source
 from .tokenizer import load_tokenizer, save_tokenizer, special_ids, text_tokenizer, tokenizer_hash, train_tokenizer
@@ -135,21 +134,9 @@ _worker_tokenizer = None
 
 def _init_worker(tokenizer_json: str, parent: int) -> None:
     global _worker_tokenizer
-    _die_with(parent)
+    exit_with(parent)  # a killed build's workers would wait forever on a queue whose writing end they hold
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
     _worker_tokenizer = text_tokenizer(tokenizer_json)
-
-
-def _die_with(parent: int) -> None:
-    """Linux: end this worker when the build process dies. A killed build's workers would otherwise wait forever on
-    their task queue, whose writing end they hold themselves."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the build died before the call above
-        os._exit(1)
 
 
 def _encode(tok, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

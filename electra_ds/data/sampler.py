@@ -22,13 +22,13 @@ import functools
 import itertools
 import logging
 import os
-import select
 import signal
-import threading
 import weakref
 from collections.abc import Iterator
 
 import numpy as np
+
+from electra_ds.lifetime import exit_with
 
 from .cache import TokenCache
 
@@ -211,13 +211,14 @@ class LoaderBatches:
 
 
 def _end_workers(iterator: Iterator[dict]) -> None:
-    shutdown = getattr(iterator, "_shutdown_workers", None)  # what the iterator's __del__ calls
+    workers = getattr(iterator, "_workers", [])  # none in a single-process iterator
+    if not workers:
+        return
     try:
-        if shutdown is not None:
-            shutdown()
+        iterator._shutdown_workers()  # what the iterator's __del__ calls
     except RuntimeError as e:  # DataLoader's SIGCHLD check: a worker that died while exiting
         log.warning("a data loader worker failed while exiting (its batches were complete): %s", e)
-    for worker in getattr(iterator, "_workers", []):
+    for worker in workers:
         if worker.is_alive():
             worker.kill()
             worker.join(timeout=5)
@@ -243,15 +244,4 @@ def _init_worker(trainer_pid: int, worker_id: int) -> None:
     the forkserver: it outlives a SIGKILLed training process while any worker holds it open."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(trainer_pid,), name="exit-with-trainer", daemon=True).start()
-
-
-def _exit_with(pid: int) -> None:
-    try:
-        pidfd = os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        return  # no pidfd (not Linux >= 5.3), or already gone: DataLoader's watchdog remains
-    watch = select.poll()  # not select.select: a forked worker inherits the trainer's descriptors, maybe > 1023
-    watch.register(pidfd, select.POLLIN)  # readable once the process has exited
-    watch.poll()
-    os._exit(0)
+    exit_with(trainer_pid)
