@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from electra_ds.files import atomic_write
-from electra_ds.kernels import (adam_step, add_layer_norm, bias_gelu, cross_entropy, gumbel_sample, set_backend,
-                                sigmoid_bce)
+from electra_ds.kernels import adam_step, add_layer_norm, bias_gelu, cross_entropy_and_sample, set_backend, sigmoid_bce
 
 
 def _graphed(fn):
@@ -51,6 +50,14 @@ def _fwd_bwd(op, *args):
     return lambda: torch.autograd.grad(op(*leaves), inputs, grad)
 
 
+def _torch_loss_and_draws(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What cross_entropy_and_sample gives, from plain torch ops: summed loss, fp32 Gumbel-max sample, argmax."""
+    loss = F.cross_entropy(logits, targets, reduction="sum")
+    with torch.no_grad():
+        noise = -torch.log(-torch.log(torch.rand_like(logits, dtype=torch.float32)))
+        return loss, (logits.float() + noise).argmax(-1), logits.argmax(-1)
+
+
 def cases(dev: str = "cuda", tokens: int = 16384, masked: int = 2432, hidden: int = 256, ffn: int = 1024,
           vocab: int = 30522, params: int = 14_000_000) -> dict:
     """name -> (our op's fwd+bwd callable, the plain torch one's), on `dev` at ELECTRA-Small's sizes by default."""
@@ -73,13 +80,12 @@ def cases(dev: str = "cuda", tokens: int = 16384, masked: int = 2432, hidden: in
                                    _fwd_bwd(lambda *a: F.layer_norm(a[0] + a[1], (hidden,), a[2], a[3], 1e-12),
                                             x, r, w, b)),
         "bias_gelu fwd+bwd": (_fwd_bwd(bias_gelu, h, hb), _fwd_bwd(lambda a, c: F.gelu(a + c), h, hb)),
-        "cross_entropy fwd+bwd": (_fwd_bwd(lambda a, t: cross_entropy(a, t).sum(), logits, targets),
-                                  _fwd_bwd(lambda a, t: F.cross_entropy(a, t, reduction="sum"), logits, targets)),
+        "cross_entropy_and_sample fwd+bwd": (
+            _fwd_bwd(lambda a, t: cross_entropy_and_sample(a, t, seed, 1.0)[0].sum(), logits, targets),
+            _fwd_bwd(lambda a, t: _torch_loss_and_draws(a, t)[0], logits, targets)),
         "sigmoid_bce fwd+bwd": (_fwd_bwd(lambda a, c: sigmoid_bce(a, c).sum(), d, labels),
                                 _fwd_bwd(lambda a, c: F.binary_cross_entropy_with_logits(a, c.to(a.dtype),
                                                                                          reduction="sum"), d, labels)),
-        "gumbel_sample": (lambda: gumbel_sample(logits, seed, 1.0),
-                          lambda: (logits.float() - torch.log(-torch.log(torch.rand_like(logits.float())))).argmax(-1)),
         "adam_step": (lambda: adam_step(p, g, m, v, **adam), torch_adamw.step),  # torch's: with bias correction
     }
 

@@ -131,7 +131,7 @@ def test_step_profile_on_cpu_and_kernel_families():
     names = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n": "matmul", "nvjet_tst_128x64_64x8_1x1_v_bz_TNT": "matmul",
              "pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel": "attention",
              "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "attention",
-             "_electra_gumbel_sample": "electra_ds Triton kernels",
+             "_electra_xentropy_sample_fwd": "electra_ds Triton kernels",
              "triton_per_fused__to_copy_add_native_layer_norm_7": "inductor (torch.compile)",
              "Memcpy DtoD (Device -> Device)": "copy / fill", "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "communication",
              "void at::native::(anonymous namespace)::cunn_SoftMaxForward<8, float>": "other"}
@@ -177,8 +177,8 @@ def test_kernel_speed_cases_run_on_small_shapes():
 
     torch.manual_seed(0)
     cases = kernel_speed.cases("cpu", tokens=64, masked=8, hidden=64, ffn=96, vocab=50, params=100)
-    assert set(cases) == {"add_layer_norm fwd+bwd", "bias_gelu fwd+bwd", "cross_entropy fwd+bwd",
-                          "sigmoid_bce fwd+bwd", "gumbel_sample", "adam_step"}
+    assert set(cases) == {"add_layer_norm fwd+bwd", "bias_gelu fwd+bwd", "cross_entropy_and_sample fwd+bwd",
+                          "sigmoid_bce fwd+bwd", "adam_step"}
     for name, (ours, native) in cases.items():
         a, b = ours(), native()
         if name.endswith("fwd+bwd"):  # the input gradients of the same function

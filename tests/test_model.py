@@ -6,7 +6,6 @@ import warnings
 import pytest
 import torch
 
-from electra_ds import kernels
 from electra_ds.config import ElectraConfig, max_predictions, preset
 from electra_ds.convert import main as convert_main
 from electra_ds.kernels import reference
@@ -330,6 +329,24 @@ def test_mlm_loss_is_the_mean_over_real_masked_slots():
     assert abs(per_slot.mean() - per_slot[real].mean()) > 1e-3  # the test can tell the two apart
 
 
+def test_generator_accuracy_counts_argmax_hits_in_real_slots():
+    """stats[0] counts the real slots whose original id is the generator's argmax (not its Gumbel sample). Half the
+    targets are set to the argmax, so a count of samples, of padding slots or of nothing would differ."""
+    vocab = 80
+    model = perturbed(no_dropout("tiny", vocab_size=vocab, temperature=2.0))
+    ids, mask = make_batch(vocab, batch=6, length=24, pad_from={1: 8, 2: 14})
+    plan = mask_plan(ids, mask, vocab_size=vocab, max_predictions=6, seed=3)
+    with torch.no_grad():
+        predicted = model.generator_logits(plan.generator_input_ids, mask, positions=plan.masked_positions).argmax(-1)
+    half = torch.rand(predicted.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    plan = plan._replace(masked_ids=torch.where(half, predicted, plan.masked_ids))
+    out = model(ids, mask, None, plan, torch.tensor(1))
+    real = plan.masked_weights > 0
+    hits = (predicted == plan.masked_ids) & real
+    assert int(out.stats[0]) == int(hits.sum()) >= int((half & real).sum()) > 3
+    assert (out.disc_input.gather(1, plan.masked_positions) != predicted)[real].any()  # samples are not the argmax
+
+
 def test_disc_loss_is_the_mean_bce_over_real_tokens():
     """Padding neither adds to the discriminator's loss nor to its count: ids at padding positions change nothing."""
     vocab = 80
@@ -464,10 +481,10 @@ def test_gumbel_sampling_follows_softmax():
 
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     rows = logits.expand(4000, -1).contiguous()
-    samples = torch.cat([kernels.gumbel_sample(rows, torch.tensor(seed), 1.0) for seed in range(5)])
+    samples = torch.cat([reference.gumbel_sample(rows, torch.tensor(seed), 1.0) for seed in range(5)])
     counts, expected = softmax_counts(samples, logits, 1.0)
     assert chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-3
-    hot = kernels.gumbel_sample(rows.to(torch.bfloat16), torch.tensor(0), 0.05)  # low temperature: argmax
+    hot = reference.gumbel_sample(rows.to(torch.bfloat16), torch.tensor(0), 0.05)  # low temperature: argmax
     assert (hot == 0).float().mean() > 0.99
 
 

@@ -1,6 +1,6 @@
 """Fused ops used by the model: a Triton kernel per op, and a plain-PyTorch twin (reference.py) that is its
 specification. Under torch.compile the ops trace as their twins, which inductor fuses into its own kernels,
-except `gumbel_sample`, which stays an opaque custom op (see there).
+except `cross_entropy_and_sample`, which stays an opaque custom op (see there).
 
 Backend choice: "auto" (default) runs Triton for CUDA tensors when triton imports and the twin otherwise;
 "triton" forces the kernels (CPU tensors then need TRITON_INTERPRET=1 set before the first kernel call);
@@ -82,38 +82,58 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return impl.bias_gelu(x, bias)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-row cross-entropy in fp32: logits (N, V), targets (N,) -> (N,); target -100 gives 0."""
-    impl = _op("xentropy") if _use_triton(logits) else reference
-    return impl.cross_entropy(logits, targets)
-
-
 def sigmoid_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-element binary cross-entropy with logits, in fp32."""
     impl = _op("bce") if _use_triton(logits) else reference
     return impl.sigmoid_bce(logits, labels)
 
 
-def gumbel_sample(logits: torch.Tensor, seed: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Gumbel-max sample per row of logits (N, V) -> (N,) long, in fp32 with no gradient; the noise depends
-    only on (seed, row, col) and seed is a 0-d int64 device tensor (no host sync).
+def cross_entropy_and_sample(logits: torch.Tensor, targets: torch.Tensor, seed: torch.Tensor, temperature: float,
+                             sample_columns: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The generator head's loss and draws, from one pass over logits (N, V): per row the fp32 cross-entropy against
+    targets (N,) (target -100 gives 0; the only output with a gradient), and the Gumbel-max sample and the plain argmax
+    (long) of the first `sample_columns` columns (all when None). The noise is fp32 and depends only on (seed, row,
+    col); seed is a 0-d int64 device tensor (no host sync).
 
-    Under torch.compile it stays one opaque op (the Triton kernel on CUDA): the twin's hash is 64-bit integer
-    arithmetic over every vocabulary logit, which the kernel does in native 32-bit (same bits either way)."""
+    Under torch.compile the forward stays one opaque op (the Triton kernel on CUDA; the twin's hash is 64-bit integer
+    arithmetic over every vocabulary logit, which the kernel does in native 32-bit, same bits either way), and its
+    backward, a pointwise formula (reference.cross_entropy_backward), traces into inductor's kernels."""
+    columns = logits.shape[-1] if sample_columns is None else sample_columns
     if torch.compiler.is_compiling():
-        return _gumbel_sample_op(logits, seed, temperature)
-    impl = _op("gumbel") if _use_triton(logits) else reference
-    return impl.gumbel_sample(logits, seed, temperature)
+        loss, _, sample, argmax = _cross_entropy_and_sample_op(logits, targets, seed, temperature, columns)
+        return loss, sample, argmax
+    impl = _op("xentropy") if _use_triton(logits) else reference
+    return impl.cross_entropy_and_sample(logits, targets, seed, temperature, columns)
 
 
-@torch.library.custom_op("electra_ds::gumbel_sample", mutates_args=())
-def _gumbel_sample_op(logits: torch.Tensor, seed: torch.Tensor, temperature: float) -> torch.Tensor:
-    return gumbel_sample(logits, seed, temperature)
+@torch.library.custom_op("electra_ds::cross_entropy_and_sample", mutates_args=())
+def _cross_entropy_and_sample_op(logits: torch.Tensor, targets: torch.Tensor, seed: torch.Tensor, temperature: float,
+                                 sample_columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, log-sum-exp, sample, argmax): the log-sum-exp is kept for the backward."""
+    if _use_triton(logits):
+        return _op("xentropy").forward_pass(logits, targets, seed, temperature, sample_columns)
+    loss, sample, argmax = reference.cross_entropy_and_sample(logits, targets, seed, temperature, sample_columns)
+    return loss, torch.logsumexp(logits.float(), dim=-1), sample, argmax
 
 
-@_gumbel_sample_op.register_fake
-def _(logits: torch.Tensor, seed: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits.new_empty(logits.shape[:-1], dtype=torch.long)
+@_cross_entropy_and_sample_op.register_fake
+def _(logits: torch.Tensor, targets: torch.Tensor, seed: torch.Tensor, temperature: float,
+      sample_columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = logits.shape[0]
+    return (logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32),
+            logits.new_empty(n, dtype=torch.long), logits.new_empty(n, dtype=torch.long))
+
+
+def _save_for_backward(ctx, inputs: tuple, output: tuple) -> None:
+    ctx.save_for_backward(inputs[0], inputs[1], output[1])
+
+
+def _cross_entropy_and_sample_backward(ctx, dloss: torch.Tensor, *_: torch.Tensor) -> tuple:
+    logits, targets, lse = ctx.saved_tensors
+    return reference.cross_entropy_backward(logits, targets, lse, dloss), None, None, None, None
+
+
+_cross_entropy_and_sample_op.register_autograd(_cross_entropy_and_sample_backward, setup_context=_save_for_backward)
 
 
 def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
@@ -127,5 +147,5 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
                    weight_decay=weight_decay, grad_scale=grad_scale)
 
 
-__all__ = ["BACKENDS", "adam_step", "add_layer_norm", "bias_gelu", "cross_entropy", "get_backend",
-           "gumbel_sample", "reference", "set_backend", "sigmoid_bce", "triton_available"]
+__all__ = ["BACKENDS", "adam_step", "add_layer_norm", "bias_gelu", "cross_entropy_and_sample", "get_backend",
+           "reference", "set_backend", "sigmoid_bce", "triton_available"]

@@ -32,6 +32,26 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="none", ignore_index=IGNORE_INDEX)
 
 
+def cross_entropy_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                           dloss: torch.Tensor) -> torch.Tensor:
+    """The gradient of `cross_entropy` (N, V) in the logits dtype, from each row's fp32 log-sum-exp `lse`:
+    (softmax - one_hot(target)) * dloss, zero in rows whose target is IGNORE_INDEX."""
+    g = torch.where(targets != IGNORE_INDEX, dloss.float(), 0.0)[:, None]
+    # a comparison, not indexing by the targets: static shapes, so inductor traces it into one pointwise kernel
+    one_hot = torch.arange(logits.shape[-1], device=logits.device) == targets[:, None]
+    return ((torch.exp(logits.float() - lse[:, None]) - one_hot.float()) * g).to(logits.dtype)
+
+
+def cross_entropy_and_sample(logits: torch.Tensor, targets: torch.Tensor, seed: torch.Tensor, temperature: float,
+                             sample_columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The generator head's loss and draws for logits (N, V) and targets (N,): `cross_entropy` over all V columns (the
+    only output with a gradient), and the `gumbel_sample` and plain argmax of the first `sample_columns` columns
+    (long), which the Triton kernel finds in the same pass over the logits."""
+    loss = cross_entropy(logits, targets)
+    drawn = logits.detach()[:, :sample_columns]
+    return loss, gumbel_sample(drawn, seed, temperature), drawn.argmax(dim=-1)
+
+
 def sigmoid_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-element binary cross-entropy with logits in fp32 (no gradient for labels)."""
     return F.binary_cross_entropy_with_logits(logits.float(), labels.detach().float(), reduction="none")

@@ -1,7 +1,10 @@
-"""Triton per-row cross-entropy over full-vocabulary rows (twin: reference.cross_entropy).
+"""Triton generator-head loss and sampling (twin: reference.cross_entropy_and_sample).
 
-The forward keeps only the fp32 log-sum-exp per row; the backward recomputes softmax from the logits and
-writes the gradient straight in the logits dtype, so no (N, V) fp32 tensor is ever made.
+One forward pass over each row of logits gives its fp32 cross-entropy, its Gumbel-max sample (fp32 noise that the
+twin computes bit for bit) and its plain argmax; only the fp32 log-sum-exp per row is kept for the backward, which
+recomputes softmax from the logits and writes the gradient straight in the logits dtype, so no (N, V) fp32 tensor
+is ever made. The sampling seed is read from a device tensor inside the kernel: no host sync, and a CUDA graph
+replays with whatever seed the tensor holds at replay time.
 """
 from __future__ import annotations
 
@@ -12,23 +15,67 @@ import triton.language as tl
 from .launch import tile_warps
 from .reference import IGNORE_INDEX
 
-_MAX_BLOCK = 4096
+_FWD_BLOCK = 2048  # smaller than the backward's: the forward's six running values per lane stay in registers
+_BWD_BLOCK = 4096
 
 
-# Blocking: one program per row, sweeping the vocabulary in chunks of up to 4096 columns with an online
-# (per-lane running max and rescaled sum) log-sum-exp, so a 30522-wide row needs 8 chunks and no spills.
 @triton.jit
-def _electra_xentropy_fwd(Logits, Targets, Loss, Lse, V, stride, IGNORE: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = Logits + row * stride
+def _mix32(x):
+    # lowbias32, as reference.mix32 (uint32 arithmetic wraps modulo 2**32)
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _keep_greater(best, best_col, z, c):
+    # a NaN beats every number (+inf too) and is never beaten, as in torch.argmax
+    better = (best == best) & ((z != z) | (z > best))
+    return tl.where(better, z, best), tl.where(better, c, best_col)
+
+
+@triton.jit
+def _first_max_column(best, best_col, V):
+    # the row's first NaN column, else its first maximal one, as torch.argmax picks
+    nan = best != best
+    first_nan = tl.min(tl.where(nan, best_col, V), axis=0)
+    top = tl.max(tl.where(nan, float("-inf"), best), axis=0)
+    first_top = tl.min(tl.where(best == top, best_col, V), axis=0)
+    return tl.where(first_nan < V, first_nan, first_top).to(tl.int64)
+
+
+# Blocking: one program per row, sweeping the vocabulary in chunks of up to 2048 columns. Each lane keeps an online
+# log-sum-exp (running max and rescaled sum) and its best (value, column) for the noisy and for the plain logits; the
+# row's values come from the lanes' at the end.
+@triton.jit
+def _electra_xentropy_sample_fwd(Logits, Targets, Seed, Loss, Lse, Sample, Argmax, V, S, stride, inv_t,
+                                 IGNORE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = Logits + row.to(tl.int64) * stride
+    seed = tl.load(Seed)
+    key = _mix32(seed.to(tl.uint32) ^ _mix32((seed >> 32).to(tl.uint32) ^ 0x9E3779B9))
+    row_key = _mix32(key ^ _mix32(row.to(tl.uint32)))
     cols = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], -3.0e38, dtype=tl.float32)  # finite start: exp(m - m_new) stays defined
     s = tl.zeros([BLOCK], dtype=tl.float32)
+    best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    best_col = tl.zeros([BLOCK], dtype=tl.int32)
+    top = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    top_col = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, V, BLOCK):
-        x = tl.load(base + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+        c = start + cols
+        x = tl.load(base + c, mask=c < V, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, x)
         s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
         m = m_new
+        h = _mix32(row_key ^ _mix32(c.to(tl.uint32)))
+        u = ((h >> 8) | 1).to(tl.float32) * 5.9604644775390625e-08  # odd multiple of 2**-24, inside (0, 1)
+        sampled = c < S
+        best, best_col = _keep_greater(best, best_col, tl.where(sampled, x * inv_t + -tl.log(-tl.log(u)),
+                                                                 float("-inf")), c)
+        top, top_col = _keep_greater(top, top_col, tl.where(sampled, x, float("-inf")), c)
     mx = tl.max(m, axis=0)
     lse = mx + tl.log(tl.sum(s * tl.exp(m - mx), axis=0))
     target = tl.load(Targets + row)
@@ -36,6 +83,8 @@ def _electra_xentropy_fwd(Logits, Targets, Loss, Lse, V, stride, IGNORE: tl.cons
     x_target = tl.load(base + target, mask=valid, other=0.0).to(tl.float32)
     tl.store(Loss + row, tl.where(valid, lse - x_target, 0.0))
     tl.store(Lse + row, lse)
+    tl.store(Sample + row, _first_max_column(best, best_col, S))
+    tl.store(Argmax + row, _first_max_column(top, top_col, S))
 
 
 @triton.jit
@@ -52,38 +101,62 @@ def _electra_xentropy_bwd(Logits, Targets, Lse, DLoss, DLogits, V, stride, IGNOR
         tl.store(DLogits + row * V + c, d.to(DLogits.dtype.element_ty), mask=c < V)
 
 
-class CrossEntropy(torch.autograd.Function):
+def _rows(logits: torch.Tensor, targets: torch.Tensor, sample_columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy_and_sample wants logits (N, V) and targets (N,), got {tuple(logits.shape)} "
+                         f"and {tuple(targets.shape)}")
+    if not 0 < sample_columns <= logits.shape[1]:
+        raise ValueError(f"sample_columns={sample_columns} is outside 1..{logits.shape[1]} (the logits' columns)")
+    return (logits if logits.stride(1) == 1 else logits.contiguous()), targets.contiguous()
+
+
+def forward_pass(logits: torch.Tensor, targets: torch.Tensor, seed: torch.Tensor, temperature: float,
+                 sample_columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, log-sum-exp, sample, argmax) per row, from one kernel launch; no autograd."""
+    logits, targets = _rows(logits.detach(), targets, sample_columns)
+    n, v = logits.shape
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(loss)
+    sample = torch.empty(n, dtype=torch.long, device=logits.device)
+    argmax = torch.empty_like(sample)
+    if n:
+        block = min(_FWD_BLOCK, triton.next_power_of_2(v))
+        # fp fusion off: x * inv_t + noise must round like the twin's separate multiply and add
+        _electra_xentropy_sample_fwd[(n,)](logits, targets, seed.to(device=logits.device, dtype=torch.int64), loss,
+                                           lse, sample, argmax, v, sample_columns, logits.stride(0), 1.0 / temperature,
+                                           IGNORE=IGNORE_INDEX, BLOCK=block, num_warps=tile_warps(block),
+                                           enable_fp_fusion=False)
+    return loss, lse, sample, argmax
+
+
+def cross_entropy_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                           dloss: torch.Tensor) -> torch.Tensor:
+    """d loss / d logits (N, V) in the logits dtype, from the forward's log-sum-exp (reference.cross_entropy_backward)."""
+    logits, targets = _rows(logits, targets, logits.shape[1])
+    n, v = logits.shape
+    dlogits = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    if n:
+        block = min(_BWD_BLOCK, triton.next_power_of_2(v))
+        _electra_xentropy_bwd[(n,)](logits, targets, lse, dloss.float().contiguous(), dlogits, v, logits.stride(0),
+                                    IGNORE=IGNORE_INDEX, BLOCK=block, num_warps=tile_warps(block))
+    return dlogits
+
+
+class CrossEntropyAndSample(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets):
-        if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-            raise ValueError(f"cross_entropy wants logits (N, V) and targets (N,), got {tuple(logits.shape)} "
-                             f"and {tuple(targets.shape)}")
-        if logits.stride(1) != 1:
-            logits = logits.contiguous()
-        targets = targets.contiguous()
-        n, v = logits.shape
-        block = min(_MAX_BLOCK, triton.next_power_of_2(v))
-        loss = torch.empty(n, dtype=torch.float32, device=logits.device)
-        lse = torch.empty_like(loss)
-        if n:
-            _electra_xentropy_fwd[(n,)](logits, targets, loss, lse, v, logits.stride(0), IGNORE=IGNORE_INDEX,
-                                        BLOCK=block, num_warps=tile_warps(block))
+    def forward(ctx, logits, targets, seed, temperature, sample_columns):
+        loss, lse, sample, argmax = forward_pass(logits, targets, seed, temperature, sample_columns)
         ctx.save_for_backward(logits, targets, lse)
-        return loss
+        ctx.mark_non_differentiable(sample, argmax)
+        return loss, sample, argmax
 
     @staticmethod
-    def backward(ctx, dloss):
+    def backward(ctx, dloss, _dsample, _dargmax):
         logits, targets, lse = ctx.saved_tensors
-        n, v = logits.shape
-        block = min(_MAX_BLOCK, triton.next_power_of_2(v))
-        dlogits = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
-        if n:
-            _electra_xentropy_bwd[(n,)](logits, targets, lse, dloss.float().contiguous(), dlogits, v,
-                                        logits.stride(0), IGNORE=IGNORE_INDEX, BLOCK=block,
-                                        num_warps=tile_warps(block))
-        return dlogits, None
+        return cross_entropy_backward(logits, targets, lse, dloss), None, None, None, None
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Triton per-row fp32 cross-entropy of logits (N, V) against targets (N,); see reference.cross_entropy."""
-    return CrossEntropy.apply(logits, targets)
+def cross_entropy_and_sample(logits: torch.Tensor, targets: torch.Tensor, seed: torch.Tensor, temperature: float,
+                             sample_columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton (loss, sample, argmax) per row; see reference.cross_entropy_and_sample."""
+    return CrossEntropyAndSample.apply(logits, targets, seed, temperature, sample_columns)

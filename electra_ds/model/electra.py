@@ -156,16 +156,16 @@ class ElectraForPretraining(FlatModule):
         gen_hidden = self._tower(w, GEN, plan.generator_input_ids, attention_mask, token_type_ids)
         gen_hidden = gen_hidden.gather(1, plan.masked_positions[..., None].expand(-1, -1, gen_hidden.shape[-1]))
         logits = self._generator_head(w, gen_hidden, VOCAB_MULTIPLE).view(batch * slots, -1)
-        # Samples and accuracy read the real columns only: a non-finite hidden state makes the padding columns
-        # NaN (0 * inf), and a NaN column wins an argmax, which must still be a token id.
-        vocab_logits = logits[:, :cfg.vocab_size]
         targets, weights = plan.masked_ids.reshape(-1), plan.masked_weights.reshape(-1)
+        # Samples and the accuracy's argmax read the real columns only: a non-finite hidden state makes the padding
+        # columns NaN (0 * inf), and a NaN column wins an argmax, which must be a token id.
+        per_slot, sampled, predicted = kernels.cross_entropy_and_sample(logits, targets, sample_seed, cfg.temperature,
+                                                                        sample_columns=cfg.vocab_size)
         n_slots = weights.sum()
-        mlm_loss = (kernels.cross_entropy(logits, targets) * weights).sum() / n_slots.clamp_min(1.0)
+        mlm_loss = (per_slot * weights).sum() / n_slots.clamp_min(1.0)
 
         with torch.no_grad():
-            sampled = kernels.gumbel_sample(vocab_logits.detach(), sample_seed, cfg.temperature).view(batch, slots)
-            sampled = torch.where(plan.masked_weights > 0, sampled, plan.masked_ids)
+            sampled = torch.where(plan.masked_weights > 0, sampled.view(batch, slots), plan.masked_ids)
             disc_input = input_ids.scatter(1, plan.masked_positions, sampled)
             labels = disc_input != input_ids  # a sample equal to the original counts as real
 
@@ -176,7 +176,7 @@ class ElectraForPretraining(FlatModule):
         loss = cfg.mlm_weight * mlm_loss + cfg.disc_weight * disc_loss
 
         with torch.no_grad():
-            gen_correct = ((vocab_logits.argmax(-1) == targets).float() * weights).sum()
+            gen_correct = ((predicted == targets).float() * weights).sum()
             replaced = labels.float() * real
             original = (~labels).float() * real
             says_replaced = (disc_logits > 0).float()
