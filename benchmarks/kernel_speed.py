@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from electra_ds.files import atomic_write
 from electra_ds.kernels import adam_step, add_layer_norm, bias_gelu, cross_entropy_and_sample, set_backend, sigmoid_bce
+from electra_ds.model.electra import VOCAB_MULTIPLE
 
 
 def _graphed(fn):
@@ -50,12 +51,14 @@ def _fwd_bwd(op, *args):
     return lambda: torch.autograd.grad(op(*leaves), inputs, grad)
 
 
-def _torch_loss_and_draws(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """What cross_entropy_and_sample gives, from plain torch ops: summed loss, fp32 Gumbel-max sample, argmax."""
+def _torch_loss_and_draws(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> tuple[torch.Tensor, ...]:
+    """What cross_entropy_and_sample gives, from plain torch ops: summed loss, fp32 Gumbel-max sample and argmax of
+    the first `vocab` columns."""
     loss = F.cross_entropy(logits, targets, reduction="sum")
     with torch.no_grad():
-        noise = -torch.log(-torch.log(torch.rand_like(logits, dtype=torch.float32)))
-        return loss, (logits.float() + noise).argmax(-1), logits.argmax(-1)
+        real = logits[:, :vocab]
+        noise = -torch.log(-torch.log(torch.rand_like(real, dtype=torch.float32)))
+        return loss, (real.float() + noise).argmax(-1), real.argmax(-1)
 
 
 def cases(dev: str = "cuda", tokens: int = 16384, masked: int = 2432, hidden: int = 256, ffn: int = 1024,
@@ -65,7 +68,9 @@ def cases(dev: str = "cuda", tokens: int = 16384, masked: int = 2432, hidden: in
     x, r = torch.randn(tokens, hidden, device=dev, dtype=bf), torch.randn(tokens, hidden, device=dev, dtype=bf)
     w, b = torch.ones(hidden, device=dev, dtype=bf), torch.zeros(hidden, device=dev, dtype=bf)
     h, hb = torch.randn(tokens, ffn, device=dev, dtype=bf), torch.randn(ffn, device=dev, dtype=bf)
-    logits = torch.randn(masked, vocab, device=dev, dtype=bf)
+    # the generator's logits as the model makes them: padded with -inf columns to a multiple of VOCAB_MULTIPLE
+    padding = torch.full((masked, -vocab % VOCAB_MULTIPLE), float("-inf"), device=dev, dtype=bf)
+    logits = torch.cat([torch.randn(masked, vocab, device=dev, dtype=bf), padding], dim=1)
     targets = torch.randint(0, vocab, (masked,), device=dev)
     d, labels = torch.randn(tokens, device=dev, dtype=bf), torch.rand(tokens, device=dev) > 0.8
     seed = torch.tensor(0, device=dev)
@@ -81,8 +86,8 @@ def cases(dev: str = "cuda", tokens: int = 16384, masked: int = 2432, hidden: in
                                             x, r, w, b)),
         "bias_gelu fwd+bwd": (_fwd_bwd(bias_gelu, h, hb), _fwd_bwd(lambda a, c: F.gelu(a + c), h, hb)),
         "cross_entropy_and_sample fwd+bwd": (
-            _fwd_bwd(lambda a, t: cross_entropy_and_sample(a, t, seed, 1.0)[0].sum(), logits, targets),
-            _fwd_bwd(lambda a, t: _torch_loss_and_draws(a, t)[0], logits, targets)),
+            _fwd_bwd(lambda a, t: cross_entropy_and_sample(a, t, seed, 1.0, vocab)[0].sum(), logits, targets),
+            _fwd_bwd(lambda a, t: _torch_loss_and_draws(a, t, vocab)[0], logits, targets)),
         "sigmoid_bce fwd+bwd": (_fwd_bwd(lambda a, c: sigmoid_bce(a, c).sum(), d, labels),
                                 _fwd_bwd(lambda a, c: F.binary_cross_entropy_with_logits(a, c.to(a.dtype),
                                                                                          reduction="sum"), d, labels)),

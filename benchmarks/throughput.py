@@ -148,12 +148,12 @@ class Runner:
 
 def kernel_choice(setup: Setup, variant: Variant) -> str:
     """Select the kernels for `variant`; returns its label. Compiled variants trace the twins (inductor fuses
-    them) except the Gumbel sampler, an opaque op that runs the Triton kernel on CUDA."""
+    them) except the generator head's loss and sampling, an opaque op that runs the Triton kernel on CUDA."""
     triton_here = setup.device.type == "cuda" and kernels.triton_available() and not variant.twins
     backend = "triton" if triton_here else "torch"
     kernels.set_backend(backend)
     if variant.compile:
-        return "inductor + Triton Gumbel" if triton_here else "inductor"
+        return "inductor + Triton generator head" if triton_here else "inductor"
     return backend
 
 

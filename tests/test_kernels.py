@@ -299,35 +299,46 @@ def test_cuda_graph_replays_with_new_seed():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_model_ops_trace_twins_and_keep_the_sampling_kernel(triton_backend, device):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_compiled_model_ops_trace_twins_and_keep_the_sampling_kernel(device, backend):
     """Under torch.compile (the --compile path): the other autograd ops trace as twins; the generator head's loss and
-    draws stay one opaque op whose draws equal the eager kernel's bit for bit, and whose loss and gradient (traced from
-    the twin's backward formula) match the eager kernel's."""
+    draws stay one opaque op (running the Triton kernel, or the twin under the "torch" backend) whose draws equal the
+    twin's bit for bit on the same logits, and whose loss and gradient (the backward traced from the twin's formula)
+    match the eager op's."""
     x = _make((6, 50), torch.float32, device, seed=3, grad=False)
     bias = _make((50,), torch.float32, device, seed=4, grad=False)
     targets = _targets(6, 47, device)
     seed = torch.tensor(2**33 + 5, dtype=torch.int64, device=device)
 
     def step(x, bias, targets, seed):
-        loss, sample, argmax = kernels.cross_entropy_and_sample(kernels.bias_gelu(x, bias), targets, seed, 1.0, 47)
-        return loss, sample, argmax
+        logits = kernels.bias_gelu(x, bias)
+        return (logits, *kernels.cross_entropy_and_sample(logits, targets, seed, 1.0, 47))
 
     def run(fn):
         b = bias.detach().clone().requires_grad_()
-        loss, sample, argmax = fn(x, b, targets, seed)
+        logits, loss, sample, argmax = fn(x, b, targets, seed)
         loss.sum().backward()
-        return loss.detach(), sample, argmax, b.grad
+        return logits.detach(), loss.detach(), (sample, argmax), b.grad
 
-    torch._dynamo.reset()
-    compiled = run(torch.compile(step, fullgraph=True, dynamic=False))
-    eager = run(step)
-    _assert_same_draws(compiled[1:3], eager[1:3])
-    gelu = reference.bias_gelu(x, bias)
-    _assert_same_draws(compiled[1:3], reference.cross_entropy_and_sample(gelu, targets, seed, 1.0, 47)[1:])
-    for got, expected in ((compiled[0], eager[0]), (compiled[3], eager[3])):
-        torch.testing.assert_close(got, expected, **TOL[torch.float32])
-    logits = gelu.detach().requires_grad_()
-    torch.library.opcheck(torch.ops.electra_ds.cross_entropy_and_sample.default, (logits, targets, seed, 1.0, 47))
+    with kernel_backend(backend):
+        torch._dynamo.reset()
+        logits, loss, drawn, grad = run(torch.compile(step, fullgraph=True, dynamic=False))
+        _, eager_loss, _, eager_grad = run(step)
+        torch.library.opcheck(torch.ops.electra_ds.cross_entropy_and_sample.default,
+                              (logits.clone().requires_grad_(), targets, seed, 1.0, 47))
+    torch.testing.assert_close(logits, reference.bias_gelu(x, bias), **TOL[torch.float32])
+    _assert_same_draws(drawn, reference.cross_entropy_and_sample(logits, targets, seed, 1.0, 47)[1:])
+    torch.testing.assert_close(loss, eager_loss, **TOL[torch.float32])
+    torch.testing.assert_close(grad, eager_grad, **TOL[torch.float32])
+
+
+def test_sample_columns_are_checked_on_every_path():
+    logits, targets = torch.zeros(3, 10), torch.zeros(3, dtype=torch.long)
+    for columns in (0, 11):
+        with pytest.raises(ValueError, match="sample_columns"):
+            kernels.cross_entropy_and_sample(logits, targets, torch.tensor(0), 1.0, columns)
+    with pytest.raises(ValueError, match=r"logits \(N, V\) and targets \(N,\)"):
+        kernels.cross_entropy_and_sample(logits, targets[:2], torch.tensor(0), 1.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -98,7 +98,12 @@ def cross_entropy_and_sample(logits: torch.Tensor, targets: torch.Tensor, seed: 
     Under torch.compile the forward stays one opaque op (the Triton kernel on CUDA; the twin's hash is 64-bit integer
     arithmetic over every vocabulary logit, which the kernel does in native 32-bit, same bits either way), and its
     backward, a pointwise formula (reference.cross_entropy_backward), traces into inductor's kernels."""
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy_and_sample wants logits (N, V) and targets (N,), got {tuple(logits.shape)} "
+                         f"and {tuple(targets.shape)}")
     columns = logits.shape[-1] if sample_columns is None else sample_columns
+    if not 0 < columns <= logits.shape[-1]:
+        raise ValueError(f"sample_columns={columns} is outside 1..{logits.shape[-1]} (the logits' columns)")
     if torch.compiler.is_compiling():
         loss, _, sample, argmax = _cross_entropy_and_sample_op(logits, targets, seed, temperature, columns)
         return loss, sample, argmax
@@ -126,6 +131,7 @@ def _(logits: torch.Tensor, targets: torch.Tensor, seed: torch.Tensor, temperatu
 
 def _save_for_backward(ctx, inputs: tuple, output: tuple) -> None:
     ctx.save_for_backward(inputs[0], inputs[1], output[1])
+    ctx.mark_non_differentiable(*output[1:])  # the log-sum-exp too: its gradient would be dropped
 
 
 def _cross_entropy_and_sample_backward(ctx, dloss: torch.Tensor, *_: torch.Tensor) -> tuple:

@@ -81,7 +81,7 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
         param.copy_(p)
 
 
-# Gumbel noise is a counter-based hash of (seed, row, col), so the Triton kernel (gumbel.py) reproduces it
+# Gumbel noise is a counter-based hash of (seed, row, col), so the Triton kernel (xentropy.py) reproduces it
 # bit for bit. uint32 values are held in int64 tensors; _mul32_ keeps every product below 2**63. The hash of the
 # whole (rows, vocabulary) block is updated in place: with a fresh tensor per operation it took 3x longer on a CPU.
 _MASK32 = 0xFFFFFFFF

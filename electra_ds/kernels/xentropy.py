@@ -101,19 +101,14 @@ def _electra_xentropy_bwd(Logits, Targets, Lse, DLoss, DLogits, V, stride, IGNOR
         tl.store(DLogits + row * V + c, d.to(DLogits.dtype.element_ty), mask=c < V)
 
 
-def _rows(logits: torch.Tensor, targets: torch.Tensor, sample_columns: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"cross_entropy_and_sample wants logits (N, V) and targets (N,), got {tuple(logits.shape)} "
-                         f"and {tuple(targets.shape)}")
-    if not 0 < sample_columns <= logits.shape[1]:
-        raise ValueError(f"sample_columns={sample_columns} is outside 1..{logits.shape[1]} (the logits' columns)")
+def _rows(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (logits if logits.stride(1) == 1 else logits.contiguous()), targets.contiguous()
 
 
 def forward_pass(logits: torch.Tensor, targets: torch.Tensor, seed: torch.Tensor, temperature: float,
                  sample_columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, log-sum-exp, sample, argmax) per row, from one kernel launch; no autograd."""
-    logits, targets = _rows(logits.detach(), targets, sample_columns)
+    logits, targets = _rows(logits.detach(), targets)
     n, v = logits.shape
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(loss)
@@ -132,7 +127,7 @@ def forward_pass(logits: torch.Tensor, targets: torch.Tensor, seed: torch.Tensor
 def cross_entropy_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                            dloss: torch.Tensor) -> torch.Tensor:
     """d loss / d logits (N, V) in the logits dtype, from the forward's log-sum-exp (reference.cross_entropy_backward)."""
-    logits, targets = _rows(logits, targets, logits.shape[1])
+    logits, targets = _rows(logits, targets)
     n, v = logits.shape
     dlogits = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
     if n:
