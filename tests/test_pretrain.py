@@ -759,6 +759,27 @@ def test_tokens_per_s_leaves_out_the_startup_steps(corpus, tmp_path, monkeypatch
         (every_2, every_3)
 
 
+def test_a_checkpoint_within_the_startup_steps_leaves_them_out_of_the_resumed_rate(corpus, tmp_path, monkeypatch):
+    """A run stopped during its start-up steps (a preemption soon after a restart) saves its logging window: the first
+    record after the resume must not average in the stopped run's slow start-up."""
+    step_once = pretrain.pretraining_step
+
+    def slow_first_step_then_stop(engine, batch, *, step, **kw):
+        if step == 0:
+            time.sleep(2.0)
+            os.kill(os.getpid(), signal.SIGTERM)  # finishes step 1, saves it and stops
+        return step_once(engine, batch, step=step, **kw)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(pretrain, "pretraining_step", slow_first_step_then_stop)
+        train(corpus, out, "--logging_steps", "24", steps=12)
+    assert [s for s, _ in CheckpointManager(out / "checkpoints", 3, 0, 1).complete()] == [1]
+    records = train(corpus, out, "--logging_steps", "24", steps=12)  # records at steps 6 and 12
+    first, second = [r["tokens_per_s"] for r in records if r["split"] == "train"]
+    assert first > 0.5 * second, (first, second)
+
+
 def test_resume_warns_of_another_world_size_or_an_edited_ds_config(corpus, tmp_path, caplog):
     out = tmp_path / "out"
     train(corpus, out, steps=1)

@@ -830,6 +830,9 @@ def run(args: argparse.Namespace) -> Path:
                 "one model (gradients not averaged across ranks?). Not saving; last good checkpoint: "
                 f"{_last_good(checkpoints)}")
         log_window = {"step": window["step"], "seconds": t - window["start"] - window["paused"], **meter.state()}
+        if step < start_step + STARTUP_STEPS:  # not yet taken out (exclude_startup): keep this process's out of it
+            log_window.update(step=window["step"] + step - max(window["step"], start_step),
+                              seconds=max(0.0, t_start - window["start"]))  # what a resumed window brought, or 0
         try:
             checkpoints.save(engine, step, {"elapsed_s": elapsed(), "run": args.experiment_name,
                                             "wandb_id": wandb.id if wandb else state.get("wandb_id"),
