@@ -16,7 +16,8 @@
 # 6. if time is left, each fused kernel timed against its twin and plain torch, and attention under each SDPA
 #    backend (benchmarks/kernel_speed.py), and a batch sweep (256, 512) of the eager variants.
 # Logs (gpu_check.log: everything; pytest_gpu_kernels.log, pytest_gpu.log), JSON and tables (throughput.*,
-# inductor_N.*, real_loop_metrics.jsonl, kernels.json, sweep.*) go to $OUT (./gpu_out when OUT is unset). The whole
+# inductor_N.*, real_loop_metrics.jsonl, kernels.json, sweep.*) go to $OUT (./gpu_out when OUT is unset); at the end
+# all but gpu_check.log are packed into $OUT/results.tar.gz (the device tool brings back at most 8 files). The whole
 # script keeps within GPU_CHECK_BUDGET_S seconds (default 520, under 9 minutes): every stage runs under `timeout`,
 # sized from what is left. Without an NVIDIA GPU it says so and exits 0 at once; otherwise it exits 1 if a stage
 # failed or timed out.
@@ -183,7 +184,24 @@ PY
   for f in throughput.md sweep.md; do
     [ -f "$OUT/$f" ] && { echo "--- $f"; cat "$OUT/$f"; }
   done
+  pack_results
   return "$RC"
+}
+
+# The device tool brings back at most 8 files from $OUT (two inductor sets alone make 4): all but this log go back
+# as one archive, results.tar.gz (unpack with tar -xzf). A run cut short by its limit leaves them unpacked.
+pack_results() {
+  local files=()
+  for f in "$OUT"/*; do
+    [ -f "$f" ] && [ "$(basename "$f")" != gpu_check.log ] && files+=("$(basename "$f")")
+  done
+  (( ${#files[@]} )) || return 0
+  if tar -czf "$OUT/results.tar.gz" -C "$OUT" "${files[@]}"; then
+    (cd "$OUT" && rm -f "${files[@]}")
+    echo "gpu_check: ${files[*]} packed in results.tar.gz"
+  else
+    echo "gpu_check: WARNING: packing failed; the files stay as they are (only 8 come back)"
+  fi
 }
 
 main 2>&1 | tee "$OUT/gpu_check.log"

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 TOP = 15  # operators per variant in the table (the JSON keeps TOP_JSON)
-TOP_JSON = 60
+TOP_JSON = 400  # about every kernel name of a compiled step: where the many small kernels go
 # Kernel families by name, first match first: where a GPU-bound step's time goes, in a handful of numbers.
 CATEGORIES = (("attention", r"flash|fmha|attention|sdpa|cudnn"),
               ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|wgmma"),
@@ -35,7 +35,7 @@ def _device_us(event: Any) -> float:
 
 def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: torch.device) -> dict[str, Any]:
     """Run steps first .. first+steps-1 under torch.profiler; per step: GPU busy ms (the sum of kernel, copy and
-    memset times; None on the CPU), the number of GPU kernels and ms per kernel family (GPU only), and the
+    memset times; None on the CPU), the number of GPU kernels, ms and kernels per kernel family (GPU only), and the
     TOP_JSON operators by time, each as (name, ms per step, calls per step)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -58,11 +58,14 @@ def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: to
     timed.sort(key=lambda t: -t[1])
     busy = sum(us for _, us, _ in timed) / steps / 1e3 if cuda else None
     families: dict[str, float] = {}
-    for name, us, _ in timed if cuda else ():
+    family_kernels: dict[str, float] = {}
+    for name, us, count in timed if cuda else ():
         families[category(name)] = families.get(category(name), 0.0) + us / steps / 1e3
+        family_kernels[category(name)] = family_kernels.get(category(name), 0.0) + count / steps
     return {"profiled_steps": steps, "gpu_busy_ms_per_step": busy,
             "gpu_kernels_per_step": sum(count for *_, count in timed) / steps if cuda else None,
             "ms_per_kernel_family": families or None,
+            "kernels_per_family": family_kernels or None,
             "top_ops": [{"name": name, "ms_per_step": us / steps / 1e3, "calls_per_step": count / steps}
                         for name, us, count in timed[:TOP_JSON]]}
 
@@ -74,8 +77,10 @@ def markdown(name: str, ms_per_step: float | None, profile: dict[str, Any]) -> s
                               if busy is not None and ms_per_step else "operators by own CPU time")
     if profile.get("gpu_kernels_per_step") is not None:
         families = sorted(profile["ms_per_kernel_family"].items(), key=lambda kv: -kv[1])
+        counts = profile.get("kernels_per_family") or {}  # absent from results saved before it was recorded
         head += (f", {profile['gpu_kernels_per_step']:g} kernels per step; by family: "
-                 + ", ".join(f"{family} {ms:.2f} ms" for family, ms in families))
+                 + ", ".join(f"{family} {ms:.2f} ms" + (f" ({counts[family]:g} kernels)" if family in counts else "")
+                             for family, ms in families))
     rows = ["| op | ms/step | calls/step |", "|---|---:|---:|"]
     rows += [f"| `{op['name'][:90]}` | {op['ms_per_step']:.3f} | {op['calls_per_step']:g} |"
              for op in profile["top_ops"][:TOP]]

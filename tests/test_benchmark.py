@@ -141,6 +141,31 @@ def test_step_profile_on_cpu_and_kernel_families():
     head = step_profile.markdown("ours", 8.0, gpu).splitlines()[0]
     assert head == ("**ours**: GPU busy 6.00 ms of a 8.00 ms step (75%), 412 kernels per step; by family: "
                     "matmul 3.50 ms, inductor (torch.compile) 2.50 ms")
+    gpu["kernels_per_family"] = {"matmul": 100.0, "inductor (torch.compile)": 312.0}
+    assert step_profile.markdown("ours", 8.0, gpu).splitlines()[0].endswith(
+        "by family: matmul 3.50 ms (100 kernels), inductor (torch.compile) 2.50 ms (312 kernels)")
+
+
+def test_gpu_check_packs_its_results_into_one_archive_beside_the_log(tmp_path):
+    """The device tool brings back at most 8 files: gpu_check.sh's pack_results leaves gpu_check.log and one archive
+    holding everything else (10 files after a run with two inductor sets)."""
+    import re
+    import tarfile
+
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    function = re.search(r"^pack_results\(\) \{\n.*?^\}\n", script, re.MULTILINE | re.DOTALL).group(0)
+    out = tmp_path / "out"
+    out.mkdir()
+    names = ["throughput.json", "throughput.md", "kernels.json", "sweep.json", "sweep.md"] + \
+        [f"inductor_{n}.{ext}" for n in (1, 2) for ext in ("json", "md")]
+    for name in names + ["gpu_check.log"]:
+        (out / name).write_text(name)
+    subprocess.run(["bash", "-c", function + "pack_results"], env={"OUT": str(out), "PATH": "/usr/bin:/bin"},
+                   check=True, capture_output=True)
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "results.tar.gz"]
+    with tarfile.open(out / "results.tar.gz") as archive:
+        assert sorted(archive.getnames()) == sorted(names)
+        assert archive.extractfile("kernels.json").read() == b"kernels.json"
 
 
 @pytest.mark.parametrize("fake_nvidia_smi", [False, True])
