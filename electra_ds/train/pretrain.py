@@ -761,6 +761,7 @@ def run(args: argparse.Namespace) -> Path:
     elapsed_before = float(state.get("elapsed_s", 0.0))
     t_start = time.perf_counter()
     window = {"start": t_start, "step": start_step, "paused": 0.0}  # the logging interval; eval/saves don't count
+    startup_out_to = start_step  # this process's steps up to here are out of the window (exclude_startup)
     saved_window = state.get("log_window")  # a checkpoint between two logging steps holds its part of the interval
     if saved_window and meter.load_state(saved_window, rank, world_size):
         window.update(start=t_start - saved_window["seconds"], step=saved_window["step"])
@@ -796,11 +797,14 @@ def run(args: argparse.Namespace) -> Path:
 
     def exclude_startup(step: int) -> None:
         """Take this process's first STARTUP_STEPS steps out of the logging window (steps and time): those since
-        the window opened (at the start, or later if a record was written within them)."""
-        since_step, since = max(window["step"], start_step), max(window["start"], t_start)
+        the window opened (at the start, or later if a record was written within them) or since an earlier call
+        (a checkpoint saved within them)."""
+        nonlocal startup_out_to
+        since_step, since = max(window["step"], startup_out_to), max(window["start"], t_start)
         startup_s = pause_start() - since - window["paused"]
         window["paused"] += startup_s
         window["step"] += step - since_step
+        startup_out_to = step
         if rank == 0:
             log.info("steps %d-%d took %.1f s (compilation, autotuning, CUDA-graph capture); tokens_per_s leaves "
                      "them out", since_step + 1, step, startup_s)
@@ -816,6 +820,8 @@ def run(args: argparse.Namespace) -> Path:
     def save(step: int) -> Path | None:
         """A checkpoint, and the training curves redrawn from metrics.jsonl (rank 0: their path). Non-finite weights
         (which logging steps alone may miss) stop the run instead of being saved."""
+        if step < start_step + STARTUP_STEPS:  # the saved logging window must not carry them into a resumed run
+            exclude_startup(step)
         t = pause_start()
         stats = weight_stats(engine)
         if stats[..., 0].any():
@@ -830,9 +836,6 @@ def run(args: argparse.Namespace) -> Path:
                 "one model (gradients not averaged across ranks?). Not saving; last good checkpoint: "
                 f"{_last_good(checkpoints)}")
         log_window = {"step": window["step"], "seconds": t - window["start"] - window["paused"], **meter.state()}
-        if step < start_step + STARTUP_STEPS:  # not yet taken out (exclude_startup): keep this process's out of it
-            log_window.update(step=window["step"] + step - max(window["step"], start_step),
-                              seconds=max(0.0, t_start - window["start"]))  # what a resumed window brought, or 0
         try:
             checkpoints.save(engine, step, {"elapsed_s": elapsed(), "run": args.experiment_name,
                                             "wandb_id": wandb.id if wandb else state.get("wandb_id"),
