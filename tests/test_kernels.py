@@ -266,11 +266,6 @@ def _chi2(samples: torch.Tensor, logits: torch.Tensor, temperature: float) -> fl
 ROW = torch.tensor([0.0, 0.5, 1.0, -1.0, 2.0, 0.3])
 
 
-def test_gumbel_twin_follows_softmax():
-    draws = torch.cat([reference.gumbel_sample(ROW[None], torch.tensor(seed), 1.0) for seed in range(3000)])
-    assert _chi2(draws, ROW, 1.0) < CHI2_999[5]
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_gumbel_kernel_follows_softmax(triton_backend, device):
     logits = ROW.to(device).expand(150, -1)  # rows draw independent noise too

@@ -476,7 +476,8 @@ def test_forward_is_deterministic_given_seeds():
 
 
 def test_gumbel_sampling_follows_softmax():
-    """Chi-square goodness of fit of fp32 Gumbel-max samples to softmax(logits), on fixed seeds."""
+    """Chi-square goodness of fit of the twin's fp32 Gumbel-max samples to softmax(logits), on fixed seeds (the
+    Triton kernel's: tests/test_kernels.py)."""
     from scipy.stats import chisquare
 
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
