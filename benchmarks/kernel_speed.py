@@ -84,6 +84,9 @@ def cases(dev: str = "cuda", tokens: int = 16384, masked: int = 2432, hidden: in
         "add_layer_norm fwd+bwd": (_fwd_bwd(add_layer_norm, x, r, w, b, 1e-12),
                                    _fwd_bwd(lambda *a: F.layer_norm(a[0] + a[1], (hidden,), a[2], a[3], 1e-12),
                                             x, r, w, b)),
+        "dropout + add_layer_norm fwd+bwd": (
+            _fwd_bwd(lambda *a: add_layer_norm(*a, 1e-12, 0.1), x, r, w, b),
+            _fwd_bwd(lambda *a: F.layer_norm(F.dropout(a[0], 0.1) + a[1], (hidden,), a[2], a[3], 1e-12), x, r, w, b)),
         "bias_gelu fwd+bwd": (_fwd_bwd(bias_gelu, h, hb), _fwd_bwd(lambda a, c: F.gelu(a + c), h, hb)),
         "cross_entropy_and_sample fwd+bwd": (
             _fwd_bwd(lambda a, t: cross_entropy_and_sample(a, t, seed, 1.0, vocab)[0].sum(), logits, targets),
@@ -169,7 +172,7 @@ def main() -> None:
     set_backend("auto")
     print(f"{torch.cuda.get_device_name()}: ms per call, eager / CUDA graph")
     for name, row in results.items():
-        print(f"{name:24s} " + "  ".join(f"{k} {v['eager']:.3f} / {v['graph']:.3f}" for k, v in row.items()))
+        print(f"{name:32s} " + "  ".join(f"{k} {v['eager']:.3f} / {v['graph']:.3f}" for k, v in row.items()))
     report = {"device": torch.cuda.get_device_name(), "ms": results}
     if args.json:  # kept even if the attention section below does not finish
         atomic_write(args.json, json.dumps(report, indent=1))

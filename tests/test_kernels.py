@@ -16,9 +16,10 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from electra_ds import kernels  # noqa: E402
+from electra_ds.config import preset  # noqa: E402
 from electra_ds.kernels import reference  # noqa: E402
 from model_helpers import forward_backward, flat_grads, kernel_backend, kernel_devices, make_batch, mask_plan, \
-    no_dropout, perturbed, randn, softmax_counts  # noqa: E402
+    perturbed, randn, softmax_counts  # noqa: E402
 
 DEVICES = kernel_devices()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -92,6 +93,53 @@ def test_add_layer_norm_mixed_residual_dtype(triton_backend, device, x_dtype, re
                                                                         torch.float32]
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, **TOL[g.dtype])
+
+
+def _with_dropout(fn, dropout, seed):
+    return lambda x, r, w, b, eps: fn(x, r, w, b, eps, dropout, seed)
+
+
+def _dropout_kernel(dropout, seed):
+    """The Triton op with this seed (the dispatcher, kernels.add_layer_norm, draws its own)."""
+    return _with_dropout(importlib.import_module("electra_ds.kernels.layer_norm").add_layer_norm, dropout, seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,residual,dropout", [((7, 64), True, 0.1), ((3, 5, 256), True, 0.5),
+                                                    ((300, 100), False, 0.1), ((2, 1000), True, 1.0)])
+def test_add_layer_norm_dropout(device, dtype, shape, residual, dropout):
+    """Dropout inside the kernel keeps the twin's positions (its hash of seed, row, column), bit for bit: the same
+    zeros in x's gradient, which the backward gets by drawing the mask a second time."""
+    h = shape[-1]
+    x = _make(shape, dtype, device, seed=1)
+    r = _make(shape, dtype, device, seed=2) if residual else None
+    w = (_make((h,), dtype, device, seed=3) + 1.0).detach().requires_grad_()
+    b = _make((h,), dtype, device, seed=4)
+    seed = torch.tensor(2**40 + 3, dtype=torch.int64, device=device)
+    args = (x, r, w, b, 1e-12)
+    kernel, twin = _dropout_kernel(dropout, seed), _with_dropout(reference.add_layer_norm, dropout, seed)
+    _compare(kernel, twin, args, TOL[dtype])
+    dx, ref_dx = _run(kernel, args)[1][0], _run(twin, args)[1][0]
+    dropped = ref_dx == 0
+    assert torch.equal(dx == 0, dropped)
+    assert 0 < dropped.float().mean() < 1 if dropout < 1 else dropped.all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_add_layer_norm_dropout_mixed_residual_dtype(device):
+    """With dropout x's and the residual's gradients differ: each is rounded once to its own dtype."""
+    x, r = _make((3, 5, 96), torch.bfloat16, device, seed=1), _make((3, 5, 96), torch.float32, device, seed=2)
+    w, b = _make((96,), torch.float32, device, seed=3) + 1.0, _make((96,), torch.float32, device, seed=4)
+    seed = torch.tensor(9, dtype=torch.int64, device=device)
+    args = (x, r, w.detach().requires_grad_(), b, 1e-12)
+    out, grads = _run(_dropout_kernel(0.2, seed), args)
+    ref_out, ref_grads = _run(_with_dropout(reference.add_layer_norm, 0.2, seed), args)
+    torch.testing.assert_close(out, ref_out, **TOL[torch.bfloat16])
+    assert [g.dtype for g in grads] == [g.dtype for g in ref_grads] == [torch.bfloat16] + [torch.float32] * 3
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, **TOL[g.dtype])
+    assert torch.equal(grads[0] == 0, ref_grads[0] == 0) and (grads[0] == 0).any() and not (grads[1] == 0).any()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -337,22 +385,26 @@ def test_sample_columns_are_checked_on_every_path():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("embedding_size", [32, 64])  # 32: embeddings_project (Small); 64 == hidden: none (Base)
-@pytest.mark.parametrize("autocast", [False, True])
-def test_pretraining_step_with_kernels_matches_twins(device, embedding_size, autocast, monkeypatch):
+# embedding_size 32: embeddings_project (Small); 64 == hidden: none (Base)
+@pytest.mark.parametrize("embedding_size,autocast,dropout", [(32, False, 0.0), (64, False, 0.0), (32, True, 0.0),
+                                                             (64, True, 0.0), (32, False, 0.1)])
+def test_pretraining_step_with_kernels_matches_twins(device, embedding_size, autocast, dropout, monkeypatch):
     """One forward + backward of the whole pretraining model with every Triton kernel against the twins: the same
     Gumbel samples, the same loss and the same gradients up to the precision's rounding (bf16 autocast: about one
     bf16 unit per op, which a few layers accumulate to about 2% of a weight's gradient norm). Under autocast a
     generator logit one bf16 unit off can flip a near-tie sample, so there the kernel run gets the twin run's
-    samples (the samplers themselves are compared bit for bit above and in fp32 here)."""
+    samples (the samplers themselves are compared bit for bit above and in fp32 here). With dropout, both runs start
+    from the same torch seed and so drop the same positions."""
     vocab = 128
-    model = perturbed(no_dropout("tiny", vocab_size=vocab, embedding_size=embedding_size), 0.05,
-                      training=True).to(device)
+    config = preset("tiny", vocab_size=vocab, embedding_size=embedding_size, hidden_dropout_prob=dropout,
+                    attention_probs_dropout_prob=dropout)
+    model = perturbed(config, 0.05, training=True).to(device)
     ids, mask = make_batch(vocab, batch=2, length=16, pad_from={1: 11}, seed=1)
     ids, mask = ids.to(device), mask.to(device)
     plan = mask_plan(ids, mask, vocab_size=vocab, max_predictions=3, seed=1)
 
     def step(backend):
+        torch.manual_seed(7)
         with kernel_backend(backend):
             out = forward_backward(model, ids, mask, plan, 5, autocast)
         grads = flat_grads(model)

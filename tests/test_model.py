@@ -489,6 +489,52 @@ def test_gumbel_sampling_follows_softmax():
     assert (hot == 0).float().mean() > 0.99
 
 
+def _dropout_grads(op, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of x and of the residual through op(x, residual, w, b, eps, p) = LayerNorm(dropout(x) + residual)
+    for one output gradient, after torch.manual_seed(seed)."""
+    x, r = torch.randn(64, 3, 96).requires_grad_(), torch.randn(64, 3, 96).requires_grad_()
+    w, b = torch.randn(96) + 1.0, torch.randn(96)
+    torch.manual_seed(seed)
+    op(x, r, w, b, 1e-12, p).backward(torch.randn(64, 3, 96, generator=torch.Generator().manual_seed(1)))
+    return x.grad, r.grad
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_layer_norm_dropout_rate_scale_and_seeding(compiled):
+    """kernels.add_layer_norm's dropout, eager (its seed from torch's generator) and compiled (F.dropout, inductor's
+    noise): x's gradient is the residual's / (1 - p) where kept and 0 where dropped, a share p (within 5 sigma of
+    18432 draws) dropped; eager, the same torch seed drops the same positions and another seed others."""
+    from electra_ds import kernels
+
+    op = torch.compile(kernels.add_layer_norm, fullgraph=True, dynamic=False) if compiled else kernels.add_layer_norm
+    p = 0.25
+    dx, dres = _dropout_grads(op, p, seed=0)
+    kept = dx != 0
+    torch.testing.assert_close(dx[kept] * (1 - p), dres[kept])
+    assert abs((~kept).float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / dx.numel())
+    if not compiled:
+        assert torch.equal(_dropout_grads(op, p, seed=0)[0] != 0, kept)
+        assert not torch.equal(_dropout_grads(op, p, seed=1)[0] != 0, kept)
+    assert torch.equal(_dropout_grads(op, 0.0, seed=0)[0] != 0, torch.ones_like(kept))
+    with pytest.raises(ValueError, match="outside"):
+        kernels.add_layer_norm(dx, None, dres[0, 0], dres[0, 0], 1e-12, 1.5)
+
+
+def test_dropout_keep_mask_is_a_hash_of_seed_and_position():
+    """The twin's mask: rows and columns drop independently (no two rows share a mask), its share follows p, and a
+    seed gives the same mask on every call."""
+    seed = torch.tensor(2**35 + 1)
+    keep = reference.dropout_keep(seed, torch.Size((40, 10, 50)), 0.3)
+    assert keep.shape == (40, 10, 50)
+    rows = keep.view(400, 50)
+    assert len({tuple(r.tolist()) for r in rows}) == 400
+    assert abs(keep.float().mean().item() - 0.7) < 5 * math.sqrt(0.21 / keep.numel())
+    assert torch.equal(keep, reference.dropout_keep(seed, torch.Size((40, 10, 50)), 0.3))
+    assert not torch.equal(keep, reference.dropout_keep(seed + 1, torch.Size((40, 10, 50)), 0.3))
+    with pytest.raises(ValueError, match="seed"):
+        reference.dropout_keep(None, torch.Size((2, 3)), 0.1)
+
+
 # -- classifier --------------------------------------------------------------------------------------------
 def test_classifier_takes_discriminator_weights(tmp_path):
     from transformers import ElectraForPreTraining

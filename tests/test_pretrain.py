@@ -426,6 +426,25 @@ def test_batch_sizes_that_disagree_fail_clearly(corpus, tmp_path):
         make_plan(args, world_size=3)
 
 
+def test_half_precision_the_machine_lacks_fails_clearly(corpus, tmp_path, monkeypatch):
+    """DeepSpeed's CPU accelerator offers fp16 only where oneDNN supports it (not on every x86 CPU): a config asking
+    for it there fails at planning with the alternatives, not inside deepspeed.initialize."""
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(type(get_accelerator()), "supported_dtypes", lambda self: [torch.float32, torch.bfloat16])
+    with pytest.raises(SetupError, match="fp16 weights are not supported .* use .* bf16.json or fp32.json"):
+        run(parse_args(argv(corpus, tmp_path / "out") + ["--deepspeed_config", "fp16"]))
+    with pytest.raises(SetupError, match="fp16 weights"):
+        make_plan(parse_args(argv(corpus, tmp_path / "out") + ["--deepspeed_config", "fp16"]), world_size=1)
+    make_plan(parse_args(argv(corpus, tmp_path / "out") + ["--deepspeed_config", "bf16"]), world_size=1)
+
+
+def _fp16_supported() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.float16 in get_accelerator().supported_dtypes()
+
+
 def test_missing_data_fails_clearly(tmp_path):
     with pytest.raises(SetupError, match="--data '.*no_such_cache'"):
         run(parse_args(argv(tmp_path / "no_such_cache", tmp_path / "out")))
@@ -568,6 +587,8 @@ def test_compile_changes_speed_only(corpus, tmp_path):
     np.testing.assert_allclose([compiled[k] for k in eager], list(eager.values()), rtol=1e-4)
 
 
+@pytest.mark.skipif(not _fp16_supported(), reason="DeepSpeed's accelerator here has no fp16 (a CPU without oneDNN "
+                    "fp16 support)")
 def test_fp16_overflow_skips_steps_and_keeps_weights_finite(corpus, tmp_path):
     """A loss scale of 2^40 overflows fp16 gradients: DeepSpeed's scaler must skip those steps and lower the
     scale, and training then proceeds with finite weights (fp16 runs on the CPU accelerator)."""

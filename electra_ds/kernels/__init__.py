@@ -1,6 +1,6 @@
 """Fused ops used by the model: a Triton kernel per op, and a plain-PyTorch twin (reference.py) that is its
-specification. Under torch.compile the ops trace as their twins, which inductor fuses into its own kernels,
-except `cross_entropy_and_sample`, which stays an opaque custom op (see there).
+specification. Under torch.compile the ops trace as their twins, which inductor fuses into its own kernels (with
+add_layer_norm's dropout as F.dropout), except `cross_entropy_and_sample`, which stays an opaque custom op (see there).
 
 Backend choice: "auto" (default) runs Triton for CUDA tensors when triton imports and the twin otherwise;
 "triton" forces the kernels (CPU tensors then need TRITON_INTERPRET=1 set before the first kernel call);
@@ -15,6 +15,7 @@ import os
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 
@@ -70,10 +71,19 @@ def _op(module: str) -> ModuleType:
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float) -> torch.Tensor:
-    """LayerNorm(x + residual) over the last dimension (residual may be None), fp32 statistics."""
+                   eps: float, dropout: float = 0.0) -> torch.Tensor:
+    """LayerNorm(dropout(x) + residual) over the last dimension (residual may be None), fp32 statistics.
+
+    Dropout (pass 0.0 outside training) draws a seed from torch's generator on x's device, as F.dropout draws its
+    noise there, so seeding torch seeds it; the mask is a hash of (seed, position), the same with the kernel or the
+    twin. Under torch.compile it is F.dropout, whose noise inductor draws itself, fused into its own kernel."""
+    if not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"dropout probability {dropout} is outside [0, 1]")
+    if dropout > 0 and torch.compiler.is_compiling():
+        return reference.add_layer_norm(F.dropout(x, dropout, training=True), residual, weight, bias, eps)
+    seed = torch.randint(2**62, (), device=x.device) if dropout > 0 else None
     impl = _op("layer_norm") if _use_triton(x) else reference
-    return impl.add_layer_norm(x, residual, weight, bias, eps)
+    return impl.add_layer_norm(x, residual, weight, bias, eps, dropout, seed)
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

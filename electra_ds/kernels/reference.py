@@ -5,6 +5,7 @@ Gradients are whatever autograd derives from these definitions.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -12,14 +13,34 @@ IGNORE_INDEX = -100  # cross_entropy rows whose target is this give loss 0 and g
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float) -> torch.Tensor:
-    """LayerNorm(x + residual) over the last dimension with fp32 sum and statistics (residual may be None).
+                   eps: float, dropout: float = 0.0, seed: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm(dropout(x) + residual) over the last dimension with fp32 sum and statistics (residual may be None).
 
-    The output has x's dtype (not fp32 as torch's layer_norm gives under autocast), so under bf16 autocast the hidden
-    state passed between layers is bf16, by design: half the memory traffic between layers. Each gradient comes back
-    in its own input's dtype (an fp32 residual's stays fp32)."""
-    h = x.float() if residual is None else x.float() + residual.float()
+    Dropout (probability `dropout`) keeps x[row, col] where `hash_uniform(seed, row, col) >= dropout` (row: the flat
+    row index over the leading dimensions) and scales it by 1 / (1 - dropout), in fp32; seed is a 0-d int64 tensor,
+    needed only when dropout > 0. The output has x's dtype (not fp32 as torch's layer_norm gives under autocast), so
+    under bf16 autocast the hidden state passed between layers is bf16, by design: half the memory traffic between
+    layers. Each gradient comes back in its own input's dtype (an fp32 residual's stays fp32)."""
+    h = x.float()
+    if dropout > 0:
+        h = torch.where(dropout_keep(seed, x.shape, dropout), h * dropout_scale(dropout), 0.0)
+    if residual is not None:
+        h = h + residual.float()
     return F.layer_norm(h, (h.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+
+
+def dropout_keep(seed: torch.Tensor, shape: torch.Size, dropout: float) -> torch.Tensor:
+    """The boolean keep mask of `add_layer_norm`'s dropout for a tensor of `shape`, on seed's device."""
+    if seed is None or seed.dim() != 0:
+        raise ValueError("dropout needs a 0-d int64 seed tensor")
+    hidden, device = shape[-1], seed.device
+    rows = torch.arange(shape.numel() // max(hidden, 1), device=device)[:, None]
+    threshold = float(np.float32(dropout))  # the kernel's fp32 probability (no tensor from the host: no sync)
+    return (hash_uniform(seed, rows, torch.arange(hidden, device=device)) >= threshold).view(shape)
+
+
+def dropout_scale(dropout: float) -> float:
+    return 1.0 / (1.0 - dropout) if dropout < 1.0 else 0.0
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -81,14 +102,16 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
         param.copy_(p)
 
 
-# Gumbel noise is a counter-based hash of (seed, row, col), so the Triton kernel (xentropy.py) reproduces it
-# bit for bit. uint32 values are held in int64 tensors; _mul32_ keeps every product below 2**63. The hash of the
+# Noise (Gumbel sampling, dropout masks, the masking plan) is a counter-based hash of (seed, row, col), so the Triton
+# kernels (noise.py) reproduce it bit for bit. uint32 values are held in int64 tensors; _mul32_ keeps every product below 2**63. The hash of the
 # whole (rows, vocabulary) block is updated in place: with a fresh tensor per operation it took 3x longer on a CPU.
 _MASK32 = 0xFFFFFFFF
 
 
 def _mul32_(x: torch.Tensor, c: int) -> torch.Tensor:
-    """x = (x * c) mod 2**32 in place, for x in [0, 2**32): c's 16-bit halves multiply apart."""
+    """x = (x * c) mod 2**32 in place, for x in [0, 2**32): c's 16-bit halves multiply apart when c >= 2**31."""
+    if c < 2**31:
+        return x.mul_(c).bitwise_and_(_MASK32)
     high = (x * (c >> 16)).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
     return x.mul_(c & 0xFFFF).add_(high).bitwise_and_(_MASK32)
 

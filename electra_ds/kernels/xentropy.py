@@ -13,20 +13,11 @@ import triton
 import triton.language as tl
 
 from .launch import tile_warps
+from .noise import row_key, seed_key, uniform
 from .reference import IGNORE_INDEX
 
 _FWD_BLOCK = 2048  # smaller than the backward's: the forward's six running values per lane stay in registers
 _BWD_BLOCK = 4096
-
-
-@triton.jit
-def _mix32(x):
-    # lowbias32, as reference.mix32 (uint32 arithmetic wraps modulo 2**32)
-    x ^= x >> 16
-    x *= 0x7FEB352D
-    x ^= x >> 15
-    x *= 0x846CA68B
-    return x ^ (x >> 16)
 
 
 @triton.jit
@@ -54,9 +45,7 @@ def _electra_xentropy_sample_fwd(Logits, Targets, Seed, Loss, Lse, Sample, Argma
                                  IGNORE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = Logits + row.to(tl.int64) * stride
-    seed = tl.load(Seed)
-    key = _mix32(seed.to(tl.uint32) ^ _mix32((seed >> 32).to(tl.uint32) ^ 0x9E3779B9))
-    row_key = _mix32(key ^ _mix32(row.to(tl.uint32)))
+    key = row_key(seed_key(Seed), row)
     cols = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], -3.0e38, dtype=tl.float32)  # finite start: exp(m - m_new) stays defined
     s = tl.zeros([BLOCK], dtype=tl.float32)
@@ -70,8 +59,7 @@ def _electra_xentropy_sample_fwd(Logits, Targets, Seed, Loss, Lse, Sample, Argma
         m_new = tl.maximum(m, x)
         s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
         m = m_new
-        h = _mix32(row_key ^ _mix32(c.to(tl.uint32)))
-        u = ((h >> 8) | 1).to(tl.float32) * 5.9604644775390625e-08  # odd multiple of 2**-24, inside (0, 1)
+        u = uniform(key, c)
         sampled = c < S
         best, best_col = _keep_greater(best, best_col, tl.where(sampled, x * inv_t + -tl.log(-tl.log(u)),
                                                                  float("-inf")), c)

@@ -86,15 +86,14 @@ def encoder_layer(w: Weights, layer: str, h: torch.Tensor, mask: torch.Tensor | 
                                              dropout_p=config.attention_probs_dropout_prob if training else 0.0)
     context = context.transpose(1, 2).reshape(batch, length, hidden)
     out = F.linear(context, w[f"{layer}.attention.output.dense.weight"], w[f"{layer}.attention.output.dense.bias"])
-    h = kernels.add_layer_norm(F.dropout(out, config.hidden_dropout_prob, training), h,
-                               w[f"{layer}.attention.output.LayerNorm.weight"],
-                               w[f"{layer}.attention.output.LayerNorm.bias"], config.layer_norm_eps)
+    dropout = config.hidden_dropout_prob if training else 0.0
+    h = kernels.add_layer_norm(out, h, w[f"{layer}.attention.output.LayerNorm.weight"],
+                               w[f"{layer}.attention.output.LayerNorm.bias"], config.layer_norm_eps, dropout)
     inter = kernels.bias_gelu(F.linear(h, w[f"{layer}.intermediate.dense.weight"]),
                               w[f"{layer}.intermediate.dense.bias"])
     out = F.linear(inter, w[f"{layer}.output.dense.weight"], w[f"{layer}.output.dense.bias"])
-    return kernels.add_layer_norm(F.dropout(out, config.hidden_dropout_prob, training), h,
-                                  w[f"{layer}.output.LayerNorm.weight"], w[f"{layer}.output.LayerNorm.bias"],
-                                  config.layer_norm_eps)
+    return kernels.add_layer_norm(out, h, w[f"{layer}.output.LayerNorm.weight"], w[f"{layer}.output.LayerNorm.bias"],
+                                  config.layer_norm_eps, dropout)
 
 
 def tower_forward(w: Weights, prefix: str, embeddings: torch.Tensor, mask: torch.Tensor | None,

@@ -274,6 +274,20 @@ def precision(config: dict) -> str:
     return "fp32"
 
 
+def check_precision_supported(config: dict) -> None:
+    """Raise DSConfigError when DeepSpeed's accelerator on this machine cannot run the config's fp16 or bf16 weights
+    (a CPU whose oneDNN lacks fp16, for one), instead of failing inside deepspeed.initialize."""
+    from deepspeed.accelerator import get_accelerator
+
+    name = precision(config)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name)
+    accelerator = get_accelerator()
+    if dtype is not None and dtype not in accelerator.supported_dtypes():
+        instead = "bf16.json or fp32.json" if name == "fp16" else "fp32.json"
+        raise DSConfigError(f"{name} weights are not supported by DeepSpeed's {accelerator.device_name()} accelerator "
+                            f"on this machine; use a config without them, e.g. {instead}")
+
+
 def fp32_weights(precision_name: str) -> bool:
     """Whether a `precision` name trains fp32 weights (fp32, or torch autocast) rather than DeepSpeed's fp16/bf16
     weight copies and their optimizer wrapper."""
@@ -358,6 +372,7 @@ def initialize(model: torch.nn.Module, ds_config: dict, *, learning_rate: float,
     import deepspeed
 
     quiet_deepspeed()
+    check_precision_supported(ds_config)
     name = resolve_optimizer(optimizer, ds_config)
     model.to(device())
     groups = model.param_groups(weight_decay) if param_groups is None else param_groups
@@ -376,7 +391,8 @@ def initialize(model: torch.nn.Module, ds_config: dict, *, learning_rate: float,
     return engine
 
 
-__all__ = ["DSConfigError", "DS_CONFIG_DIR", "OPTIMIZERS", "build_optimizer", "default_ds_config", "device",
-           "device_batch", "fp32_weights", "free_port", "initialize", "linear_warmup_decay", "load_ds_config",
-           "offloads_optimizer", "precision", "quiet_deepspeed", "resolve_ds_config", "resolve_optimizer",
-           "runs_client_optimizer", "setup_distributed", "world_from_env", "zero_stage"]
+__all__ = ["DSConfigError", "DS_CONFIG_DIR", "OPTIMIZERS", "build_optimizer", "check_precision_supported",
+           "default_ds_config", "device", "device_batch", "fp32_weights", "free_port", "initialize",
+           "linear_warmup_decay", "load_ds_config", "offloads_optimizer", "precision", "quiet_deepspeed",
+           "resolve_ds_config", "resolve_optimizer", "runs_client_optimizer", "setup_distributed", "world_from_env",
+           "zero_stage"]
