@@ -1,0 +1,146 @@
+"""Compile every Triton kernel launch of an ELECTRA pretraining step for a GPU architecture, on a machine without one.
+
+The interpreter (TRITON_INTERPRET=1, tests/test_kernels.py) runs a kernel's Python semantics; only Triton's GPU
+compiler sees what would fail on the card (types it cannot lower, layouts, what ptxas rejects). Triton builds a cubin
+ahead of time without a device (with the ptxas its wheel ships), so this checks, in two processes:
+
+    TRITON_INTERPRET=1 python tests/kernel_compile_check.py record LAUNCHES.json
+        one training step of ELECTRA-Small's widths (one layer per tower, a batch of 2 x 16; fp32, then bf16 and fp16
+        autocast, dropout on) and ElectraAdam's step, all through the Triton kernels under the interpreter, saving
+        each distinct launch: kernel, argument types, constexprs and launch options;
+    python tests/kernel_compile_check.py compile LAUNCHES.json [--arch 90]
+        each saved launch compiled with Triton's compiler for sm_ARCH (90: the H100 and H200), without the
+        interpreter; prints one line per kernel and exits 1 naming any that fails.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
+          torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for a kernel argument of type {type(value).__name__}")
+
+
+def launch_record(fn, args: tuple, kwargs: dict) -> dict:
+    """A JSON-able description of one launch of the kernel function `fn` (the plain Python function)."""
+    params = list(inspect.signature(fn).parameters.values())
+    values = dict(zip([p.name for p in params], args))
+    values.update({k: v for k, v in kwargs.items() if k not in OPTIONS})
+    signature, constexprs = {}, {}
+    for p in params:
+        if "constexpr" in str(p.annotation):
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = values[p.name]
+        else:
+            signature[p.name] = _arg_type(values[p.name])
+    return {"module": fn.__module__, "kernel": fn.__name__, "signature": signature, "constexprs": constexprs,
+            "options": {k: v for k, v in kwargs.items() if k in OPTIONS}}
+
+
+def _training_steps() -> None:
+    from electra_ds import kernels
+    from electra_ds.config import preset
+    from electra_ds.data.masking import mask_tokens
+    from electra_ds.model import ElectraForPretraining
+    from electra_ds.train.optim import ElectraAdam
+
+    kernels.set_backend("triton")
+    vocab = preset("small").vocab_size
+    for autocast in (None, torch.bfloat16, torch.float16):
+        torch.manual_seed(0)
+        model = ElectraForPretraining(preset("small", num_hidden_layers=1)).train()
+        ids = torch.randint(5, vocab, (2, 16))
+        mask = torch.ones_like(ids)
+        plan = mask_tokens(ids, mask, mask_token_id=4, special_ids=(0, 2, 3, 4), vocab_size=vocab, max_predictions=3,
+                           seed=1)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            out = model(ids, mask, None, plan, torch.tensor(1))
+        out.loss.backward()
+        if autocast is None:
+            ElectraAdam(model.param_groups(0.01), lr=1e-4, max_grad_norm=1.0).step()
+    for dtype, scale in ((torch.bfloat16, torch.tensor(0.5)), (torch.float16, torch.tensor(0.5)),
+                         (torch.float32, None)):  # DeepSpeed's half-precision weights; no clipping
+        p = torch.zeros(100, dtype=dtype)
+        kernels.adam_step(p, torch.ones_like(p), torch.zeros(100), torch.zeros(100), lr=1e-3, beta1=0.9,
+                          beta2=0.999, eps=1e-6, weight_decay=0.01, grad_scale=scale)
+
+
+def record(path: Path) -> int:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("record runs the kernels under the interpreter: set TRITON_INTERPRET=1")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches: dict[str, dict] = {}
+    run = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        entry = launch_record(self.fn, args, kwargs)
+        launches.setdefault(json.dumps(entry, sort_keys=True), entry)
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = recording_run
+    try:
+        _training_steps()
+    finally:
+        InterpretedFunction.run = run
+    path.write_text(json.dumps(list(launches.values()), indent=1))
+    print(f"{len(launches)} distinct kernel launches recorded in {path}")
+    return 0
+
+
+def compile_all(path: Path, arch: int) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("compile needs Triton's compiler, not the interpreter: unset TRITON_INTERPRET")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    failed = []
+    for entry in json.loads(path.read_text()):
+        kernel = getattr(importlib.import_module(entry["module"]), entry["kernel"])
+        label = f"{entry['kernel']} {entry['constexprs']} {entry['options']}"
+        start = time.perf_counter()
+        try:
+            compiled = triton.compile(ASTSource(fn=kernel, signature=entry["signature"], constexprs=entry["constexprs"]),
+                                      target=GPUTarget("cuda", arch, 32), options=entry["options"])
+            print(f"ok   {label}: {len(compiled.asm['cubin'])} B cubin, {time.perf_counter() - start:.1f} s")
+        except Exception as e:  # noqa: BLE001 - every failure is reported, then the exit status says it
+            failed.append(label)
+            print(f"FAIL {label}: {type(e).__name__}: {e}")
+    print(f"{len(failed)} of the launches failed to compile for sm_{arch}" if failed else
+          f"every launch compiled for sm_{arch}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("record", "compile"))
+    parser.add_argument("launches", type=Path, help="the JSON of recorded launches")
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (default 90: Hopper)")
+    args = parser.parse_args(argv)
+    return record(args.launches) if args.mode == "record" else compile_all(args.launches, args.arch)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
