@@ -10,7 +10,8 @@ ahead of time without a device (with the ptxas its wheel ships), so this checks,
         each distinct launch: kernel, argument types, constexprs and launch options;
     python tests/kernel_compile_check.py compile LAUNCHES.json [--arch 90]
         each saved launch compiled with Triton's compiler for sm_ARCH (90: the H100 and H200), without the
-        interpreter; prints one line per kernel and exits 1 naming any that fails.
+        interpreter; prints one line per launch (registers per thread, local memory: spills) and exits 1 naming
+        any that fails.
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ import importlib
 import inspect
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,6 +113,22 @@ def record(path: Path) -> int:
     return 0
 
 
+def _resources(cubin: bytes) -> str:
+    """Registers per thread and local memory (spills) of a cubin, from the cuobjdump that Triton's wheel ships."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return f"{len(cubin)} B cubin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    fields = dict(re.findall(r"(REG|LOCAL|SHARED):(\d+)", usage))
+    return f"{fields.get('REG', '?')} registers, {fields.get('LOCAL', '?')} B local (spills), " \
+           f"{fields.get('SHARED', '?')} B shared"
+
+
 def compile_all(path: Path, arch: int) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compile needs Triton's compiler, not the interpreter: unset TRITON_INTERPRET")
@@ -124,7 +144,7 @@ def compile_all(path: Path, arch: int) -> int:
         try:
             compiled = triton.compile(ASTSource(fn=kernel, signature=entry["signature"], constexprs=entry["constexprs"]),
                                       target=GPUTarget("cuda", arch, 32), options=entry["options"])
-            print(f"ok   {label}: {len(compiled.asm['cubin'])} B cubin, {time.perf_counter() - start:.1f} s")
+            print(f"ok   {label}: {_resources(compiled.asm['cubin'])}, {time.perf_counter() - start:.1f} s")
         except Exception as e:  # noqa: BLE001 - every failure is reported, then the exit status says it
             failed.append(label)
             print(f"FAIL {label}: {type(e).__name__}: {e}")
