@@ -142,8 +142,8 @@ def compile_all(path: Path, arch: int) -> int:
         label = f"{entry['kernel']} {entry['constexprs']} {entry['options']}"
         start = time.perf_counter()
         try:
-            compiled = triton.compile(ASTSource(fn=kernel, signature=entry["signature"], constexprs=entry["constexprs"]),
-                                      target=GPUTarget("cuda", arch, 32), options=entry["options"])
+            source = ASTSource(fn=kernel, signature=entry["signature"], constexprs=entry["constexprs"])
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=entry["options"])
             print(f"ok   {label}: {_resources(compiled.asm['cubin'])}, {time.perf_counter() - start:.1f} s")
         except Exception as e:  # noqa: BLE001 - every failure is reported, then the exit status says it
             failed.append(label)

@@ -103,8 +103,9 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
 
 
 # Noise (Gumbel sampling, dropout masks, the masking plan) is a counter-based hash of (seed, row, col), so the Triton
-# kernels (noise.py) reproduce it bit for bit. uint32 values are held in int64 tensors; _mul32_ keeps every product below 2**63. The hash of the
-# whole (rows, vocabulary) block is updated in place: with a fresh tensor per operation it took 3x longer on a CPU.
+# kernels (noise.py) reproduce it bit for bit. uint32 values are held in int64 tensors; _mul32_ keeps every product
+# below 2**63. The hash of a whole (rows, vocabulary) block is updated in place: with a fresh tensor per operation
+# it took 3x longer on a CPU.
 _MASK32 = 0xFFFFFFFF
 
 

@@ -282,10 +282,11 @@ def check_precision_supported(config: dict) -> None:
     name = precision(config)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name)
     accelerator = get_accelerator()
-    if dtype is not None and dtype not in accelerator.supported_dtypes():
-        instead = "bf16.json or fp32.json" if name == "fp16" else "fp32.json"
+    supported = accelerator.supported_dtypes()
+    if dtype is not None and dtype not in supported:
+        instead = [f"{n}.json" for n, d in (("bf16", torch.bfloat16), ("fp16", torch.float16)) if d in supported]
         raise DSConfigError(f"{name} weights are not supported by DeepSpeed's {accelerator.device_name()} accelerator "
-                            f"on this machine; use a config without them, e.g. {instead}")
+                            f"on this machine; use a config without them, e.g. {' or '.join(instead + ['fp32.json'])}")
 
 
 def fp32_weights(precision_name: str) -> bool:

@@ -281,7 +281,8 @@ def make_plan(args: argparse.Namespace, world_size: int) -> Plan:
     try:
         ds_config = ds_engine.load_ds_config(args.deepspeed_config, micro_batch_size=micro,
                                              gradient_accumulation_steps=accumulation, world_size=world_size)
-        ds_engine.check_precision_supported(ds_config)
+        if not torch.cuda.is_available():  # on a GPU asking starts CUDA on device 0 in every rank: initialize asks
+            ds_engine.check_precision_supported(ds_config)
     except ds_engine.DSConfigError as e:
         raise SetupError(str(e)) from None
     max_steps = args.max_steps if args.max_steps is not None else recipe["max_steps"]
