@@ -35,8 +35,9 @@ def _device_us(event: Any) -> float:
 
 def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: torch.device) -> dict[str, Any]:
     """Run steps first .. first+steps-1 under torch.profiler; per step: GPU busy ms (the sum of kernel, copy and
-    memset times; None on the CPU), the number of GPU kernels, ms and kernels per kernel family (GPU only), and the
-    TOP_JSON operators by time, each as (name, ms per step, calls per step)."""
+    memset times; None on the CPU), the number of GPU kernels, ms and kernels per kernel family (GPU only), the
+    TOP_JSON operators by time, each as (name, ms per step, calls per step), and on a GPU the span of each
+    record_function region on the GPU's timeline (not part of the busy time)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -50,8 +51,9 @@ def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: to
         if cuda:
             torch.cuda.synchronize(device)
     events = prof.key_averages()
+    annotations: list[tuple[str, float, int]] = []
     if cuda:
-        timed = [(e.key, _device_us(e), e.count) for e in events if e.device_type == DeviceType.CUDA]
+        timed, annotations = device_events(events, DeviceType.CUDA)
     else:
         timed = [(e.key, float(e.self_cpu_time_total), e.count) for e in events]
     timed = [t for t in timed if t[1] > 0]
@@ -67,7 +69,21 @@ def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: to
             "ms_per_kernel_family": families or None,
             "kernels_per_family": family_kernels or None,
             "top_ops": [{"name": name, "ms_per_step": us / steps / 1e3, "calls_per_step": count / steps}
-                        for name, us, count in timed[:TOP_JSON]]}
+                        for name, us, count in timed[:TOP_JSON]],
+            "gpu_annotations": [{"name": name, "span_ms_per_step": us / steps / 1e3}
+                                for name, us, _ in annotations] if cuda else None}
+
+
+def device_events(events: Any, device_type: Any) -> tuple[list[tuple[str, float, int]], list[tuple[str, float, int]]]:
+    """(kernels, annotations): the (name, device us, count) of `events` (key_averages) on `device_type`, the GPU
+    kernels, copies and memsets apart from the user annotations. The profiler also puts each record_function region
+    (e.g. "Optimizer.step#ElectraAdam.step") on the GPU's timeline, spanning the kernels inside it: summed with them
+    it would count their time twice."""
+    on_device = [e for e in events if e.device_type == device_type]
+    split: tuple[list, list] = ([], [])
+    for e in on_device:
+        split[bool(getattr(e, "is_user_annotation", False))].append((e.key, _device_us(e), e.count))
+    return split
 
 
 def markdown(name: str, ms_per_step: float | None, profile: dict[str, Any]) -> str:
@@ -81,10 +97,13 @@ def markdown(name: str, ms_per_step: float | None, profile: dict[str, Any]) -> s
         head += (f", {profile['gpu_kernels_per_step']:g} kernels per step; by family: "
                  + ", ".join(f"{family} {ms:.2f} ms" + (f" ({counts[family]:g} kernels)" if family in counts else "")
                              for family, ms in families))
+    if profile.get("gpu_annotations"):
+        head += "; regions on the GPU timeline, not in the busy time: " + ", ".join(
+            f"{a['name']} {a['span_ms_per_step']:.2f} ms" for a in profile["gpu_annotations"])
     rows = ["| op | ms/step | calls/step |", "|---|---:|---:|"]
     rows += [f"| `{op['name'][:90]}` | {op['ms_per_step']:.3f} | {op['calls_per_step']:g} |"
              for op in profile["top_ops"][:TOP]]
     return "\n".join([head, "", *rows])
 
 
-__all__ = ["CATEGORIES", "category", "markdown", "profile_steps"]
+__all__ = ["CATEGORIES", "category", "device_events", "markdown", "profile_steps"]

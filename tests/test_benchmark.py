@@ -128,6 +128,17 @@ def test_step_profile_on_cpu_and_kernel_families():
     assert any("mm" in op["name"] for op in profile["top_ops"]), profile["top_ops"]
     assert "operators by own CPU time" in step_profile.markdown("cpu", 1.0, profile)
 
+    assert profile["gpu_annotations"] is None
+    # The optimizer's record_function region lies on the GPU's timeline over its kernels: kept apart, not summed
+    from types import SimpleNamespace as Event
+    events = [Event(key="_electra_adam_step", device_type="cuda", self_device_time_total=90.0, count=2,
+                    is_user_annotation=False),
+              Event(key="Optimizer.step#ElectraAdam.step", device_type="cuda", self_device_time_total=140.0, count=1,
+                    is_user_annotation=True),
+              Event(key="aten::mm", device_type="cpu", self_device_time_total=0.0, count=3, is_user_annotation=False)]
+    assert step_profile.device_events(events, "cuda") == ([("_electra_adam_step", 90.0, 2)],
+                                                          [("Optimizer.step#ElectraAdam.step", 140.0, 1)])
+
     names = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n": "matmul", "nvjet_tst_128x64_64x8_1x1_v_bz_TNT": "matmul",
              "pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel": "attention",
              "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "attention",
@@ -144,6 +155,9 @@ def test_step_profile_on_cpu_and_kernel_families():
     gpu["kernels_per_family"] = {"matmul": 100.0, "inductor (torch.compile)": 312.0}
     assert step_profile.markdown("ours", 8.0, gpu).splitlines()[0].endswith(
         "by family: matmul 3.50 ms (100 kernels), inductor (torch.compile) 2.50 ms (312 kernels)")
+    gpu["gpu_annotations"] = [{"name": "Optimizer.step#ElectraAdam.step", "span_ms_per_step": 0.14}]
+    assert step_profile.markdown("ours", 8.0, gpu).splitlines()[0].endswith(
+        "(312 kernels); regions on the GPU timeline, not in the busy time: Optimizer.step#ElectraAdam.step 0.14 ms")
 
 
 def test_gpu_check_packs_its_results_into_one_archive_beside_the_log(tmp_path):
