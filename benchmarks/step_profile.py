@@ -37,7 +37,7 @@ def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: to
     """Run steps first .. first+steps-1 under torch.profiler; per step: GPU busy ms (the sum of kernel, copy and
     memset times; None on the CPU), the number of GPU kernels, ms and kernels per kernel family (GPU only), the
     TOP_JSON operators by time, each as (name, ms per step, calls per step), and on a GPU the span of each
-    record_function region on the GPU's timeline (not part of the busy time)."""
+    record_function region on the GPU's timeline (not part of the busy time) and where the GPU idled (idle_gaps)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -52,8 +52,11 @@ def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: to
             torch.cuda.synchronize(device)
     events = prof.key_averages()
     annotations: list[tuple[str, float, int]] = []
+    gaps = None
     if cuda:
         timed, annotations = device_events(events, DeviceType.CUDA)
+        gaps = idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                          if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)], steps)
     else:
         timed = [(e.key, float(e.self_cpu_time_total), e.count) for e in events]
     timed = [t for t in timed if t[1] > 0]
@@ -71,7 +74,28 @@ def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: to
             "top_ops": [{"name": name, "ms_per_step": us / steps / 1e3, "calls_per_step": count / steps}
                         for name, us, count in timed[:TOP_JSON]],
             "gpu_annotations": [{"name": name, "span_ms_per_step": us / steps / 1e3}
-                                for name, us, _ in annotations] if cuda else None}
+                                for name, us, _ in annotations] if cuda else None,
+            "gpu_idle": gaps}
+
+
+def idle_gaps(kernels: list[tuple[float, float, str]], steps: int, top: int = 10) -> dict[str, Any] | None:
+    """Where the GPU waits: from the (start us, end us, name) of every kernel in `steps` profiled steps (any stream),
+    the time between the first start and the last end when no kernel runs, per step, and the `top` longest gaps with
+    the kernels on either side (the host was late to launch the second)."""
+    if not kernels:
+        return None
+    kernels = sorted(kernels)
+    gaps = []
+    end, last = kernels[0][1], kernels[0][2]
+    for start, stop, name in kernels[1:]:
+        if start > end:
+            gaps.append((start - end, last, name))
+        if stop > end:
+            end, last = stop, name
+    gaps.sort(key=lambda g: -g[0])
+    return {"idle_ms_per_step": sum(g[0] for g in gaps) / steps / 1e3,
+            "gaps_per_step": len(gaps) / steps,
+            "longest": [{"us": us, "after": after, "before": before} for us, after, before in gaps[:top]]}
 
 
 def device_events(events: Any, device_type: Any) -> tuple[list[tuple[str, float, int]], list[tuple[str, float, int]]]:
@@ -97,6 +121,10 @@ def markdown(name: str, ms_per_step: float | None, profile: dict[str, Any]) -> s
         head += (f", {profile['gpu_kernels_per_step']:g} kernels per step; by family: "
                  + ", ".join(f"{family} {ms:.2f} ms" + (f" ({counts[family]:g} kernels)" if family in counts else "")
                              for family, ms in families))
+    idle = profile.get("gpu_idle")
+    if idle:
+        head += (f"; GPU idle {idle['idle_ms_per_step']:.2f} ms per step in {idle['gaps_per_step']:g} gaps, the longest "
+                 + ", ".join(f"{g['us']:.0f} us before `{g['before'][:40]}`" for g in idle["longest"][:3]))
     if profile.get("gpu_annotations"):
         head += "; regions on the GPU timeline, not in the busy time: " + ", ".join(
             f"{a['name']} {a['span_ms_per_step']:.2f} ms" for a in profile["gpu_annotations"])
@@ -106,4 +134,4 @@ def markdown(name: str, ms_per_step: float | None, profile: dict[str, Any]) -> s
     return "\n".join([head, "", *rows])
 
 
-__all__ = ["CATEGORIES", "category", "device_events", "markdown", "profile_steps"]
+__all__ = ["CATEGORIES", "category", "device_events", "idle_gaps", "markdown", "profile_steps"]

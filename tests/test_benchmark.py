@@ -139,6 +139,13 @@ def test_step_profile_on_cpu_and_kernel_families():
     assert step_profile.device_events(events, "cuda") == ([("_electra_adam_step", 90.0, 2)],
                                                           [("Optimizer.step#ElectraAdam.step", 140.0, 1)])
 
+    # Idle time: gaps between kernels on any stream (an overlapping kernel on a second stream closes no gap)
+    idle = step_profile.idle_gaps([(0.0, 10.0, "a"), (5.0, 30.0, "b"), (12.0, 20.0, "side"), (50.0, 60.0, "c"),
+                                   (61.0, 70.0, "d")], steps=2)
+    assert idle == {"idle_ms_per_step": 0.0105, "gaps_per_step": 1.0,
+                    "longest": [{"us": 20.0, "after": "b", "before": "c"}, {"us": 1.0, "after": "c", "before": "d"}]}
+    assert step_profile.idle_gaps([], steps=1) is None
+
     names = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n": "matmul", "nvjet_tst_128x64_64x8_1x1_v_bz_TNT": "matmul",
              "pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel": "attention",
              "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "attention",
@@ -156,8 +163,10 @@ def test_step_profile_on_cpu_and_kernel_families():
     assert step_profile.markdown("ours", 8.0, gpu).splitlines()[0].endswith(
         "by family: matmul 3.50 ms (100 kernels), inductor (torch.compile) 2.50 ms (312 kernels)")
     gpu["gpu_annotations"] = [{"name": "Optimizer.step#ElectraAdam.step", "span_ms_per_step": 0.14}]
+    gpu["gpu_idle"] = idle
     assert step_profile.markdown("ours", 8.0, gpu).splitlines()[0].endswith(
-        "(312 kernels); regions on the GPU timeline, not in the busy time: Optimizer.step#ElectraAdam.step 0.14 ms")
+        "(312 kernels); GPU idle 0.01 ms per step in 1 gaps, the longest 20 us before `c`, 1 us before `d`; regions "
+        "on the GPU timeline, not in the busy time: Optimizer.step#ElectraAdam.step 0.14 ms")
 
 
 def test_gpu_check_packs_its_results_into_one_archive_beside_the_log(tmp_path):
