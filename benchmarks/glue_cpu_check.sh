@@ -2,7 +2,7 @@
 # A small end-to-end check on real data, sized for a CPU: `tiny` ELECTRA from random initialisation vs `tiny` after a
 # short pretraining on ../shared/data/corpus/gutenberg, fine-tuned on RTE, MRPC, CoLA, SST-2 and STS-B from
 # ../shared/data/glue (2 seeds, at most 4000 train rows per task; MRPC and STS-B train on both orders of each).
-# About 30 minutes on 2 CPU cores.
+# About 20 minutes on 2 CPU cores.
 #
 #   bash benchmarks/glue_cpu_check.sh [WORK_DIR]      # default WORK_DIR: runs/glue_cpu_check
 #
