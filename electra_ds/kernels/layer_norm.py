@@ -17,8 +17,8 @@ _TILE = 2048  # values per program tile: BLOCK_M whole rows x BLOCK_H columns
 
 
 @triton.jit
-def _keep(Seed, rows, cols, p):
-    return uniform(row_key(seed_key(Seed), rows)[:, None], cols[None, :]) >= p
+def _keep(key, rows, cols, p):
+    return uniform(row_key(key, rows)[:, None], cols[None, :]) >= p
 
 
 # Blocking: a program tile holds BLOCK_M whole rows (the row padded to a power of two, hidden <= 8192) and
@@ -35,7 +35,7 @@ def _electra_add_layer_norm_fwd(X, R, W, B, Y, Mean, Rstd, Seed, N, H, eps, p, s
     offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if DROPOUT:
-        x = tl.where(_keep(Seed, rows, cols, p), x * scale, 0.0)
+        x = tl.where(_keep(seed_key(Seed), rows, cols, p), x * scale, 0.0)
     if HAS_RES:
         x += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / H
@@ -58,6 +58,8 @@ def _electra_add_layer_norm_bwd(X, R, W, DY, Mean, Rstd, Seed, DX, DR, DW, DB, N
     w = tl.load(W + cols, mask=cols < H, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     db = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    if DROPOUT:
+        key = seed_key(Seed)
     start = pid * rows_per_program
     for m in range(start, tl.minimum(start + rows_per_program, N), BLOCK_M):
         rows = m + tl.arange(0, BLOCK_M)
@@ -65,7 +67,7 @@ def _electra_add_layer_norm_bwd(X, R, W, DY, Mean, Rstd, Seed, DX, DR, DW, DB, N
         offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         if DROPOUT:
-            keep = _keep(Seed, rows, cols, p)
+            keep = _keep(key, rows, cols, p)
             x = tl.where(keep, x * scale, 0.0)
         if HAS_RES:
             x += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
@@ -127,10 +129,9 @@ class AddLayerNorm(torch.autograd.Function):
         dropout = ctx.dropout > 0
         # The kernel rounds each gradient once to its buffer's dtype. Without dropout x's and the residual's gradients
         # are one value, computed in the wider dtype (bf16 x + fp32 residual under autocast), so the residual's is not
-        # rounded to x's (as in the twin); with dropout they differ and get a buffer each.
-        wide = torch.promote_types(x2.dtype, r2.dtype)  # r2 is x2 without a residual
-        dx = torch.empty_like(x2, dtype=x2.dtype if dropout else wide)
-        dres = torch.empty_like(x2, dtype=wide) if dropout and ctx.has_res else dx
+        # rounded to x's (as in the twin); with dropout they differ and each gets a buffer of its own input's dtype.
+        dx = torch.empty_like(x2) if dropout else torch.empty_like(x2, dtype=torch.promote_types(x2.dtype, r2.dtype))
+        dres = torch.empty_like(r2) if dropout and ctx.has_res else dx  # r2 is x2 without a residual
         rows_per_program, groups = row_partition(n, block_m, x2.device)
         dw = torch.zeros(groups, h, dtype=torch.float32, device=x2.device)
         db = torch.zeros_like(dw)
