@@ -56,7 +56,7 @@ def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: to
     if cuda:
         timed, annotations = device_events(events, DeviceType.CUDA)
         gaps = idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                          if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)], steps)
+                          if e.device_type == DeviceType.CUDA and not _is_region(e)], steps)
     else:
         timed = [(e.key, float(e.self_cpu_time_total), e.count) for e in events]
     timed = [t for t in timed if t[1] > 0]
@@ -103,11 +103,16 @@ def device_events(events: Any, device_type: Any) -> tuple[list[tuple[str, float,
     kernels, copies and memsets apart from the user annotations. The profiler also puts each record_function region
     (e.g. "Optimizer.step#ElectraAdam.step") on the GPU's timeline, spanning the kernels inside it: summed with them
     it would count their time twice."""
-    on_device = [e for e in events if e.device_type == device_type]
-    split: tuple[list, list] = ([], [])
-    for e in on_device:
-        split[bool(getattr(e, "is_user_annotation", False))].append((e.key, _device_us(e), e.count))
-    return split
+    kernels, regions = [], []
+    for e in events:
+        if e.device_type == device_type:
+            (regions if _is_region(e) else kernels).append((e.key, _device_us(e), e.count))
+    return kernels, regions
+
+
+def _is_region(event: Any) -> bool:
+    """A record_function region laid on the device's timeline, not a kernel, copy or memset."""
+    return bool(getattr(event, "is_user_annotation", False))
 
 
 def markdown(name: str, ms_per_step: float | None, profile: dict[str, Any]) -> str:

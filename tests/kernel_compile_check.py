@@ -65,19 +65,17 @@ def launch_record(fn, args: tuple, kwargs: dict) -> dict:
 def _training_steps() -> None:
     from electra_ds import kernels
     from electra_ds.config import preset
-    from electra_ds.data.masking import mask_tokens
     from electra_ds.model import ElectraForPretraining
     from electra_ds.train.optim import ElectraAdam
+    from model_helpers import make_batch, mask_plan  # this script's folder, tests/, is on sys.path
 
     kernels.set_backend("triton")
     vocab = preset("small").vocab_size
     for autocast in (None, torch.bfloat16, torch.float16):
         torch.manual_seed(0)
         model = ElectraForPretraining(preset("small", num_hidden_layers=1)).train()
-        ids = torch.randint(5, vocab, (2, 16))
-        mask = torch.ones_like(ids)
-        plan = mask_tokens(ids, mask, mask_token_id=4, special_ids=(0, 2, 3, 4), vocab_size=vocab, max_predictions=3,
-                           seed=1)
+        ids, mask = make_batch(vocab, batch=2, length=16)
+        plan = mask_plan(ids, mask, vocab_size=vocab, max_predictions=3, seed=1)
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             out = model(ids, mask, None, plan, torch.tensor(1))
         out.loss.backward()
