@@ -37,9 +37,12 @@ VARIANTS=${VARIANTS:-hf_eager,ours_ds_compile_cudagraphs,ours_compile_cudagraphs
 # INDUCTOR_SETS="SET; SET; ...", each set one or more KEY=VALUE inductor settings (pretrain.py's --inductor) separated
 # by spaces, times ours_ds_compile_cudagraphs again under each set after the throughput stage, e.g.
 # INDUCTOR_SETS="combo_kernels=True; coordinate_descent_tuning=True" (inductor_N.*).
+# INDUCTOR_VARIANTS: which variants each set times (e.g. "ours_ds_compile_cudagraphs,hf_compile_cudagraphs" to give
+# the HF baseline the same settings; each compiled variant adds about 75 s to the set's share, INDUCTOR_SET_S).
 INDUCTOR_SETS=${INDUCTOR_SETS:-}
+INDUCTOR_VARIANTS=${INDUCTOR_VARIANTS:-ours_ds_compile_cudagraphs}
 IFS=';' read -ra INDUCTOR_SET_LIST <<<"$INDUCTOR_SETS"
-SET_S=130  # each inductor set's share: a compile (about a minute) and the timing
+SET_S=${INDUCTOR_SET_S:-130}  # each inductor set's share: a compile (about a minute) and the timing, per variant
 SKIP_TESTS=${SKIP_TESTS:-0}
 REAL_LOOP=${REAL_LOOP:-0}
 LOOP_S=240  # the real loop's share: 3000 steps took 189 s on an H200 at e21871c, 131 s of them compiling
@@ -101,12 +104,15 @@ PY
   if [ "$SKIP_TESTS" = 1 ]; then
     banner "GPU tests skipped (SKIP_TESTS=1)"
   else
-    t=$(limit 90 400)
+    # Keep time for the stages after the tests: the throughput (unless VARIANTS=none), inductor sets, real loop.
+    local later=$(( ${#INDUCTOR_SET_LIST[@]} * SET_S + (REAL_LOOP == 1 ? LOOP_S : 0) ))
+    [ "$VARIANTS" = none ] || later=$((later + 310))
+    t=$(limit 90 $((later + 90)))
     banner "GPU kernel tests (kernels vs twins, at most ${t}s)"
     timeout -k 10 "$t" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/test_kernels.py \
       tests/test_kernel_adam.py 2>&1 | tee "$OUT/pytest_gpu_kernels.log"
     status "kernel tests" "${PIPESTATUS[0]}"
-    t=$(limit 90 310)
+    t=$(limit 90 "$later")
     banner "the engine step's GPU tests (no host syncs, eager and CUDA graphs; at most ${t}s)"
     # Named directly: collecting all of tests/ would import scipy, sklearn and matplotlib, which the image lacks.
     timeout -k 10 "$t" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/test_host_sync.py 2>&1 \
@@ -138,9 +144,9 @@ PY
       continue
     fi
     t=$(limit $SET_S $(( (${#INDUCTOR_SET_LIST[@]} - n) * SET_S + (REAL_LOOP == 1 ? LOOP_S : 0) + 10 )))
-    banner "throughput with inductor settings ${flags[*]}: the engine step with CUDA graphs (at most ${t}s)"
+    banner "throughput with inductor settings ${flags[*]}: $INDUCTOR_VARIANTS (at most ${t}s)"
     timeout -k 10 "$t" python3 benchmarks/throughput.py --model_size small --batch_size 128 --max_length 128 \
-      --precision bf16 --steps 30 --warmup 10 --profile_steps 3 --no_check --variants ours_ds_compile_cudagraphs \
+      --precision bf16 --steps 30 --warmup 10 --profile_steps 3 --no_check --variants "$INDUCTOR_VARIANTS" \
       "${flags[@]/#/--inductor=}" --json "$OUT/inductor_$n.json" --markdown "$OUT/inductor_$n.md"
     status "throughput with inductor settings ${flags[*]}" $?
   done

@@ -8,12 +8,15 @@ operators by their own CPU time instead, and reports no busy time.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 TOP = 15  # operators per variant in the table (the JSON keeps TOP_JSON)
 TOP_JSON = 400  # about every kernel name of a compiled step: where the many small kernels go
+# Each profiled step runs inside this record_function region; the profiler lays it on the GPU's timeline from the
+# step's first kernel to its last, which separates the idle time inside a step from the host's turn between steps.
+STEP_REGION = "electra_ds.profiled_step"
 # Kernel families by name, first match first: where a GPU-bound step's time goes, in a handful of numbers.
 CATEGORIES = (("attention", r"flash|fmha|attention|sdpa|cudnn"),
               ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|wgmma"),
@@ -37,9 +40,10 @@ def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: to
     """Run steps first .. first+steps-1 under torch.profiler; per step: GPU busy ms (the sum of kernel, copy and
     memset times; None on the CPU), the number of GPU kernels, ms and kernels per kernel family (GPU only), the
     TOP_JSON operators by time, each as (name, ms per step, calls per step), and on a GPU the span of each
-    record_function region on the GPU's timeline (not part of the busy time) and where the GPU idled (idle_gaps)."""
+    record_function region on the GPU's timeline (not part of the busy time; STEP_REGION is the step's own span)
+    and where the GPU idled inside the steps and between them (idle_gaps)."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
@@ -47,7 +51,8 @@ def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: to
         torch.cuda.synchronize(device)
     with profile(activities=activities) as prof:
         for k in range(steps):
-            step(first + k)
+            with record_function(STEP_REGION):
+                step(first + k)
         if cuda:
             torch.cuda.synchronize(device)
     events = prof.key_averages()
@@ -55,8 +60,10 @@ def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: to
     gaps = None
     if cuda:
         timed, annotations = device_events(events, DeviceType.CUDA)
-        gaps = idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                          if e.device_type == DeviceType.CUDA and not _is_region(e)], steps)
+        on_gpu = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        gaps = idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in on_gpu if not _is_region(e)], steps,
+                         [(e.time_range.start, e.time_range.end) for e in on_gpu
+                          if _is_region(e) and e.name == STEP_REGION])
     else:
         timed = [(e.key, float(e.self_cpu_time_total), e.count) for e in events]
     timed = [t for t in timed if t[1] > 0]
@@ -78,10 +85,13 @@ def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: to
             "gpu_idle": gaps}
 
 
-def idle_gaps(kernels: list[tuple[float, float, str]], steps: int, top: int = 10) -> dict[str, Any] | None:
+def idle_gaps(kernels: list[tuple[float, float, str]], steps: int, windows: Sequence[tuple[float, float]] = (),
+              top: int = 10) -> dict[str, Any] | None:
     """Where the GPU waits: from the (start us, end us, name) of every kernel in `steps` profiled steps (any stream),
-    the time between the first start and the last end when no kernel runs, per step, and the `top` longest gaps with
-    the kernels on either side (the host was late to launch the second)."""
+    the time when no kernel runs, per step, and the `top` longest gaps with the kernels on either side (the host was
+    late to launch the second). With `windows`, the (start us, end us) of each step on the GPU's timeline, only idle
+    time inside a step counts, and the time between steps is reported apart (None without windows: then every gap
+    from the first kernel to the last counts)."""
     if not kernels:
         return None
     kernels = sorted(kernels)
@@ -89,13 +99,22 @@ def idle_gaps(kernels: list[tuple[float, float, str]], steps: int, top: int = 10
     end, last = kernels[0][1], kernels[0][2]
     for start, stop, name in kernels[1:]:
         if start > end:
-            gaps.append((start - end, last, name))
+            gaps.append((end, start, last, name))
         if stop > end:
             end, last = stop, name
-    gaps.sort(key=lambda g: -g[0])
-    return {"idle_ms_per_step": sum(g[0] for g in gaps) / steps / 1e3,
-            "gaps_per_step": len(gaps) / steps,
-            "longest": [{"us": us, "after": after, "before": before} for us, after, before in gaps[:top]]}
+    between = None
+    if windows:
+        inside = [(sum(max(0.0, min(stop, w_end) - max(start, w_start)) for w_start, w_end in windows), after, before)
+                  for start, stop, after, before in gaps]
+        between = (sum(stop - start for start, stop, *_ in gaps) - sum(us for us, *_ in inside)) / steps / 1e3
+        idle = [g for g in inside if g[0] > 0]
+    else:
+        idle = [(stop - start, after, before) for start, stop, after, before in gaps]
+    idle.sort(key=lambda g: -g[0])
+    return {"idle_ms_per_step": sum(g[0] for g in idle) / steps / 1e3,
+            "gaps_per_step": len(idle) / steps,
+            "between_steps_ms_per_step": between,
+            "longest": [{"us": us, "after": after, "before": before} for us, after, before in idle[:top]]}
 
 
 def device_events(events: Any, device_type: Any) -> tuple[list[tuple[str, float, int]], list[tuple[str, float, int]]]:
@@ -128,7 +147,11 @@ def markdown(name: str, ms_per_step: float | None, profile: dict[str, Any]) -> s
                              for family, ms in families))
     idle = profile.get("gpu_idle")
     if idle:
-        head += (f"; GPU idle {idle['idle_ms_per_step']:.2f} ms per step in {idle['gaps_per_step']:g} gaps, the longest "
+        between = idle.get("between_steps_ms_per_step")  # absent from results saved before it was recorded
+        head += (f"; GPU idle {idle['idle_ms_per_step']:.2f} ms per step "
+                 + ("inside the step " if between is not None else "")
+                 + f"in {idle['gaps_per_step']:g} gaps"
+                 + (f" (and {between:.2f} ms between steps)" if between is not None else "") + ", the longest "
                  + ", ".join(f"{g['us']:.0f} us before `{g['before'][:40]}`" for g in idle["longest"][:3]))
     if profile.get("gpu_annotations"):
         head += "; regions on the GPU timeline, not in the busy time: " + ", ".join(
@@ -139,4 +162,4 @@ def markdown(name: str, ms_per_step: float | None, profile: dict[str, Any]) -> s
     return "\n".join([head, "", *rows])
 
 
-__all__ = ["CATEGORIES", "category", "device_events", "idle_gaps", "markdown", "profile_steps"]
+__all__ = ["CATEGORIES", "STEP_REGION", "category", "device_events", "idle_gaps", "markdown", "profile_steps"]

@@ -39,6 +39,7 @@ and with `electra_ds.host_sync.SyncCounter` for our eager variants on the CPU.
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import math
@@ -85,8 +86,8 @@ ERROR_CHARS = 2000
 RECORD_FIELDS = ("name", "description", "status", "error", "traceback", "kernels", "notes",
                  "executed_flops_per_step", "build_s", "warmup_s", "ms_per_step", "ms_p10", "ms_p90", "ms_wall_mean",
                  "tokens_per_s", "tflops", "mfu_measured_peak", "mfu_datasheet", "peak_memory_mib", "memory_kind",
-                 "speedup_vs_hf_eager", "hours_per_1m_steps", "final_loss", "host_syncs_per_step", "profile",
-                 "step_ms")
+                 "speedup_vs_hf_eager", "hours_per_1m_steps", "final_loss", "host_syncs_per_step", "host_sync_sites",
+                 "profile", "step_ms")
 
 
 # -- the variants --------------------------------------------------------------------------------------------
@@ -336,8 +337,9 @@ def time_steps(step: Callable[[int], torch.Tensor], device: torch.device, warmup
 
 
 def count_host_syncs(step: Callable[[int], torch.Tensor], index: int, device: torch.device,
-                     variant: Variant) -> int | None:
-    """Host synchronisations in step `index`: torch.cuda.set_sync_debug_mode's warnings on a GPU. On the CPU,
+                     variant: Variant) -> tuple[int | None, dict[str, int] | None]:
+    """Host synchronisations in step `index` and their call sites ("file:line", with counts): on a GPU from
+    torch.cuda.set_sync_debug_mode's warnings (each names the Python line that caused it). On the CPU,
     `SyncCounter` for our eager variants; None for compiled ones (it cannot see traced code) and for HF's,
     whose optimizer reads step counters that a GPU run keeps on the host (no sync there, a false count here)."""
     if device.type == "cuda":
@@ -349,12 +351,13 @@ def count_host_syncs(step: Callable[[int], torch.Tensor], index: int, device: to
                 step(index)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        return sum("synchroniz" in str(w.message) for w in caught)
+        sites = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+        return sum(sites.values()), dict(sites)
     if variant.compile or variant.family != "ours":
-        return None
+        return None, None
     with SyncCounter(ignore=("check_token_ids",)) as syncs:  # the model's id check runs for CPU tensors only
         step(index)
-    return syncs.total
+    return syncs.total, dict(syncs.sites)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -497,7 +500,7 @@ def run_variant(setup: Setup, variant: Variant, *, warmup: int, steps: int, peak
         build_s = time.perf_counter() - start
         times, wall, warmup_s, loss = time_steps(runner.step, setup.device, warmup, steps)
         final_loss = float(loss)  # now: a CUDA-graph replay below would overwrite the loss's static buffer
-        syncs = count_host_syncs(runner.step, warmup + steps, setup.device, variant)
+        syncs, sync_sites = count_host_syncs(runner.step, warmup + steps, setup.device, variant)
         profile = (step_profile.profile_steps(runner.step, warmup + steps + 1, profile_steps, setup.device)
                    if profile_steps else None)
         median = statistics.median(times)
@@ -512,7 +515,7 @@ def run_variant(setup: Setup, variant: Variant, *, warmup: int, steps: int, peak
             "peak_memory_mib": peak_memory_bytes(setup.device) / 2 ** 20, "memory_kind": memory_kind,
             "hours_per_1m_steps": median * SPEED_OF_RECIPE_STEPS / 3.6e6,
             "final_loss": final_loss if math.isfinite(final_loss) else None, "host_syncs_per_step": syncs,
-            "profile": profile, "step_ms": times})
+            "host_sync_sites": sync_sites, "profile": profile, "step_ms": times})
     except Exception as e:  # one variant failing must not lose the others' numbers
         record.update(status="error", error=f"{type(e).__name__}: {e}"[:ERROR_CHARS],
                       traceback=traceback.format_exc()[-ERROR_CHARS:])
@@ -601,6 +604,9 @@ def markdown(result: dict[str, Any]) -> str:
                   f"{best['ms_per_step']:.2f} ms; {fmt(best['x_hf_eager'], '.2f', suffix='x')} HF eager, "
                   f"{fmt(best['x_hf_compile_cudagraphs'], '.2f', suffix='x')} HF with CUDA graphs."
                   for run in result["runs"] if (best := run.get("fastest_engine_step"))]
+    overheads += [f"Batch {run['batch_size']}: {v['name']}'s host syncs at "
+                  + ", ".join(f"{site} ({n}x)" for site, n in v["host_sync_sites"].items()) + "."
+                  for run in result["runs"] for v in run["variants"] if v.get("host_sync_sites")]
     profiles = [f"\nBatch {run['batch_size']}, " + step_profile.markdown(v["name"], v["ms_per_step"], v["profile"])
                 for run in result["runs"] for v in run["variants"] if v.get("profile")]
     return "\n".join(lines + [""] * bool(overheads) + overheads + profiles)

@@ -68,7 +68,7 @@ def test_throughput_cpu_end_to_end(tmp_path):
             assert v["tokens_per_s"] == pytest.approx(run["tokens_per_step"] / (v["ms_per_step"] / 1e3))
             assert v["mfu_datasheet"] is None and v["speedup_vs_hf_eager"] > 0
             if name != "hf_eager":  # ours, eager: counted by SyncCounter on the CPU (None for HF's)
-                assert v["host_syncs_per_step"] == 0, (name, v["host_syncs_per_step"])
+                assert v["host_syncs_per_step"] == 0 and v["host_sync_sites"] == {}, (name, v["host_sync_sites"])
         assert records["hf_eager"]["speedup_vs_hf_eager"] == 1.0
         # the HF wiring runs its vocabulary head on every position, ours on the masked slots only
         assert records["hf_eager"]["executed_flops_per_step"] > records["ours_bare"]["executed_flops_per_step"]
@@ -84,6 +84,21 @@ def test_throughput_cpu_end_to_end(tmp_path):
     assert table == proc.stdout[proc.stdout.index(table.splitlines()[0]):]
     assert "| 3 | ours_ds_torch | torch |" in table and "| 2 | ours_ds_triton | | skipped |" in table
     assert "Batch 3: fastest step through the DeepSpeed engine: ours_ds_torch, " in table
+
+
+def test_host_syncs_are_counted_with_their_call_sites():
+    from benchmarks.throughput import VARIANTS, count_host_syncs
+
+    variant = {v.name: v for v in VARIANTS}
+    x = torch.ones(3)
+
+    def step(i):  # two reads on the host, on two lines of this file
+        total = x.sum().item()
+        return total + float(x[i])
+
+    count, sites = count_host_syncs(step, 1, torch.device("cpu"), variant["ours_ds_torch"])
+    assert count == 2 and len(sites) == 2 and all("test_benchmark.py:" in site for site in sites), sites
+    assert count_host_syncs(step, 1, torch.device("cpu"), variant["hf_eager"]) == (None, None)  # not counted
 
 
 def test_datasheet_peak_matches_the_card_not_its_family():
@@ -142,9 +157,17 @@ def test_step_profile_on_cpu_and_kernel_families():
     # Idle time: gaps between kernels on any stream (an overlapping kernel on a second stream closes no gap)
     idle = step_profile.idle_gaps([(0.0, 10.0, "a"), (5.0, 30.0, "b"), (12.0, 20.0, "side"), (50.0, 60.0, "c"),
                                    (61.0, 70.0, "d")], steps=2)
-    assert idle == {"idle_ms_per_step": 0.0105, "gaps_per_step": 1.0,
+    assert idle == {"idle_ms_per_step": 0.0105, "gaps_per_step": 1.0, "between_steps_ms_per_step": None,
                     "longest": [{"us": 20.0, "after": "b", "before": "c"}, {"us": 1.0, "after": "c", "before": "d"}]}
     assert step_profile.idle_gaps([], steps=1) is None
+    # With each step's span on the GPU: idle inside the steps, and the host's turn between them apart
+    kernels = [(0.0, 10.0, "a"), (5.0, 30.0, "b"), (50.0, 60.0, "c"), (61.0, 70.0, "d")]
+    inside = step_profile.idle_gaps(kernels, steps=2, windows=[(0.0, 30.0), (50.0, 70.0)])
+    assert inside == {"idle_ms_per_step": 0.0005, "gaps_per_step": 0.5, "between_steps_ms_per_step": 0.01,
+                      "longest": [{"us": 1.0, "after": "c", "before": "d"}]}
+    overlapping = step_profile.idle_gaps(kernels, steps=2, windows=[(0.0, 40.0), (50.0, 70.0)])
+    assert overlapping["longest"][0] == {"us": 10.0, "after": "b", "before": "c"}
+    assert overlapping["between_steps_ms_per_step"] == pytest.approx(0.005)
 
     names = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n": "matmul", "nvjet_tst_128x64_64x8_1x1_v_bz_TNT": "matmul",
              "pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel": "attention",
@@ -167,6 +190,9 @@ def test_step_profile_on_cpu_and_kernel_families():
     assert step_profile.markdown("ours", 8.0, gpu).splitlines()[0].endswith(
         "(312 kernels); GPU idle 0.01 ms per step in 1 gaps, the longest 20 us before `c`, 1 us before `d`; regions "
         "on the GPU timeline, not in the busy time: Optimizer.step#ElectraAdam.step 0.14 ms")
+    gpu["gpu_idle"] = inside
+    assert "; GPU idle 0.00 ms per step inside the step in 0.5 gaps (and 0.01 ms between steps), the longest 1 us " \
+           "before `d`;" in step_profile.markdown("ours", 8.0, gpu).splitlines()[0]
 
 
 def test_gpu_check_packs_its_results_into_one_archive_beside_the_log(tmp_path):
