@@ -9,7 +9,7 @@ from conftest import saved_environ
 from electra_ds.config import preset
 from electra_ds.convert import main as convert_main
 from electra_ds.model import ElectraForPretraining, load_pretrained
-from electra_ds.train.checkpoint import CheckpointManager
+from electra_ds.train.checkpoint import MANIFEST, CheckpointManager
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,4 +66,11 @@ def test_deepspeed_checkpoint_loads(tmp_path, stage, bf16):
 
     (out / "run_config.json").write_text(json.dumps({"model": preset("tiny", vocab_size=121).to_dict()}))
     with pytest.raises(ValueError, match="does not fit the model"):
+        load_pretrained(out / "checkpoints" / "step00000001")
+    (out / "run_config.json").write_text(json.dumps({"model": config.to_dict()}))
+    manifest = out / "checkpoints" / "step00000001" / MANIFEST  # as a run records it: its flat buffers' layout
+    manifest.write_text(json.dumps(dict(json.loads(manifest.read_text()), flat_layout=model.layout_fingerprint())))
+    assert load_pretrained(out / "checkpoints" / "step00000001").layout_fingerprint() == model.layout_fingerprint()
+    manifest.write_text(json.dumps(dict(json.loads(manifest.read_text()), flat_layout="0123456789abcdef")))
+    with pytest.raises(ValueError, match="orders the weights in its flat buffers otherwise"):
         load_pretrained(out / "checkpoints" / "step00000001")

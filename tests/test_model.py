@@ -164,6 +164,77 @@ def test_block_weights_must_be_back_to_back():
                                 WeightSpec("a.k", (4, 2), "normal", "a.qkv")])
 
 
+def test_flat_layout_puts_matmul_operands_after_the_rest():
+    from electra_ds.model.params import ALIGN, FlatModule, WeightSpec
+
+    specs = [WeightSpec("a.weight", (5, 3), "normal", matmul=True), WeightSpec("a.bias", (5,), "zeros", matmul=True),
+             WeightSpec("ln.weight", (7,), "ones"), WeightSpec("emb", (4, 3), "normal", matmul_alias="out"),
+             WeightSpec("b.q", (2, 3), "normal", "b.qk", matmul=True), WeightSpec("b.k", (2, 3), "normal", "b.qk",
+                                                                                 matmul=True)]
+    module = FlatModule()
+    module.init_flat(specs, group_fn=lambda name: "all")
+    layout = module.layout()
+    assert [name for _, name, _, _ in layout] == ["ln.weight", "emb", "a.weight", "a.bias", "b.q", "b.k"]
+    assert [offset for *_, offset, _ in layout] == [0, ALIGN, 2 * ALIGN, 3 * ALIGN, 4 * ALIGN, 4 * ALIGN + 6]
+    flat = module.flat["all"]
+    assert flat.numel() == 4 * ALIGN + 12
+    views = module.views()
+    for _, name, offset, shape in layout:
+        assert views[name].shape == shape and views[name].data_ptr() == flat.data_ptr() + 4 * offset, name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w = module.forward_views()
+    assert w["a.weight"].dtype == w["b.qk"].dtype == w["out"].dtype == torch.bfloat16
+    assert w["ln.weight"].dtype == w["emb"].dtype == torch.float32 and torch.equal(w["out"], w["emb"].bfloat16())
+    (w["a.weight"].float().sum() + w["b.q"].float().sum() + 2 * w["ln.weight"].sum() + w["out"].float().sum()).backward()
+    grad = module.views(flats={"all": flat.grad})
+    assert (grad["a.weight"] == 1).all() and (grad["b.q"] == 1).all() and (grad["b.k"] == 0).all()
+    assert (grad["ln.weight"] == 2).all() and (grad["emb"] == 1).all() and (grad["a.bias"] == 0).all()
+    other = FlatModule()
+    other.init_flat(specs[1:] + specs[:1], group_fn=lambda name: "all")
+    assert other.layout_fingerprint() != module.layout_fingerprint()
+
+
+def test_compiled_backward_assembles_the_flat_gradients_without_zero_filled_pieces():
+    """Every split output of a forward under autocast is used, so the backward's concatenation into each flat
+    gradient has no zero-filled input per unused weight (hundreds of small fill kernels in a compiled GPU step)."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._inductor.decomposition import select_decomp_table
+
+    backwards = []
+
+    def keep_backward(gm, example_inputs):
+        def compiler(graph, _inputs):
+            return make_boxed_func(graph.forward)
+
+        def backward(graph, _inputs):
+            backwards.append(graph)
+            return make_boxed_func(graph.forward)
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=compiler, bw_compiler=backward,
+                                     decompositions=select_decomp_table())
+
+    torch._dynamo.reset()
+    model = ElectraForPretraining(preset("tiny", vocab_size=100)).train()
+    ids, mask = make_batch(100, batch=2, length=16)
+    plan = mask_plan(ids, None, vocab_size=100, max_predictions=3, seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.compile(model, backend=keep_backward)(ids, None, None, plan, torch.tensor(1))
+    out.loss.backward()
+    (graph,) = backwards
+    cats = [n for n in graph.graph.nodes if n.target is torch.ops.aten.cat.default]
+    pieces = [piece for cat in cats for piece in cat.args[0]]
+    assert len(pieces) >= len(model.layout())  # every weight's gradient goes through a concatenation
+    zero_filled = [piece for piece in pieces if piece.target is torch.ops.aten.full.default]
+    layout = model.layout()
+    paddings = 0  # the alignment gaps between weights (and at a buffer's end), whose gradient is zero
+    for group, flat in model.flat.items():
+        spans = [(offset, math.prod(shape)) for g, _, offset, shape in layout if g == group]
+        paddings += sum(b[0] > a[0] + a[1] for a, b in zip(spans, spans[1:])) + (sum(spans[-1]) < flat.numel())
+    assert len(zero_filled) <= paddings < len(layout) / 2, (len(zero_filled), paddings)
+    torch._dynamo.reset()
+
+
 def test_export_import_round_trip_and_cli(tmp_path):
     from transformers import ElectraForMaskedLM
 

@@ -1026,6 +1026,9 @@ def test_resume_settings_are_checked_and_old_manifests_load(tmp_path):
     assert CheckpointManager(root, 3, 0, 1, settings=autocast).restore(FakeEngine(""))[0] == 6
     with pytest.raises(CheckpointError, match="precision: the checkpoint has fp32, this run bf16;"):
         CheckpointManager(root, 3, 0, 1, settings=dict(fp32, precision="bf16")).restore(FakeEngine(""))
+    CheckpointManager(root, 3, 0, 1, settings=dict(fp32, flat_layout="a1")).save(FakeEngine("w"), 8, {})
+    with pytest.raises(CheckpointError, match="weight layout: the checkpoint has a1, this run b2; this electra_ds "):
+        CheckpointManager(root, 3, 0, 1, settings=dict(fp32, flat_layout="b2")).restore(FakeEngine(""))
 
 
 def test_resume_with_another_learning_rate_or_weight_decay_is_refused(corpus, tmp_path):

@@ -81,7 +81,7 @@ def encoder_layer(w: Weights, layer: str, h: torch.Tensor, mask: torch.Tensor | 
     batch, length, hidden = h.shape
     heads = tower.num_attention_heads
     qkv = F.linear(h, w[f"{layer}.attention.self.qkv.weight"], w[f"{layer}.attention.self.qkv.bias"])
-    q, k, v = qkv.view(batch, length, 3, heads, hidden // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.view(batch, length, 3, heads, hidden // heads).permute(2, 0, 3, 1, 4).unbind(0)
     context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=config.attention_probs_dropout_prob if training else 0.0)
     context = context.transpose(1, 2).reshape(batch, length, hidden)

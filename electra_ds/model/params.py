@@ -4,10 +4,17 @@ DeepSpeed's engine pays host time per parameter tensor and step (DESIGN.md secti
 lives as a slice of one flat `nn.Parameter` per optimizer group ("decay", "no_decay", or per-layer groups
 for fine-tuning). `views()` returns the named weights as views into those buffers; autograd sends their
 gradients straight into the flat buffers' `.grad`. `forward_views()` is what a forward reads: the same, except that
-under autocast every matrix-product operand comes from one cast of its whole buffer (see there).
+under autocast every matrix-product operand comes from one cast per buffer (see there).
+
+Within a buffer the weights read in full precision come first and the matrix-product operands after them, each
+region in declaration order: a forward under autocast then splits the buffer into two regions, casts the second,
+and splits each region into its weights, so every split output is used and the backward assembles the buffer's
+gradient without a zero-filled piece per weight (`layout()` lists the offsets).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -48,6 +55,16 @@ class Chunk:
     members: list[str]  # weights viewed inside this chunk (one for a plain weight)
 
 
+def _size(chunks: list[Chunk]) -> int:
+    return sum(c.size for c in chunks)
+
+
+def _pad(chunks: list[Chunk]) -> None:
+    """Append alignment padding so that the next chunk starts at a multiple of ALIGN."""
+    if _size(chunks) % ALIGN:
+        chunks.append(Chunk(None, ALIGN - _size(chunks) % ALIGN, []))
+
+
 def default_group(name: str) -> str:
     """Weight decay everywhere except LayerNorm parameters and biases (the recipe's rule)."""
     return "no_decay" if name.endswith(".bias") or "LayerNorm" in name else "decay"
@@ -57,48 +74,49 @@ class FlatModule(nn.Module):
     """A module whose named weights are packed into one flat parameter per group.
 
     The flat parameters are registered on the module itself (not on a child), so ZeRO-3 gathers them in this
-    module's forward pre-hook and re-gathers them for its backward. Views come from one `split_with_sizes` per
-    group: its backward writes each group's gradient once (a `narrow` per weight would add a zero-filled
-    buffer-sized tensor per weight in backward).
+    module's forward pre-hook and re-gathers them for its backward. Views come from `split_with_sizes` (a `narrow`
+    per weight would add a zero-filled buffer-sized tensor per weight in backward).
     """
 
     def init_flat(self, specs: Sequence[WeightSpec], group_fn: Callable[[str], str] | None = None,
                   initializer_range: float = 0.02, padding_rows: dict[str, int | None] | None = None) -> None:
         group_fn = group_fn or default_group
-        matmul = {spec.name for spec in specs if spec.matmul}
         self.slots: dict[str, Slot] = {}
-        chunks: dict[str, list[Chunk]] = {}
+        # group -> (chunks read in full precision, matrix-product chunks): the buffer holds the first, then the second
+        chunks: dict[str, tuple[list[Chunk], list[Chunk]]] = {}
         for spec in specs:
             if spec.name in self.slots:
                 raise ValueError(f"weight {spec.name!r} declared twice")
             group = group_fn(spec.name)
-            group_chunks = chunks.setdefault(group, [])
-            last = group_chunks[-1] if group_chunks else None
+            regions = chunks.setdefault(group, ([], []))
+            if spec.block is not None and any(c.name == spec.block for c in regions[not spec.matmul]):
+                raise ValueError(f"block {spec.block!r}: {spec.name} differs from its block in `matmul`")
+            region = regions[spec.matmul]
+            last = region[-1] if region else None
             extends = spec.block is not None and last is not None and last.name == spec.block
             if extends and self.slots[last.members[0]].shape[1:] != tuple(spec.shape[1:]):
                 raise ValueError(f"block {spec.block!r}: {spec.name} has another trailing shape than its block")
-            if extends and spec.matmul != (last.members[0] in matmul):
-                raise ValueError(f"block {spec.block!r}: {spec.name} differs from its block in `matmul`")
             if spec.block is not None and not extends and any(c.name == spec.block for cs in chunks.values()
-                                                               for c in cs):
+                                                               for region_chunks in cs for c in region_chunks):
                 raise ValueError(f"block {spec.block!r}: its weights must be declared back to back in one group")
-            if not extends and last is not None and last.size % ALIGN:  # pad the previous chunk to the alignment
-                group_chunks.append(Chunk(None, ALIGN - last.size % ALIGN, []))
+            if not extends:
+                _pad(region)
             slot = self.slots[spec.name] = Slot(group, tuple(spec.shape))
             if extends:
                 last.size += slot.numel
                 last.members.append(spec.name)
             else:
-                group_chunks.append(Chunk(spec.block or spec.name, slot.numel, [spec.name]))
-        sizes = {g: sum(c.size for c in cs) for g, cs in chunks.items()}
+                region.append(Chunk(spec.block or spec.name, slot.numel, [spec.name]))
+        for plain, matmul in chunks.values():
+            if matmul:
+                _pad(plain)  # the matrix-product region starts aligned
         self._chunks = chunks
-        self.flat_names = {g: "flat_" + re.sub(r"\W", "_", g) for g in sizes}
-        for g, n in sizes.items():
-            self.register_parameter(self.flat_names[g], nn.Parameter(torch.zeros(n)))
+        self.flat_names = {g: "flat_" + re.sub(r"\W", "_", g) for g in chunks}
+        for g, (plain, matmul) in chunks.items():
+            self.register_parameter(self.flat_names[g], nn.Parameter(torch.zeros(_size(plain) + _size(matmul))))
         self._specs = list(specs)
-        self._matmul = {c.name for cs in chunks.values() for c in cs if c.name is not None and c.members[0] in matmul}
         self._matmul_aliases = {spec.name: spec.matmul_alias for spec in specs if spec.matmul_alias}
-        self._matmul_groups = {self.slots[name].group for name in [*matmul, *self._matmul_aliases]}
+        self._casts = any(matmul for _, matmul in chunks.values()) or bool(self._matmul_aliases)
         self.reset_parameters(initializer_range, padding_rows or {})
 
     @torch.no_grad()
@@ -121,46 +139,71 @@ class FlatModule(nn.Module):
         """Group name -> its flat parameter."""
         return {g: getattr(self, attr) for g, attr in self.flat_names.items()}
 
-    def views(self, for_forward: bool = False, flats: dict[str, torch.Tensor] | None = None,
-              matmul_flats: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Weight name -> view into its flat buffer. `for_forward` adds what a forward reads besides: each block
-        (e.g. fused QKV) as one tensor, and each weight under its `matmul_alias` name (a tied output layer).
-        `flats` replaces the flat parameters (e.g. by copies in another dtype); groups it lacks are left out.
-        `matmul_flats` (group -> a copy of its buffer) serves the matrix-product operands (specs marked `matmul`, and
-        the `matmul_alias` names)."""
-        out: dict[str, torch.Tensor] = {}
-        flats = self.flat if flats is None else flats
-        matmul_flats = matmul_flats or {}
-        for group, chunks in self._chunks.items():
-            if group not in flats:
-                continue
-            sizes = [c.size for c in chunks]
-            parts = flats[group].split_with_sizes(sizes)
-            matmul_parts = matmul_flats[group].split_with_sizes(sizes) if group in matmul_flats else parts
-            for chunk, part, matmul_part in zip(chunks, parts, matmul_parts):
-                if chunk.name is None:
-                    continue
-                if for_forward and chunk.name in self._matmul_aliases:
-                    out[self._matmul_aliases[chunk.name]] = matmul_part.view(self.slots[chunk.name].shape)
-                if chunk.name in self._matmul:
-                    part = matmul_part
-                is_block = chunk.members != [chunk.name]
-                pieces = part.split_with_sizes([self.slots[m].numel for m in chunk.members]) if is_block else (part,)
-                out.update({m: piece.view(self.slots[m].shape) for m, piece in zip(chunk.members, pieces)})
-                if is_block and for_forward:
-                    out[chunk.name] = part.view((-1,) + self.slots[chunk.members[0]].shape[1:])
+    def layout(self) -> list[tuple[str, str, int, tuple[int, ...]]]:
+        """(group, weight name, offset in the group's buffer, shape) of every weight, in buffer order."""
+        out = []
+        for group, (plain, matmul) in self._chunks.items():
+            offset = 0
+            for chunk in plain + matmul:
+                for name in chunk.members:
+                    out.append((group, name, offset, self.slots[name].shape))
+                    offset += self.slots[name].numel
+                offset += chunk.size - sum(self.slots[name].numel for name in chunk.members)  # padding: no members
         return out
 
+    def layout_fingerprint(self) -> str:
+        """A short hash of `layout()`: flat buffers saved under one layout mean other weights under another."""
+        return hashlib.sha256(json.dumps(self.layout()).encode()).hexdigest()[:16]
+
+    def views(self, for_forward: bool = False, flats: dict[str, torch.Tensor] | None = None,
+              matmul_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Weight name -> view into its flat buffer. `for_forward` adds what a forward reads besides: each block
+        (e.g. fused QKV) as one tensor, and each weight under its `matmul_alias` name (a tied output layer).
+        `flats` replaces the flat parameters (e.g. by their gradients); groups it lacks are left out.
+        `matmul_dtype` serves the matrix-product operands (specs marked `matmul`, and the `matmul_alias` names) from
+        one cast of each buffer's matrix-product region to that dtype."""
+        out: dict[str, torch.Tensor] = {}
+        flats = self.flat if flats is None else flats
+        for group, (plain, matmul) in self._chunks.items():
+            if group not in flats:
+                continue
+            flat = flats[group]
+            if plain and matmul:
+                plain_part, matmul_part = flat.split_with_sizes([_size(plain), _size(matmul)])
+            else:
+                plain_part, matmul_part = (flat, None) if plain else (None, flat)
+            if matmul_part is not None and matmul_dtype is not None:
+                matmul_part = matmul_part.to(matmul_dtype)
+            for region, part in ((plain, plain_part), (matmul, matmul_part)):
+                if not region:
+                    continue
+                cast = matmul_dtype if region is plain else None  # the matrix-product region is cast already
+                for chunk, piece in zip(region, part.split_with_sizes([c.size for c in region])):
+                    if chunk.name is not None:
+                        self._view_chunk(out, chunk, piece, for_forward, cast)
+        return out
+
+    def _view_chunk(self, out: dict[str, torch.Tensor], chunk: Chunk, part: torch.Tensor, for_forward: bool,
+                    alias_dtype: torch.dtype | None) -> None:
+        """Add the views of one chunk's weights (and its block and alias, for a forward) to `out`."""
+        shape = self.slots[chunk.members[0]].shape
+        if for_forward and chunk.name in self._matmul_aliases:
+            alias = part if alias_dtype is None else part.to(alias_dtype)
+            out[self._matmul_aliases[chunk.name]] = alias.view(shape)
+        is_block = chunk.members != [chunk.name]
+        pieces = part.split_with_sizes([self.slots[m].numel for m in chunk.members]) if is_block else (part,)
+        out.update({m: piece.view(self.slots[m].shape) for m, piece in zip(chunk.members, pieces)})
+        if is_block and for_forward:
+            out[chunk.name] = part.view((-1,) + shape[1:])
+
     def forward_views(self) -> dict[str, torch.Tensor]:
-        """`views(for_forward=True)`. Under autocast the matrix-product operands (specs marked
-        `matmul`) are views of one cast of each flat buffer holding any to the autocast dtype: autocast would cast
-        each operand at each use to the same values, so results do not change, but a cast or two replace hundreds."""
-        flats = self.flat
-        device_type = next(iter(flats.values())).device.type
-        if not (self._matmul and torch.is_autocast_enabled(device_type)):
+        """`views(for_forward=True)`. Under autocast the matrix-product operands (specs marked `matmul`, and the
+        aliases) are views of one cast per buffer to the autocast dtype: autocast would cast each operand at each
+        use to the same values, so results do not change, but a cast or two replace hundreds."""
+        device_type = next(iter(self.flat.values())).device.type
+        if not (self._casts and torch.is_autocast_enabled(device_type)):
             return self.views(for_forward=True)
-        dtype = torch.get_autocast_dtype(device_type)
-        return self.views(for_forward=True, matmul_flats={g: flats[g].to(dtype) for g in self._matmul_groups})
+        return self.views(for_forward=True, matmul_dtype=torch.get_autocast_dtype(device_type))
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """One optimizer group per flat buffer; "no_decay" groups get weight decay 0."""

@@ -8,8 +8,9 @@ usable checkpoint: resuming falls back to the previous one with a warning. A che
 `step00001234.partial/` and renamed into place once complete, so it replaces an older one at that step atomically.
 
 The manifest also records the settings a resume must keep (`CheckpointManager(settings=...)`: ZeRO stage,
-precision, learning rate, weight decay, optimizer; and the world size under ZeRO); a resume that changes one is refused
-with what to do instead. Manifests written before these were recorded are not checked.
+precision, learning rate, weight decay, optimizer, the flat buffers' weight layout; and the world size under ZeRO); a
+resume that changes one is refused with what to do instead. Manifests written before these were recorded are not
+checked.
 """
 from __future__ import annotations
 
@@ -52,6 +53,10 @@ RESUME_SETTINGS = {
                                        "or train with the new one in a new --output_dir"),
     "optimizer": ("--optimizer", "the checkpoint holds that optimizer's state: resume with it, or train with the new "
                                  "one in a new --output_dir"),
+    "flat_layout": ("weight layout", "this electra_ds version orders the weights in its flat buffers otherwise than "
+                                     "the version that wrote the checkpoint: resume with that version, or export the "
+                                     "weights with it (python -m electra_ds.convert to-hf CHECKPOINT OUT_DIR) and "
+                                     "start a new run from the export"),
 }
 
 

@@ -698,7 +698,8 @@ def run(args: argparse.Namespace) -> Path:
 
     settings = {"zero_stage": ds_engine.zero_stage(plan.ds_config), "precision": ds_engine.precision(plan.ds_config),
                 "learning_rate": plan.learning_rate, "weight_decay": args.weight_decay,
-                "optimizer": ds_engine.resolve_optimizer(args.optimizer, plan.ds_config)}  # a resume must keep these
+                "optimizer": ds_engine.resolve_optimizer(args.optimizer, plan.ds_config),
+                "flat_layout": model.layout_fingerprint()}  # a resume must keep these
     checkpoints = CheckpointManager(out / "checkpoints", keep=args.keep_checkpoints, rank=rank, world_size=world_size,
                                     settings=settings)
     source = checkpoints
