@@ -197,9 +197,10 @@ class FlatModule(nn.Module):
             out[chunk.name] = part.view((-1,) + shape[1:])
 
     def forward_views(self) -> dict[str, torch.Tensor]:
-        """`views(for_forward=True)`. Under autocast the matrix-product operands (specs marked `matmul`, and the
-        aliases) are views of one cast per buffer to the autocast dtype: autocast would cast each operand at each
-        use to the same values, so results do not change, but a cast or two replace hundreds."""
+        """`views(for_forward=True)`. Under autocast the matrix-product operands (specs marked `matmul`) are views of
+        one cast of their buffer's region to the autocast dtype, and each alias a cast of its weight: autocast would
+        cast each operand at each use to the same values, so results do not change, but a few casts replace
+        hundreds."""
         device_type = next(iter(self.flat.values())).device.type
         if not (self._casts and torch.is_autocast_enabled(device_type)):
             return self.views(for_forward=True)
