@@ -337,8 +337,8 @@ def time_steps(step: Callable[[int], torch.Tensor], device: torch.device, warmup
 
 
 def count_host_syncs(step: Callable[[int], torch.Tensor], index: int, device: torch.device,
-                     variant: Variant) -> tuple[int | None, dict[str, int] | None]:
-    """Host synchronisations in step `index` and their call sites ("file:line", with counts): on a GPU from
+                     variant: Variant) -> dict[str, int] | None:
+    """Host synchronisations in step `index` by call site ("file:line" -> count): on a GPU from
     torch.cuda.set_sync_debug_mode's warnings (each names the Python line that caused it). On the CPU,
     `SyncCounter` for our eager variants; None for compiled ones (it cannot see traced code) and for HF's,
     whose optimizer reads step counters that a GPU run keeps on the host (no sync there, a false count here)."""
@@ -351,13 +351,12 @@ def count_host_syncs(step: Callable[[int], torch.Tensor], index: int, device: to
                 step(index)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        sites = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
-        return sum(sites.values()), dict(sites)
+        return dict(collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)))
     if variant.compile or variant.family != "ours":
-        return None, None
+        return None
     with SyncCounter(ignore=("check_token_ids",)) as syncs:  # the model's id check runs for CPU tensors only
         step(index)
-    return syncs.total, dict(syncs.sites)
+    return dict(syncs.sites)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -500,7 +499,7 @@ def run_variant(setup: Setup, variant: Variant, *, warmup: int, steps: int, peak
         build_s = time.perf_counter() - start
         times, wall, warmup_s, loss = time_steps(runner.step, setup.device, warmup, steps)
         final_loss = float(loss)  # now: a CUDA-graph replay below would overwrite the loss's static buffer
-        syncs, sync_sites = count_host_syncs(runner.step, warmup + steps, setup.device, variant)
+        sync_sites = count_host_syncs(runner.step, warmup + steps, setup.device, variant)
         profile = (step_profile.profile_steps(runner.step, warmup + steps + 1, profile_steps, setup.device)
                    if profile_steps else None)
         median = statistics.median(times)
@@ -514,7 +513,7 @@ def run_variant(setup: Setup, variant: Variant, *, warmup: int, steps: int, peak
             "mfu_datasheet": tflops / datasheet_tflops if datasheet_tflops else None,
             "peak_memory_mib": peak_memory_bytes(setup.device) / 2 ** 20, "memory_kind": memory_kind,
             "hours_per_1m_steps": median * SPEED_OF_RECIPE_STEPS / 3.6e6,
-            "final_loss": final_loss if math.isfinite(final_loss) else None, "host_syncs_per_step": syncs,
+            "final_loss": final_loss if math.isfinite(final_loss) else None, "host_syncs_per_step": None if sync_sites is None else sum(sync_sites.values()),
             "host_sync_sites": sync_sites, "profile": profile, "step_ms": times})
     except Exception as e:  # one variant failing must not lose the others' numbers
         record.update(status="error", error=f"{type(e).__name__}: {e}"[:ERROR_CHARS],

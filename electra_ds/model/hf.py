@@ -178,14 +178,9 @@ def load_deepspeed_checkpoint(path: str | Path) -> ElectraForPretraining:
         raise FileNotFoundError(f"{path}: a DeepSpeed checkpoint, but {run_config} (the model config) is missing")
     config = ElectraConfig.from_dict(json.loads(run_config.read_text())["model"])
     model = ElectraForPretraining(config)
-    from electra_ds.train.checkpoint import MANIFEST
+    from electra_ds.train.checkpoint import check_layout
 
-    manifest = path / MANIFEST
-    layout = json.loads(manifest.read_text()).get("flat_layout") if manifest.is_file() else None  # absent: older
-    if layout not in (None, model.layout_fingerprint()):
-        raise ValueError(f"{path}: written by an electra_ds version that orders the weights in its flat buffers "
-                         f"otherwise (layout {layout}, this version's {model.layout_fingerprint()}): load or export "
-                         "it with that version")
+    check_layout(path, model.layout_fingerprint())
     if any(path.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -143,12 +143,13 @@ class FlatModule(nn.Module):
         """(group, weight name, offset in the group's buffer, shape) of every weight, in buffer order."""
         out = []
         for group, (plain, matmul) in self._chunks.items():
-            offset = 0
+            chunk_start = 0
             for chunk in plain + matmul:
-                for name in chunk.members:
+                offset = chunk_start
+                for name in chunk.members:  # none in a padding chunk
                     out.append((group, name, offset, self.slots[name].shape))
                     offset += self.slots[name].numel
-                offset += chunk.size - sum(self.slots[name].numel for name in chunk.members)  # padding: no members
+                chunk_start += chunk.size
         return out
 
     def layout_fingerprint(self) -> str:
@@ -174,13 +175,13 @@ class FlatModule(nn.Module):
                 plain_part, matmul_part = (flat, None) if plain else (None, flat)
             if matmul_part is not None and matmul_dtype is not None:
                 matmul_part = matmul_part.to(matmul_dtype)
-            for region, part in ((plain, plain_part), (matmul, matmul_part)):
+            # an alias in the full-precision region gets a cast of its own; the other region is cast already
+            for region, part, alias_dtype in ((plain, plain_part, matmul_dtype), (matmul, matmul_part, None)):
                 if not region:
                     continue
-                cast = matmul_dtype if region is plain else None  # the matrix-product region is cast already
                 for chunk, piece in zip(region, part.split_with_sizes([c.size for c in region])):
                     if chunk.name is not None:
-                        self._view_chunk(out, chunk, piece, for_forward, cast)
+                        self._view_chunk(out, chunk, piece, for_forward, alias_dtype)
         return out
 
     def _view_chunk(self, out: dict[str, torch.Tensor], chunk: Chunk, part: torch.Tensor, for_forward: bool,

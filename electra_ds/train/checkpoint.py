@@ -60,6 +60,16 @@ RESUME_SETTINGS = {
 }
 
 
+def check_layout(directory: Path, fingerprint: str) -> None:
+    """Raise ValueError if the checkpoint in `directory` recorded a flat-buffer weight layout other than `fingerprint`
+    (`FlatModule.layout_fingerprint`); a manifest without one (written before it was recorded) passes."""
+    manifest = directory / MANIFEST
+    recorded = json.loads(manifest.read_text()).get("flat_layout") if manifest.is_file() else None
+    if recorded not in (None, fingerprint):
+        raise ValueError(f"{directory}: weight layout {recorded}, this version's {fingerprint}: "
+                         + RESUME_SETTINGS["flat_layout"][1])
+
+
 def _comparable(setting: str, value: Any) -> Any:
     """What must match on resume: fp32 and autocast precisions all train fp32 weights with the same state."""
     if setting == "precision" and fp32_weights(str(value)):
@@ -349,4 +359,4 @@ class CheckpointManager:
                                   "node sees")
 
 
-__all__ = ["CheckpointError", "CheckpointManager", "MANIFEST", "rng_state", "set_rng_state", "tag_for"]
+__all__ = ["CheckpointError", "CheckpointManager", "MANIFEST", "check_layout", "rng_state", "set_rng_state", "tag_for"]
