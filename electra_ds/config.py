@@ -10,6 +10,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 
+MAX_LAYERS = 511  # per tower: its dropout sites, 2 per layer, are numbered below 1024 (model.layers.dropout_site)
+
+
 @dataclass(frozen=True)
 class TowerConfig:
     """Shape of one transformer tower (generator or discriminator)."""
@@ -78,6 +81,9 @@ class ElectraConfig:
             problems.append(f"temperature must be > 0, got {self.temperature}")
         if not problems:
             gen = self.generator
+            if max(self.num_hidden_layers, gen.num_hidden_layers) > MAX_LAYERS:
+                problems.append(f"at most {MAX_LAYERS} layers per tower (each tower numbers its dropout sites "
+                                f"below 1024), got {max(self.num_hidden_layers, gen.num_hidden_layers)}")
             if gen.hidden_size > self.hidden_size:
                 problems.append(f"generator hidden size {gen.hidden_size} is wider than the discriminator's "
                                 f"{self.hidden_size}")

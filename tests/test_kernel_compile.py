@@ -36,7 +36,7 @@ def test_every_kernel_launch_compiles_for_hopper(tmp_path):
     kernels = {e["kernel"] for e in recorded}
     assert kernels == {"_electra_add_layer_norm_fwd", "_electra_add_layer_norm_bwd", "_electra_bias_gelu_fwd",
                        "_electra_bias_gelu_bwd", "_electra_xentropy_sample_fwd", "_electra_xentropy_bwd",
-                       "_electra_sigmoid_bce_fwd", "_electra_sigmoid_bce_bwd", "_electra_adam_step"}
+                       "_electra_sigmoid_bce_fwd", "_electra_sigmoid_bce_bwd", "_electra_dropout", "_electra_adam_step"}
     assert any(e["constexprs"].get("DROPOUT") for e in recorded)  # training: the fused dropout is among them
     done = subprocess.run([sys.executable, str(CHECK), "compile", str(launches), "--arch", "90"], env=env,
                           capture_output=True, text=True)

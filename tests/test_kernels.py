@@ -127,6 +127,49 @@ def test_add_layer_norm_dropout(device, dtype, shape, residual, dropout):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,p", [((7, 64), 0.1), ((3, 5, 96), 0.5), ((300, 100), 0.1), ((2, 1000), 1.0)])
+def test_dropout(device, dtype, shape, p):
+    """The Triton dropout keeps the twin's positions bit for bit, forward and backward (the backward draws the mask
+    again from the seed), with the twin's fp32 scaling (bit for bit too, except that the interpreter truncates fp32
+    to bf16 where the twin rounds)."""
+    x = _make(shape, dtype, device, seed=1)
+    seed = torch.tensor(2**45 + 1, dtype=torch.int64, device=device)
+    kernel = importlib.import_module("electra_ds.kernels.hashed_dropout").dropout
+    out, (dx,) = _run(lambda t: kernel(t, p, seed), (x,))
+    ref_out, (ref_dx,) = _run(lambda t: reference.dropout(t, p, seed), (x,))
+    assert out.dtype == ref_out.dtype == dtype
+    torch.testing.assert_close(out, ref_out, **(TOL[dtype] if dtype == torch.bfloat16 else dict(atol=0, rtol=0)))
+    torch.testing.assert_close(dx, ref_dx, **(TOL[dtype] if dtype == torch.bfloat16 else dict(atol=0, rtol=0)))
+    dropped = ~reference.dropout_keep(seed, x.shape, p)
+    assert torch.equal(out == 0, dropped | (x == 0))
+    assert 0 < dropped.float().mean() < 1 if p < 1 else dropped.all()
+
+
+def test_hash_uniform_is_lowbias32_over_uint32():
+    """The twin's int32 hash against the spec stated in numpy uint32 arithmetic (which wraps by definition), rows up
+    to 2**31 - 1, seeds whose low half has its top bit set, and the noise strictly inside (0, 1)."""
+    import numpy as np
+
+    def mix(x):
+        x = x.astype(np.uint32)
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(0x7FEB352D)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(0x846CA68B)
+        return x ^ (x >> np.uint32(16))
+
+    rows, cols = np.arange(0, 2**31 - 1, 2**24 - 1), np.arange(97)
+    for seed in (0, 2**62 - 1, 0x3000_0000_8000_0001, 123456789012345):
+        key = mix(np.uint32(seed & 0xFFFFFFFF) ^ mix(np.uint32(seed >> 32) ^ np.uint32(0x9E3779B9)))
+        h = mix(mix(key ^ mix(rows))[:, None] ^ mix(cols)[None, :])
+        expected = ((h >> np.uint32(8)) | np.uint32(1)).astype(np.float32) * np.float32(2**-24)
+        u = reference.hash_uniform(torch.tensor(seed), torch.from_numpy(rows)[:, None], torch.arange(97)[None, :])
+        assert np.array_equal(u.numpy(), expected), seed
+        assert 0 < u.min() and u.max() < 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_add_layer_norm_dropout_mixed_residual_dtype(device):
     """With dropout x's and the residual's gradients differ: each is rounded once to its own dtype."""
     x, r = _make((3, 5, 96), torch.bfloat16, device, seed=1), _make((3, 5, 96), torch.float32, device, seed=2)

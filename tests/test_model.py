@@ -560,35 +560,83 @@ def test_gumbel_sampling_follows_softmax():
     assert (hot == 0).float().mean() > 0.99
 
 
-def _dropout_grads(op, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of x and of the residual through op(x, residual, w, b, eps, p) = LayerNorm(dropout(x) + residual)
-    for one output gradient, after torch.manual_seed(seed)."""
+def _dropout_grads(op, p: float, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of x and of the residual through op(x, residual, w, b, eps, p, seed) = LayerNorm(dropout(x) +
+    residual) for one output gradient; seed None: op draws its own after torch.manual_seed(0)."""
     x, r = torch.randn(64, 3, 96).requires_grad_(), torch.randn(64, 3, 96).requires_grad_()
     w, b = torch.randn(96) + 1.0, torch.randn(96)
-    torch.manual_seed(seed)
-    op(x, r, w, b, 1e-12, p).backward(torch.randn(64, 3, 96, generator=torch.Generator().manual_seed(1)))
+    torch.manual_seed(0)
+    op(x, r, w, b, 1e-12, p, None if seed is None else torch.tensor(seed)).backward(
+        torch.randn(64, 3, 96, generator=torch.Generator().manual_seed(1)))
     return x.grad, r.grad
 
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_layer_norm_dropout_rate_scale_and_seeding(compiled):
-    """kernels.add_layer_norm's dropout, eager (its seed from torch's generator) and compiled (F.dropout, inductor's
-    noise): x's gradient is the residual's / (1 - p) where kept and 0 where dropped, a share p (within 5 sigma of
-    18432 draws) dropped; eager, the same torch seed drops the same positions and another seed others."""
+    """kernels.add_layer_norm's dropout, eager and compiled (inductor fusing the twin's integer hash into its own
+    kernel): x's gradient is the residual's / (1 - p) where kept and 0 where dropped, a share p (within 5 sigma of
+    18432 draws) dropped, exactly where reference.dropout_keep drops for the seed (compiled or not); another seed
+    drops other positions; without a seed, one drawn from torch's generator (the same after the same manual_seed)."""
     from electra_ds import kernels
 
     op = torch.compile(kernels.add_layer_norm, fullgraph=True, dynamic=False) if compiled else kernels.add_layer_norm
     p = 0.25
-    dx, dres = _dropout_grads(op, p, seed=0)
+    dx, dres = _dropout_grads(op, p, seed=2**41 + 7)
     kept = dx != 0
     torch.testing.assert_close(dx[kept] * (1 - p), dres[kept])
     assert abs((~kept).float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / dx.numel())
-    if not compiled:
-        assert torch.equal(_dropout_grads(op, p, seed=0)[0] != 0, kept)
-        assert not torch.equal(_dropout_grads(op, p, seed=1)[0] != 0, kept)
+    assert torch.equal(kept, reference.dropout_keep(torch.tensor(2**41 + 7), dx.shape, p))
+    assert not torch.equal(_dropout_grads(op, p, seed=5)[0] != 0, kept)
+    drawn = _dropout_grads(op, p, seed=None)[0] != 0
+    assert torch.equal(_dropout_grads(op, p, seed=None)[0] != 0, drawn) and not torch.equal(drawn, kept)
     assert torch.equal(_dropout_grads(op, 0.0, seed=0)[0] != 0, torch.ones_like(kept))
     with pytest.raises(ValueError, match="outside"):
         kernels.add_layer_norm(dx, None, dres[0, 0], dres[0, 0], 1e-12, 1.5)
+    with pytest.raises(ValueError, match="0-d int64"):
+        kernels.add_layer_norm(dx, None, dres[0, 0], dres[0, 0], 1e-12, 0.5, torch.tensor([3]))
+
+
+def test_dropout_op_masks_like_add_layer_norm():
+    """kernels.dropout keeps what reference.dropout_keep keeps for its seed, scaled by 1 / (1 - p) (x itself at p 0),
+    and passes its gradient through the same mask."""
+    from electra_ds import kernels
+
+    x = torch.randn(5, 7, 33).requires_grad_()
+    seed = torch.tensor(77)
+    y = kernels.dropout(x, 0.4, seed)
+    keep = reference.dropout_keep(seed, x.shape, 0.4)
+    torch.testing.assert_close(y, torch.where(keep, x / 0.6, 0.0))
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, torch.where(keep, 1 / 0.6, 0.0))
+    assert kernels.dropout(x, 0.0, seed) is x
+
+
+def test_training_forward_draws_its_dropout_from_its_seed(monkeypatch):
+    """In training, the hidden-state dropouts derive from the forward's seed: the same seed gives the same loss
+    whatever torch's generator holds, another seed another loss; each dropout site (embeddings and two per layer, per
+    tower) gets a seed of its own, none of them the Gumbel draws' seed."""
+    from electra_ds import kernels
+
+    config = preset("tiny", vocab_size=200, attention_probs_dropout_prob=0.0)
+    model = ElectraForPretraining(config).train()
+    ids, mask = make_batch(200, batch=4, length=32)
+    plan = mask_plan(ids, mask, vocab_size=200, max_predictions=5, seed=3)
+    seeds = []
+    for name in ("add_layer_norm", "dropout"):
+        def record(*args, _op=getattr(kernels, name)):
+            if isinstance(args[-1], torch.Tensor):  # a dropout's seed (the embeddings' LayerNorm has none)
+                seeds.append(int(args[-1]))
+            return _op(*args)
+        monkeypatch.setattr(kernels, name, record)
+    torch.manual_seed(0)
+    a = model(ids, mask, None, plan, torch.tensor(11))
+    sites = list(seeds)
+    torch.manual_seed(1)
+    b = model(ids, mask, None, plan, torch.tensor(11))
+    assert torch.equal(a.loss, b.loss) and seeds[len(sites):] == sites
+    assert not torch.equal(model(ids, mask, None, plan, torch.tensor(12)).loss, a.loss)
+    layers = config.discriminator.num_hidden_layers + config.generator.num_hidden_layers
+    assert len(sites) == len(set(sites)) == 2 + 2 * layers and 11 not in sites
 
 
 def test_dropout_keep_mask_is_a_hash_of_seed_and_position():

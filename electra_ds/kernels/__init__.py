@@ -1,6 +1,7 @@
 """Fused ops used by the model: a Triton kernel per op, and a plain-PyTorch twin (reference.py) that is its
-specification. Under torch.compile the ops trace as their twins, which inductor fuses into its own kernels (with
-add_layer_norm's dropout as F.dropout), except `cross_entropy_and_sample`, which stays an opaque custom op (see there).
+specification. Under torch.compile the ops trace as their twins, which inductor fuses into its own kernels (dropout
+masks included: the same hash, so the same masks as without compile), except `cross_entropy_and_sample`, which stays
+an opaque custom op (see there).
 
 Backend choice: "auto" (default) runs Triton for CUDA tensors when triton imports and the twin otherwise;
 "triton" forces the kernels (CPU tensors then need TRITON_INTERPRET=1 set before the first kernel call);
@@ -15,7 +16,6 @@ import os
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 
 from . import reference
 
@@ -70,20 +70,39 @@ def _op(module: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{module}")
 
 
+def _dropout_seed(p: float, seed: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability {p} is outside [0, 1]")
+    if p == 0:
+        return None
+    if seed is None:
+        return torch.randint(2**62, (), device=device)
+    if seed.dim() != 0 or seed.dtype != torch.int64:
+        raise ValueError(f"a dropout seed is a 0-d int64 tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
+    return seed
+
+
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float, dropout: float = 0.0) -> torch.Tensor:
+                   eps: float, dropout: float = 0.0, seed: torch.Tensor | None = None) -> torch.Tensor:
     """LayerNorm(dropout(x) + residual) over the last dimension (residual may be None), fp32 statistics.
 
-    Dropout (pass 0.0 outside training) draws a seed from torch's generator on x's device, as F.dropout draws its
-    noise there, so seeding torch seeds it; the mask is a hash of (seed, position), the same with the kernel or the
-    twin. Under torch.compile it is F.dropout, whose noise inductor draws itself, fused into its own kernel."""
-    if not 0.0 <= dropout <= 1.0:
-        raise ValueError(f"dropout probability {dropout} is outside [0, 1]")
-    if dropout > 0 and torch.compiler.is_compiling():
-        return reference.add_layer_norm(F.dropout(x, dropout, training=True), residual, weight, bias, eps)
-    seed = torch.randint(2**62, (), device=x.device) if dropout > 0 else None
+    Dropout (pass 0.0 outside training) keeps the values that `reference.dropout_keep` picks by a hash of (seed, row,
+    column): the same mask from the kernel, the twin, and under torch.compile, where the twin's integer hash fuses
+    into inductor's LayerNorm kernel. seed is a 0-d int64 tensor on any device (no host sync); None draws one from
+    torch's generator on x's device."""
+    seed = _dropout_seed(dropout, seed, x.device)
     impl = _op("layer_norm") if _use_triton(x) else reference
     return impl.add_layer_norm(x, residual, weight, bias, eps, dropout, seed)
+
+
+def dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None = None) -> torch.Tensor:
+    """Dropout with `add_layer_norm`'s hashed mask: x kept where `reference.dropout_keep(seed, x.shape, p)` holds and
+    scaled by 1 / (1 - p), else 0 (pass p 0.0 outside training: x itself). seed as in add_layer_norm."""
+    seed = _dropout_seed(p, seed, x.device)
+    if seed is None:
+        return x
+    impl = _op("hashed_dropout") if _use_triton(x) else reference
+    return impl.dropout(x, p, seed)
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -163,5 +182,5 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
                    weight_decay=weight_decay, grad_scale=grad_scale)
 
 
-__all__ = ["BACKENDS", "adam_step", "add_layer_norm", "bias_gelu", "cross_entropy_and_sample", "get_backend",
+__all__ = ["BACKENDS", "adam_step", "add_layer_norm", "bias_gelu", "cross_entropy_and_sample", "dropout", "get_backend",
            "reference", "set_backend", "sigmoid_bce", "triton_available"]

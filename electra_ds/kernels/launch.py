@@ -6,6 +6,19 @@ import functools
 import torch
 
 
+_ROW_TILE = 2048  # values per program tile of the row-wise kernels: BLOCK_M whole rows x BLOCK_H columns
+
+
+def row_tile(hidden: int, op: str) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_H) of a row-wise kernel: the row padded to a power of two, and as many rows as fit in the
+    tile. Rows wider than 8192 values are refused (named by `op`)."""
+    block_h = 1 << max(0, hidden - 1).bit_length()
+    if block_h > 8192:
+        raise ValueError(f"{op}: hidden size {hidden} > 8192 is not supported by the Triton kernel; "
+                         "use set_backend('torch')")
+    return max(1, _ROW_TILE // block_h), block_h
+
+
 def tile_warps(values: int) -> int:
     """Warps for a program tile of `values` values: about 8 values per thread, 1 to 8 warps."""
     return max(1, min(8, values // 256))

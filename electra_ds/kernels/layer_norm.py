@@ -8,18 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import row_partition, tile_warps
-from .noise import row_key, seed_key, uniform
+from .launch import row_partition, row_tile, tile_warps
+from .noise import keep, seed_key
 from .reference import dropout_scale
-
-
-_TILE = 2048  # values per program tile: BLOCK_M whole rows x BLOCK_H columns
-
-
-@triton.jit
-def _keep(key, rows, cols, p):
-    return uniform(row_key(key, rows)[:, None], cols[None, :]) >= p
-
 
 # Blocking: a program tile holds BLOCK_M whole rows (the row padded to a power of two, hidden <= 8192) and
 # as many rows as fit in about 2048 values, so mean and variance are in-register row reductions and small
@@ -35,7 +26,7 @@ def _electra_add_layer_norm_fwd(X, R, W, B, Y, Mean, Rstd, Seed, N, H, eps, p, s
     offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if DROPOUT:
-        x = tl.where(_keep(seed_key(Seed), rows, cols, p), x * scale, 0.0)
+        x = tl.where(keep(seed_key(Seed), rows, cols, p), x * scale, 0.0)
     if HAS_RES:
         x += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / H
@@ -67,8 +58,8 @@ def _electra_add_layer_norm_bwd(X, R, W, DY, Mean, Rstd, Seed, DX, DR, DW, DB, N
         offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         if DROPOUT:
-            keep = _keep(key, rows, cols, p)
-            x = tl.where(keep, x * scale, 0.0)
+            kept = keep(key, rows, cols, p)
+            x = tl.where(kept, x * scale, 0.0)
         if HAS_RES:
             x += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
@@ -82,7 +73,7 @@ def _electra_add_layer_norm_bwd(X, R, W, DY, Mean, Rstd, Seed, DX, DR, DW, DB, N
         if DROPOUT:  # dx is the residual's gradient; x's passes the dropout
             if HAS_RES:
                 tl.store(DR + offs, dx.to(DR.dtype.element_ty), mask=mask)
-            dx = tl.where(keep, dx * scale, 0.0)
+            dx = tl.where(kept, dx * scale, 0.0)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         dw += dy * xhat
         db += dy
@@ -90,19 +81,11 @@ def _electra_add_layer_norm_bwd(X, R, W, DY, Mean, Rstd, Seed, DX, DR, DW, DB, N
     tl.store(DB + pid * H + cols, tl.sum(db, axis=0), mask=cols < H)
 
 
-def _blocks(h: int) -> tuple[int, int]:
-    block_h = triton.next_power_of_2(h)
-    if block_h > 8192:
-        raise ValueError(f"add_layer_norm: hidden size {h} > 8192 is not supported by the Triton kernel; "
-                         "use set_backend('torch')")
-    return max(1, _TILE // block_h), block_h
-
-
 class AddLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, dropout, seed):
         h = x.shape[-1]
-        block_m, block_h = _blocks(h)
+        block_m, block_h = row_tile(h, "add_layer_norm")
         x2 = x.reshape(-1, h).contiguous()
         r2 = x2 if residual is None else residual.reshape(-1, h).contiguous()
         seed = x2 if seed is None else seed.to(device=x2.device, dtype=torch.int64)  # x2: a pointer never read
@@ -124,7 +107,7 @@ class AddLayerNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x2, r2, weight, bias, mean, rstd, seed = ctx.saved_tensors
         n, h = x2.shape
-        block_m, block_h = _blocks(h)
+        block_m, block_h = row_tile(h, "add_layer_norm")
         dy2 = dy.reshape(-1, h).contiguous()
         dropout = ctx.dropout > 0
         # The kernel rounds each gradient once to its buffer's dtype. Without dropout x's and the residual's gradients

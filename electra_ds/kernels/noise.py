@@ -1,6 +1,6 @@
 """reference.hash_uniform's counter-based noise as Triton device functions, shared by the kernels that draw it
-(xentropy.py's Gumbel sampler, layer_norm.py's dropout). uint32 arithmetic wraps modulo 2**32 here, which the twin
-reproduces in int64."""
+(xentropy.py's Gumbel sampler, the dropout of layer_norm.py and hashed_dropout.py). uint32 arithmetic wraps modulo
+2**32 here, as the twin's int32 arithmetic does."""
 from __future__ import annotations
 
 import triton
@@ -34,3 +34,9 @@ def uniform(row_key, col):
     """fp32 noise in (0, 1): an odd multiple of 2**-24."""
     h = mix32(row_key ^ mix32(col.to(tl.uint32)))
     return ((h >> 8) | 1).to(tl.float32) * 5.9604644775390625e-08
+
+
+@triton.jit
+def keep(key, rows, cols, p):
+    """reference.dropout_keep's mask of a (rows, cols) tile under the seed's key."""
+    return uniform(row_key(key, rows)[:, None], cols[None, :]) >= p

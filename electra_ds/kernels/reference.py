@@ -39,6 +39,11 @@ def dropout_keep(seed: torch.Tensor, shape: torch.Size, dropout: float) -> torch
     return (hash_uniform(seed, rows, torch.arange(hidden, device=device)) >= threshold).view(shape)
 
 
+def dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """x where `dropout_keep(seed, x.shape, p)` holds, times 1 / (1 - p) in fp32, else 0; in x's dtype."""
+    return torch.where(dropout_keep(seed, x.shape, p), x.float() * dropout_scale(p), 0.0).to(x.dtype)
+
+
 def dropout_scale(dropout: float) -> float:
     return 1.0 / (1.0 - dropout) if dropout < 1.0 else 0.0
 
@@ -103,52 +108,54 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
 
 
 # Noise (Gumbel sampling, dropout masks, the masking plan) is a counter-based hash of (seed, row, col), so the Triton
-# kernels (noise.py) reproduce it bit for bit. uint32 values are held in int64 tensors; _mul32_ keeps every product
-# below 2**63. The hash of a whole (rows, vocabulary) block is updated in place: with a fresh tensor per operation
-# it took 3x longer on a CPU.
-_MASK32 = 0xFFFFFFFF
+# kernels (noise.py) reproduce it bit for bit. uint32 values are held as the bits of int32 tensors: products wrap
+# modulo 2**32 as in the kernels, and each right shift masks off the sign bits it brings in. Pure pointwise int32 ops,
+# so under torch.compile inductor fuses the hash into the kernel that uses it (a dropout mask costs a few integer
+# operations per value there, inside the LayerNorm's kernel). The hash of a whole (rows, vocabulary) block is updated
+# in place: with a fresh tensor per operation it took 3x longer on a CPU.
+_MUL1, _MUL2 = 0x7FEB352D, 0x846CA68B - (1 << 32)  # lowbias32's multipliers, the second as an int32
+_GOLDEN = 0x9E3779B9 - (1 << 32)  # the seed's high half is mixed with it, as an int32
 
 
-def _mul32_(x: torch.Tensor, c: int) -> torch.Tensor:
-    """x = (x * c) mod 2**32 in place, for x in [0, 2**32): c's 16-bit halves multiply apart when c >= 2**31."""
-    if c < 2**31:
-        return x.mul_(c).bitwise_and_(_MASK32)
-    high = (x * (c >> 16)).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
-    return x.mul_(c & 0xFFFF).add_(high).bitwise_and_(_MASK32)
+def _int32_bits(x: torch.Tensor) -> torch.Tensor:
+    """The low 32 bits of an int64 tensor, as int32 (well defined: no out-of-range conversion)."""
+    return (((x & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000).to(torch.int32)
 
 
 def mix32_(x: torch.Tensor) -> torch.Tensor:
-    """Chris Wellons' "lowbias32" integer hash (a bijection of uint32), in place."""
-    x.bitwise_xor_(x >> 16)
-    _mul32_(x, 0x7FEB352D)
-    x.bitwise_xor_(x >> 15)
-    _mul32_(x, 0x846CA68B)
-    return x.bitwise_xor_(x >> 16)
+    """Chris Wellons' "lowbias32" integer hash (a bijection of uint32) of an int32 tensor's bits, in place."""
+    x.bitwise_xor_((x >> 16) & 0xFFFF)
+    x.mul_(_MUL1)
+    x.bitwise_xor_((x >> 15) & 0x1FFFF)
+    x.mul_(_MUL2)
+    return x.bitwise_xor_((x >> 16) & 0xFFFF)
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
-    """`mix32_` of a copy."""
-    return mix32_(x.clone())
+    """`mix32_` of an int32 copy of x (int64 indices below 2**31 keep their values)."""
+    return mix32_(x.to(torch.int32, copy=True))
 
 
 def hash_uniform(seed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """fp32 uniform noise in (0, 1) for int64 index tensors rows, cols (broadcast together) under a 0-d int64 seed.
+    """fp32 uniform noise in (0, 1) for integer index tensors rows, cols (broadcast together, values below 2**31)
+    under a 0-d int64 seed.
 
     key = mix32(seed_lo ^ mix32(seed_hi ^ 0x9E3779B9)); h = mix32(mix32(key ^ mix32(row)) ^ mix32(col));
-    u = ((h >> 8) | 1) * 2**-24, an odd multiple of 2**-24 strictly inside (0, 1). The same on every device.
+    u = ((h >> 8) | 1) * 2**-24 (h as uint32), an odd multiple of 2**-24 strictly inside (0, 1). The same on every
+    device.
     """
     return _uniform(_seed_key(seed), rows, mix32(cols))
 
 
 def _seed_key(seed: torch.Tensor) -> torch.Tensor:
     seed = seed.to(torch.int64)
-    return mix32_((seed & _MASK32) ^ mix32_(((seed >> 32) & _MASK32) ^ 0x9E3779B9))
+    return mix32_(_int32_bits(seed) ^ mix32_(_int32_bits(seed >> 32) ^ _GOLDEN))
 
 
 def _uniform(key: torch.Tensor, rows: torch.Tensor, col_hash: torch.Tensor) -> torch.Tensor:
     """`hash_uniform` from the seed's key and mix32 of the columns (both loop-invariant in `gumbel_sample`)."""
     h = mix32_(mix32_(key ^ mix32(rows)) ^ col_hash)
-    return h.bitwise_right_shift_(8).bitwise_or_(1).float().mul_(2.0 ** -24)
+    return ((h >> 8) & 0xFFFFFF).bitwise_or_(1).float().mul_(2.0 ** -24)
 
 
 def gumbel_sample(logits: torch.Tensor, seed: torch.Tensor, temperature: float,

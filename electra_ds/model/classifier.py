@@ -6,10 +6,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from electra_ds import kernels
 from electra_ds.config import ElectraConfig
-from electra_ds.model.electra import DISC, check_token_ids
-from electra_ds.model.layers import attention_mask_for_sdpa, embed, embedding_specs, linear_specs, tower_forward, \
-    tower_specs
+from electra_ds.model.electra import DISC, TOWER_SITES, check_token_ids
+from electra_ds.model.layers import attention_mask_for_sdpa, dropout_site, embed, embedding_specs, linear_specs, \
+    tower_forward, tower_specs
 from electra_ds.model.params import FlatModule
 
 PREFIX = "electra"
@@ -51,11 +52,16 @@ class ElectraClassifier(FlatModule):
         super().load_named_weights(encoder, strict=False, source=source)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, seed: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, num_labels). In training, dropout masks derive from `seed` (a 0-d int64 tensor; None: drawn from
+        torch's generator on the inputs' device), as in pretraining."""
         cfg, w = self.config, self.forward_views()
         check_token_ids(input_ids, cfg.vocab_size)
-        x = embed(w, f"{PREFIX}.embeddings", input_ids, token_type_ids, cfg, self.training)
-        h = tower_forward(w, PREFIX, x, attention_mask_for_sdpa(attention_mask),
-                          cfg.discriminator, cfg, self.training)
-        cls = F.dropout(h[:, 0], cfg.hidden_dropout_prob, self.training)
+        if self.training and seed is None:
+            seed = torch.randint(2**62, (), device=input_ids.device)
+        seed = seed if self.training else None
+        tower_seed = dropout_site(seed, TOWER_SITES[DISC])
+        x = embed(w, f"{PREFIX}.embeddings", input_ids, token_type_ids, cfg, tower_seed)
+        h = tower_forward(w, PREFIX, x, attention_mask_for_sdpa(attention_mask), cfg.discriminator, cfg, tower_seed)
+        cls = kernels.dropout(h[:, 0], cfg.hidden_dropout_prob if self.training else 0.0, dropout_site(seed, 1))
         return F.linear(cls, w["classifier.weight"], w["classifier.bias"])

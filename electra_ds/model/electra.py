@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from electra_ds import kernels
 from electra_ds.config import ElectraConfig
 from electra_ds.data.masking import MaskingPlan
-from electra_ds.model.layers import (attention_mask_for_sdpa, embed, embedding_specs, layer_norm_specs,
-                                     linear_specs, tower_forward, tower_specs)
+from electra_ds.model.layers import (attention_mask_for_sdpa, dropout_site, embed, embedding_specs,
+                                     layer_norm_specs, linear_specs, tower_forward, tower_specs)
 from electra_ds.model.params import FlatModule, WeightSpec
 
 DISC, GEN = "discriminator", "generator"
+TOWER_SITES = {GEN: 1 << 10, DISC: 2 << 10}  # each tower's dropout sites: this one (its embeddings) + 1..2 * layers
 EMB = f"{DISC}.electra.embeddings"
 LM_HEAD = f"{GEN}.generator_lm_head.weight"  # tied to the word embeddings
 # The training forward pads the generator's logits with -inf columns to a multiple of this many: cuBLAS runs the
@@ -96,12 +97,18 @@ class ElectraForPretraining(FlatModule):
 
     # -- pieces ---------------------------------------------------------------------------------------------
     def _tower(self, w: dict, tower: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               token_type_ids: torch.Tensor | None) -> torch.Tensor:
+               token_type_ids: torch.Tensor | None, seed: torch.Tensor | None) -> torch.Tensor:
+        """`seed`: the forward's noise seed in training (the tower's dropout sites derive from it), None otherwise."""
         cfg = self.config
-        x = embed(w, EMB, input_ids, token_type_ids, cfg, self.training)
+        tower_seed = dropout_site(seed, TOWER_SITES[tower])
+        x = embed(w, EMB, input_ids, token_type_ids, cfg, tower_seed)
         shape = cfg.discriminator if tower == DISC else cfg.generator
         return tower_forward(w, f"{tower}.electra", x, attention_mask_for_sdpa(attention_mask),
-                             shape, cfg, self.training)
+                             shape, cfg, tower_seed)
+
+    def _inference_seed(self, device: torch.device) -> torch.Tensor | None:
+        """A fresh noise seed in training mode (dropout on), None in evaluation."""
+        return torch.randint(2**62, (), device=device) if self.training else None
 
     def _generator_head(self, w: dict, hidden: torch.Tensor, vocab_multiple: int = 1) -> torch.Tensor:
         """Vocabulary logits, with -inf columns appended up to a multiple of `vocab_multiple` (VOCAB_MULTIPLE)."""
@@ -126,14 +133,16 @@ class ElectraForPretraining(FlatModule):
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Discriminator hidden states (B, L, H)."""
         check_token_ids(input_ids, self.config.vocab_size)
-        return self._tower(self.forward_views(), DISC, input_ids, attention_mask, token_type_ids)
+        return self._tower(self.forward_views(), DISC, input_ids, attention_mask, token_type_ids,
+                           self._inference_seed(input_ids.device))
 
     def discriminator_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                              token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Replaced-token logits (B, L); > 0 means "replaced"."""
         check_token_ids(input_ids, self.config.vocab_size)
         w = self.forward_views()
-        return self._discriminator_head(w, self._tower(w, DISC, input_ids, attention_mask, token_type_ids))
+        hidden = self._tower(w, DISC, input_ids, attention_mask, token_type_ids, self._inference_seed(input_ids.device))
+        return self._discriminator_head(w, hidden)
 
     def generator_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                          token_type_ids: torch.Tensor | None = None,
@@ -141,25 +150,29 @@ class ElectraForPretraining(FlatModule):
         """Vocabulary logits at `positions` (B, P) -> (B, P, V); all positions when None."""
         check_token_ids(input_ids, self.config.vocab_size)
         w = self.forward_views()
-        hidden = self._tower(w, GEN, input_ids, attention_mask, token_type_ids)
+        hidden = self._tower(w, GEN, input_ids, attention_mask, token_type_ids, self._inference_seed(input_ids.device))
         if positions is not None:
             hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
         return self._generator_head(w, hidden)
 
     # -- training -------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                token_type_ids: torch.Tensor | None, plan: MaskingPlan, sample_seed: torch.Tensor) -> PretrainOutput:
+                token_type_ids: torch.Tensor | None, plan: MaskingPlan, seed: torch.Tensor) -> PretrainOutput:
+        """One pretraining forward. `seed` (0-d int64, on any device: no host sync) is the step's noise: the Gumbel
+        draws use it, and in training each dropout site a seed derived from it (`dropout_site`), so the masks are
+        the same with or without the Triton kernels and torch.compile."""
         cfg, w = self.config, self.forward_views()
+        dropout_seed = seed if self.training else None
         check_token_ids(input_ids, cfg.vocab_size)  # the original: the towers' inputs are made from it
         batch, slots = plan.masked_positions.shape
 
-        gen_hidden = self._tower(w, GEN, plan.generator_input_ids, attention_mask, token_type_ids)
+        gen_hidden = self._tower(w, GEN, plan.generator_input_ids, attention_mask, token_type_ids, dropout_seed)
         gen_hidden = gen_hidden.gather(1, plan.masked_positions[..., None].expand(-1, -1, gen_hidden.shape[-1]))
         logits = self._generator_head(w, gen_hidden, VOCAB_MULTIPLE).view(batch * slots, -1)
         targets, weights = plan.masked_ids.reshape(-1), plan.masked_weights.reshape(-1)
         # Samples and the accuracy's argmax read the real columns only: a non-finite hidden state makes the padding
         # columns NaN (0 * inf), and a NaN column wins an argmax, which must be a token id.
-        per_slot, sampled, predicted = kernels.cross_entropy_and_sample(logits, targets, sample_seed, cfg.temperature,
+        per_slot, sampled, predicted = kernels.cross_entropy_and_sample(logits, targets, seed, cfg.temperature,
                                                                         sample_columns=cfg.vocab_size)
         n_slots = weights.sum()
         mlm_loss = (per_slot * weights).sum() / n_slots.clamp_min(1.0)
@@ -169,7 +182,8 @@ class ElectraForPretraining(FlatModule):
             disc_input = input_ids.scatter(1, plan.masked_positions, sampled)
             labels = disc_input != input_ids  # a sample equal to the original counts as real
 
-        disc_logits = self._discriminator_head(w, self._tower(w, DISC, disc_input, attention_mask, token_type_ids))
+        disc_hidden = self._tower(w, DISC, disc_input, attention_mask, token_type_ids, dropout_seed)
+        disc_logits = self._discriminator_head(w, disc_hidden)
         real = torch.ones_like(disc_logits, dtype=torch.float32) if attention_mask is None else attention_mask.float()
         n_tokens = real.sum()
         disc_loss = (kernels.sigmoid_bce(disc_logits, labels) * real).sum() / n_tokens.clamp_min(1.0)

@@ -55,9 +55,16 @@ def tower_specs(prefix: str, config: ElectraConfig, tower: TowerConfig) -> list[
     return specs
 
 
+def dropout_site(seed: torch.Tensor | None, site: int) -> torch.Tensor | None:
+    """The dropout seed of site `site` (0 < site < 2**21) under `seed` (a forward's 0-d int64 seed, below 2**62):
+    the site number in bits 40 and up, so each site's masks differ from the other sites' (None stays None)."""
+    return None if seed is None else seed ^ (site << 40)
+
+
 def embed(w: Weights, prefix: str, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
-          config: ElectraConfig, training: bool) -> torch.Tensor:
-    """Word + token-type + position embeddings (positions start at 0), LayerNorm, dropout."""
+          config: ElectraConfig, dropout_seed: torch.Tensor | None) -> torch.Tensor:
+    """Word + token-type + position embeddings (positions start at 0), LayerNorm, dropout (under `dropout_seed`;
+    None: no dropout, as in evaluation)."""
     length = input_ids.shape[1]
     if length > config.max_position_embeddings:
         raise ValueError(f"sequence length {length} exceeds max_position_embeddings "
@@ -68,7 +75,7 @@ def embed(w: Weights, prefix: str, input_ids: torch.Tensor, token_type_ids: torc
     x = x + w[f"{prefix}.position_embeddings.weight"][:length]
     x = kernels.add_layer_norm(x, None, w[f"{prefix}.LayerNorm.weight"], w[f"{prefix}.LayerNorm.bias"],
                                config.layer_norm_eps)
-    return F.dropout(x, config.hidden_dropout_prob, training)
+    return kernels.dropout(x, config.hidden_dropout_prob if dropout_seed is not None else 0.0, dropout_seed)
 
 
 def attention_mask_for_sdpa(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -77,33 +84,41 @@ def attention_mask_for_sdpa(attention_mask: torch.Tensor | None) -> torch.Tensor
 
 
 def encoder_layer(w: Weights, layer: str, h: torch.Tensor, mask: torch.Tensor | None,
-                  tower: TowerConfig, config: ElectraConfig, training: bool) -> torch.Tensor:
+                  tower: TowerConfig, config: ElectraConfig, dropout_seeds: tuple[torch.Tensor, torch.Tensor] | None,
+                  ) -> torch.Tensor:
+    """One post-LN BERT layer; `dropout_seeds`: the seeds of its two hidden-state dropouts (None: no dropout)."""
     batch, length, hidden = h.shape
     heads = tower.num_attention_heads
     qkv = F.linear(h, w[f"{layer}.attention.self.qkv.weight"], w[f"{layer}.attention.self.qkv.bias"])
     q, k, v = qkv.view(batch, length, 3, heads, hidden // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    training = dropout_seeds is not None
     context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=config.attention_probs_dropout_prob if training else 0.0)
     context = context.transpose(1, 2).reshape(batch, length, hidden)
     out = F.linear(context, w[f"{layer}.attention.output.dense.weight"], w[f"{layer}.attention.output.dense.bias"])
     dropout = config.hidden_dropout_prob if training else 0.0
+    attention_seed, output_seed = dropout_seeds if training else (None, None)
     h = kernels.add_layer_norm(out, h, w[f"{layer}.attention.output.LayerNorm.weight"],
-                               w[f"{layer}.attention.output.LayerNorm.bias"], config.layer_norm_eps, dropout)
+                               w[f"{layer}.attention.output.LayerNorm.bias"], config.layer_norm_eps, dropout,
+                               attention_seed)
     inter = kernels.bias_gelu(F.linear(h, w[f"{layer}.intermediate.dense.weight"]),
                               w[f"{layer}.intermediate.dense.bias"])
     out = F.linear(inter, w[f"{layer}.output.dense.weight"], w[f"{layer}.output.dense.bias"])
     return kernels.add_layer_norm(out, h, w[f"{layer}.output.LayerNorm.weight"], w[f"{layer}.output.LayerNorm.bias"],
-                                  config.layer_norm_eps, dropout)
+                                  config.layer_norm_eps, dropout, output_seed)
 
 
 def tower_forward(w: Weights, prefix: str, embeddings: torch.Tensor, mask: torch.Tensor | None,
-                  tower: TowerConfig, config: ElectraConfig, training: bool) -> torch.Tensor:
+                  tower: TowerConfig, config: ElectraConfig, dropout_seed: torch.Tensor | None) -> torch.Tensor:
     """`ElectraModel` after the embeddings: optional projection to the tower's width, then the encoder.
 
-    `w` must hold the QKV blocks (`forward_views()`)."""
+    `w` must hold the QKV blocks (`forward_views()`). Layer i's dropouts are sites 2i + 1 and 2i + 2 under
+    `dropout_seed` (`dropout_site`); None: no dropout."""
     h = embeddings
     if f"{prefix}.embeddings_project.weight" in w:
         h = F.linear(h, w[f"{prefix}.embeddings_project.weight"], w[f"{prefix}.embeddings_project.bias"])
     for i in range(tower.num_hidden_layers):
-        h = encoder_layer(w, f"{prefix}.encoder.layer.{i}", h, mask, tower, config, training)
+        seeds = None if dropout_seed is None else (dropout_site(dropout_seed, 2 * i + 1),
+                                                   dropout_site(dropout_seed, 2 * i + 2))
+        h = encoder_layer(w, f"{prefix}.encoder.layer.{i}", h, mask, tower, config, seeds)
     return h

@@ -2,9 +2,9 @@
 
 One step (`pretraining_step`): masking on the device -> engine forward (generator, Gumbel sampling,
 discriminator) -> engine.backward -> engine.step. Statistics stay on the device and are read every
-`--logging_steps`; nothing in the step waits for the device. Masking and sampling noise are functions of
-(seed, step, rank), the data of (seed, step), and dropout noise comes from the saved RNG state, so a resumed run
-repeats the uninterrupted one.
+`--logging_steps`; nothing in the step waits for the device. Masking, sampling and hidden-state dropout noise are
+functions of (seed, step, rank), the data of (seed, step), and attention dropout's noise comes from the saved RNG
+state, so a resumed run repeats the uninterrupted one.
 
 Runs under `deepspeed` (any number of GPUs and nodes), `torchrun`, or plain `python` (a one-process world).
 """
@@ -312,7 +312,8 @@ def masking_inputs(batch: dict[str, torch.Tensor], *, vocab_size: int, special_i
                    mlm_probability: float, max_predictions: int, step: int, seed: int, rank: int,
                    mask_replace_prob: float = 0.85,
                    mask_fn: Callable[..., MaskingPlan] = mask_tokens) -> tuple[MaskingPlan, torch.Tensor]:
-    """The masking plan and the Gumbel seed of one micro-batch, both functions of (seed, step, rank).
+    """The masking plan and the model's noise seed (Gumbel draws, dropout masks) of one micro-batch, both functions of
+    (seed, step, rank).
     `mask_fn` is `mask_tokens` or a compiled copy of it (see `compiled_masking`)."""
     input_ids = batch["input_ids"]
     device = input_ids.device
@@ -382,8 +383,8 @@ def compile_engine(engine, mode: str | None, inductor: dict[str, Any] | None = N
 def forward(engine, batch: dict[str, torch.Tensor], **masking):
     """Mask `batch` (see `masking_inputs`) and run the engine's forward; returns PretrainOutput."""
     torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph replays (no-op without them)
-    plan, sample_seed = masking_inputs(batch, vocab_size=engine.module.config.vocab_size, **masking)
-    return engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], plan, sample_seed)
+    plan, noise_seed = masking_inputs(batch, vocab_size=engine.module.config.vocab_size, **masking)
+    return engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], plan, noise_seed)
 
 
 def pretraining_step(engine, batch: dict[str, torch.Tensor | None], *, special_ids: dict[str, int],
@@ -694,7 +695,7 @@ def run(args: argparse.Namespace) -> Path:
         mask_fn = compile_engine(engine, None if args.compile == "default" else args.compile,
                                  dict(args.inductor))
     device = engine.device
-    seed_everything(derive_seed(args.seed, 0, rank, DROPOUT_STREAM))  # dropout noise differs across ranks
+    seed_everything(derive_seed(args.seed, 0, rank, DROPOUT_STREAM))  # attention dropout's noise differs across ranks
 
     settings = {"zero_stage": ds_engine.zero_stage(plan.ds_config), "precision": ds_engine.precision(plan.ds_config),
                 "learning_rate": plan.learning_rate, "weight_decay": args.weight_decay,
