@@ -364,6 +364,24 @@ def test_gumbel_kernel_follows_softmax(triton_backend, device):
     assert _chi2(draws, ROW, 0.5) < CHI2_999[5]
 
 
+HOT = [5, 2047, 2048, 3000, 4100, 4195]  # ROW's values at these columns of 4196, over three sampling chunks
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gumbel_kernel_follows_softmax_across_chunks(triton_backend, device):
+    """The hierarchical draw over several chunks (reference.SAMPLE_CHUNK columns each): first a chunk by its
+    log-sum-exp plus a Gumbel, then a column within it; together softmax over the whole row."""
+    assert reference.SAMPLE_CHUNK == 2048
+    row = torch.full((4196,), float("-inf"))
+    row[HOT] = ROW
+    draws = torch.cat([_draws(kernels.cross_entropy_and_sample, row.to(device).expand(100, -1), seed)[0]
+                       for seed in range(6)])
+    assert set(draws.tolist()) <= set(HOT)
+    as_index = torch.tensor([HOT.index(c) for c in draws.tolist()])
+    assert _chi2(as_index, ROW, 1.0) < CHI2_999[5]
+    assert torch.equal(draws[:100].cpu(), reference.gumbel_sample(row.expand(100, -1), torch.tensor(0), 1.0))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replays_with_new_seed():

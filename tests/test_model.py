@@ -547,8 +547,8 @@ def test_forward_is_deterministic_given_seeds():
 
 
 def test_gumbel_sampling_follows_softmax():
-    """Chi-square goodness of fit of the twin's fp32 Gumbel-max samples to softmax(logits), on fixed seeds (the
-    Triton kernel's: tests/test_kernels.py)."""
+    """Chi-square goodness of fit of the twin's fp32 Gumbel-max samples to softmax(logits), on fixed seeds, within one
+    chunk of columns and across chunks (the Triton kernel's: tests/test_kernels.py)."""
     from scipy.stats import chisquare
 
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
@@ -558,6 +558,14 @@ def test_gumbel_sampling_follows_softmax():
     assert chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-3
     hot = reference.gumbel_sample(rows.to(torch.bfloat16), torch.tensor(0), 0.05)  # low temperature: argmax
     assert (hot == 0).float().mean() > 0.99
+    # over three chunks of reference.SAMPLE_CHUNK columns, with mass in each (the rest of the row -inf)
+    columns = torch.tensor([3, 2047, 2048, 2500, 4096, 4100])
+    wide = torch.full((4000, 4101), float("-inf"))
+    wide[:, columns] = logits
+    samples = torch.cat([reference.gumbel_sample(wide, torch.tensor(seed), 1.0) for seed in range(5)])
+    assert bool(torch.isin(samples, columns).all())
+    counts, expected = softmax_counts(torch.searchsorted(columns, samples), logits, 1.0)
+    assert chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-3
 
 
 def _dropout_grads(op, p: float, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:

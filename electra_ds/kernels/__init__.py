@@ -120,13 +120,13 @@ def sigmoid_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def cross_entropy_and_sample(logits: torch.Tensor, targets: torch.Tensor, seed: torch.Tensor, temperature: float,
                              sample_columns: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The generator head's loss and draws, from one pass over logits (N, V): per row the fp32 cross-entropy against
-    targets (N,) (target -100 gives 0; the only output with a gradient), and the Gumbel-max sample and the plain argmax
-    (long) of the first `sample_columns` columns (all when None). The noise is fp32 and depends only on (seed, row,
-    col); seed is a 0-d int64 device tensor (no host sync).
+    targets (N,) (target -100 gives 0; the only output with a gradient), and the (hierarchical) Gumbel-max sample
+    (reference.gumbel_sample) and the plain argmax (long) of the first `sample_columns` columns (all when None). The
+    noise is fp32 and depends only on (seed, row, col); seed is a 0-d int64 device tensor (no host sync).
 
-    Under torch.compile the forward stays one opaque op (the Triton kernel on CUDA; the twin's hash is 64-bit integer
-    arithmetic over every vocabulary logit, which the kernel does in native 32-bit, same bits either way), and its
-    backward, a pointwise formula (reference.cross_entropy_backward), traces into inductor's kernels."""
+    Under torch.compile the forward stays one opaque op (the Triton kernel on CUDA, the twin elsewhere: the draw's
+    chunk choice and per-column noise are not pointwise ops that inductor would fuse), and its backward, a pointwise
+    formula (reference.cross_entropy_backward), traces into inductor's kernels."""
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"cross_entropy_and_sample wants logits (N, V) and targets (N,), got {tuple(logits.shape)} "
                          f"and {tuple(targets.shape)}")

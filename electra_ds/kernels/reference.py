@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # cross_entropy rows whose target is this give loss 0 and gradient 0 (as in F.cross_entropy)
+SAMPLE_CHUNK = 2048  # columns per chunk of the hierarchical Gumbel-max draw (part of its definition, as the hash is)
+CHUNK_NOISE_COLUMN = 1 << 30  # chunk k's Gumbel is the noise of column CHUNK_NOISE_COLUMN + k (no real column)
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
@@ -72,7 +74,7 @@ def cross_entropy_and_sample(logits: torch.Tensor, targets: torch.Tensor, seed: 
                              sample_columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The generator head's loss and draws for logits (N, V) and targets (N,): `cross_entropy` over all V columns (the
     only output with a gradient), and the `gumbel_sample` and plain argmax of the first `sample_columns` columns
-    (long), which the Triton kernel finds in the same pass over the logits."""
+    (long), which the Triton kernel finds in one pass over the logits (and a second over one chunk per row)."""
     loss = cross_entropy(logits, targets)
     drawn = logits.detach()[:, :sample_columns]
     return loss, gumbel_sample(drawn, seed, temperature), drawn.argmax(dim=-1)
@@ -158,24 +160,42 @@ def _uniform(key: torch.Tensor, rows: torch.Tensor, col_hash: torch.Tensor) -> t
     return ((h >> 8) & 0xFFFFFF).bitwise_or_(1).float().mul_(2.0 ** -24)
 
 
+def _gumbel_(u: torch.Tensor) -> torch.Tensor:
+    return u.log_().neg_().log_().neg_()
+
+
 def gumbel_sample(logits: torch.Tensor, seed: torch.Tensor, temperature: float,
                   chunk_elements: int | None = None) -> torch.Tensor:
-    """Gumbel-max sample per row of logits (..., V) in fp32 -> (...) long; argmax(logits / T + noise), the noise
-    -log(-log(u)) of `hash_uniform(seed, flat row, col)`.
+    """Hierarchical Gumbel-max sample per row of logits (..., V) in fp32 -> (...) long, z = logits / T.
 
-    seed is a 0-d int64 tensor read on its device (no host sync). Rows go in chunks of about chunk_elements values
-    (default: 2**18 on a CPU, where the int64 temporaries then stay in cache, 2**22 elsewhere).
+    The columns fall in chunks of SAMPLE_CHUNK; chunk k scores logsumexp(z over the chunk) + gumbel(row,
+    CHUNK_NOISE_COLUMN + k), the best chunk wins (the first on a tie; a NaN score wins), and the sample is that
+    chunk's argmax(z + gumbel(row, col)); gumbel(row, col) = -log(-log(`hash_uniform(seed, flat row, col)`)). A chunk's
+    max of Gumbel-perturbed values is its log-sum-exp plus one Gumbel, independent of where in the chunk it falls, so
+    this draws from softmax(z) exactly as a Gumbel-max over every column does (the same draw when V <= SAMPLE_CHUNK),
+    with per-column noise for one chunk per row.
+
+    seed is a 0-d int64 tensor read on its device (no host sync). Rows go in groups of about chunk_elements values
+    (default: 2**18 on a CPU, where the temporaries then stay in cache, 2**22 elsewhere).
     """
     flat = logits.detach().reshape(-1, logits.shape[-1])
     n, v = flat.shape
-    key, col_hash = _seed_key(seed.to(flat.device)), mix32(torch.arange(v, device=flat.device))
+    device = flat.device
+    chunks = max(1, -(-v // SAMPLE_CHUNK))
+    width = min(SAMPLE_CHUNK, v)
+    key = _seed_key(seed.to(device))
+    chunk_hash = mix32(CHUNK_NOISE_COLUMN + torch.arange(chunks, device=device))
+    within = torch.arange(width, device=device)
     inv_t = 1.0 / temperature
     if chunk_elements is None:
-        chunk_elements = 1 << 18 if flat.device.type == "cpu" else 1 << 22
+        chunk_elements = 1 << 18 if device.type == "cpu" else 1 << 22
     step = max(1, chunk_elements // max(v, 1))
-    out = torch.empty(n, dtype=torch.long, device=flat.device)
+    out = torch.empty(n, dtype=torch.long, device=device)
     for start in range(0, n, step):
-        rows = torch.arange(start, min(start + step, n), device=flat.device)[:, None]
-        noise = _uniform(key, rows, col_hash).log_().neg_().log_().neg_()
-        out[start:start + step] = (flat[start:start + step].float() * inv_t + noise).argmax(dim=-1)
+        rows = torch.arange(start, min(start + step, n), device=device)[:, None]
+        z = F.pad(flat[start:start + step].float() * inv_t, (0, chunks * width - v), value=float("-inf"))
+        scores = torch.logsumexp(z.view(len(rows), chunks, width), dim=-1) + _gumbel_(_uniform(key, rows, chunk_hash))
+        cols = scores.argmax(dim=-1, keepdim=True) * width + within  # the winning chunk's columns
+        noisy = z.gather(1, cols) + _gumbel_(_uniform(key, rows, mix32(cols)))
+        out[start:start + step] = cols.gather(1, noisy.argmax(dim=-1, keepdim=True)).squeeze(1)
     return out.reshape(logits.shape[:-1])

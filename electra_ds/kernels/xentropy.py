@@ -1,10 +1,11 @@
 """Triton generator-head loss and sampling (twin: reference.cross_entropy_and_sample).
 
-One forward pass over each row of logits gives its fp32 cross-entropy, its Gumbel-max sample (fp32 noise that the
-twin computes bit for bit) and its plain argmax; only the fp32 log-sum-exp per row is kept for the backward, which
-recomputes softmax from the logits and writes the gradient straight in the logits dtype, so no (N, V) fp32 tensor
-is ever made. The sampling seed is read from a device tensor inside the kernel: no host sync, and a CUDA graph
-replays with whatever seed the tensor holds at replay time.
+One forward pass over each row of logits gives its fp32 cross-entropy, its hierarchical Gumbel-max sample (noise that
+the twin computes bit for bit) and its plain argmax. Per chunk of reference.SAMPLE_CHUNK columns the pass keeps a
+log-sum-exp (one exp per logit) and draws one Gumbel; the best chunk is then read once more, with per-column noise.
+Only the fp32 log-sum-exp per row is kept for the backward, which recomputes softmax from the logits and writes the
+gradient straight in the logits dtype, so no (N, V) fp32 tensor is ever made. The sampling seed is read from a device
+tensor inside the kernel: no host sync, and a CUDA graph replays with whatever seed the tensor holds at replay time.
 """
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ import triton.language as tl
 
 from .launch import tile_warps
 from .noise import row_key, seed_key, uniform
-from .reference import IGNORE_INDEX
+from .reference import CHUNK_NOISE_COLUMN, IGNORE_INDEX, SAMPLE_CHUNK
 
-_FWD_BLOCK = 2048  # smaller than the backward's: the forward's six running values per lane stay in registers
 _BWD_BLOCK = 4096
 
 
@@ -37,41 +37,62 @@ def _first_max_column(best, best_col, V):
     return tl.where(first_nan < V, first_nan, first_top).to(tl.int64)
 
 
-# Blocking: one program per row, sweeping the vocabulary in chunks of up to 2048 columns. Each lane keeps an online
-# log-sum-exp (running max and rescaled sum) and its best (value, column) for the noisy and for the plain logits; the
-# row's values come from the lanes' at the end.
+@triton.jit
+def _block_lse(z):
+    # log-sum-exp of a block: NaN if a value is NaN, +inf if one is +inf, -inf if all are -inf
+    mx = tl.max(z, axis=0)
+    ref = tl.where(tl.abs(mx) == float("inf"), 0.0, mx)
+    return ref + tl.log(tl.sum(tl.exp(z - ref), axis=0))
+
+
+@triton.jit
+def _gumbel(u):
+    return -tl.log(-tl.log(u))
+
+
+# Blocking: one program per row, sweeping the vocabulary in chunks of BLOCK (= SAMPLE_CHUNK, or the whole row when
+# shorter) columns, 16 per thread. Block reductions give each chunk's log-sum-exp, kept in a vector of CHUNKS slots
+# that the loss and the chunks' Gumbel scores share after the sweep; each lane keeps its best (value, column) of the
+# plain logits for the argmax. The winning chunk is then read again for the per-column Gumbel-max, so the noise (two
+# logs per value) is drawn for one chunk per row, not every column.
 @triton.jit
 def _electra_xentropy_sample_fwd(Logits, Targets, Seed, Loss, Lse, Sample, Argmax, V, S, stride, inv_t,
-                                 IGNORE: tl.constexpr, BLOCK: tl.constexpr):
+                                 IGNORE: tl.constexpr, BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
+                                 TEMPERED: tl.constexpr, NOISE_COLUMN: tl.constexpr):
     row = tl.program_id(0)
     base = Logits + row.to(tl.int64) * stride
     key = row_key(seed_key(Seed), row)
     cols = tl.arange(0, BLOCK)
-    m = tl.full([BLOCK], -3.0e38, dtype=tl.float32)  # finite start: exp(m - m_new) stays defined
-    s = tl.zeros([BLOCK], dtype=tl.float32)
-    best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    best_col = tl.zeros([BLOCK], dtype=tl.int32)
+    slots = tl.arange(0, CHUNKS)
+    chunk_lse = tl.full([CHUNKS], float("-inf"), dtype=tl.float32)
+    score_lse = tl.full([CHUNKS], float("-inf"), dtype=tl.float32)
     top = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     top_col = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, V, BLOCK):
         c = start + cols
         x = tl.load(base + c, mask=c < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, x)
-        s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
-        m = m_new
-        u = uniform(key, c)
         sampled = c < S
-        best, best_col = _keep_greater(best, best_col, tl.where(sampled, x * inv_t + -tl.log(-tl.log(u)),
-                                                                 float("-inf")), c)
         top, top_col = _keep_greater(top, top_col, tl.where(sampled, x, float("-inf")), c)
-    mx = tl.max(m, axis=0)
-    lse = mx + tl.log(tl.sum(s * tl.exp(m - mx), axis=0))
+        here = slots == start // BLOCK
+        lse_x = _block_lse(x)
+        chunk_lse = tl.where(here, lse_x, chunk_lse)
+        if TEMPERED:
+            score_lse = tl.where(here, _block_lse(tl.where(sampled, x * inv_t, float("-inf"))), score_lse)
+        elif start + BLOCK > S:  # a chunk that holds unsampled columns
+            score_lse = tl.where(here, _block_lse(tl.where(sampled, x, float("-inf"))), score_lse)
+        else:
+            score_lse = tl.where(here, lse_x, score_lse)
+    lse = _block_lse(chunk_lse)
+    score = score_lse + _gumbel(uniform(key, NOISE_COLUMN + slots))
+    c = _first_max_column(score, slots, CHUNKS).to(tl.int32) * BLOCK + cols
+    x = tl.load(base + c, mask=c < V, other=float("-inf")).to(tl.float32)
+    noisy = tl.where(c < S, x * inv_t + _gumbel(uniform(key, c)), float("-inf"))
     target = tl.load(Targets + row)
     valid = target != IGNORE
     x_target = tl.load(base + target, mask=valid, other=0.0).to(tl.float32)
     tl.store(Loss + row, tl.where(valid, lse - x_target, 0.0))
     tl.store(Lse + row, lse)
-    tl.store(Sample + row, _first_max_column(best, best_col, S))
+    tl.store(Sample + row, _first_max_column(noisy, c, S))
     tl.store(Argmax + row, _first_max_column(top, top_col, S))
 
 
@@ -103,11 +124,13 @@ def forward_pass(logits: torch.Tensor, targets: torch.Tensor, seed: torch.Tensor
     sample = torch.empty(n, dtype=torch.long, device=logits.device)
     argmax = torch.empty_like(sample)
     if n:
-        block = min(_FWD_BLOCK, triton.next_power_of_2(v))
+        block = min(SAMPLE_CHUNK, triton.next_power_of_2(v))  # the twin's chunks: SAMPLE_CHUNK columns, or one
+        chunks = triton.next_power_of_2(triton.cdiv(v, block))
         # fp fusion off: x * inv_t + noise must round like the twin's separate multiply and add
         _electra_xentropy_sample_fwd[(n,)](logits, targets, seed.to(device=logits.device, dtype=torch.int64), loss,
                                            lse, sample, argmax, v, sample_columns, logits.stride(0), 1.0 / temperature,
-                                           IGNORE=IGNORE_INDEX, BLOCK=block, num_warps=tile_warps(block),
+                                           IGNORE=IGNORE_INDEX, BLOCK=block, CHUNKS=chunks, TEMPERED=temperature != 1.0,
+                                           NOISE_COLUMN=CHUNK_NOISE_COLUMN, num_warps=max(1, block // 512),
                                            enable_fp_fusion=False)
     return loss, lse, sample, argmax
 
