@@ -194,34 +194,41 @@ def test_flat_layout_puts_matmul_operands_after_the_rest():
     assert other.layout_fingerprint() != module.layout_fingerprint()
 
 
-def test_compiled_backward_assembles_the_flat_gradients_without_zero_filled_pieces():
-    """Every split output of a forward under autocast is used, so the backward's concatenation into each flat
-    gradient has no zero-filled input per unused weight (hundreds of small fill kernels in a compiled GPU step)."""
-    from functorch.compile import make_boxed_func
+def _compiled_step_graphs(model: ElectraForPretraining, vocab: int) -> tuple[torch.fx.GraphModule,
+                                                                             torch.fx.GraphModule]:
+    """The forward and backward graphs that torch.compile hands to inductor for one pretraining step of `model`
+    under bf16 autocast (AOT autograd with inductor's decompositions and min-cut partition), run uncompiled."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._inductor.decomposition import select_decomp_table
 
-    backwards = []
+    graphs = []
 
-    def keep_backward(gm, example_inputs):
+    def keep_graphs(gm, example_inputs):
         def compiler(graph, _inputs):
+            graphs.append(graph)
             return make_boxed_func(graph.forward)
 
-        def backward(graph, _inputs):
-            backwards.append(graph)
-            return make_boxed_func(graph.forward)
-
-        return aot_module_simplified(gm, example_inputs, fw_compiler=compiler, bw_compiler=backward,
-                                     decompositions=select_decomp_table())
+        return aot_module_simplified(gm, example_inputs, fw_compiler=compiler, bw_compiler=compiler,
+                                     decompositions=select_decomp_table(),
+                                     partition_fn=min_cut_rematerialization_partition)
 
     torch._dynamo.reset()
-    model = ElectraForPretraining(preset("tiny", vocab_size=100)).train()
-    ids, mask = make_batch(100, batch=2, length=16)
-    plan = mask_plan(ids, None, vocab_size=100, max_predictions=3, seed=0)
+    ids, mask = make_batch(vocab, batch=2, length=16)
+    plan = mask_plan(ids, None, vocab_size=vocab, max_predictions=3, seed=0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = torch.compile(model, backend=keep_backward)(ids, None, None, plan, torch.tensor(1))
+        out = torch.compile(model, backend=keep_graphs)(ids, None, None, plan, torch.tensor(1))
     out.loss.backward()
-    (graph,) = backwards
+    torch._dynamo.reset()
+    forward, backward = graphs
+    return forward, backward
+
+
+def test_compiled_backward_assembles_the_flat_gradients_without_zero_filled_pieces():
+    """Every split output of a forward under autocast is used, so the backward's concatenation into each flat
+    gradient has no zero-filled input per unused weight (hundreds of small fill kernels in a compiled GPU step)."""
+    model = ElectraForPretraining(preset("tiny", vocab_size=100)).train()
+    _, graph = _compiled_step_graphs(model, 100)
     cats = [n for n in graph.graph.nodes if n.target is torch.ops.aten.cat.default]
     pieces = [piece for cat in cats for piece in cat.args[0]]
     assert len(pieces) >= len(model.layout())  # every weight's gradient goes through a concatenation
@@ -232,7 +239,23 @@ def test_compiled_backward_assembles_the_flat_gradients_without_zero_filled_piec
         spans = [(offset, math.prod(shape)) for g, _, offset, shape in layout if g == group]
         paddings += sum(b[0] > a[0] + a[1] for a, b in zip(spans, spans[1:])) + (sum(spans[-1]) < flat.numel())
     assert len(zero_filled) <= paddings < len(layout) / 2, (len(zero_filled), paddings)
-    torch._dynamo.reset()
+
+
+def test_compiled_step_keeps_no_fp32_gelu_values_for_the_backward():
+    """Under torch.compile each GELU's backward recomputes its fp32 values from the half-precision matrix-product
+    output (kernels.bias_gelu's selective checkpoint): the forward hands the backward no fp32 tensor as wide as an
+    intermediate layer, and bf16 ones of that width (the products' outputs and the GELUs' results). Left alone, the
+    partitioner stores each GELU's fp32 derivative instead."""
+    config = preset("tiny", vocab_size=100, intermediate_size=320, generator_intermediate_size=96)
+    widths = {config.discriminator.intermediate_size, config.generator.intermediate_size}
+    assert not widths & {config.hidden_size, config.generator.hidden_size, config.embedding_size}
+    forward, _ = _compiled_step_graphs(ElectraForPretraining(config).train(), 100)
+    (outputs,) = [n.args[0] for n in forward.graph.nodes if n.op == "output"]
+    kept = [n.meta.get("val") for n in outputs if isinstance(n, torch.fx.Node)]
+    tokens = 2 * 16  # _compiled_step_graphs' batch: activations have a value per token and column (weights not)
+    wide = [t.dtype for t in kept if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] in widths
+            and t.numel() == tokens * t.shape[-1]]
+    assert torch.bfloat16 in wide and torch.float32 not in wide, wide
 
 
 def test_export_import_round_trip_and_cli(tmp_path):

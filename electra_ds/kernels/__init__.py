@@ -16,6 +16,7 @@ import os
 from types import ModuleType
 
 import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from . import reference
 
@@ -106,9 +107,24 @@ def dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None = None) -> torc
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Exact (erf) GELU of x + bias."""
+    """Exact (erf) GELU of x + bias.
+
+    Under torch.compile the twin runs in a selective activation checkpoint that keeps only its half-precision tensors
+    (x, the matrix product's output, and the result, which the next product's weight gradient reads): the backward
+    recomputes the GELU's derivative from x. Left alone, the partitioner computes that derivative in the forward and
+    stores it in fp32, 4 bytes per value written there and read back, where x is 2 bytes and already written."""
+    if torch.compiler.is_compiling():
+        return checkpoint(reference.bias_gelu, x, bias, use_reentrant=False,
+                          context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_half_precision))
     impl = _op("gelu") if _use_triton(x) else reference
     return impl.bias_gelu(x, bias)
+
+
+def _keep_half_precision(_ctx, op, *_args, **kwargs) -> CheckpointPolicy:
+    """Save the casts to bf16/fp16 (the twin's result); recompute the rest (fp32 values) in the backward."""
+    if op is torch.ops.aten._to_copy.default and kwargs.get("dtype") in (torch.bfloat16, torch.float16):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def sigmoid_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
