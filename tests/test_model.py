@@ -241,21 +241,23 @@ def test_compiled_backward_assembles_the_flat_gradients_without_zero_filled_piec
     assert len(zero_filled) <= paddings < len(layout) / 2, (len(zero_filled), paddings)
 
 
-def test_compiled_step_keeps_no_fp32_gelu_values_for_the_backward():
-    """Under torch.compile each GELU's backward recomputes its fp32 values from the half-precision matrix-product
-    output (kernels.bias_gelu's selective checkpoint): the forward hands the backward no fp32 tensor as wide as an
-    intermediate layer, and bf16 ones of that width (the products' outputs and the GELUs' results). Left alone, the
-    partitioner stores each GELU's fp32 derivative instead."""
-    config = preset("tiny", vocab_size=100, intermediate_size=320, generator_intermediate_size=96)
-    widths = {config.discriminator.intermediate_size, config.generator.intermediate_size}
-    assert not widths & {config.hidden_size, config.generator.hidden_size, config.embedding_size}
+def test_compiled_step_keeps_only_half_precision_activations_for_the_backward():
+    """Under torch.compile the GELUs' and LayerNorms' backward recompute their fp32 values (and dropout masks) from
+    half-precision inputs (kernels._recomputed_in_backward): every per-token activation that the forward hands the
+    backward, at a tower's hidden or intermediate width, is bf16, none fp32 or a mask. Left alone, the partitioner
+    stores each GELU's fp32 derivative and each LayerNorm's fp32 normalised input (and mask) instead."""
+    config = preset("tiny", vocab_size=100, intermediate_size=320, generator_hidden_size=48,
+                    generator_intermediate_size=96)
+    widths = {config.hidden_size, config.generator.hidden_size, config.discriminator.intermediate_size,
+              config.generator.intermediate_size}
+    assert len(widths) == 4 and config.embedding_size not in widths  # the embeddings' own output is fp32
     forward, _ = _compiled_step_graphs(ElectraForPretraining(config).train(), 100)
     (outputs,) = [n.args[0] for n in forward.graph.nodes if n.op == "output"]
     kept = [n.meta.get("val") for n in outputs if isinstance(n, torch.fx.Node)]
     tokens = 2 * 16  # _compiled_step_graphs' batch: activations have a value per token and column (weights not)
-    wide = [t.dtype for t in kept if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] in widths
-            and t.numel() == tokens * t.shape[-1]]
-    assert torch.bfloat16 in wide and torch.float32 not in wide, wide
+    activations = [t.dtype for t in kept if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] in widths
+                   and t.numel() == tokens * t.shape[-1]]
+    assert len(activations) > 10 and set(activations) == {torch.bfloat16}, activations
 
 
 def test_export_import_round_trip_and_cli(tmp_path):

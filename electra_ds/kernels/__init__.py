@@ -92,6 +92,8 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     into inductor's LayerNorm kernel. seed is a 0-d int64 tensor on any device (no host sync); None draws one from
     torch's generator on x's device."""
     seed = _dropout_seed(dropout, seed, x.device)
+    if torch.compiler.is_compiling():
+        return _recomputed_in_backward(reference.add_layer_norm, x, residual, weight, bias, eps, dropout, seed)
     impl = _op("layer_norm") if _use_triton(x) else reference
     return impl.add_layer_norm(x, residual, weight, bias, eps, dropout, seed)
 
@@ -107,21 +109,27 @@ def dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None = None) -> torc
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Exact (erf) GELU of x + bias.
-
-    Under torch.compile the twin runs in a selective activation checkpoint that keeps only its half-precision tensors
-    (x, the matrix product's output, and the result, which the next product's weight gradient reads): the backward
-    recomputes the GELU's derivative from x. Left alone, the partitioner computes that derivative in the forward and
-    stores it in fp32, 4 bytes per value written there and read back, where x is 2 bytes and already written."""
+    """Exact (erf) GELU of x + bias."""
     if torch.compiler.is_compiling():
-        return checkpoint(reference.bias_gelu, x, bias, use_reentrant=False,
-                          context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_half_precision))
+        return _recomputed_in_backward(reference.bias_gelu, x, bias)
     impl = _op("gelu") if _use_triton(x) else reference
     return impl.bias_gelu(x, bias)
 
 
+def _recomputed_in_backward(twin, *args):
+    """twin(*args) under torch.compile, in a selective activation checkpoint that keeps only half-precision values:
+    its inputs (a matrix product's output and the residual stream, in memory anyway) and its result, which the next
+    op's backward reads; the backward recomputes the fp32 values in between. Left alone, inductor's partitioner
+    computes them in the forward and stores them for the backward (the GELU's derivative and LayerNorm's normalised
+    input in fp32, 4 bytes per value, and the dropout mask), written there and read back, where the half-precision
+    inputs (2 bytes per value) are written anyway. The dropout seed is drawn before (`_dropout_seed`), so the
+    recomputation draws the same mask."""
+    return checkpoint(twin, *args, use_reentrant=False,
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_half_precision))
+
+
 def _keep_half_precision(_ctx, op, *_args, **kwargs) -> CheckpointPolicy:
-    """Save the casts to bf16/fp16 (the twin's result); recompute the rest (fp32 values) in the backward."""
+    """Save the casts to bf16/fp16 (a twin's result); recompute the rest (fp32 values) in the backward."""
     if op is torch.ops.aten._to_copy.default and kwargs.get("dtype") in (torch.bfloat16, torch.float16):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
