@@ -57,9 +57,10 @@ class ElectraClassifier(FlatModule):
         torch's generator on the inputs' device), as in pretraining."""
         cfg, w = self.config, self.forward_views()
         check_token_ids(input_ids, cfg.vocab_size)
-        if self.training and seed is None:
+        if not self.training:
+            seed = None  # no dropout
+        elif seed is None:
             seed = torch.randint(2**62, (), device=input_ids.device)
-        seed = seed if self.training else None
         tower_seed = dropout_site(seed, TOWER_SITES[DISC])
         x = embed(w, f"{PREFIX}.embeddings", input_ids, token_type_ids, cfg, tower_seed)
         h = tower_forward(w, PREFIX, x, attention_mask_for_sdpa(attention_mask), cfg.discriminator, cfg, tower_seed)
