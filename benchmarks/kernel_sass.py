@@ -1,8 +1,9 @@
 """Count the machine instructions of the generator head's forward kernel (the loss and sampling sweep over the
 logits), compiled for the H100/H200 (sm_90) by Triton's compiler: no GPU needed.
 
-The kernel issues far more instructions per logit than it moves bytes, so on the card its time follows its
-instruction count; this prints the count per logit in the sweep's loop (and outside it), for ELECTRA-Small's logits (bf16 rows of 30528 columns, aligned as the model makes them), at temperature 1 and not.
+The sweep reads 2 bytes per logit; its time on the card is bounded by those bytes and by the instructions it issues
+per logit, which this prints (in the sweep's loop, and per thread outside it) for ELECTRA-Small's logits (bf16 rows of
+30528 columns, aligned as the model makes them), at temperature 1 and not.
 Usage: python benchmarks/kernel_sass.py [--json PATH]
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from electra_ds.files import atomic_write
-from electra_ds.kernels import reference, xentropy
+from electra_ds.kernels import xentropy
 
 SIGNATURE = {"Logits": "*bf16", "Targets": "*i64", "Seed": "*i64", "Loss": "*fp32", "Lse": "*fp32", "Sample": "*i64",
              "Argmax": "*i64", "V": "i32", "S": "i32", "stride": "i32", "inv_t": "fp32"}
@@ -47,21 +48,16 @@ def loop_instructions(code: list[tuple[int, str]]) -> tuple[int, int]:
 
 
 def measure(vocab: int = 30528, tempered: bool = False) -> dict:
-    block = min(reference.SAMPLE_CHUNK, triton.next_power_of_2(vocab))
-    warps = max(1, block // 512)  # as xentropy.forward_pass launches it
-    constexprs = {"IGNORE": reference.IGNORE_INDEX, "BLOCK": block,
-                  "CHUNKS": triton.next_power_of_2(triton.cdiv(vocab, block)), "TEMPERED": tempered,
-                  "NOISE_COLUMN": reference.CHUNK_NOISE_COLUMN}
-    names = list(SIGNATURE) + list(constexprs)
-    signature = {**SIGNATURE, **{k: "constexpr" for k in constexprs}}
+    launch = xentropy.forward_launch(vocab, 0.5 if tempered else 1.0)
+    options = {k: launch.pop(k) for k in ("num_warps", "enable_fp_fusion")}  # the rest are the constexprs
+    names = list(SIGNATURE) + list(launch)
+    signature = {**SIGNATURE, **{k: "constexpr" for k in launch}}
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in ALIGNED}
-    source = ASTSource(fn=xentropy._electra_xentropy_sample_fwd, signature=signature, constexprs=constexprs,
-                       attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "enable_fp_fusion": False})
+    source = ASTSource(fn=xentropy._electra_xentropy_sample_fwd, signature=signature, constexprs=launch, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     in_loop, outside = loop_instructions(disassemble(compiled.asm["cubin"]))
-    per_thread = block // (32 * warps)  # logits each thread handles per trip
-    return {"vocab": vocab, "tempered": tempered, "block": block, "num_warps": warps,
+    per_thread = launch["BLOCK"] // (32 * options["num_warps"])  # logits each thread handles per trip
+    return {"vocab": vocab, "tempered": tempered, "block": launch["BLOCK"], "num_warps": options["num_warps"],
             "loop_instructions_per_logit": in_loop / per_thread, "instructions_outside_loop": outside}
 
 
@@ -71,8 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = [measure(tempered=t) for t in (False, True)]
     for r in rows:
-        print(f"_electra_xentropy_sample_fwd, sm_90, {r['vocab']} columns, temperature {'!= 1' if r['tempered'] else '1'}"
-              f": {r['loop_instructions_per_logit']:.1f} instructions per logit in the sweep, "
+        temperature = "!= 1" if r["tempered"] else "1"
+        print(f"_electra_xentropy_sample_fwd, sm_90, {r['vocab']} columns, temperature {temperature}: "
+              f"{r['loop_instructions_per_logit']:.1f} instructions per logit in the sweep, "
               f"{r['instructions_outside_loop']} outside it")
     if args.json:
         atomic_write(args.json, json.dumps(rows, indent=1) + "\n")

@@ -513,7 +513,8 @@ def run_variant(setup: Setup, variant: Variant, *, warmup: int, steps: int, peak
             "mfu_datasheet": tflops / datasheet_tflops if datasheet_tflops else None,
             "peak_memory_mib": peak_memory_bytes(setup.device) / 2 ** 20, "memory_kind": memory_kind,
             "hours_per_1m_steps": median * SPEED_OF_RECIPE_STEPS / 3.6e6,
-            "final_loss": final_loss if math.isfinite(final_loss) else None, "host_syncs_per_step": None if sync_sites is None else sum(sync_sites.values()),
+            "final_loss": final_loss if math.isfinite(final_loss) else None,
+            "host_syncs_per_step": None if sync_sites is None else sum(sync_sites.values()),
             "host_sync_sites": sync_sites, "profile": profile, "step_ms": times})
     except Exception as e:  # one variant failing must not lose the others' numbers
         record.update(status="error", error=f"{type(e).__name__}: {e}"[:ERROR_CHARS],

@@ -10,7 +10,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 
-MAX_LAYERS = 511  # per tower: its dropout sites, 2 per layer, are numbered below 1024 (model.layers.dropout_site)
+SITES_PER_TOWER = 1024  # dropout sites numbered per tower (model.layers.dropout_site): its embeddings, 2 per layer
+MAX_LAYERS = (SITES_PER_TOWER - 1) // 2
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class ElectraConfig:
             gen = self.generator
             if max(self.num_hidden_layers, gen.num_hidden_layers) > MAX_LAYERS:
                 problems.append(f"at most {MAX_LAYERS} layers per tower (each tower numbers its dropout sites "
-                                f"below 1024), got {max(self.num_hidden_layers, gen.num_hidden_layers)}")
+                                f"below {SITES_PER_TOWER}), got {max(self.num_hidden_layers, gen.num_hidden_layers)}")
             if gen.hidden_size > self.hidden_size:
                 problems.append(f"generator hidden size {gen.hidden_size} is wider than the discriminator's "
                                 f"{self.hidden_size}")

@@ -23,9 +23,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     needed only when dropout > 0. The output has x's dtype (not fp32 as torch's layer_norm gives under autocast), so
     under bf16 autocast the hidden state passed between layers is bf16, by design: half the memory traffic between
     layers. Each gradient comes back in its own input's dtype (an fp32 residual's stays fp32)."""
-    h = x.float()
-    if dropout > 0:
-        h = torch.where(dropout_keep(seed, x.shape, dropout), h * dropout_scale(dropout), 0.0)
+    h = _dropped(x.float(), dropout, seed) if dropout > 0 else x.float()
     if residual is not None:
         h = h + residual.float()
     return F.layer_norm(h, (h.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
@@ -43,7 +41,11 @@ def dropout_keep(seed: torch.Tensor, shape: torch.Size, dropout: float) -> torch
 
 def dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """x where `dropout_keep(seed, x.shape, p)` holds, times 1 / (1 - p) in fp32, else 0; in x's dtype."""
-    return torch.where(dropout_keep(seed, x.shape, p), x.float() * dropout_scale(p), 0.0).to(x.dtype)
+    return _dropped(x.float(), p, seed).to(x.dtype)
+
+
+def _dropped(h: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    return torch.where(dropout_keep(seed, h.shape, p), h * dropout_scale(p), 0.0)
 
 
 def dropout_scale(dropout: float) -> float:

@@ -114,6 +114,15 @@ def _rows(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, to
     return (logits if logits.stride(1) == 1 else logits.contiguous()), targets.contiguous()
 
 
+def forward_launch(vocab: int, temperature: float) -> dict:
+    """The forward kernel's constexprs and launch options for rows of `vocab` columns."""
+    block = min(SAMPLE_CHUNK, triton.next_power_of_2(vocab))  # the twin's chunks: SAMPLE_CHUNK columns, or one
+    # fp fusion off: x * inv_t + noise must round like the twin's separate multiply and add
+    return dict(IGNORE=IGNORE_INDEX, BLOCK=block, CHUNKS=triton.next_power_of_2(triton.cdiv(vocab, block)),
+                TEMPERED=temperature != 1.0, NOISE_COLUMN=CHUNK_NOISE_COLUMN, num_warps=max(1, block // 512),
+                enable_fp_fusion=False)
+
+
 def forward_pass(logits: torch.Tensor, targets: torch.Tensor, seed: torch.Tensor, temperature: float,
                  sample_columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, log-sum-exp, sample, argmax) per row, from one kernel launch; no autograd."""
@@ -124,14 +133,9 @@ def forward_pass(logits: torch.Tensor, targets: torch.Tensor, seed: torch.Tensor
     sample = torch.empty(n, dtype=torch.long, device=logits.device)
     argmax = torch.empty_like(sample)
     if n:
-        block = min(SAMPLE_CHUNK, triton.next_power_of_2(v))  # the twin's chunks: SAMPLE_CHUNK columns, or one
-        chunks = triton.next_power_of_2(triton.cdiv(v, block))
-        # fp fusion off: x * inv_t + noise must round like the twin's separate multiply and add
         _electra_xentropy_sample_fwd[(n,)](logits, targets, seed.to(device=logits.device, dtype=torch.int64), loss,
                                            lse, sample, argmax, v, sample_columns, logits.stride(0), 1.0 / temperature,
-                                           IGNORE=IGNORE_INDEX, BLOCK=block, CHUNKS=chunks, TEMPERED=temperature != 1.0,
-                                           NOISE_COLUMN=CHUNK_NOISE_COLUMN, num_warps=max(1, block // 512),
-                                           enable_fp_fusion=False)
+                                           **forward_launch(v, temperature))
     return loss, lse, sample, argmax
 
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from electra_ds import kernels
 from electra_ds.config import ElectraConfig
 from electra_ds.model.electra import DISC, TOWER_SITES, check_token_ids
-from electra_ds.model.layers import attention_mask_for_sdpa, dropout_site, embed, embedding_specs, linear_specs, \
-    tower_forward, tower_specs
+from electra_ds.model.layers import attention_mask_for_sdpa, dropout_site, embed, embedding_specs, forward_seed, \
+    linear_specs, tower_forward, tower_specs
 from electra_ds.model.params import FlatModule
 
 PREFIX = "electra"
@@ -57,10 +57,7 @@ class ElectraClassifier(FlatModule):
         torch's generator on the inputs' device), as in pretraining."""
         cfg, w = self.config, self.forward_views()
         check_token_ids(input_ids, cfg.vocab_size)
-        if not self.training:
-            seed = None  # no dropout
-        elif seed is None:
-            seed = torch.randint(2**62, (), device=input_ids.device)
+        seed = forward_seed(self.training, input_ids.device, seed)
         tower_seed = dropout_site(seed, TOWER_SITES[DISC])
         x = embed(w, f"{PREFIX}.embeddings", input_ids, token_type_ids, cfg, tower_seed)
         h = tower_forward(w, PREFIX, x, attention_mask_for_sdpa(attention_mask), cfg.discriminator, cfg, tower_seed)

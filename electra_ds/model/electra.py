@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from electra_ds import kernels
-from electra_ds.config import ElectraConfig
+from electra_ds.config import SITES_PER_TOWER, ElectraConfig
 from electra_ds.data.masking import MaskingPlan
-from electra_ds.model.layers import (attention_mask_for_sdpa, dropout_site, embed, embedding_specs,
+from electra_ds.model.layers import (attention_mask_for_sdpa, dropout_site, embed, embedding_specs, forward_seed,
                                      layer_norm_specs, linear_specs, tower_forward, tower_specs)
 from electra_ds.model.params import FlatModule, WeightSpec
 
 DISC, GEN = "discriminator", "generator"
-TOWER_SITES = {GEN: 1 << 10, DISC: 2 << 10}  # each tower's dropout sites: this one (its embeddings) + 1..2 * layers
+TOWER_SITES = {GEN: SITES_PER_TOWER, DISC: 2 * SITES_PER_TOWER}  # a tower's sites: this (embeddings), + 1..2L
 EMB = f"{DISC}.electra.embeddings"
 LM_HEAD = f"{GEN}.generator_lm_head.weight"  # tied to the word embeddings
 # The training forward pads the generator's logits with -inf columns to a multiple of this many: cuBLAS runs the
@@ -106,10 +106,6 @@ class ElectraForPretraining(FlatModule):
         return tower_forward(w, f"{tower}.electra", x, attention_mask_for_sdpa(attention_mask),
                              shape, cfg, tower_seed)
 
-    def _inference_seed(self, device: torch.device) -> torch.Tensor | None:
-        """A fresh noise seed in training mode (dropout on), None in evaluation."""
-        return torch.randint(2**62, (), device=device) if self.training else None
-
     def _generator_head(self, w: dict, hidden: torch.Tensor, vocab_multiple: int = 1) -> torch.Tensor:
         """Vocabulary logits, with -inf columns appended up to a multiple of `vocab_multiple` (VOCAB_MULTIPLE)."""
         p = f"{GEN}.generator_predictions"
@@ -134,14 +130,15 @@ class ElectraForPretraining(FlatModule):
         """Discriminator hidden states (B, L, H)."""
         check_token_ids(input_ids, self.config.vocab_size)
         return self._tower(self.forward_views(), DISC, input_ids, attention_mask, token_type_ids,
-                           self._inference_seed(input_ids.device))
+                           forward_seed(self.training, input_ids.device))
 
     def discriminator_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                              token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Replaced-token logits (B, L); > 0 means "replaced"."""
         check_token_ids(input_ids, self.config.vocab_size)
         w = self.forward_views()
-        hidden = self._tower(w, DISC, input_ids, attention_mask, token_type_ids, self._inference_seed(input_ids.device))
+        seed = forward_seed(self.training, input_ids.device)
+        hidden = self._tower(w, DISC, input_ids, attention_mask, token_type_ids, seed)
         return self._discriminator_head(w, hidden)
 
     def generator_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -150,7 +147,8 @@ class ElectraForPretraining(FlatModule):
         """Vocabulary logits at `positions` (B, P) -> (B, P, V); all positions when None."""
         check_token_ids(input_ids, self.config.vocab_size)
         w = self.forward_views()
-        hidden = self._tower(w, GEN, input_ids, attention_mask, token_type_ids, self._inference_seed(input_ids.device))
+        seed = forward_seed(self.training, input_ids.device)
+        hidden = self._tower(w, GEN, input_ids, attention_mask, token_type_ids, seed)
         if positions is not None:
             hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
         return self._generator_head(w, hidden)
@@ -162,7 +160,7 @@ class ElectraForPretraining(FlatModule):
         draws use it, and in training each dropout site a seed derived from it (`dropout_site`), so the masks are
         the same with or without the Triton kernels and torch.compile."""
         cfg, w = self.config, self.forward_views()
-        dropout_seed = seed if self.training else None
+        dropout_seed = forward_seed(self.training, input_ids.device, seed)
         check_token_ids(input_ids, cfg.vocab_size)  # the original: the towers' inputs are made from it
         batch, slots = plan.masked_positions.shape
 

@@ -55,6 +55,14 @@ def tower_specs(prefix: str, config: ElectraConfig, tower: TowerConfig) -> list[
     return specs
 
 
+def forward_seed(training: bool, device: torch.device, seed: torch.Tensor | None = None) -> torch.Tensor | None:
+    """A forward's noise seed: None outside training (no dropout); in training `seed`, or one drawn from torch's
+    generator on `device` when that is None."""
+    if not training:
+        return None
+    return torch.randint(2**62, (), device=device) if seed is None else seed
+
+
 def dropout_site(seed: torch.Tensor | None, site: int) -> torch.Tensor | None:
     """The dropout seed of site `site` (0 < site < 2**21) under `seed` (a forward's 0-d int64 seed, below 2**62):
     the site number in bits 40 and up, so each site's masks differ from the other sites' (None stays None)."""
