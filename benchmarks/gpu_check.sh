@@ -6,15 +6,16 @@
 #
 # 1. installs the carried wheels (deepspeed and what it needs) into /tmp/site,
 # 2. prints the GPU (nvidia-smi) and the versions,
-# 3. runs the GPU-marked tests (kernels vs twins, no host sync in the engine step, eager and CUDA graphs),
+# 3. runs the GPU-marked tests (kernels vs twins, attention included; no host sync in the engine step, eager and
+#    CUDA graphs),
 # 4. times ELECTRA-Small bf16, batch 128 x 128: every variant of benchmarks/throughput.py in the order of $VARIANTS
 #    (the JSON and the table are rewritten after each, so an overrun keeps what finished), each followed by its
 #    host syncs per step and a 3-step profile (GPU busy time per step, top kernels: benchmarks/step_profile.py);
 #    with INDUCTOR_SETS, the engine step with CUDA graphs again under each set of inductor settings,
 # 5. with REAL_LOOP=1, the real training loop (launch/pretrain.py, Small, --compile reduce-overhead, 3000 steps:
 #    tokens/s per 50 steps in real_loop_metrics.jsonl; its time is kept aside from the throughput stage),
-# 6. if time is left, each fused kernel timed against its twin and plain torch, and attention under each SDPA
-#    backend (benchmarks/kernel_speed.py), and a batch sweep (256, 512) of the eager variants.
+# 6. if time is left, each fused kernel timed against its twin and plain torch, and one layer's attention under each
+#    SDPA backend and ours (benchmarks/kernel_speed.py), and a batch sweep (256, 512) of the eager variants.
 # Logs (gpu_check.log: everything; pytest_gpu_kernels.log, pytest_gpu.log), JSON and tables (throughput.*,
 # inductor_N.*, real_loop_metrics.jsonl, kernels.json, sweep.*) go to $OUT (./gpu_out when OUT is unset); at the end
 # all but gpu_check.log are packed into $OUT/results.tar.gz (the device tool brings back at most 8 files). The whole
@@ -109,8 +110,8 @@ PY
     [ "$VARIANTS" = none ] || later=$((later + 310))
     t=$(limit 90 $((later + 90)))
     banner "GPU kernel tests (kernels vs twins, at most ${t}s)"
-    timeout -k 10 "$t" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/test_kernels.py \
-      tests/test_kernel_adam.py 2>&1 | tee "$OUT/pytest_gpu_kernels.log"
+    timeout -k 10 "$t" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/test_attention_kernel.py \
+      tests/test_kernels.py tests/test_kernel_adam.py 2>&1 | tee "$OUT/pytest_gpu_kernels.log"
     status "kernel tests" "${PIPESTATUS[0]}"
     t=$(limit 90 "$later")
     banner "the engine step's GPU tests (no host syncs, eager and CUDA graphs; at most ${t}s)"

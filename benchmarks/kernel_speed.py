@@ -1,6 +1,6 @@
 """Time each fused op on CUDA at ELECTRA-Small sizes (bf16, batch 128 x 128): Triton kernel vs twin vs the
-plain torch ops a model would otherwise call; then attention (SDPA as the model calls it, forward and backward) under
-each SDPA backend, without a mask (every row full) and with a key-padding mask, per tower.
+plain torch ops a model would otherwise call; then one layer's attention, forward and backward, under each SDPA backend
+and as our kernels.attention, without a mask (every row full) and with a key-padding mask, per tower.
 Usage: python benchmarks/kernel_speed.py [--json PATH]
 """
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from electra_ds.files import atomic_write
-from electra_ds.kernels import adam_step, add_layer_norm, bias_gelu, cross_entropy_and_sample, set_backend, sigmoid_bce
+from electra_ds.kernels import (adam_step, add_layer_norm, attention, bias_gelu, cross_entropy_and_sample, set_backend,
+                                sigmoid_bce)
 from electra_ds.model.electra import VOCAB_MULTIPLE
 
 
@@ -102,22 +103,30 @@ SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "M
 
 
 def attention_cases(dev: str = "cuda", batch: int = 128, length: int = 128, head_dim: int = 64,
-                    heads: dict[str, int] | None = None, dropout: float = 0.1) -> dict[str, Callable[[], tuple]]:
-    """name -> fwd+bwd callable of one layer's SDPA as `encoder_layer` calls it (bf16, attention dropout on, q/k/v
-    permuted views of one (B, L, 3, heads, head_dim) projection), for each tower of ELECTRA-Small by default,
-    without a mask and with a (B, 1, 1, L) key-padding mask where every other row ends in 16 padding tokens. Which
-    SDPA backend runs is up to the caller (`sdpa_kernel`)."""
+                    heads: dict[str, int] | None = None, dropout: float = 0.1) -> dict[str, tuple[Callable, Callable]]:
+    """name -> (SDPA's fwd+bwd callable, ours') for one layer's attention from its (B, L, 3 * hidden) QKV product to
+    the (B, L, hidden) context, bf16, attention dropout on, for each tower of ELECTRA-Small by default, without a mask
+    and with a key-padding mask where every other row ends in 16 padding tokens. SDPA's is the model's attention before
+    `kernels.attention`: q/k/v permuted views, the context transposed back (which SDPA backend runs is up to the
+    caller, `sdpa_kernel`); ours is `kernels.attention` (the Triton kernels on CUDA)."""
     heads = heads or {"discriminator": 4, "generator": 1}
-    padded = torch.ones(batch, 1, 1, length, dtype=torch.bool, device=dev)
-    padded[::2, ..., length - min(16, length - 1):] = False
+    padded = torch.ones(batch, length, dtype=torch.long, device=dev)
+    padded[::2, length - min(16, length - 1):] = 0
+    seed = torch.tensor(0, device=dev)
+
+    def sdpa(qkv: torch.Tensor, n: int, mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = qkv.view(batch, length, 3, n, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        keys = None if mask is None else mask.bool()[:, None, None, :]
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, dropout_p=dropout)
+        return context.transpose(1, 2).reshape(batch, length, n * head_dim)
+
     out = {}
     for tower, n in heads.items():
-        qkv = torch.randn(batch, length, 3, n, head_dim, device=dev, dtype=torch.bfloat16)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        qkv = torch.randn(batch, length, 3 * n * head_dim, device=dev, dtype=torch.bfloat16)
         for label, mask in (("no mask", None), ("padding mask", padded)):
-            out[f"{tower} ({n} heads) {label}"] = _fwd_bwd(
-                lambda q, k, v, mask=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout),
-                q, k, v)
+            out[f"{tower} ({n} heads) {label}"] = (
+                _fwd_bwd(lambda x, n=n, mask=mask: sdpa(x, n, mask), qkv),
+                _fwd_bwd(lambda x, n=n, mask=mask: attention(x, n, mask, dropout, seed), qkv))
     return out
 
 
@@ -131,18 +140,18 @@ def _with_backend(fn: Callable[[], tuple], backend: str) -> Callable[[], tuple]:
 
 
 def time_attention() -> dict[str, dict[str, float | str]]:
-    """case -> backend -> ms per call inside a CUDA graph, or why there is no figure. Each backend is tried eagerly
-    first (a backend that does not take the case, e.g. flash with a mask, refuses there, outside any capture); a
-    capture that still fails ends the section, since the CUDA context may not be usable after it."""
+    """case -> SDPA backend or "electra_ds" -> ms per call inside a CUDA graph, or why there is no figure. Each
+    backend is tried eagerly first (a backend that does not take the case, e.g. flash with a mask, refuses there,
+    outside any capture); a capture that still fails ends the section, since the CUDA context may not be usable
+    after it."""
     results: dict[str, dict[str, float | str]] = {}
     broken = None
-    for name, fn in attention_cases().items():
+    for name, (sdpa, ours) in attention_cases().items():
         row = results[name] = {}
-        for backend in SDPA_BACKENDS:
+        for backend, run in [(b, _with_backend(sdpa, b)) for b in SDPA_BACKENDS] + [("electra_ds", ours)]:
             if broken:
                 row[backend] = f"skipped: {broken}"
                 continue
-            run = _with_backend(fn, backend)
             try:
                 run()
                 torch.cuda.synchronize()
@@ -177,7 +186,8 @@ def main() -> None:
     if args.json:  # kept even if the attention section below does not finish
         atomic_write(args.json, json.dumps(report, indent=1))
     attention = time_attention()
-    print("SDPA forward + backward of one layer, bf16, dropout 0.1, ms per call in a CUDA graph (x 12 layers per tower):")
+    print("Attention forward + backward of one layer from its QKV product, bf16, dropout 0.1, ms per call in a CUDA "
+          "graph (x 12 layers per tower), per SDPA backend and ours (electra_ds):")
     for name, row in attention.items():
         print(f"{name:40s} " + "  ".join(f"{b.split('_')[0].lower()} " + (f"{v:.3f}" if isinstance(v, float) else "n/a")
                                          for b, v in row.items()))

@@ -10,8 +10,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 
-SITES_PER_TOWER = 1024  # dropout sites numbered per tower (model.layers.dropout_site): its embeddings, 2 per layer
-MAX_LAYERS = (SITES_PER_TOWER - 1) // 2
+SITES_PER_TOWER = 1024  # dropout sites numbered per tower (model.layers.dropout_site): its embeddings, 3 per layer
+MAX_LAYERS = (SITES_PER_TOWER - 1) // 3
 
 
 @dataclass(frozen=True)

@@ -263,19 +263,21 @@ def test_kernel_speed_cases_run_on_small_shapes():
 
 
 def test_kernel_speed_attention_cases_run_on_small_shapes():
-    """The attention cases (SDPA forward and backward per tower, with and without a padding mask) run on the CPU
-    under the MATH backend; without dropout a padded key gets no gradient, a real one does."""
+    """The attention cases (SDPA and ours, forward and backward per tower, with and without a padding mask) run on the
+    CPU (SDPA's MATH backend, our twin): without dropout both give the same QKV gradient, and a padded key gets no
+    gradient, a real one does."""
     from benchmarks import kernel_speed
 
     torch.manual_seed(0)
     cases = kernel_speed.attention_cases("cpu", batch=2, length=20, head_dim=8, dropout=0.0)
     assert set(cases) == {"discriminator (4 heads) no mask", "discriminator (4 heads) padding mask",
                           "generator (1 heads) no mask", "generator (1 heads) padding mask"}
-    for name, fn in cases.items():
-        grads = kernel_speed._with_backend(fn, "MATH")()
+    for name, (sdpa, ours) in cases.items():
+        (grad,), (ours_grad,) = kernel_speed._with_backend(sdpa, "MATH")(), ours()
         heads = 4 if name.startswith("discriminator") else 1
-        assert [tuple(g.shape) for g in grads] == [(2, heads, 20, 8)] * 3
-        key_grad = grads[1][0].float().abs().sum(dim=(0, 2))  # row 0: padded in the mask case
+        assert grad.shape == (2, 20, 3 * heads * 8)
+        torch.testing.assert_close(ours_grad.float(), grad.float(), atol=0.05, rtol=0.05, msg=name)
+        key_grad = grad[0, :, heads * 8:2 * heads * 8].float().abs().sum(dim=1)  # row 0: padded in the mask case
         assert bool((key_grad[:4] > 0).all())
         assert bool((key_grad[4:] == 0).all()) == name.endswith("padding mask"), name
 

@@ -36,8 +36,10 @@ def test_every_kernel_launch_compiles_for_hopper(tmp_path):
     kernels = {e["kernel"] for e in recorded}
     assert kernels == {"_electra_add_layer_norm_fwd", "_electra_add_layer_norm_bwd", "_electra_bias_gelu_fwd",
                        "_electra_bias_gelu_bwd", "_electra_xentropy_sample_fwd", "_electra_xentropy_bwd",
-                       "_electra_sigmoid_bce_fwd", "_electra_sigmoid_bce_bwd", "_electra_dropout", "_electra_adam_step"}
+                       "_electra_sigmoid_bce_fwd", "_electra_sigmoid_bce_bwd", "_electra_dropout", "_electra_adam_step",
+                       "_electra_attention_fwd", "_electra_attention_bwd"}
     assert any(e["constexprs"].get("DROPOUT") for e in recorded)  # training: the fused dropout is among them
+    assert {e["constexprs"]["HAS_MASK"] for e in recorded if e["kernel"] == "_electra_attention_fwd"} == {False, True}
     done = subprocess.run([sys.executable, str(CHECK), "compile", str(launches), "--arch", "90"], env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

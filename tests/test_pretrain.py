@@ -575,13 +575,12 @@ def test_discriminator_learns_to_spot_random_replacements(corpus, tmp_path):
 @pytest.mark.slow
 def test_compile_changes_speed_only(corpus, tmp_path):
     """--compile runs inductor over the PyTorch twins (and the generator head's loss and sampling as one opaque op):
-    the same losses as eager, hidden-state dropout on (the same hashed masks; attention dropout off: SDPA's math
-    backend draws from torch's generator, which inductor replaces with its own). About four minutes on 2 CPU cores
-    with an empty inductor cache, mostly compiling: batches with and without padding, and evaluation, compile apart."""
-    no_attention_dropout = ("--model_override", "attention_probs_dropout_prob=0")
-    eager = losses(train(corpus, tmp_path / "eager", *no_attention_dropout, steps=3))
+    the same losses as eager, dropout on (hidden states and attention probabilities: the same hashed masks). About
+    four minutes on 2 CPU cores with an empty inductor cache, mostly compiling: batches with and without padding, and
+    evaluation, compile apart."""
+    eager = losses(train(corpus, tmp_path / "eager", steps=3))
     torch._dynamo.utils.counters.clear()
-    compiled = losses(train(corpus, tmp_path / "compiled", *no_attention_dropout, "--compile", "default", steps=3))
+    compiled = losses(train(corpus, tmp_path / "compiled", "--compile", "default", steps=3))
     # one graph per forward (and its backward): a graph break would split the CUDA graphs of reduce-overhead
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     assert eager.keys() == compiled.keys()

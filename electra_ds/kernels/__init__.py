@@ -1,7 +1,7 @@
 """Fused ops used by the model: a Triton kernel per op, and a plain-PyTorch twin (reference.py) that is its
 specification. Under torch.compile the ops trace as their twins, which inductor fuses into its own kernels (dropout
-masks included: the same hash, so the same masks as without compile), except `cross_entropy_and_sample`, which stays
-an opaque custom op (see there).
+masks included: the same hash, so the same masks as without compile), except `cross_entropy_and_sample` and
+`attention`, which stay opaque custom ops (see there).
 
 Backend choice: "auto" (default) runs Triton for CUDA tensors when triton imports and the twin otherwise;
 "triton" forces the kernels (CPU tensors then need TRITON_INTERPRET=1 set before the first kernel call);
@@ -135,6 +135,72 @@ def _keep_half_precision(_ctx, op, *_args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def attention(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None = None, dropout: float = 0.0,
+              seed: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head self-attention of a QKV product (B, L, 3 * hidden) -> the context (B, L, hidden); key_mask (B, L):
+    0 for padding keys (None: no padding). Dropout (pass 0.0 outside training) on the probabilities keeps those that
+    `reference.dropout_keep` picks by a hash of (seed, (batch * heads + head) * L + query, key): the same mask from
+    the kernel and the twin. See reference.attention.
+
+    Under torch.compile the Triton kernels stay opaque custom ops (inductor would build the L x L probabilities in
+    memory from the twin); where they do not run (CPU tensors, backend "torch") the twin traces into inductor's
+    kernels."""
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * heads):
+        raise ValueError(f"attention wants a QKV product (B, L, 3 * heads * head size) for {heads} heads, got "
+                         f"{tuple(qkv.shape)}")
+    if key_mask is not None and key_mask.shape != qkv.shape[:2]:
+        raise ValueError(f"attention's key_mask must be (B, L) = {tuple(qkv.shape[:2])}, got {tuple(key_mask.shape)}")
+    seed = _dropout_seed(dropout, seed, qkv.device)
+    if torch.compiler.is_compiling():
+        # the backend's choice as torch.compile can trace it (not the import check): compiling for CUDA needs triton
+        if _backend == "triton" or (_backend == "auto" and qkv.is_cuda):
+            return _attention_op(qkv, key_mask, seed, heads, dropout)[0]
+        return reference.attention(qkv, heads, key_mask, dropout, seed)
+    impl = _op("fused_attention") if _use_triton(qkv) else reference
+    return impl.attention(qkv, heads, key_mask, dropout, seed)
+
+
+@torch.library.custom_op("electra_ds::attention", mutates_args=())
+def _attention_op(qkv: torch.Tensor, key_mask: torch.Tensor | None, seed: torch.Tensor | None, heads: int,
+                  dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context, softmax statistics): the statistics are kept for the backward (fused_attention.forward_pass)."""
+    return _op("fused_attention").forward_pass(qkv.contiguous(), heads, key_mask, dropout, seed)
+
+
+@_attention_op.register_fake
+def _(qkv: torch.Tensor, key_mask: torch.Tensor | None, seed: torch.Tensor | None, heads: int,
+      dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, length, width = qkv.shape
+    return qkv.new_empty(batch, length, width // 3), qkv.new_empty(2, batch * heads, length, dtype=torch.float32)
+
+
+@torch.library.custom_op("electra_ds::attention_backward", mutates_args=())
+def _attention_backward_op(dout: torch.Tensor, qkv: torch.Tensor, key_mask: torch.Tensor | None,
+                           seed: torch.Tensor | None, out: torch.Tensor, stats: torch.Tensor, heads: int,
+                           dropout: float) -> torch.Tensor:
+    return _op("fused_attention").backward_pass(dout, qkv.contiguous(), key_mask, seed, out, stats, heads, dropout)
+
+
+@_attention_backward_op.register_fake
+def _(dout: torch.Tensor, qkv: torch.Tensor, key_mask: torch.Tensor | None, seed: torch.Tensor | None,
+      out: torch.Tensor, stats: torch.Tensor, heads: int, dropout: float) -> torch.Tensor:
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _save_attention(ctx, inputs: tuple, output: tuple) -> None:
+    qkv, key_mask, seed, ctx.heads, ctx.dropout = inputs
+    ctx.save_for_backward(qkv, key_mask, seed, *output)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _attention_backward(ctx, dout: torch.Tensor, _dstats: torch.Tensor) -> tuple:
+    qkv, key_mask, seed, out, stats = ctx.saved_tensors
+    return _attention_backward_op(dout, qkv, key_mask, seed, out, stats, ctx.heads, ctx.dropout), None, None, None, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_save_attention)
+
+
 def sigmoid_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-element binary cross-entropy with logits, in fp32."""
     impl = _op("bce") if _use_triton(logits) else reference
@@ -206,5 +272,5 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
                    weight_decay=weight_decay, grad_scale=grad_scale)
 
 
-__all__ = ["BACKENDS", "adam_step", "add_layer_norm", "bias_gelu", "cross_entropy_and_sample", "dropout", "get_backend",
-           "reference", "set_backend", "sigmoid_bce", "triton_available"]
+__all__ = ["BACKENDS", "adam_step", "add_layer_norm", "attention", "bias_gelu", "cross_entropy_and_sample", "dropout",
+           "get_backend", "reference", "set_backend", "sigmoid_bce", "triton_available"]

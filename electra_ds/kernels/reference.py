@@ -52,6 +52,28 @@ def dropout_scale(dropout: float) -> float:
     return 1.0 / (1.0 - dropout) if dropout < 1.0 else 0.0
 
 
+MASKED_SCORE = -1e30  # an attention score where the key is padding: finite, so a row of padding only is uniform
+
+
+def attention(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None, dropout: float = 0.0,
+              seed: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head self-attention of the QKV product qkv (B, L, 3 * hidden), laid out [q | k | v] with heads
+    side by side in each, -> the context (B, L, hidden), heads side by side, in qkv's dtype.
+
+    softmax(q k^T / sqrt(head size)) v per head in fp32; a key whose key_mask (B, L) entry is 0 scores MASKED_SCORE
+    (None: every key is real). Dropout on the probabilities keeps those that `dropout_keep(seed, (B, heads, L, L),
+    dropout)` picks (row: (b * heads + head) * L + query, column: key) and scales them by 1 / (1 - dropout)."""
+    batch, length, width = qkv.shape
+    q, k, v = qkv.float().view(batch, length, 3, heads, width // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if key_mask is not None:
+        scores = scores.masked_fill(key_mask[:, None, None, :] == 0, MASKED_SCORE)
+    probs = scores.softmax(dim=-1)
+    if dropout > 0:
+        probs = _dropped(probs, dropout, seed)
+    return (probs @ v).transpose(1, 2).reshape(batch, length, width // 3).to(qkv.dtype)
+
+
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Exact (erf) GELU of x + bias, bias broadcast over the last dimension."""
     return F.gelu(x.float() + bias.float()).to(x.dtype)

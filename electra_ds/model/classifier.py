@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from electra_ds import kernels
 from electra_ds.config import ElectraConfig
 from electra_ds.model.electra import DISC, TOWER_SITES, check_token_ids
-from electra_ds.model.layers import attention_mask_for_sdpa, dropout_site, embed, embedding_specs, forward_seed, \
+from electra_ds.model.layers import dropout_site, embed, embedding_specs, forward_seed, \
     linear_specs, tower_forward, tower_specs
 from electra_ds.model.params import FlatModule
 
@@ -60,6 +60,6 @@ class ElectraClassifier(FlatModule):
         seed = forward_seed(self.training, input_ids.device, seed)
         tower_seed = dropout_site(seed, TOWER_SITES[DISC])
         x = embed(w, f"{PREFIX}.embeddings", input_ids, token_type_ids, cfg, tower_seed)
-        h = tower_forward(w, PREFIX, x, attention_mask_for_sdpa(attention_mask), cfg.discriminator, cfg, tower_seed)
+        h = tower_forward(w, PREFIX, x, attention_mask, cfg.discriminator, cfg, tower_seed)
         cls = kernels.dropout(h[:, 0], cfg.hidden_dropout_prob if self.training else 0.0, dropout_site(seed, 1))
         return F.linear(cls, w["classifier.weight"], w["classifier.bias"])

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from electra_ds import kernels
 from electra_ds.config import SITES_PER_TOWER, ElectraConfig
 from electra_ds.data.masking import MaskingPlan
-from electra_ds.model.layers import (attention_mask_for_sdpa, dropout_site, embed, embedding_specs, forward_seed,
-                                     layer_norm_specs, linear_specs, tower_forward, tower_specs)
+from electra_ds.model.layers import (dropout_site, embed, embedding_specs, forward_seed, layer_norm_specs, linear_specs,
+                                     tower_forward, tower_specs)
 from electra_ds.model.params import FlatModule, WeightSpec
 
 DISC, GEN = "discriminator", "generator"
-TOWER_SITES = {GEN: SITES_PER_TOWER, DISC: 2 * SITES_PER_TOWER}  # a tower's sites: this (embeddings), + 1..2L
+TOWER_SITES = {GEN: SITES_PER_TOWER, DISC: 2 * SITES_PER_TOWER}  # a tower's sites: this (embeddings), + 1..3L
 EMB = f"{DISC}.electra.embeddings"
 LM_HEAD = f"{GEN}.generator_lm_head.weight"  # tied to the word embeddings
 # The training forward pads the generator's logits with -inf columns to a multiple of this many: cuBLAS runs the
@@ -103,8 +103,7 @@ class ElectraForPretraining(FlatModule):
         tower_seed = dropout_site(seed, TOWER_SITES[tower])
         x = embed(w, EMB, input_ids, token_type_ids, cfg, tower_seed)
         shape = cfg.discriminator if tower == DISC else cfg.generator
-        return tower_forward(w, f"{tower}.electra", x, attention_mask_for_sdpa(attention_mask),
-                             shape, cfg, tower_seed)
+        return tower_forward(w, f"{tower}.electra", x, attention_mask, shape, cfg, tower_seed)
 
     def _generator_head(self, w: dict, hidden: torch.Tensor, vocab_multiple: int = 1) -> torch.Tensor:
         """Vocabulary logits, with -inf columns appended up to a multiple of `vocab_multiple` (VOCAB_MULTIPLE)."""

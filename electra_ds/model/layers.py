@@ -86,26 +86,18 @@ def embed(w: Weights, prefix: str, input_ids: torch.Tensor, token_type_ids: torc
     return kernels.dropout(x, config.hidden_dropout_prob if dropout_seed is not None else 0.0, dropout_seed)
 
 
-def attention_mask_for_sdpa(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, L) 1/0 mask -> boolean (B, 1, 1, L) keys mask for SDPA; None means every token is real."""
-    return None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-
-
 def encoder_layer(w: Weights, layer: str, h: torch.Tensor, mask: torch.Tensor | None,
-                  tower: TowerConfig, config: ElectraConfig, dropout_seeds: tuple[torch.Tensor, torch.Tensor] | None,
-                  ) -> torch.Tensor:
-    """One post-LN BERT layer; `dropout_seeds`: the seeds of its two hidden-state dropouts (None: no dropout)."""
-    batch, length, hidden = h.shape
-    heads = tower.num_attention_heads
-    qkv = F.linear(h, w[f"{layer}.attention.self.qkv.weight"], w[f"{layer}.attention.self.qkv.bias"])
-    q, k, v = qkv.view(batch, length, 3, heads, hidden // heads).permute(2, 0, 3, 1, 4).unbind(0)
+                  tower: TowerConfig, config: ElectraConfig,
+                  dropout_seeds: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """One post-LN BERT layer; mask (B, L): 0 for padding (None: none); `dropout_seeds`: the seeds of its attention
+    probabilities' dropout and its two hidden-state dropouts (None: no dropout)."""
     training = dropout_seeds is not None
-    context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=config.attention_probs_dropout_prob if training else 0.0)
-    context = context.transpose(1, 2).reshape(batch, length, hidden)
+    probs_seed, attention_seed, output_seed = dropout_seeds if training else (None, None, None)
+    qkv = F.linear(h, w[f"{layer}.attention.self.qkv.weight"], w[f"{layer}.attention.self.qkv.bias"])
+    context = kernels.attention(qkv, tower.num_attention_heads, mask,
+                                config.attention_probs_dropout_prob if training else 0.0, probs_seed)
     out = F.linear(context, w[f"{layer}.attention.output.dense.weight"], w[f"{layer}.attention.output.dense.bias"])
     dropout = config.hidden_dropout_prob if training else 0.0
-    attention_seed, output_seed = dropout_seeds if training else (None, None)
     h = kernels.add_layer_norm(out, h, w[f"{layer}.attention.output.LayerNorm.weight"],
                                w[f"{layer}.attention.output.LayerNorm.bias"], config.layer_norm_eps, dropout,
                                attention_seed)
@@ -120,13 +112,12 @@ def tower_forward(w: Weights, prefix: str, embeddings: torch.Tensor, mask: torch
                   tower: TowerConfig, config: ElectraConfig, dropout_seed: torch.Tensor | None) -> torch.Tensor:
     """`ElectraModel` after the embeddings: optional projection to the tower's width, then the encoder.
 
-    `w` must hold the QKV blocks (`forward_views()`). Layer i's dropouts are sites 2i + 1 and 2i + 2 under
-    `dropout_seed` (`dropout_site`); None: no dropout."""
+    `w` must hold the QKV blocks (`forward_views()`). Layer i's dropouts are sites 3i + 1 (attention probabilities),
+    3i + 2 and 3i + 3 under `dropout_seed` (`dropout_site`); None: no dropout."""
     h = embeddings
     if f"{prefix}.embeddings_project.weight" in w:
         h = F.linear(h, w[f"{prefix}.embeddings_project.weight"], w[f"{prefix}.embeddings_project.bias"])
     for i in range(tower.num_hidden_layers):
-        seeds = None if dropout_seed is None else (dropout_site(dropout_seed, 2 * i + 1),
-                                                   dropout_site(dropout_seed, 2 * i + 2))
+        seeds = None if dropout_seed is None else tuple(dropout_site(dropout_seed, 3 * i + j) for j in (1, 2, 3))
         h = encoder_layer(w, f"{prefix}.encoder.layer.{i}", h, mask, tower, config, seeds)
     return h

@@ -99,7 +99,7 @@ def device() -> torch.device:
 
 def device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor | None]:
     """A host batch on `device` (asynchronous from pinned memory). An attention mask of all ones, checked on the
-    host before the copy, becomes None: attention then runs unmasked (SDPA's flash kernels), same results."""
+    host before the copy, becomes None: attention then reads no mask, same results."""
     full = "attention_mask" in batch and bool(batch["attention_mask"].all())
     return {k: None if (k == "attention_mask" and full) else v.to(device, non_blocking=True)
             for k, v in batch.items()}

@@ -695,7 +695,8 @@ def run(args: argparse.Namespace) -> Path:
         mask_fn = compile_engine(engine, None if args.compile == "default" else args.compile,
                                  dict(args.inductor))
     device = engine.device
-    seed_everything(derive_seed(args.seed, 0, rank, DROPOUT_STREAM))  # attention dropout's noise differs across ranks
+    # torch's generator: its own noise per rank (the model's dropout masks derive from each step's noise seed instead)
+    seed_everything(derive_seed(args.seed, 0, rank, DROPOUT_STREAM))
 
     settings = {"zero_stage": ds_engine.zero_stage(plan.ds_config), "precision": ds_engine.precision(plan.ds_config),
                 "learning_rate": plan.learning_rate, "weight_decay": args.weight_decay,

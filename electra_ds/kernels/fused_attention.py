@@ -1,0 +1,231 @@
+"""Triton multi-head self-attention on the QKV product, forward and backward (twin: reference.attention).
+
+The kernels read q, k and v straight from the (B, L, 3 * hidden) product and write the context (B, L, hidden) and the
+gradient (B, L, 3 * hidden) in the layouts of the matrix products around them: no head transposes and no assembly of
+the three gradients. The dropout mask on the probabilities is reference.dropout_keep's hash, drawn again in the
+backward from the seed: nothing but each row's softmax statistics (max and sum) is stored between the passes."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .noise import row_key, seed_key, uniform
+from .reference import MASKED_SCORE, dropout_scale
+
+LOG2E = 1.4426950408889634  # scores are kept in log2 units, so the exponentials are exp2
+_MASKED = tl.constexpr(MASKED_SCORE * LOG2E)
+
+# Blocking: 64 x 64 tiles of queries x keys in half precision, so each tl.dot is a 64 x 64 x head-size tensor-core
+# product (ELECTRA's 128-token sequences are two tiles each way); 32 x 32 in fp32, whose exact products are FMA loops
+# that need more registers. The forward keeps a running max and sum (online softmax) over the key tiles. The backward
+# recomputes the probabilities from each row's stored max and 1 / sum in two kernels: one program per key tile walks
+# the query tiles (dK, dV), one per query tile walks the key tiles (dQ), so no program adds into another's output.
+# Warps and pipeline stages per kernel: the sm_90 builds' fewest registers with nothing spilled
+# (`python tests/kernel_compile_check.py` prints them).
+CONFIGS = {"half": (64, {"fwd": dict(num_warps=4, num_stages=2), "bwd_kv": dict(num_warps=8, num_stages=1),
+                         "bwd_q": dict(num_warps=4, num_stages=2)}),
+           "fp32": (32, {"fwd": dict(num_warps=8, num_stages=1), "bwd_kv": dict(num_warps=8, num_stages=1),
+                         "bwd_q": dict(num_warps=4, num_stages=2)})}
+
+
+@triton.jit
+def _tile(Ptr, start, L, row_stride, d, D: tl.constexpr, BLOCK: tl.constexpr):
+    rows = start + tl.arange(0, BLOCK)
+    return tl.load(Ptr + rows[:, None] * row_stride + d[None, :], mask=(rows < L)[:, None] & (d < D)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation; UPCAST (Triton's CPU interpreter, whose tl.dot does not support bf16) multiplies
+    fp32 copies: the same products, as bf16 x bf16 is exact in fp32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _scores(q, k, KeyMask, b, L, cols, qk_scale, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+            UPCAST: tl.constexpr):
+    """A query tile's scores against a key tile in log2 units (padding keys MASKED_SCORE, keys past L -inf), and
+    which keys are real."""
+    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+    real = cols < L
+    if HAS_MASK:
+        real &= tl.load(KeyMask + b * L + cols, mask=cols < L, other=0) != 0
+    return tl.where(real[None, :], s, tl.where(cols < L, _MASKED, float("-inf"))[None, :]), real
+
+
+@triton.jit
+def _electra_attention_fwd(QKV, KeyMask, Seed, O, RowMax, RowScale, L, heads, qk_scale, p, drop_scale, D: tl.constexpr,
+                           D_PAD: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                           PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr):
+    bh = tl.program_id(1)
+    b, hidden = bh // heads, heads * D
+    d = tl.arange(0, D_PAD)
+    base = QKV + b.to(tl.int64) * L * 3 * hidden + (bh % heads) * D
+    start_m = tl.program_id(0) * BLOCK
+    rows = start_m + tl.arange(0, BLOCK)
+    q = _tile(base, start_m, L, 3 * hidden, d, D, BLOCK)
+    if DROPOUT:
+        keys = row_key(seed_key(Seed), bh * L + rows)
+    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK, D_PAD], tl.float32)
+    for start_n in range(0, L, BLOCK):
+        cols = start_n + tl.arange(0, BLOCK)
+        k = _tile(base + hidden, start_n, L, 3 * hidden, d, D, BLOCK)
+        v = _tile(base + 2 * hidden, start_n, L, 3 * hidden, d, D, BLOCK)
+        s, _ = _scores(q, k, KeyMask, b, L, cols, qk_scale, HAS_MASK, PRECISION, UPCAST)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        prob = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(prob, 1)
+        if DROPOUT:
+            prob = tl.where(uniform(keys[:, None], cols[None, :]) >= p, prob * drop_scale, 0.0)
+        acc = acc * alpha[:, None] + _dot(prob.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+    out = O + b.to(tl.int64) * L * hidden + (bh % heads) * D
+    tl.store(out + rows[:, None] * hidden + d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
+             mask=(rows < L)[:, None] & (d < D)[None, :])
+    # max and 1 / sum, not their log-sum-exp: a row of padding keys (scores MASKED_SCORE) would lose log2(sum) in it
+    tl.store(RowMax + bh.to(tl.int64) * L + rows, m_i, mask=rows < L)
+    tl.store(RowScale + bh.to(tl.int64) * L + rows, 1.0 / l_i, mask=rows < L)
+
+
+@triton.jit
+def _query_tile(QKV, O, DO, RowMax, RowScale, bh, start_m, L, heads, d, D: tl.constexpr, BLOCK: tl.constexpr):
+    """q, dO, each row's max and 1 / sum, and its delta = rowsum(dO * O) (the probabilities' share of dS) of a query
+    tile."""
+    b, hidden = bh // heads, heads * D
+    rows = start_m + tl.arange(0, BLOCK)
+    q = _tile(QKV + b.to(tl.int64) * L * 3 * hidden + (bh % heads) * D, start_m, L, 3 * hidden, d, D, BLOCK)
+    out_base = b.to(tl.int64) * L * hidden + (bh % heads) * D
+    do = _tile(DO + out_base, start_m, L, hidden, d, D, BLOCK)
+    delta = tl.sum(do.to(tl.float32) * _tile(O + out_base, start_m, L, hidden, d, D, BLOCK).to(tl.float32), 1)
+    row_max = tl.load(RowMax + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
+    row_scale = tl.load(RowScale + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)  # no probability past L
+    return q, do, row_max, row_scale, delta
+
+
+@triton.jit
+def _electra_attention_bwd(QKV, KeyMask, Seed, O, DO, RowMax, RowScale, DQKV, L, heads, qk_scale, sm_scale, p,
+                           drop_scale, D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr,
+                           DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
+                           FOR_Q: tl.constexpr):
+    """FOR_Q: dQ of a query tile, walking the key tiles; else dK and dV of a key tile, walking the query tiles."""
+    bh = tl.program_id(1)
+    b, hidden = bh // heads, heads * D
+    d = tl.arange(0, D_PAD)
+    offset = b.to(tl.int64) * L * 3 * hidden + (bh % heads) * D
+    start = tl.program_id(0) * BLOCK
+    tile = start + tl.arange(0, BLOCK)  # this program's queries (FOR_Q) or keys
+    at = DQKV + offset + tile[:, None] * (3 * hidden) + d[None, :]
+    mask = (tile < L)[:, None] & (d < D)[None, :]
+    if DROPOUT:
+        key = seed_key(Seed)
+    if FOR_Q:
+        q, do, row_max, row_scale, delta = _query_tile(QKV, O, DO, RowMax, RowScale, bh, start, L, heads, d, D, BLOCK)
+        if DROPOUT:
+            keys = row_key(key, bh * L + tile)
+        dq = tl.zeros([BLOCK, D_PAD], tl.float32)
+        for start_n in range(0, L, BLOCK):
+            cols = start_n + tl.arange(0, BLOCK)
+            k = _tile(QKV + offset + hidden, start_n, L, 3 * hidden, d, D, BLOCK)
+            v = _tile(QKV + offset + 2 * hidden, start_n, L, 3 * hidden, d, D, BLOCK)
+            s, real = _scores(q, k, KeyMask, b, L, cols, qk_scale, HAS_MASK, PRECISION, UPCAST)
+            prob = tl.exp2(s - row_max[:, None]) * row_scale[:, None]
+            dprob = _dot(do, tl.trans(v), PRECISION, UPCAST)
+            if DROPOUT:
+                dprob = tl.where(uniform(keys[:, None], cols[None, :]) >= p, dprob * drop_scale, 0.0)
+            dscore = tl.where(real[None, :], prob * (dprob - delta[:, None]), 0.0)
+            dq += _dot(dscore.to(k.dtype), k, PRECISION, UPCAST)
+        tl.store(at, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=mask)
+    else:
+        k = _tile(QKV + offset + hidden, start, L, 3 * hidden, d, D, BLOCK)
+        v = _tile(QKV + offset + 2 * hidden, start, L, 3 * hidden, d, D, BLOCK)
+        dk = tl.zeros([BLOCK, D_PAD], tl.float32)
+        dv = tl.zeros([BLOCK, D_PAD], tl.float32)
+        for start_m in range(0, L, BLOCK):
+            q, do, row_max, row_scale, delta = _query_tile(QKV, O, DO, RowMax, RowScale, bh, start_m, L, heads, d, D,
+                                                           BLOCK)
+            s, real = _scores(q, k, KeyMask, b, L, tile, qk_scale, HAS_MASK, PRECISION, UPCAST)
+            prob = tl.exp2(s - row_max[:, None]) * row_scale[:, None]
+            kept = prob
+            if DROPOUT:
+                keep = uniform(row_key(key, bh * L + start_m + tl.arange(0, BLOCK))[:, None], tile[None, :]) >= p
+                kept = tl.where(keep, prob * drop_scale, 0.0)
+            dv += _dot(tl.trans(kept.to(do.dtype)), do, PRECISION, UPCAST)
+            dprob = _dot(do, tl.trans(v), PRECISION, UPCAST)
+            if DROPOUT:
+                dprob = tl.where(keep, dprob * drop_scale, 0.0)
+            dscore = tl.where(real[None, :], prob * (dprob - delta[:, None]), 0.0)
+            dk += _dot(tl.trans(dscore.to(q.dtype)), q, PRECISION, UPCAST)
+        tl.store(at + hidden, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=mask)
+        tl.store(at + 2 * hidden, dv.to(DQKV.dtype.element_ty), mask=mask)
+
+
+def _launch(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None,
+            dropout: float) -> tuple[tuple[int, int], list, dict, dict]:
+    """(grid, the scalar arguments after the tensors, the constexprs, each kernel's launch options)."""
+    batch, length, width = qkv.shape
+    head_size = width // (3 * heads)
+    sm_scale = head_size ** -0.5
+    fp32 = qkv.dtype == torch.float32
+    block, options = CONFIGS["fp32" if fp32 else "half"]
+    constexprs = dict(D=head_size, D_PAD=max(16, triton.next_power_of_2(head_size)), HAS_MASK=key_mask is not None,
+                      DROPOUT=dropout > 0, PRECISION="ieee" if fp32 else "tf32", UPCAST=not qkv.is_cuda, BLOCK=block)
+    return (triton.cdiv(length, block), batch * heads), [length, heads, sm_scale * LOG2E, sm_scale], constexprs, options
+
+
+def forward_pass(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None, dropout: float,
+                 seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context (B, L, hidden), the backward's softmax statistics (2, B * heads, L): each row's max score in log2
+    units and 1 / its sum of exponentials)."""
+    batch, length, width = qkv.shape
+    out = qkv.new_empty(batch, length, width // 3)
+    stats = torch.empty(2, batch * heads, length, dtype=torch.float32, device=qkv.device)
+    if qkv.numel():
+        grid, (length, heads, qk_scale, _), constexprs, options = _launch(qkv, heads, key_mask, dropout)
+        _electra_attention_fwd[grid](qkv, _or(key_mask, qkv), _or(seed, qkv), out, *stats, length, heads, qk_scale,
+                                     dropout, dropout_scale(dropout), **constexprs, **options["fwd"])
+    return out, stats
+
+
+def backward_pass(dout: torch.Tensor, qkv: torch.Tensor, key_mask: torch.Tensor | None, seed: torch.Tensor | None,
+                  out: torch.Tensor, stats: torch.Tensor, heads: int, dropout: float) -> torch.Tensor:
+    """The gradient of `forward_pass`'s context with respect to qkv, (B, L, 3 * hidden)."""
+    dqkv = torch.empty_like(qkv)
+    if qkv.numel():
+        grid, scalars, constexprs, options = _launch(qkv, heads, key_mask, dropout)
+        args = (qkv, _or(key_mask, qkv), _or(seed, qkv), out, dout.to(qkv.dtype).contiguous(), *stats, dqkv, *scalars,
+                dropout, dropout_scale(dropout))
+        _electra_attention_bwd[grid](*args, **constexprs, FOR_Q=False, **options["bwd_kv"])
+        _electra_attention_bwd[grid](*args, **constexprs, FOR_Q=True, **options["bwd_q"])
+    return dqkv
+
+
+def _or(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    """A tensor argument the kernel reads only under a constexpr flag: any pointer serves when it is None."""
+    return stand_in if t is None else t
+
+
+class FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, heads, key_mask, dropout, seed):
+        out, stats = forward_pass(qkv, heads, key_mask, dropout, seed)
+        ctx.heads, ctx.dropout = heads, dropout
+        ctx.save_for_backward(qkv, key_mask, seed, out, stats)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, key_mask, seed, out, stats = ctx.saved_tensors
+        return backward_pass(dout, qkv, key_mask, seed, out, stats, ctx.heads, ctx.dropout), None, None, None, None
+
+
+def attention(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None, dropout: float,
+              seed: torch.Tensor | None) -> torch.Tensor:
+    """Triton self-attention of a contiguous QKV product; see reference.attention."""
+    return FusedAttention.apply(qkv.contiguous(), heads, key_mask, float(dropout), seed)

@@ -1,0 +1,119 @@
+"""The Triton self-attention (kernels/fused_attention.py) against its twin (reference.attention), forward and backward,
+eager and under torch.compile.
+
+Without CUDA the kernels run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set here before triton
+is imported); with CUDA the same comparisons run compiled on the GPU (marked `gpu`).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from electra_ds import kernels  # noqa: E402
+from electra_ds.kernels import reference  # noqa: E402
+from model_helpers import kernel_backend, kernel_devices, randn  # noqa: E402
+
+DEVICES = kernel_devices()
+# Both sides compute in fp32, but the kernel rounds the probabilities and their gradients to the input dtype before
+# each matrix product (as flash attention does): a few units of that dtype's last place, relative to the largest
+# value of a row, hence an absolute tolerance.
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5),
+       torch.bfloat16: dict(atol=4e-2, rtol=2e-2),
+       torch.float16: dict(atol=5e-3, rtol=4e-3)}
+
+
+def _inputs(batch, length, heads, head_size, dtype, device, masked):
+    qkv = randn((batch, length, 3 * heads * head_size), 1, dtype, device)
+    mask = None
+    if masked:  # the first sequence padded from the middle, the last one all padding
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[0, length // 2:] = 0
+        mask[-1] = 0
+        mask = mask.to(device)
+    return qkv, mask
+
+
+def _run(fn, qkv, *args):
+    qkv = qkv.detach().clone().requires_grad_()
+    out = fn(qkv, *args)
+    out.backward(randn(out.shape, 2, out.dtype, out.device))
+    return out.detach(), qkv.grad
+
+
+def _kernel(*args):
+    return importlib.import_module("electra_ds.kernels.fused_attention").attention(*args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# heads x head size: hidden 64 (one 64-wide head: the generator), 256 (ELECTRA-Small), 768 (Base) and 24 (head size 8,
+# padded to 16 in the kernel); lengths: one partial tile, three tiles with a partial one
+@pytest.mark.parametrize("batch,length,heads,head_size,masked,dropout", [
+    (2, 20, 1, 64, True, 0.0), (2, 70, 4, 64, False, 0.1), (1, 130, 12, 64, False, 0.0), (3, 33, 3, 8, True, 0.3)])
+def test_attention_matches_twin(device, dtype, batch, length, heads, head_size, masked, dropout):
+    """Output and QKV gradient against the twin, whose dropout mask is the same hash: a different mask would move
+    values by far more than the tolerance. A sequence of padding only attends uniformly, in both."""
+    qkv, mask = _inputs(batch, length, heads, head_size, dtype, device, masked)
+    seed = torch.tensor(2**41 + 9, dtype=torch.int64, device=device) if dropout else None
+    out, grad = _run(_kernel, qkv, heads, mask, dropout, seed)
+    ref_out, ref_grad = _run(reference.attention, qkv, heads, mask, dropout, seed)
+    assert out.dtype == grad.dtype == dtype and out.shape == (batch, length, heads * head_size)
+    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+    torch.testing.assert_close(grad, ref_grad, **TOL[dtype])
+    if dropout:
+        assert not torch.allclose(out, _run(_kernel, qkv, heads, mask, 0.0, None)[0], **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_dropout_keeps_the_twins_probabilities(device):
+    """With v one-hot per key position, the context is the dropped probability matrix itself: its zeros are the
+    twin's `dropout_keep` mask bit for bit, and the kept values are the probabilities times 1 / (1 - p)."""
+    length, p = 24, 0.4
+    qkv = randn((2, length, 3 * 32), 3, torch.float32, device)
+    qkv[..., 64:] = 0
+    qkv[..., 64:64 + length] = torch.eye(length, device=device)  # v[key] = e_key: the context row is the probs row
+    seed = torch.tensor(77, dtype=torch.int64, device=device)
+    out = _kernel(qkv, 1, None, p, seed)[..., :length]
+    keep = reference.dropout_keep(seed, torch.Size((2, 1, length, length)), p)[:, 0]
+    assert torch.equal(out != 0, keep)
+    probs = reference.attention(qkv, 1, None, 0.0, None)[..., :length]
+    torch.testing.assert_close(out, torch.where(keep, probs / (1 - p), 0.0), **TOL[torch.float32])
+
+
+def test_attention_checks_its_arguments():
+    with pytest.raises(ValueError, match="QKV product"):
+        kernels.attention(torch.zeros(2, 5, 10), 4)
+    with pytest.raises(ValueError, match="key_mask"):
+        kernels.attention(torch.zeros(2, 5, 12), 2, torch.ones(2, 4))
+    with pytest.raises(ValueError, match="dropout probability"):
+        kernels.attention(torch.zeros(2, 5, 12), 2, None, 1.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_compiled_attention(device, backend):
+    """Under torch.compile: with the Triton backend the kernels run as opaque custom ops (checked by opcheck), with
+    "torch" the twin traces into inductor's kernels; either way the output and gradient equal the eager twin's,
+    dropout mask included."""
+    qkv, mask = _inputs(2, 40, 2, 16, torch.float32, device, masked=True)
+    seed = torch.tensor(5, dtype=torch.int64, device=device)
+
+    def fn(qkv, mask, seed):
+        return kernels.attention(qkv, 2, mask, 0.2, seed)
+
+    with kernel_backend(backend):
+        torch._dynamo.reset()
+        out, grad = _run(torch.compile(fn, fullgraph=True, dynamic=False), qkv, mask, seed)
+        if backend == "triton":
+            torch.library.opcheck(torch.ops.electra_ds.attention.default, (qkv.clone().requires_grad_(), mask, seed,
+                                                                          2, 0.2))
+    ref_out, ref_grad = _run(reference.attention, qkv, 2, mask, 0.2, seed)
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+    torch.testing.assert_close(grad, ref_grad, **TOL[torch.float32])
