@@ -117,3 +117,29 @@ def test_compiled_attention(device, backend):
     ref_out, ref_grad = _run(reference.attention, qkv, 2, mask, 0.2, seed)
     torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
     torch.testing.assert_close(grad, ref_grad, **TOL[torch.float32])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_attention_cuda_graph_replays_with_new_seed():
+    """Captured in a CUDA graph (as the compiled step is), forward and backward redraw the dropout mask from the seed
+    tensor's value at each replay: the twin's output and gradient for each new seed."""
+    qkv = randn((4, 128, 3 * 256), 1, torch.bfloat16, "cuda").requires_grad_()
+    grad_out = randn((4, 128, 256), 2, torch.bfloat16, "cuda")
+    seed = torch.tensor(1, dtype=torch.int64, device="cuda")
+
+    def step():
+        out = _kernel(qkv, 4, None, 0.1, seed)
+        return out, torch.autograd.grad(out, qkv, grad_out)[0]
+
+    step()  # compile the kernels outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, grad = step()
+    for s in (5, 6):
+        seed.fill_(s)
+        graph.replay()
+        ref_out, ref_grad = _run(reference.attention, qkv, 4, None, 0.1, seed.clone())
+        torch.testing.assert_close(out, ref_out, **TOL[torch.bfloat16])
+        torch.testing.assert_close(grad, ref_grad, **TOL[torch.bfloat16])
