@@ -645,17 +645,18 @@ def test_dropout_op_masks_like_add_layer_norm():
 
 
 def test_training_forward_draws_its_dropout_from_its_seed(monkeypatch):
-    """In training, the hidden-state dropouts derive from the forward's seed: the same seed gives the same loss
-    whatever torch's generator holds, another seed another loss; each dropout site (embeddings and two per layer, per
-    tower) gets a seed of its own, none of them the Gumbel draws' seed."""
+    """In training, every dropout (hidden states and attention probabilities) derives from the forward's seed: the
+    same seed gives the same loss whatever torch's generator holds, another seed another loss; each dropout site
+    (embeddings and three per layer, per tower) gets a seed of its own, none of them the Gumbel draws' seed."""
     from electra_ds import kernels
 
-    config = preset("tiny", vocab_size=200, attention_probs_dropout_prob=0.0)
+    config = preset("tiny", vocab_size=200)
+    assert config.attention_probs_dropout_prob > 0 and config.hidden_dropout_prob > 0
     model = ElectraForPretraining(config).train()
     ids, mask = make_batch(200, batch=4, length=32)
     plan = mask_plan(ids, mask, vocab_size=200, max_predictions=5, seed=3)
     seeds = []
-    for name in ("add_layer_norm", "dropout"):
+    for name in ("add_layer_norm", "dropout", "attention"):
         def record(*args, _op=getattr(kernels, name)):
             if isinstance(args[-1], torch.Tensor):  # a dropout's seed (the embeddings' LayerNorm has none)
                 seeds.append(int(args[-1]))
@@ -669,7 +670,7 @@ def test_training_forward_draws_its_dropout_from_its_seed(monkeypatch):
     assert torch.equal(a.loss, b.loss) and seeds[len(sites):] == sites
     assert not torch.equal(model(ids, mask, None, plan, torch.tensor(12)).loss, a.loss)
     layers = config.discriminator.num_hidden_layers + config.generator.num_hidden_layers
-    assert len(sites) == len(set(sites)) == 2 + 2 * layers and 11 not in sites
+    assert len(sites) == len(set(sites)) == 2 + 3 * layers and 11 not in sites
 
 
 def test_dropout_keep_mask_is_a_hash_of_seed_and_position():

@@ -373,8 +373,9 @@ def test_evaluation_leaves_the_training_rng_as_it_was(corpus, monkeypatch):
 
 
 def test_dropout_is_seeded_per_rank(corpus, tmp_path, monkeypatch):
-    """After building the model (same weights everywhere) each rank seeds the global RNG, which dropout draws from,
-    with its own seed: derive_seed(seed, 0, rank, DROPOUT_STREAM). Run here as rank 1 up to that point."""
+    """After building the model (same weights everywhere) each rank seeds the global RNG with its own seed,
+    derive_seed(seed, 0, rank, DROPOUT_STREAM), for whatever draws from it (the model's dropout masks derive from the
+    step's noise seed instead, which differs per rank too). Run here as rank 1 up to that point."""
     from electra_ds.seeding import DROPOUT_STREAM
 
     class Seeded(Exception):
