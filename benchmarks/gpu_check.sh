@@ -15,13 +15,14 @@
 # 5. with REAL_LOOP=1, the real training loop (launch/pretrain.py, Small, --compile reduce-overhead, 3000 steps:
 #    tokens/s per 50 steps in real_loop_metrics.jsonl; its time is kept aside from the throughput stage),
 # 6. if time is left, each fused kernel timed against its twin and plain torch, and one layer's attention under each
-#    SDPA backend and ours (benchmarks/kernel_speed.py), and a batch sweep (256, 512) of the eager variants.
+#    SDPA backend and ours (benchmarks/kernel_speed.py), ours under each candidate blocking (--attention_configs),
+#    and a batch sweep (256, 512) of the eager variants.
 # Logs (gpu_check.log: everything; pytest_gpu_kernels.log, pytest_gpu.log), JSON and tables (throughput.*,
-# inductor_N.*, real_loop_metrics.jsonl, kernels.json, sweep.*) go to $OUT (./gpu_out when OUT is unset); at the end
-# all but gpu_check.log are packed into $OUT/results.tar.gz (the device tool brings back at most 8 files). The whole
-# script keeps within GPU_CHECK_BUDGET_S seconds (default 520, under 9 minutes): every stage runs under `timeout`,
-# sized from what is left. Without an NVIDIA GPU it says so and exits 0 at once; otherwise it exits 1 if a stage
-# failed or timed out.
+# inductor_N.*, real_loop_metrics.jsonl, kernels.json, attention_configs.json, sweep.*) go to $OUT (./gpu_out when OUT
+# is unset); at the end all but gpu_check.log are packed into $OUT/results.tar.gz (the device tool brings back at most
+# 8 files). The whole script keeps within GPU_CHECK_BUDGET_S seconds (default 520, under 9 minutes): every stage runs
+# under `timeout`, sized from what is left. Without an NVIDIA GPU it says so and exits 0 at once; otherwise it exits 1
+# if a stage failed or timed out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -173,6 +174,13 @@ PY
     banner "fused kernels vs twins vs torch, ELECTRA-Small shapes (at most ${t}s)"
     timeout -k 10 "$t" python3 benchmarks/kernel_speed.py --json "$OUT/kernels.json"
     status kernels $?
+  fi
+
+  if (( $(left) >= 40 )); then
+    t=$(limit 60 5)
+    banner "our attention under each candidate blocking (at most ${t}s)"
+    timeout -k 10 "$t" python3 benchmarks/kernel_speed.py --attention_configs --json "$OUT/attention_configs.json"
+    status "attention blockings" $?
   fi
 
   if (( $(left) >= 60 )); then

@@ -1,7 +1,8 @@
 """Time each fused op on CUDA at ELECTRA-Small sizes (bf16, batch 128 x 128): Triton kernel vs twin vs the
 plain torch ops a model would otherwise call; then one layer's attention, forward and backward, under each SDPA backend
 and as our kernels.attention, without a mask (every row full) and with a key-padding mask, per tower.
-Usage: python benchmarks/kernel_speed.py [--json PATH]
+With --attention_configs, only our attention under each candidate blocking of its kernels.
+Usage: python benchmarks/kernel_speed.py [--attention_configs] [--json PATH]
 """
 from __future__ import annotations
 
@@ -166,12 +167,52 @@ def time_attention() -> dict[str, dict[str, float | str]]:
     return results
 
 
+def attention_configs() -> dict[str, tuple[int, dict]]:
+    """Candidate blockings of the attention kernels in half precision (`fused_attention.CONFIGS["half"]`: tile size,
+    then each kernel's warps and pipeline stages), none of which spills in an sm_90 build."""
+    from electra_ds.kernels import fused_attention
+
+    def same(warps: int, stages: int) -> dict:
+        return {k: dict(num_warps=warps, num_stages=stages) for k in ("fwd", "bwd_kv", "bwd_q")}
+
+    return {"64 x 64, warps 4 / 8 / 4 (default)": fused_attention.CONFIGS["half"], "64 x 64, 8 warps": (64, same(8, 2)),
+            "32 x 32, 4 warps": (32, same(4, 2)), "32 x 32, 2 warps": (32, same(2, 2))}
+
+
+def time_attention_configs() -> dict[str, dict[str, float]]:
+    """blocking -> case -> ms per forward + backward call of our attention inside a CUDA graph (no mask)."""
+    from electra_ds.kernels import fused_attention
+
+    default = fused_attention.CONFIGS["half"]
+    ours = {name: fn for name, (_, fn) in attention_cases().items() if name.endswith("no mask")}
+    results = {}
+    try:
+        for label, config in attention_configs().items():
+            fused_attention.CONFIGS["half"] = config
+            results[label] = {name: _ms(_graphed(fn)) for name, fn in ours.items()}
+    finally:
+        fused_attention.CONFIGS["half"] = default
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", help="also write the timings here")
+    parser.add_argument("--attention_configs", action="store_true",
+                        help="only time our attention under each candidate blocking (attention_configs)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernel_speed.py times CUDA kernels: no CUDA device here")
+    if args.attention_configs:
+        timings = time_attention_configs()
+        print(f"{torch.cuda.get_device_name()}: our attention forward + backward of one layer, bf16, dropout 0.1, no "
+              "mask, ms per call in a CUDA graph, per blocking:")
+        for label, row in timings.items():
+            print(f"{label:36s} " + "  ".join(f"{name} {ms:.3f}" for name, ms in row.items()))
+        if args.json:
+            atomic_write(args.json, json.dumps({"device": torch.cuda.get_device_name(),
+                                                "attention_configs_ms": timings}, indent=1))
+        return
     results = {}
     for name, (ours, native) in cases().items():
         row = results[name] = {}

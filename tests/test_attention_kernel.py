@@ -53,10 +53,11 @@ def _kernel(*args):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-# heads x head size: hidden 64 (one 64-wide head: the generator), 256 (ELECTRA-Small), 768 (Base) and 24 (head size 8,
-# padded to 16 in the kernel); lengths: one partial tile, three tiles with a partial one
+# heads x head size: hidden 64 (one 64-wide head: the generator), 256 (ELECTRA-Small), 768 (Base), 24 (head size 8,
+# padded to 16 in the kernel) and 48 (head size 24, padded to 32); lengths: one partial tile, three with a partial one
 @pytest.mark.parametrize("batch,length,heads,head_size,masked,dropout", [
-    (2, 20, 1, 64, True, 0.0), (2, 70, 4, 64, False, 0.1), (1, 130, 12, 64, False, 0.0), (3, 33, 3, 8, True, 0.3)])
+    (2, 20, 1, 64, True, 0.0), (2, 70, 4, 64, False, 0.1), (1, 130, 12, 64, False, 0.0), (3, 33, 3, 8, True, 0.3),
+    (2, 33, 2, 24, False, 0.2)])
 def test_attention_matches_twin(device, dtype, batch, length, heads, head_size, masked, dropout):
     """Output and QKV gradient against the twin, whose dropout mask is the same hash: a different mask would move
     values by far more than the tolerance. A sequence of padding only attends uniformly, in both."""
@@ -143,3 +144,22 @@ def test_attention_cuda_graph_replays_with_new_seed():
         ref_out, ref_grad = _run(reference.attention, qkv, 4, None, 0.1, seed.clone())
         torch.testing.assert_close(out, ref_out, **TOL[torch.bfloat16])
         torch.testing.assert_close(grad, ref_grad, **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_candidate_blockings_match_the_twin(device, monkeypatch):
+    """Each blocking that `benchmarks/kernel_speed.py --attention_configs` times on a GPU computes the twin's
+    attention (bf16, a padding mask, dropout), so any of them can become the default."""
+    from benchmarks import kernel_speed
+
+    fused_attention = importlib.import_module("electra_ds.kernels.fused_attention")
+    qkv, mask = _inputs(2, 70, 2, 32, torch.bfloat16, device, masked=True)
+    seed = torch.tensor(3, dtype=torch.int64, device=device)
+    ref_out, ref_grad = _run(reference.attention, qkv, 2, mask, 0.1, seed)
+    configs = kernel_speed.attention_configs()
+    assert configs["64 x 64, warps 4 / 8 / 4 (default)"] == fused_attention.CONFIGS["half"] and len(configs) > 1
+    for label, config in configs.items():
+        monkeypatch.setitem(fused_attention.CONFIGS, "half", config)
+        out, grad = _run(_kernel, qkv, 2, mask, 0.1, seed)
+        torch.testing.assert_close(out, ref_out, **TOL[torch.bfloat16], msg=label)
+        torch.testing.assert_close(grad, ref_grad, **TOL[torch.bfloat16], msg=label)
