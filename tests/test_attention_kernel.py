@@ -29,13 +29,18 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5),
        torch.float16: dict(atol=5e-3, rtol=4e-3)}
 
 
-def _inputs(batch, length, heads, head_size, dtype, device, masked):
+def _inputs(batch, length, heads, head_size, dtype, device, mask_dtype=None):
+    """qkv, and a key mask of `mask_dtype` (None: no mask): the first sequence padded from the middle, the last one
+    all padding, and with three or more sequences the second one padded over its first half, at most 64 keys (a
+    whole first tile from 128 keys on: the online softmax starts over on the next)."""
     qkv = randn((batch, length, 3 * heads * head_size), 1, dtype, device)
     mask = None
-    if masked:  # the first sequence padded from the middle, the last one all padding
-        mask = torch.ones(batch, length, dtype=torch.long)
+    if mask_dtype is not None:
+        mask = torch.ones(batch, length, dtype=mask_dtype)
         mask[0, length // 2:] = 0
         mask[-1] = 0
+        if batch > 2:
+            mask[1, :min(64, length // 2)] = 0
         mask = mask.to(device)
     return qkv, mask
 
@@ -54,14 +59,16 @@ def _kernel(*args):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 # heads x head size: hidden 64 (one 64-wide head: the generator), 256 (ELECTRA-Small), 768 (Base), 24 (head size 8,
-# padded to 16 in the kernel) and 48 (head size 24, padded to 32); lengths: one partial tile, three with a partial one
-@pytest.mark.parametrize("batch,length,heads,head_size,masked,dropout", [
-    (2, 20, 1, 64, True, 0.0), (2, 70, 4, 64, False, 0.1), (1, 130, 12, 64, False, 0.0), (3, 33, 3, 8, True, 0.3),
-    (2, 33, 2, 24, False, 0.2)])
-def test_attention_matches_twin(device, dtype, batch, length, heads, head_size, masked, dropout):
+# padded to 16 in the kernel) and 48 (head size 24, padded to 32); lengths: within one tile, two whole tiles, three
+# with a partial one
+@pytest.mark.parametrize("batch,length,heads,head_size,mask_dtype,dropout", [
+    (2, 20, 1, 64, torch.long, 0.0), (2, 70, 4, 64, None, 0.1), (1, 130, 12, 64, None, 0.0),
+    (3, 33, 3, 8, torch.long, 0.3), (2, 33, 2, 24, None, 0.2), (3, 130, 2, 64, torch.bool, 0.1),
+    (2, 128, 1, 64, torch.long, 0.0)])
+def test_attention_matches_twin(device, dtype, batch, length, heads, head_size, mask_dtype, dropout):
     """Output and QKV gradient against the twin, whose dropout mask is the same hash: a different mask would move
     values by far more than the tolerance. A sequence of padding only attends uniformly, in both."""
-    qkv, mask = _inputs(batch, length, heads, head_size, dtype, device, masked)
+    qkv, mask = _inputs(batch, length, heads, head_size, dtype, device, mask_dtype)
     seed = torch.tensor(2**41 + 9, dtype=torch.int64, device=device) if dropout else None
     out, grad = _run(_kernel, qkv, heads, mask, dropout, seed)
     ref_out, ref_grad = _run(reference.attention, qkv, heads, mask, dropout, seed)
@@ -88,6 +95,18 @@ def test_attention_dropout_keeps_the_twins_probabilities(device):
     torch.testing.assert_close(out, torch.where(keep, probs / (1 - p), 0.0), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_takes_strided_masks(triton_backend, device):
+    """A key mask sliced from a wider one, or one row expanded over the batch, reads as its values (the kernels
+    index it as a contiguous (B, L) tensor)."""
+    qkv = randn((3, 40, 3 * 32), 4, torch.float32, device)
+    wide = (torch.arange(50, device=device) < 30).long().expand(3, 50).clone()
+    for mask in (wide[:, :40], (torch.arange(40, device=device) < 25).expand(3, 40)):
+        assert not mask.is_contiguous()
+        torch.testing.assert_close(kernels.attention(qkv, 2, mask), reference.attention(qkv, 2, mask),
+                                   **TOL[torch.float32])
+
+
 def test_attention_checks_its_arguments():
     with pytest.raises(ValueError, match="QKV product"):
         kernels.attention(torch.zeros(2, 5, 10), 4)
@@ -99,12 +118,17 @@ def test_attention_checks_its_arguments():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_compiled_attention(device, backend):
-    """Under torch.compile: with the Triton backend the kernels run as opaque custom ops (checked by opcheck), with
-    "torch" the twin traces into inductor's kernels; either way the output and gradient equal the eager twin's,
-    dropout mask included."""
-    qkv, mask = _inputs(2, 40, 2, 16, torch.float32, device, masked=True)
+def test_compiled_attention(device, backend, monkeypatch):
+    """Under torch.compile: with the Triton backend the kernels run as opaque custom ops (once forward, once backward;
+    checked by opcheck), with "torch" the twin traces into inductor's kernels; either way the output and gradient
+    equal the eager twin's, dropout mask included."""
+    qkv, mask = _inputs(2, 40, 2, 16, torch.float32, device, torch.long)
     seed = torch.tensor(5, dtype=torch.int64, device=device)
+    fused_attention = importlib.import_module("electra_ds.kernels.fused_attention")
+    launches = []
+    for name in ("forward_pass", "backward_pass"):
+        monkeypatch.setattr(fused_attention, name, lambda *a, _f=getattr(fused_attention, name), _n=name:
+                            launches.append(_n) or _f(*a))
 
     def fn(qkv, mask, seed):
         return kernels.attention(qkv, 2, mask, 0.2, seed)
@@ -112,6 +136,7 @@ def test_compiled_attention(device, backend):
     with kernel_backend(backend):
         torch._dynamo.reset()
         out, grad = _run(torch.compile(fn, fullgraph=True, dynamic=False), qkv, mask, seed)
+        assert launches == (["forward_pass", "backward_pass"] if backend == "triton" else [])
         if backend == "triton":
             torch.library.opcheck(torch.ops.electra_ds.attention.default, (qkv.clone().requires_grad_(), mask, seed,
                                                                           2, 0.2))
@@ -153,7 +178,7 @@ def test_candidate_blockings_match_the_twin(device, monkeypatch):
     from benchmarks import kernel_speed
 
     fused_attention = importlib.import_module("electra_ds.kernels.fused_attention")
-    qkv, mask = _inputs(2, 70, 2, 32, torch.bfloat16, device, masked=True)
+    qkv, mask = _inputs(2, 70, 2, 32, torch.bfloat16, device, torch.long)
     seed = torch.tensor(3, dtype=torch.int64, device=device)
     ref_out, ref_grad = _run(reference.attention, qkv, 2, mask, 0.1, seed)
     configs = kernel_speed.attention_configs()

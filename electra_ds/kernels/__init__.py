@@ -148,8 +148,11 @@ def attention(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None = Non
     if qkv.dim() != 3 or qkv.shape[-1] % (3 * heads):
         raise ValueError(f"attention wants a QKV product (B, L, 3 * heads * head size) for {heads} heads, got "
                          f"{tuple(qkv.shape)}")
-    if key_mask is not None and key_mask.shape != qkv.shape[:2]:
-        raise ValueError(f"attention's key_mask must be (B, L) = {tuple(qkv.shape[:2])}, got {tuple(key_mask.shape)}")
+    if key_mask is not None:
+        if key_mask.shape != qkv.shape[:2]:
+            raise ValueError(f"attention's key_mask must be (B, L) = {tuple(qkv.shape[:2])}, got "
+                             f"{tuple(key_mask.shape)}")
+        key_mask = key_mask.contiguous()  # the kernels read row b at b * L
     seed = _dropout_seed(dropout, seed, qkv.device)
     if torch.compiler.is_compiling():
         # the backend's choice as torch.compile can trace it (not the import check): compiling for CUDA needs triton

@@ -6,6 +6,8 @@ the three gradients. The dropout mask on the probabilities is reference.dropout_
 backward from the seed: nothing but each row's softmax statistics (max and sum) is stored between the passes."""
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -37,20 +39,19 @@ def _tile(Ptr, start, L, row_stride, d, D: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b with fp32 accumulation; UPCAST (Triton's CPU interpreter, whose tl.dot does not support bf16) multiplies
-    fp32 copies: the same products, as bf16 x bf16 is exact in fp32."""
+def _dot(a, b, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation, exact fp32 products for fp32 tiles (no tf32); UPCAST (Triton's CPU interpreter,
+    whose tl.dot does not support bf16) multiplies fp32 copies: the same products, as bf16 x bf16 is exact in fp32."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, input_precision="ieee")
 
 
 @triton.jit
-def _scores(q, k, KeyMask, b, L, cols, qk_scale, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-            UPCAST: tl.constexpr):
+def _scores(q, k, KeyMask, b, L, cols, qk_scale, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr):
     """A query tile's scores against a key tile in log2 units (padding keys MASKED_SCORE, keys past L -inf), and
     which keys are real."""
-    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+    s = _dot(q, tl.trans(k), UPCAST) * qk_scale
     real = cols < L
     if HAS_MASK:
         real &= tl.load(KeyMask + b * L + cols, mask=cols < L, other=0) != 0
@@ -60,7 +61,7 @@ def _scores(q, k, KeyMask, b, L, cols, qk_scale, HAS_MASK: tl.constexpr, PRECISI
 @triton.jit
 def _electra_attention_fwd(QKV, KeyMask, Seed, O, RowMax, RowScale, L, heads, qk_scale, p, drop_scale, D: tl.constexpr,
                            D_PAD: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                           PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr):
+                           UPCAST: tl.constexpr, BLOCK: tl.constexpr):
     bh = tl.program_id(1)
     b, hidden = bh // heads, heads * D
     d = tl.arange(0, D_PAD)
@@ -77,14 +78,14 @@ def _electra_attention_fwd(QKV, KeyMask, Seed, O, RowMax, RowScale, L, heads, qk
         cols = start_n + tl.arange(0, BLOCK)
         k = _tile(base + hidden, start_n, L, 3 * hidden, d, D, BLOCK)
         v = _tile(base + 2 * hidden, start_n, L, 3 * hidden, d, D, BLOCK)
-        s, _ = _scores(q, k, KeyMask, b, L, cols, qk_scale, HAS_MASK, PRECISION, UPCAST)
+        s, _ = _scores(q, k, KeyMask, b, L, cols, qk_scale, HAS_MASK, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         prob = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(prob, 1)
         if DROPOUT:
             prob = tl.where(uniform(keys[:, None], cols[None, :]) >= p, prob * drop_scale, 0.0)
-        acc = acc * alpha[:, None] + _dot(prob.to(v.dtype), v, PRECISION, UPCAST)
+        acc = acc * alpha[:, None] + _dot(prob.to(v.dtype), v, UPCAST)
         m_i = m_new
     out = O + b.to(tl.int64) * L * hidden + (bh % heads) * D
     tl.store(out + rows[:, None] * hidden + d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
@@ -112,7 +113,7 @@ def _query_tile(QKV, O, DO, RowMax, RowScale, bh, start_m, L, heads, d, D: tl.co
 @triton.jit
 def _electra_attention_bwd(QKV, KeyMask, Seed, O, DO, RowMax, RowScale, DQKV, L, heads, qk_scale, sm_scale, p,
                            drop_scale, D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr,
-                           DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
+                           DROPOUT: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
                            FOR_Q: tl.constexpr):
     """FOR_Q: dQ of a query tile, walking the key tiles; else dK and dV of a key tile, walking the query tiles."""
     bh = tl.program_id(1)
@@ -134,13 +135,13 @@ def _electra_attention_bwd(QKV, KeyMask, Seed, O, DO, RowMax, RowScale, DQKV, L,
             cols = start_n + tl.arange(0, BLOCK)
             k = _tile(QKV + offset + hidden, start_n, L, 3 * hidden, d, D, BLOCK)
             v = _tile(QKV + offset + 2 * hidden, start_n, L, 3 * hidden, d, D, BLOCK)
-            s, real = _scores(q, k, KeyMask, b, L, cols, qk_scale, HAS_MASK, PRECISION, UPCAST)
+            s, real = _scores(q, k, KeyMask, b, L, cols, qk_scale, HAS_MASK, UPCAST)
             prob = tl.exp2(s - row_max[:, None]) * row_scale[:, None]
-            dprob = _dot(do, tl.trans(v), PRECISION, UPCAST)
+            dprob = _dot(do, tl.trans(v), UPCAST)
             if DROPOUT:
                 dprob = tl.where(uniform(keys[:, None], cols[None, :]) >= p, dprob * drop_scale, 0.0)
             dscore = tl.where(real[None, :], prob * (dprob - delta[:, None]), 0.0)
-            dq += _dot(dscore.to(k.dtype), k, PRECISION, UPCAST)
+            dq += _dot(dscore.to(k.dtype), k, UPCAST)
         tl.store(at, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=mask)
     else:
         k = _tile(QKV + offset + hidden, start, L, 3 * hidden, d, D, BLOCK)
@@ -150,18 +151,18 @@ def _electra_attention_bwd(QKV, KeyMask, Seed, O, DO, RowMax, RowScale, DQKV, L,
         for start_m in range(0, L, BLOCK):
             q, do, row_max, row_scale, delta = _query_tile(QKV, O, DO, RowMax, RowScale, bh, start_m, L, heads, d, D,
                                                            BLOCK)
-            s, real = _scores(q, k, KeyMask, b, L, tile, qk_scale, HAS_MASK, PRECISION, UPCAST)
+            s, real = _scores(q, k, KeyMask, b, L, tile, qk_scale, HAS_MASK, UPCAST)
             prob = tl.exp2(s - row_max[:, None]) * row_scale[:, None]
             kept = prob
             if DROPOUT:
                 keep = uniform(row_key(key, bh * L + start_m + tl.arange(0, BLOCK))[:, None], tile[None, :]) >= p
                 kept = tl.where(keep, prob * drop_scale, 0.0)
-            dv += _dot(tl.trans(kept.to(do.dtype)), do, PRECISION, UPCAST)
-            dprob = _dot(do, tl.trans(v), PRECISION, UPCAST)
+            dv += _dot(tl.trans(kept.to(do.dtype)), do, UPCAST)
+            dprob = _dot(do, tl.trans(v), UPCAST)
             if DROPOUT:
                 dprob = tl.where(keep, dprob * drop_scale, 0.0)
             dscore = tl.where(real[None, :], prob * (dprob - delta[:, None]), 0.0)
-            dk += _dot(tl.trans(dscore.to(q.dtype)), q, PRECISION, UPCAST)
+            dk += _dot(tl.trans(dscore.to(q.dtype)), q, UPCAST)
         tl.store(at + hidden, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=mask)
         tl.store(at + 2 * hidden, dv.to(DQKV.dtype.element_ty), mask=mask)
 
@@ -169,13 +170,15 @@ def _electra_attention_bwd(QKV, KeyMask, Seed, O, DO, RowMax, RowScale, DQKV, L,
 def _launch(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None,
             dropout: float) -> tuple[tuple[int, int], list, dict, dict]:
     """(grid, the scalar arguments after the tensors, the constexprs, each kernel's launch options)."""
+    if qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"the Triton attention takes fp32, bf16 or fp16, not {qkv.dtype}; use set_backend('torch')")
     batch, length, width = qkv.shape
     head_size = width // (3 * heads)
     sm_scale = head_size ** -0.5
-    fp32 = qkv.dtype == torch.float32
-    block, options = CONFIGS["fp32" if fp32 else "half"]
+    block, options = CONFIGS["fp32" if qkv.dtype == torch.float32 else "half"]
     constexprs = dict(D=head_size, D_PAD=max(16, triton.next_power_of_2(head_size)), HAS_MASK=key_mask is not None,
-                      DROPOUT=dropout > 0, PRECISION="ieee" if fp32 else "tf32", UPCAST=not qkv.is_cuda, BLOCK=block)
+                      DROPOUT=dropout > 0, UPCAST=not qkv.is_cuda or os.environ.get("TRITON_INTERPRET") == "1",
+                      BLOCK=block)
     return (triton.cdiv(length, block), batch * heads), [length, heads, sm_scale * LOG2E, sm_scale], constexprs, options
 
 
@@ -183,6 +186,8 @@ def forward_pass(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None, d
                  seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(context (B, L, hidden), the backward's softmax statistics (2, B * heads, L): each row's max score in log2
     units and 1 / its sum of exponentials)."""
+    if dropout > 0 and seed is None:
+        raise ValueError("attention dropout needs a seed (kernels.attention draws one when given None)")
     batch, length, width = qkv.shape
     out = qkv.new_empty(batch, length, width // 3)
     stats = torch.empty(2, batch * heads, length, dtype=torch.float32, device=qkv.device)
