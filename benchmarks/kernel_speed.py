@@ -176,7 +176,8 @@ def attention_configs() -> dict[str, tuple[int, dict]]:
         return {k: dict(num_warps=warps, num_stages=stages) for k in ("fwd", "bwd_kv", "bwd_q")}
 
     return {"64 x 64, warps 4 / 8 / 4 (default)": fused_attention.CONFIGS["half"], "64 x 64, 8 warps": (64, same(8, 2)),
-            "32 x 32, 4 warps": (32, same(4, 2)), "32 x 32, 2 warps": (32, same(2, 2))}
+            "64 x 64, 4 warps, 1 stage": (64, same(4, 1)), "32 x 32, 4 warps": (32, same(4, 2)),
+            "32 x 32, 2 warps": (32, same(2, 2))}
 
 
 def time_attention_configs() -> dict[str, dict[str, float]]:

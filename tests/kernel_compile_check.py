@@ -7,7 +7,10 @@ ahead of time without a device (with the ptxas its wheel ships), so this checks,
     TRITON_INTERPRET=1 python tests/kernel_compile_check.py record LAUNCHES.json
         one training step of ELECTRA-Small's widths (one layer per tower, a batch of 2 x 16; fp32, then bf16 and fp16
         autocast, dropout on) and ElectraAdam's step, all through the Triton kernels under the interpreter, saving
-        each distinct launch: kernel, argument types, constexprs and launch options;
+        each distinct launch: kernel, argument types, which arguments are 16-aligned pointers or multiples of 16
+        (Triton's launcher specialises on those on a GPU), constexprs and launch options;
+    TRITON_INTERPRET=1 python tests/kernel_compile_check.py record --attention_blockings LAUNCHES.json
+        instead, the attention kernels under each candidate blocking that benchmarks/kernel_speed.py times;
     python tests/kernel_compile_check.py compile LAUNCHES.json [--arch 90]
         each saved launch compiled with Triton's compiler for sm_ARCH (90: the H100 and H200), without the
         interpreter; prints one line per launch (registers per thread, stack and local memory: spills) and exits 1
@@ -51,17 +54,22 @@ def launch_record(fn, args: tuple, kwargs: dict) -> dict:
     params = list(inspect.signature(fn).parameters.values())
     values = dict(zip([p.name for p in params], args))
     values.update({k: v for k, v in kwargs.items() if k not in OPTIONS})
-    signature, constexprs = {}, {}
+    signature, constexprs, aligned = {}, {}, []
     for p in params:
+        value = values[p.name]
         if "constexpr" in str(p.annotation):
             signature[p.name] = "constexpr"
-            constexprs[p.name] = values[p.name]
+            constexprs[p.name] = value
         else:
-            signature[p.name] = _arg_type(values[p.name])
+            signature[p.name] = _arg_type(value)
+            # what Triton's launcher specialises on a GPU: 16-byte aligned pointers, integers divisible by 16
+            if value.data_ptr() % 16 == 0 if isinstance(value, torch.Tensor) else \
+                    type(value) is int and value % 16 == 0:
+                aligned.append(p.name)
     if constexprs.get("UPCAST"):  # fused_attention's fp32 dots stand in for bf16 ones under the interpreter only
         constexprs["UPCAST"] = False
     return {"module": fn.__module__, "kernel": fn.__name__, "signature": signature, "constexprs": constexprs,
-            "options": {k: v for k, v in kwargs.items() if k in OPTIONS}}
+            "aligned": aligned, "options": {k: v for k, v in kwargs.items() if k in OPTIONS}}
 
 
 def _training_steps() -> None:
@@ -90,7 +98,24 @@ def _training_steps() -> None:
                           beta2=0.999, eps=1e-6, weight_decay=0.01, grad_scale=scale)
 
 
-def record(path: Path) -> int:
+def _attention_blockings() -> None:
+    from electra_ds.kernels import fused_attention
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/
+    from benchmarks.kernel_speed import attention_configs
+
+    default = fused_attention.CONFIGS["half"]
+    qkv = torch.randn(1, 64, 3 * 128, dtype=torch.bfloat16, requires_grad=True)
+    try:
+        for config in attention_configs().values():
+            fused_attention.CONFIGS["half"] = config
+            out = fused_attention.attention(qkv, 2, torch.ones(1, 64, dtype=torch.long), 0.1, torch.tensor(1))
+            out.sum().backward()
+    finally:
+        fused_attention.CONFIGS["half"] = default
+
+
+def record(path: Path, attention_blockings: bool = False) -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("record runs the kernels under the interpreter: set TRITON_INTERPRET=1")
     from triton.runtime.interpreter import InterpretedFunction
@@ -105,7 +130,7 @@ def record(path: Path) -> int:
 
     InterpretedFunction.run = recording_run
     try:
-        _training_steps()
+        _attention_blockings() if attention_blockings else _training_steps()
     finally:
         InterpretedFunction.run = run
     path.write_text(json.dumps(list(launches.values()), indent=1))
@@ -142,7 +167,9 @@ def compile_all(path: Path, arch: int) -> int:
         label = f"{entry['kernel']} {entry['constexprs']} {entry['options']}"
         start = time.perf_counter()
         try:
-            source = ASTSource(fn=kernel, signature=entry["signature"], constexprs=entry["constexprs"])
+            names = list(entry["signature"])
+            attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in entry.get("aligned", [])}
+            source = ASTSource(fn=kernel, signature=entry["signature"], constexprs=entry["constexprs"], attrs=attrs)
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=entry["options"])
             print(f"ok   {label}: {_resources(compiled.asm['cubin'])}, {time.perf_counter() - start:.1f} s")
         except Exception as e:  # noqa: BLE001 - every failure is reported, then the exit status says it
@@ -158,8 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mode", choices=("record", "compile"))
     parser.add_argument("launches", type=Path, help="the JSON of recorded launches")
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (default 90: Hopper)")
+    parser.add_argument("--attention_blockings", action="store_true",
+                        help="record: instead of a training step, the attention kernels (bf16, padding mask, dropout) "
+                             "under each candidate blocking of benchmarks/kernel_speed.py --attention_configs")
     args = parser.parse_args(argv)
-    return record(args.launches) if args.mode == "record" else compile_all(args.launches, args.arch)
+    if args.mode == "record":
+        return record(args.launches, args.attention_blockings)
+    return compile_all(args.launches, args.arch)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,24 @@ def test_every_kernel_launch_compiles_for_hopper(tmp_path):
 
 
 @pytest.mark.skipif(not _nvidia_compiler(), reason="this triton has no NVIDIA backend or ptxas to compile with")
+def test_attention_blockings_compile_for_hopper_without_spills(tmp_path):
+    """Every blocking of the attention kernels that `benchmarks/kernel_speed.py --attention_configs` times builds for
+    sm_90 with nothing spilled to the stack or local memory."""
+    launches = tmp_path / "launches.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    subprocess.run([sys.executable, str(CHECK), "record", "--attention_blockings", str(launches)],
+                   env={**env, "TRITON_INTERPRET": "1"}, check=True, capture_output=True, text=True)
+    recorded = json.loads(launches.read_text())
+    assert len({(e["constexprs"]["BLOCK"], json.dumps(e["options"])) for e in recorded}) > 3
+    done = subprocess.run([sys.executable, str(CHECK), "compile", str(launches), "--arch", "90"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    built = [line for line in done.stdout.splitlines() if line.startswith("ok ")]
+    assert len(built) == len(recorded) and all(" 0 B stack + 0 B local " in line for line in built), done.stdout
+
+
+@pytest.mark.skipif(not _nvidia_compiler(), reason="this triton has no NVIDIA backend or ptxas to compile with")
 def test_kernel_sass_counts_the_generator_head_sweep(tmp_path):
     """benchmarks/kernel_sass.py compiles the head's forward for sm_90 and counts its loop: a few dozen instructions
     per logit (no per-column noise in the sweep), more with a temperature (a second log-sum-exp per chunk). A
