@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -180,23 +181,30 @@ def attention_configs() -> dict[str, tuple[int, dict]]:
             "32 x 32, 2 warps": (32, same(2, 2))}
 
 
-def time_attention_configs() -> dict[str, dict[str, float] | str]:
-    """blocking -> case -> ms per forward + backward call of our attention inside a CUDA graph (no mask), or why a
-    blocking has no figures."""
+@contextmanager
+def attention_blocking(config: tuple[int, dict]) -> Iterator[None]:
+    """The attention kernels in half precision use `config` (an `attention_configs()` value) in the body."""
     from electra_ds.kernels import fused_attention
 
     default = fused_attention.CONFIGS["half"]
-    ours = {name: fn for name, (_, fn) in attention_cases().items() if name.endswith("no mask")}
-    results: dict[str, dict[str, float] | str] = {}
+    fused_attention.CONFIGS["half"] = config
     try:
-        for label, config in attention_configs().items():
-            fused_attention.CONFIGS["half"] = config
-            try:
-                results[label] = {name: _ms(_graphed(fn)) for name, fn in ours.items()}
-            except Exception as err:  # noqa: BLE001 - reported; the other blockings still run
-                results[label] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        yield
     finally:
         fused_attention.CONFIGS["half"] = default
+
+
+def time_attention_configs() -> dict[str, dict[str, float] | str]:
+    """blocking -> case -> ms per forward + backward call of our attention inside a CUDA graph (no mask), or why a
+    blocking has no figures."""
+    ours = {name: fn for name, (_, fn) in attention_cases().items() if name.endswith("no mask")}
+    results: dict[str, dict[str, float] | str] = {}
+    for label, config in attention_configs().items():
+        try:
+            with attention_blocking(config):
+                results[label] = {name: _ms(_graphed(fn)) for name, fn in ours.items()}
+        except Exception as err:  # noqa: BLE001 - reported; the other blockings still run
+            results[label] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
     return results
 
 

@@ -102,17 +102,13 @@ def _attention_blockings() -> None:
     from electra_ds.kernels import fused_attention
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/
-    from benchmarks.kernel_speed import attention_configs
+    from benchmarks.kernel_speed import attention_blocking, attention_configs
 
-    default = fused_attention.CONFIGS["half"]
     qkv = torch.randn(1, 64, 3 * 128, dtype=torch.bfloat16, requires_grad=True)
-    try:
-        for config in attention_configs().values():
-            fused_attention.CONFIGS["half"] = config
+    for config in attention_configs().values():
+        with attention_blocking(config):
             out = fused_attention.attention(qkv, 2, torch.ones(1, 64, dtype=torch.long), 0.1, torch.tensor(1))
             out.sum().backward()
-    finally:
-        fused_attention.CONFIGS["half"] = default
 
 
 def record(path: Path, attention_blockings: bool = False) -> int:

@@ -153,6 +153,7 @@ def attention(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None = Non
             raise ValueError(f"attention's key_mask must be (B, L) = {tuple(qkv.shape[:2])}, got "
                              f"{tuple(key_mask.shape)}")
         key_mask = key_mask.contiguous()  # the kernels read row b at b * L
+    qkv = qkv.contiguous()  # and q, k, v of token t at t * 3 * hidden
     seed = _dropout_seed(dropout, seed, qkv.device)
     if torch.compiler.is_compiling():
         # the backend's choice as torch.compile can trace it (not the import check): compiling for CUDA needs triton
@@ -167,7 +168,7 @@ def attention(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None = Non
 def _attention_op(qkv: torch.Tensor, key_mask: torch.Tensor | None, seed: torch.Tensor | None, heads: int,
                   dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(context, softmax statistics): the statistics are kept for the backward (fused_attention.forward_pass)."""
-    return _op("fused_attention").forward_pass(qkv.contiguous(), heads, key_mask, dropout, seed)
+    return _op("fused_attention").forward_pass(qkv, heads, key_mask, dropout, seed)
 
 
 @_attention_op.register_fake
@@ -181,7 +182,7 @@ def _(qkv: torch.Tensor, key_mask: torch.Tensor | None, seed: torch.Tensor | Non
 def _attention_backward_op(dout: torch.Tensor, qkv: torch.Tensor, key_mask: torch.Tensor | None,
                            seed: torch.Tensor | None, out: torch.Tensor, stats: torch.Tensor, heads: int,
                            dropout: float) -> torch.Tensor:
-    return _op("fused_attention").backward_pass(dout, qkv.contiguous(), key_mask, seed, out, stats, heads, dropout)
+    return _op("fused_attention").backward_pass(dout, qkv, key_mask, seed, out, stats, heads, dropout)
 
 
 @_attention_backward_op.register_fake

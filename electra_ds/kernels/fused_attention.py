@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise import row_key, seed_key, uniform
+from .noise import keep, seed_key
 from .reference import MASKED_SCORE, dropout_scale
 
 LOG2E = 1.4426950408889634  # scores are kept in log2 units, so the exponentials are exp2
@@ -70,7 +70,7 @@ def _electra_attention_fwd(QKV, KeyMask, Seed, O, RowMax, RowScale, L, heads, qk
     rows = start_m + tl.arange(0, BLOCK)
     q = _tile(base, start_m, L, 3 * hidden, d, D, BLOCK)
     if DROPOUT:
-        keys = row_key(seed_key(Seed), bh * L + rows)
+        key = seed_key(Seed)
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, D_PAD], tl.float32)
@@ -84,7 +84,7 @@ def _electra_attention_fwd(QKV, KeyMask, Seed, O, RowMax, RowScale, L, heads, qk
         prob = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(prob, 1)
         if DROPOUT:
-            prob = tl.where(uniform(keys[:, None], cols[None, :]) >= p, prob * drop_scale, 0.0)
+            prob = tl.where(keep(key, bh * L + rows, cols, p), prob * drop_scale, 0.0)
         acc = acc * alpha[:, None] + _dot(prob.to(v.dtype), v, UPCAST)
         m_i = m_new
     out = O + b.to(tl.int64) * L * hidden + (bh % heads) * D
@@ -128,8 +128,6 @@ def _electra_attention_bwd(QKV, KeyMask, Seed, O, DO, RowMax, RowScale, DQKV, L,
         key = seed_key(Seed)
     if FOR_Q:
         q, do, row_max, row_scale, delta = _query_tile(QKV, O, DO, RowMax, RowScale, bh, start, L, heads, d, D, BLOCK)
-        if DROPOUT:
-            keys = row_key(key, bh * L + tile)
         dq = tl.zeros([BLOCK, D_PAD], tl.float32)
         for start_n in range(0, L, BLOCK):
             cols = start_n + tl.arange(0, BLOCK)
@@ -139,7 +137,7 @@ def _electra_attention_bwd(QKV, KeyMask, Seed, O, DO, RowMax, RowScale, DQKV, L,
             prob = tl.exp2(s - row_max[:, None]) * row_scale[:, None]
             dprob = _dot(do, tl.trans(v), UPCAST)
             if DROPOUT:
-                dprob = tl.where(uniform(keys[:, None], cols[None, :]) >= p, dprob * drop_scale, 0.0)
+                dprob = tl.where(keep(key, bh * L + tile, cols, p), dprob * drop_scale, 0.0)
             dscore = tl.where(real[None, :], prob * (dprob - delta[:, None]), 0.0)
             dq += _dot(dscore.to(k.dtype), k, UPCAST)
         tl.store(at, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=mask)
@@ -155,12 +153,12 @@ def _electra_attention_bwd(QKV, KeyMask, Seed, O, DO, RowMax, RowScale, DQKV, L,
             prob = tl.exp2(s - row_max[:, None]) * row_scale[:, None]
             kept = prob
             if DROPOUT:
-                keep = uniform(row_key(key, bh * L + start_m + tl.arange(0, BLOCK))[:, None], tile[None, :]) >= p
-                kept = tl.where(keep, prob * drop_scale, 0.0)
+                keeps = keep(key, bh * L + start_m + tl.arange(0, BLOCK), tile, p)
+                kept = tl.where(keeps, prob * drop_scale, 0.0)
             dv += _dot(tl.trans(kept.to(do.dtype)), do, UPCAST)
             dprob = _dot(do, tl.trans(v), UPCAST)
             if DROPOUT:
-                dprob = tl.where(keep, dprob * drop_scale, 0.0)
+                dprob = tl.where(keeps, dprob * drop_scale, 0.0)
             dscore = tl.where(real[None, :], prob * (dprob - delta[:, None]), 0.0)
             dk += _dot(tl.trans(dscore.to(q.dtype)), q, UPCAST)
         tl.store(at + hidden, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=mask)
@@ -168,8 +166,9 @@ def _electra_attention_bwd(QKV, KeyMask, Seed, O, DO, RowMax, RowScale, DQKV, L,
 
 
 def _launch(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None,
-            dropout: float) -> tuple[tuple[int, int], list, dict, dict]:
-    """(grid, the scalar arguments after the tensors, the constexprs, each kernel's launch options)."""
+            dropout: float) -> tuple[tuple[int, int], tuple, dict, dict]:
+    """(grid, the scalar arguments after the tensors: length, heads, scale in log2 units, scale; the constexprs; each
+    kernel's launch options)."""
     if qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"the Triton attention takes fp32, bf16 or fp16, not {qkv.dtype}; use set_backend('torch')")
     batch, length, width = qkv.shape
@@ -179,7 +178,7 @@ def _launch(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None,
     constexprs = dict(D=head_size, D_PAD=max(16, triton.next_power_of_2(head_size)), HAS_MASK=key_mask is not None,
                       DROPOUT=dropout > 0, UPCAST=not qkv.is_cuda or os.environ.get("TRITON_INTERPRET") == "1",
                       BLOCK=block)
-    return (triton.cdiv(length, block), batch * heads), [length, heads, sm_scale * LOG2E, sm_scale], constexprs, options
+    return (triton.cdiv(length, block), batch * heads), (length, heads, sm_scale * LOG2E, sm_scale), constexprs, options
 
 
 def forward_pass(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None, dropout: float,
@@ -192,9 +191,9 @@ def forward_pass(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None, d
     out = qkv.new_empty(batch, length, width // 3)
     stats = torch.empty(2, batch * heads, length, dtype=torch.float32, device=qkv.device)
     if qkv.numel():
-        grid, (length, heads, qk_scale, _), constexprs, options = _launch(qkv, heads, key_mask, dropout)
-        _electra_attention_fwd[grid](qkv, _or(key_mask, qkv), _or(seed, qkv), out, *stats, length, heads, qk_scale,
-                                     dropout, dropout_scale(dropout), **constexprs, **options["fwd"])
+        grid, scalars, constexprs, options = _launch(qkv, heads, key_mask, dropout)
+        _electra_attention_fwd[grid](qkv, _or(key_mask, qkv), _or(seed, qkv), out, *stats, *scalars[:3], dropout,
+                                     dropout_scale(dropout), **constexprs, **options["fwd"])  # sm_scale: backward only
     return out, stats
 
 
@@ -232,5 +231,6 @@ class FusedAttention(torch.autograd.Function):
 
 def attention(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None, dropout: float,
               seed: torch.Tensor | None) -> torch.Tensor:
-    """Triton self-attention of a contiguous QKV product; see reference.attention."""
-    return FusedAttention.apply(qkv.contiguous(), heads, key_mask, float(dropout), seed)
+    """Triton self-attention of a contiguous QKV product and key mask (kernels.attention makes them so); see
+    reference.attention."""
+    return FusedAttention.apply(qkv, heads, key_mask, float(dropout), seed)
