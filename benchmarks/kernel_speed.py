@@ -7,9 +7,10 @@ Usage: python benchmarks/kernel_speed.py [--attention_configs] [--json PATH]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,9 @@ from electra_ds.files import atomic_write
 from electra_ds.kernels import (adam_step, add_layer_norm, attention, bias_gelu, cross_entropy_and_sample, set_backend,
                                 sigmoid_bce)
 from electra_ds.model.electra import VOCAB_MULTIPLE
+
+if TYPE_CHECKING:
+    from electra_ds.kernels.fused_attention import Blocking
 
 
 def _graphed(fn):
@@ -168,21 +172,27 @@ def time_attention() -> dict[str, dict[str, float | str]]:
     return results
 
 
-def attention_configs() -> dict[str, tuple[int, dict]]:
+def attention_configs() -> dict[str, Blocking]:
     """Candidate blockings of the attention kernels in half precision (`fused_attention.CONFIGS["half"]`: tile size,
-    then each kernel's warps and pipeline stages), none of which spills in an sm_90 build."""
-    from electra_ds.kernels import fused_attention
+    each kernel's warps and pipeline stages, the longest sequence whose backward is one pass), none of which spills
+    in an sm_90 build."""
+    from electra_ds.kernels.fused_attention import CONFIGS, Blocking
+
+    default = CONFIGS["half"]
 
     def same(warps: int, stages: int) -> dict:
-        return {k: dict(num_warps=warps, num_stages=stages) for k in ("fwd", "bwd_kv", "bwd_q")}
+        return {k: dict(num_warps=warps, num_stages=stages) for k in ("fwd", "bwd_kv", "bwd_q", "bwd_one")}
 
-    return {"64 x 64, warps 4 / 8 / 4 (default)": fused_attention.CONFIGS["half"], "64 x 64, 8 warps": (64, same(8, 2)),
-            "64 x 64, 4 warps, 1 stage": (64, same(4, 1)), "32 x 32, 4 warps": (32, same(4, 2)),
-            "32 x 32, 2 warps": (32, same(2, 2))}
+    return {"64 x 64, one-pass backward (default)": default,
+            "64 x 64, two-pass backward": dataclasses.replace(default, one_pass=0),
+            "64 x 64, one pass by 16 queries": dataclasses.replace(default, one_pass_block=16),
+            "64 x 64, 8 warps, two passes": Blocking(64, same(8, 2)),
+            "32 x 32, 8 warps, one pass": Blocking(32, same(8, 1), one_pass=128),
+            "32 x 32, 2 warps, two passes": Blocking(32, same(2, 2))}
 
 
 @contextmanager
-def attention_blocking(config: tuple[int, dict]) -> Iterator[None]:
+def attention_blocking(config: Blocking) -> Iterator[None]:
     """The attention kernels in half precision use `config` (an `attention_configs()` value) in the body."""
     from electra_ds.kernels import fused_attention
 

@@ -5,7 +5,7 @@ compiler sees what would fail on the card (types it cannot lower, layouts, what 
 ahead of time without a device (with the ptxas its wheel ships), so this checks, in two processes:
 
     TRITON_INTERPRET=1 python tests/kernel_compile_check.py record LAUNCHES.json
-        one training step of ELECTRA-Small's widths (one layer per tower, a batch of 2 x 16; fp32, then bf16 and fp16
+        one training step of ELECTRA-Small's widths (one layer per tower, a batch of 2 x 128; fp32, then bf16 and fp16
         autocast, dropout on) and ElectraAdam's step, all through the Triton kernels under the interpreter, saving
         each distinct launch: kernel, argument types, which arguments are 16-aligned pointers or multiples of 16
         (Triton's launcher specialises on those on a GPU), constexprs and launch options;
@@ -84,7 +84,7 @@ def _training_steps() -> None:
     for autocast in (None, torch.bfloat16, torch.float16):
         torch.manual_seed(0)
         model = ElectraForPretraining(preset("small", num_hidden_layers=1)).train()
-        ids, mask = make_batch(vocab, batch=2, length=16, pad_from={1: 11})
+        ids, mask = make_batch(vocab, batch=2, length=128, pad_from={1: 100})  # ELECTRA's length: the attention tiles
         plan = mask_plan(ids, mask, vocab_size=vocab, max_predictions=3, seed=1)
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             out = model(ids, None if autocast is None else mask, None, plan, torch.tensor(1))  # fp32: unmasked
@@ -104,10 +104,10 @@ def _attention_blockings() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/
     from benchmarks.kernel_speed import attention_blocking, attention_configs
 
-    qkv = torch.randn(1, 64, 3 * 128, dtype=torch.bfloat16, requires_grad=True)
+    qkv = torch.randn(1, 128, 3 * 128, dtype=torch.bfloat16, requires_grad=True)  # ELECTRA's length, 64-wide heads
     for config in attention_configs().values():
         with attention_blocking(config):
-            out = fused_attention.attention(qkv, 2, torch.ones(1, 64, dtype=torch.long), 0.1, torch.tensor(1))
+            out = fused_attention.attention(qkv, 2, torch.ones(1, 128, dtype=torch.long), 0.1, torch.tensor(1))
             out.sum().backward()
 
 

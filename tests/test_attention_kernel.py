@@ -107,6 +107,32 @@ def test_attention_takes_strided_masks(triton_backend, device):
                                    **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_is_one_kernel_up_to_the_one_pass_length(device, monkeypatch):
+    """Half precision up to `one_pass` (128) tokens: one backward launch per head, holding every key and writing dQ as
+    well; longer sequences and fp32: a dK/dV launch per key tile, then a dQ launch per query tile. Each matches the
+    twin (the same kernels against it: test_attention_matches_twin)."""
+    fused_attention = importlib.import_module("electra_ds.kernels.fused_attention")
+    kernel, launches = fused_attention._electra_attention_bwd, []
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid[0], kwargs["FOR_Q"], kwargs["WITH_DQ"], kwargs["BLOCK_N"]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(fused_attention, "_electra_attention_bwd", Recording())
+    for dtype, length, expected in ((torch.bfloat16, 70, [(1, False, True, 128)]),
+                                    (torch.bfloat16, 130, [(3, False, False, 64), (3, True, False, 64)]),
+                                    (torch.float32, 70, [(3, False, False, 32), (3, True, False, 32)])):
+        launches.clear()
+        qkv = randn((1, length, 3 * 16), 5, dtype, device)
+        out, grad = _run(_kernel, qkv, 1, None, 0.0, None)
+        assert launches == expected, (dtype, length)
+        torch.testing.assert_close(grad, _run(reference.attention, qkv, 1, None, 0.0, None)[1], **TOL[dtype])
+
+
 def test_attention_checks_its_arguments():
     with pytest.raises(ValueError, match="QKV product"):
         kernels.attention(torch.zeros(2, 5, 10), 4)
@@ -182,10 +208,10 @@ def test_candidate_blockings_match_the_twin(device):
     seed = torch.tensor(3, dtype=torch.int64, device=device)
     ref_out, ref_grad = _run(reference.attention, qkv, 2, mask, 0.1, seed)
     configs = kernel_speed.attention_configs()
-    assert len({block for block, _ in configs.values()}) > 1
+    assert len({c.block for c in configs.values()}) > 1 and len({c.one_pass for c in configs.values()}) > 1
     for label, config in configs.items():
         with kernel_speed.attention_blocking(config):
             out, grad = _run(_kernel, qkv, 2, mask, 0.1, seed)
         torch.testing.assert_close(out, ref_out, **TOL[torch.bfloat16], msg=label)
         torch.testing.assert_close(grad, ref_grad, **TOL[torch.bfloat16], msg=label)
-    assert fused_attention.CONFIGS["half"] is configs["64 x 64, warps 4 / 8 / 4 (default)"]  # restored
+    assert fused_attention.CONFIGS["half"] is configs["64 x 64, one-pass backward (default)"]  # restored

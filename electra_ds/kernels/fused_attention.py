@@ -7,6 +7,7 @@ backward from the seed: nothing but each row's softmax statistics (max and sum) 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -21,14 +22,26 @@ _MASKED = tl.constexpr(MASKED_SCORE * LOG2E)
 # Blocking: 64 x 64 tiles of queries x keys in half precision, so each tl.dot is a 64 x 64 x head-size tensor-core
 # product (ELECTRA's 128-token sequences are two tiles each way); 32 x 32 in fp32, whose exact products are FMA loops
 # that need more registers. The forward keeps a running max and sum (online softmax) over the key tiles. The backward
-# recomputes the probabilities from each row's stored max and 1 / sum in two kernels: one program per key tile walks
-# the query tiles (dK, dV), one per query tile walks the key tiles (dQ), so no program adds into another's output.
-# Warps and pipeline stages per kernel: the sm_90 builds' fewest registers with nothing spilled
+# recomputes the probabilities from each row's stored max and 1 / sum. Up to `one_pass` keys (half precision), one
+# program per head holds all of a sequence's keys and walks its query tiles (32 rows: 64 spill in an sm_90 build):
+# dK and dV accumulate, and each query tile's dQ is complete when the walk reaches it. Longer sequences take two kernels: one program per key tile walks
+# the query tiles (dK, dV), one per query tile walks the key tiles (dQ). Either way no program adds into another's
+# output (no atomics). Warps and pipeline stages per kernel: the sm_90 builds' fewest registers with nothing spilled
 # (`python tests/kernel_compile_check.py` prints them).
-CONFIGS = {"half": (64, {"fwd": dict(num_warps=4, num_stages=2), "bwd_kv": dict(num_warps=8, num_stages=1),
-                         "bwd_q": dict(num_warps=4, num_stages=2)}),
-           "fp32": (32, {"fwd": dict(num_warps=8, num_stages=1), "bwd_kv": dict(num_warps=8, num_stages=1),
-                         "bwd_q": dict(num_warps=4, num_stages=2)})}
+@dataclass(frozen=True)
+class Blocking:
+    block: int  # query and key tile of the forward and the two-kernel backward
+    options: dict  # kernel ("fwd", "bwd_kv", "bwd_q", "bwd_one") -> launch options
+    one_pass: int = 0  # longest sequence whose backward is the one-pass kernel (0: never)
+    one_pass_block: int = 32  # that kernel's query tile
+
+
+CONFIGS = {
+    "half": Blocking(64, {"fwd": dict(num_warps=4, num_stages=2), "bwd_kv": dict(num_warps=8, num_stages=1),
+                          "bwd_q": dict(num_warps=4, num_stages=2), "bwd_one": dict(num_warps=8, num_stages=1)},
+                     one_pass=128, one_pass_block=32),
+    "fp32": Blocking(32, {"fwd": dict(num_warps=8, num_stages=1), "bwd_kv": dict(num_warps=8, num_stages=1),
+                          "bwd_q": dict(num_warps=4, num_stages=2)})}
 
 
 @triton.jit
@@ -36,6 +49,12 @@ def _tile(Ptr, start, L, row_stride, d, D: tl.constexpr, BLOCK: tl.constexpr):
     rows = start + tl.arange(0, BLOCK)
     return tl.load(Ptr + rows[:, None] * row_stride + d[None, :], mask=(rows < L)[:, None] & (d < D)[None, :],
                    other=0.0)
+
+
+@triton.jit
+def _store_rows(Ptr, rows, L, row_stride, d, D: tl.constexpr, values):
+    tl.store(Ptr + rows[:, None] * row_stride + d[None, :], values.to(Ptr.dtype.element_ty),
+             mask=(rows < L)[:, None] & (d < D)[None, :])
 
 
 @triton.jit
@@ -87,9 +106,7 @@ def _electra_attention_fwd(QKV, KeyMask, Seed, O, RowMax, RowScale, L, heads, qk
             prob = tl.where(keep(key, bh * L + rows, cols, p), prob * drop_scale, 0.0)
         acc = acc * alpha[:, None] + _dot(prob.to(v.dtype), v, UPCAST)
         m_i = m_new
-    out = O + b.to(tl.int64) * L * hidden + (bh % heads) * D
-    tl.store(out + rows[:, None] * hidden + d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
-             mask=(rows < L)[:, None] & (d < D)[None, :])
+    _store_rows(O + b.to(tl.int64) * L * hidden + (bh % heads) * D, rows, L, hidden, d, D, acc / l_i[:, None])
     # max and 1 / sum, not their log-sum-exp: a row of padding keys (scores MASKED_SCORE) would lose log2(sum) in it
     tl.store(RowMax + bh.to(tl.int64) * L + rows, m_i, mask=rows < L)
     tl.store(RowScale + bh.to(tl.int64) * L + rows, 1.0 / l_i, mask=rows < L)
@@ -113,26 +130,25 @@ def _query_tile(QKV, O, DO, RowMax, RowScale, bh, start_m, L, heads, d, D: tl.co
 @triton.jit
 def _electra_attention_bwd(QKV, KeyMask, Seed, O, DO, RowMax, RowScale, DQKV, L, heads, qk_scale, sm_scale, p,
                            drop_scale, D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr,
-                           DROPOUT: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
-                           FOR_Q: tl.constexpr):
-    """FOR_Q: dQ of a query tile, walking the key tiles; else dK and dV of a key tile, walking the query tiles."""
+                           DROPOUT: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                           FOR_Q: tl.constexpr, WITH_DQ: tl.constexpr):
+    """FOR_Q: dQ of a query tile (BLOCK queries), walking the key tiles; else dK and dV of a key tile (BLOCK_N keys),
+    walking the query tiles, and with WITH_DQ (the tile holds every key) each query tile's dQ too."""
     bh = tl.program_id(1)
     b, hidden = bh // heads, heads * D
     d = tl.arange(0, D_PAD)
     offset = b.to(tl.int64) * L * 3 * hidden + (bh % heads) * D
-    start = tl.program_id(0) * BLOCK
-    tile = start + tl.arange(0, BLOCK)  # this program's queries (FOR_Q) or keys
-    at = DQKV + offset + tile[:, None] * (3 * hidden) + d[None, :]
-    mask = (tile < L)[:, None] & (d < D)[None, :]
     if DROPOUT:
         key = seed_key(Seed)
     if FOR_Q:
+        start = tl.program_id(0) * BLOCK
+        tile = start + tl.arange(0, BLOCK)
         q, do, row_max, row_scale, delta = _query_tile(QKV, O, DO, RowMax, RowScale, bh, start, L, heads, d, D, BLOCK)
         dq = tl.zeros([BLOCK, D_PAD], tl.float32)
-        for start_n in range(0, L, BLOCK):
-            cols = start_n + tl.arange(0, BLOCK)
-            k = _tile(QKV + offset + hidden, start_n, L, 3 * hidden, d, D, BLOCK)
-            v = _tile(QKV + offset + 2 * hidden, start_n, L, 3 * hidden, d, D, BLOCK)
+        for start_n in range(0, L, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            k = _tile(QKV + offset + hidden, start_n, L, 3 * hidden, d, D, BLOCK_N)
+            v = _tile(QKV + offset + 2 * hidden, start_n, L, 3 * hidden, d, D, BLOCK_N)
             s, real = _scores(q, k, KeyMask, b, L, cols, qk_scale, HAS_MASK, UPCAST)
             prob = tl.exp2(s - row_max[:, None]) * row_scale[:, None]
             dprob = _dot(do, tl.trans(v), UPCAST)
@@ -140,20 +156,22 @@ def _electra_attention_bwd(QKV, KeyMask, Seed, O, DO, RowMax, RowScale, DQKV, L,
                 dprob = tl.where(keep(key, bh * L + tile, cols, p), dprob * drop_scale, 0.0)
             dscore = tl.where(real[None, :], prob * (dprob - delta[:, None]), 0.0)
             dq += _dot(dscore.to(k.dtype), k, UPCAST)
-        tl.store(at, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=mask)
+        _store_rows(DQKV + offset, tile, L, 3 * hidden, d, D, dq * sm_scale)
     else:
-        k = _tile(QKV + offset + hidden, start, L, 3 * hidden, d, D, BLOCK)
-        v = _tile(QKV + offset + 2 * hidden, start, L, 3 * hidden, d, D, BLOCK)
-        dk = tl.zeros([BLOCK, D_PAD], tl.float32)
-        dv = tl.zeros([BLOCK, D_PAD], tl.float32)
+        tile = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's keys
+        k = _tile(QKV + offset + hidden, tl.program_id(0) * BLOCK_N, L, 3 * hidden, d, D, BLOCK_N)
+        v = _tile(QKV + offset + 2 * hidden, tl.program_id(0) * BLOCK_N, L, 3 * hidden, d, D, BLOCK_N)
+        dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         for start_m in range(0, L, BLOCK):
+            rows = start_m + tl.arange(0, BLOCK)
             q, do, row_max, row_scale, delta = _query_tile(QKV, O, DO, RowMax, RowScale, bh, start_m, L, heads, d, D,
                                                            BLOCK)
             s, real = _scores(q, k, KeyMask, b, L, tile, qk_scale, HAS_MASK, UPCAST)
             prob = tl.exp2(s - row_max[:, None]) * row_scale[:, None]
             kept = prob
             if DROPOUT:
-                keeps = keep(key, bh * L + start_m + tl.arange(0, BLOCK), tile, p)
+                keeps = keep(key, bh * L + rows, tile, p)
                 kept = tl.where(keeps, prob * drop_scale, 0.0)
             dv += _dot(tl.trans(kept.to(do.dtype)), do, UPCAST)
             dprob = _dot(do, tl.trans(v), UPCAST)
@@ -161,24 +179,26 @@ def _electra_attention_bwd(QKV, KeyMask, Seed, O, DO, RowMax, RowScale, DQKV, L,
                 dprob = tl.where(keeps, dprob * drop_scale, 0.0)
             dscore = tl.where(real[None, :], prob * (dprob - delta[:, None]), 0.0)
             dk += _dot(tl.trans(dscore.to(q.dtype)), q, UPCAST)
-        tl.store(at + hidden, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=mask)
-        tl.store(at + 2 * hidden, dv.to(DQKV.dtype.element_ty), mask=mask)
+            if WITH_DQ:
+                _store_rows(DQKV + offset, rows, L, 3 * hidden, d, D, _dot(dscore.to(k.dtype), k, UPCAST) * sm_scale)
+        _store_rows(DQKV + offset + hidden, tile, L, 3 * hidden, d, D, dk * sm_scale)
+        _store_rows(DQKV + offset + 2 * hidden, tile, L, 3 * hidden, d, D, dv)
 
 
 def _launch(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None,
-            dropout: float) -> tuple[tuple[int, int], tuple, dict, dict]:
-    """(grid, the scalar arguments after the tensors: length, heads, scale in log2 units, scale; the constexprs; each
-    kernel's launch options)."""
+            dropout: float) -> tuple[Blocking, tuple, dict]:
+    """(the blocking, the scalar arguments after the tensors: length, heads, scale in log2 units, scale; the
+    constexprs but the backward's key tile)."""
     if qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"the Triton attention takes fp32, bf16 or fp16, not {qkv.dtype}; use set_backend('torch')")
-    batch, length, width = qkv.shape
+    length, width = qkv.shape[1:]
     head_size = width // (3 * heads)
     sm_scale = head_size ** -0.5
-    block, options = CONFIGS["fp32" if qkv.dtype == torch.float32 else "half"]
+    blocking = CONFIGS["fp32" if qkv.dtype == torch.float32 else "half"]
     constexprs = dict(D=head_size, D_PAD=max(16, triton.next_power_of_2(head_size)), HAS_MASK=key_mask is not None,
                       DROPOUT=dropout > 0, UPCAST=not qkv.is_cuda or os.environ.get("TRITON_INTERPRET") == "1",
-                      BLOCK=block)
-    return (triton.cdiv(length, block), batch * heads), (length, heads, sm_scale * LOG2E, sm_scale), constexprs, options
+                      BLOCK=blocking.block)
+    return blocking, (length, heads, sm_scale * LOG2E, sm_scale), constexprs
 
 
 def forward_pass(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None, dropout: float,
@@ -191,9 +211,11 @@ def forward_pass(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None, d
     out = qkv.new_empty(batch, length, width // 3)
     stats = torch.empty(2, batch * heads, length, dtype=torch.float32, device=qkv.device)
     if qkv.numel():
-        grid, scalars, constexprs, options = _launch(qkv, heads, key_mask, dropout)
+        blocking, scalars, constexprs = _launch(qkv, heads, key_mask, dropout)
+        grid = (triton.cdiv(length, blocking.block), batch * heads)
         _electra_attention_fwd[grid](qkv, _or(key_mask, qkv), _or(seed, qkv), out, *stats, *scalars[:3], dropout,
-                                     dropout_scale(dropout), **constexprs, **options["fwd"])  # sm_scale: backward only
+                                     dropout_scale(dropout), **constexprs,
+                                     **blocking.options["fwd"])  # sm_scale: backward only
     return out, stats
 
 
@@ -202,11 +224,19 @@ def backward_pass(dout: torch.Tensor, qkv: torch.Tensor, key_mask: torch.Tensor 
     """The gradient of `forward_pass`'s context with respect to qkv, (B, L, 3 * hidden)."""
     dqkv = torch.empty_like(qkv)
     if qkv.numel():
-        grid, scalars, constexprs, options = _launch(qkv, heads, key_mask, dropout)
+        blocking, scalars, constexprs = _launch(qkv, heads, key_mask, dropout)
         args = (qkv, _or(key_mask, qkv), _or(seed, qkv), out, dout.to(qkv.dtype).contiguous(), *stats, dqkv, *scalars,
                 dropout, dropout_scale(dropout))
-        _electra_attention_bwd[grid](*args, **constexprs, FOR_Q=False, **options["bwd_kv"])
-        _electra_attention_bwd[grid](*args, **constexprs, FOR_Q=True, **options["bwd_q"])
+        batch, length = qkv.shape[:2]
+        if length <= blocking.one_pass:
+            one_pass = {**constexprs, "BLOCK": blocking.one_pass_block,
+                        "BLOCK_N": max(16, triton.next_power_of_2(length)), "FOR_Q": False, "WITH_DQ": True}
+            _electra_attention_bwd[(1, batch * heads)](*args, **one_pass, **blocking.options["bwd_one"])
+        else:
+            tiles = (triton.cdiv(length, blocking.block), batch * heads)
+            for_q = dict(BLOCK_N=blocking.block, WITH_DQ=False)
+            _electra_attention_bwd[tiles](*args, **constexprs, **for_q, FOR_Q=False, **blocking.options["bwd_kv"])
+            _electra_attention_bwd[tiles](*args, **constexprs, **for_q, FOR_Q=True, **blocking.options["bwd_q"])
     return dqkv
 
 
