@@ -41,7 +41,8 @@ def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: to
     memset times; None on the CPU), the number of GPU kernels, ms and kernels per kernel family (GPU only), the
     TOP_JSON operators by time, each as (name, ms per step, calls per step), and on a GPU the span of each
     record_function region on the GPU's timeline (not part of the busy time; STEP_REGION is the step's own span)
-    and where the GPU idled inside the steps and between them (idle_gaps)."""
+    and where the GPU idled inside the steps and between them (idle_gaps), and the first step's kernels in order
+    (step_timeline)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -57,13 +58,14 @@ def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: to
             torch.cuda.synchronize(device)
     events = prof.key_averages()
     annotations: list[tuple[str, float, int]] = []
-    gaps = None
+    gaps = timeline = None
     if cuda:
         timed, annotations = device_events(events, DeviceType.CUDA)
         on_gpu = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-        gaps = idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in on_gpu if not _is_region(e)], steps,
-                         [(e.time_range.start, e.time_range.end) for e in on_gpu
-                          if _is_region(e) and e.name == STEP_REGION])
+        kernels = [(e.time_range.start, e.time_range.end, e.name) for e in on_gpu if not _is_region(e)]
+        windows = [(e.time_range.start, e.time_range.end) for e in on_gpu if _is_region(e) and e.name == STEP_REGION]
+        gaps = idle_gaps(kernels, steps, windows)
+        timeline = step_timeline(kernels, min(windows)) if windows else None
     else:
         timed = [(e.key, float(e.self_cpu_time_total), e.count) for e in events]
     timed = [t for t in timed if t[1] > 0]
@@ -82,7 +84,17 @@ def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: to
                         for name, us, count in timed[:TOP_JSON]],
             "gpu_annotations": [{"name": name, "span_ms_per_step": us / steps / 1e3}
                                 for name, us, _ in annotations] if cuda else None,
-            "gpu_idle": gaps}
+            "gpu_idle": gaps, "timeline": timeline}
+
+
+def step_timeline(kernels: list[tuple[float, float, str]], window: tuple[float, float]) -> list[dict[str, Any]]:
+    """Every kernel of one step in launch order, from the (start us, end us, name) of the profiled kernels and the
+    step's (start us, end us) on the GPU's timeline: name (cut to 100 characters), start from the step's start and
+    duration in us. Which tower and pass each kernel serves, and what each memset or copy follows, are read from it
+    offline, without another GPU run."""
+    w_start, w_end = window
+    return [{"name": name[:100], "start_us": round(start - w_start, 2), "us": round(stop - start, 2)}
+            for start, stop, name in sorted(kernels) if w_start <= start < w_end]
 
 
 def idle_gaps(kernels: list[tuple[float, float, str]], steps: int, windows: Sequence[tuple[float, float]] = (),
@@ -162,4 +174,5 @@ def markdown(name: str, ms_per_step: float | None, profile: dict[str, Any]) -> s
     return "\n".join([head, "", *rows])
 
 
-__all__ = ["CATEGORIES", "STEP_REGION", "category", "device_events", "idle_gaps", "markdown", "profile_steps"]
+__all__ = ["CATEGORIES", "STEP_REGION", "category", "device_events", "idle_gaps", "markdown", "profile_steps",
+           "step_timeline"]

@@ -168,6 +168,9 @@ def test_step_profile_on_cpu_and_kernel_families():
     overlapping = step_profile.idle_gaps(kernels, steps=2, windows=[(0.0, 40.0), (50.0, 70.0)])
     assert overlapping["longest"][0] == {"us": 10.0, "after": "b", "before": "c"}
     assert overlapping["between_steps_ms_per_step"] == pytest.approx(0.005)
+    # The first step's kernels in launch order, timed from the step's start
+    assert step_profile.step_timeline(kernels, (50.0, 70.0)) == [{"name": "c", "start_us": 0.0, "us": 10.0},
+                                                                 {"name": "d", "start_us": 11.0, "us": 9.0}]
 
     names = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n": "matmul", "nvjet_tst_128x64_64x8_1x1_v_bz_TNT": "matmul",
              "pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel": "attention",
