@@ -204,18 +204,16 @@ def attention_blocking(config: Blocking) -> Iterator[None]:
         fused_attention.CONFIGS["half"] = default
 
 
-def time_attention_configs() -> dict[str, dict[str, float] | str]:
-    """blocking -> case -> ms per forward + backward call of our attention inside a CUDA graph (no mask), or why a
-    blocking has no figures."""
+def time_attention_configs() -> Iterator[tuple[str, dict[str, float] | str]]:
+    """(blocking, case -> ms per forward + backward call of our attention inside a CUDA graph (no mask), or why the
+    blocking has no figures), one blocking at a time."""
     ours = {name: fn for name, (_, fn) in attention_cases().items() if name.endswith("no mask")}
-    results: dict[str, dict[str, float] | str] = {}
     for label, config in attention_configs().items():
         try:
             with attention_blocking(config):
-                results[label] = {name: _ms(_graphed(fn)) for name, fn in ours.items()}
+                yield label, {name: _ms(_graphed(fn)) for name, fn in ours.items()}
         except Exception as err:  # noqa: BLE001 - reported; the other blockings still run
-            results[label] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
-    return results
+            yield label, f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
 
 
 def main() -> None:
@@ -227,15 +225,16 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernel_speed.py times CUDA kernels: no CUDA device here")
     if args.attention_configs:
-        timings = time_attention_configs()
         print(f"{torch.cuda.get_device_name()}: our attention forward + backward of one layer, bf16, dropout 0.1, no "
-              "mask, ms per call in a CUDA graph, per blocking:")
-        for label, row in timings.items():
-            print(f"{label:36s} " + (row if isinstance(row, str) else
-                                     "  ".join(f"{name} {ms:.3f}" for name, ms in row.items())))
-        if args.json:
-            atomic_write(args.json, json.dumps({"device": torch.cuda.get_device_name(),
-                                                "attention_configs_ms": timings}, indent=1))
+              "mask, ms per call in a CUDA graph, per blocking:", flush=True)
+        timings = {}
+        for label, row in time_attention_configs():
+            timings[label] = row
+            print(f"{label:40s} " + (row if isinstance(row, str) else
+                                     "  ".join(f"{name} {ms:.3f}" for name, ms in row.items())), flush=True)
+            if args.json:  # rewritten after each blocking: a run cut short keeps the finished ones
+                atomic_write(args.json, json.dumps({"device": torch.cuda.get_device_name(),
+                                                    "attention_configs_ms": timings}, indent=1))
         return
     results = {}
     for name, (ours, native) in cases().items():
