@@ -23,11 +23,11 @@ _MASKED = tl.constexpr(MASKED_SCORE * LOG2E)
 # product (ELECTRA's 128-token sequences are two tiles each way); 32 x 32 in fp32, whose exact products are FMA loops
 # that need more registers. The forward keeps a running max and sum (online softmax) over the key tiles. The backward
 # recomputes the probabilities from each row's stored max and 1 / sum. Up to `one_pass` keys (half precision), one
-# program per head holds all of a sequence's keys and walks its query tiles (32 rows: 64 spill in an sm_90 build):
-# dK and dV accumulate, and each query tile's dQ is complete when the walk reaches it. Longer sequences take two kernels: one program per key tile walks
-# the query tiles (dK, dV), one per query tile walks the key tiles (dQ). Either way no program adds into another's
-# output (no atomics). Warps and pipeline stages per kernel: the sm_90 builds' fewest registers with nothing spilled
-# (`python tests/kernel_compile_check.py` prints them).
+# program per head holds all of a sequence's keys and walks its query tiles (of 32 rows: 64 spill in an sm_90 build):
+# dK and dV accumulate, and each query tile's dQ is complete when the walk reaches it. Longer sequences take two
+# kernels: one program per key tile walks the query tiles (dK, dV), one per query tile walks the key tiles (dQ).
+# Either way no program adds into another's output (no atomics). Warps and pipeline stages per kernel: the sm_90
+# builds' fewest registers with nothing spilled (`python tests/kernel_compile_check.py` prints them).
 @dataclass(frozen=True)
 class Blocking:
     block: int  # query and key tile of the forward and the two-kernel backward
