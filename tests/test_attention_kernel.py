@@ -118,7 +118,7 @@ def test_backward_is_one_kernel_up_to_the_one_pass_length(device, monkeypatch):
     class Recording:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launches.append((grid[0], kwargs["FOR_Q"], kwargs["WITH_DQ"], kwargs["BLOCK_N"]))
+                launches.append((grid[1], kwargs["FOR_Q"], kwargs["WITH_DQ"], kwargs["BLOCK_N"]))  # tiles per head
                 return kernel[grid](*args, **kwargs)
             return launch
 

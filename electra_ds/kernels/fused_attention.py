@@ -81,11 +81,11 @@ def _scores(q, k, KeyMask, b, L, cols, qk_scale, HAS_MASK: tl.constexpr, UPCAST:
 def _electra_attention_fwd(QKV, KeyMask, Seed, O, RowMax, RowScale, L, heads, qk_scale, p, drop_scale, D: tl.constexpr,
                            D_PAD: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                            UPCAST: tl.constexpr, BLOCK: tl.constexpr):
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # grid axis 0 (up to 2**31 - 1 programs): batch x heads may exceed axis 1's 65535
     b, hidden = bh // heads, heads * D
     d = tl.arange(0, D_PAD)
     base = QKV + b.to(tl.int64) * L * 3 * hidden + (bh % heads) * D
-    start_m = tl.program_id(0) * BLOCK
+    start_m = tl.program_id(1) * BLOCK
     rows = start_m + tl.arange(0, BLOCK)
     q = _tile(base, start_m, L, 3 * hidden, d, D, BLOCK)
     if DROPOUT:
@@ -134,14 +134,14 @@ def _electra_attention_bwd(QKV, KeyMask, Seed, O, DO, RowMax, RowScale, DQKV, L,
                            FOR_Q: tl.constexpr, WITH_DQ: tl.constexpr):
     """FOR_Q: dQ of a query tile (BLOCK queries), walking the key tiles; else dK and dV of a key tile (BLOCK_N keys),
     walking the query tiles, and with WITH_DQ (the tile holds every key) each query tile's dQ too."""
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
     b, hidden = bh // heads, heads * D
     d = tl.arange(0, D_PAD)
     offset = b.to(tl.int64) * L * 3 * hidden + (bh % heads) * D
     if DROPOUT:
         key = seed_key(Seed)
     if FOR_Q:
-        start = tl.program_id(0) * BLOCK
+        start = tl.program_id(1) * BLOCK
         tile = start + tl.arange(0, BLOCK)
         q, do, row_max, row_scale, delta = _query_tile(QKV, O, DO, RowMax, RowScale, bh, start, L, heads, d, D, BLOCK)
         dq = tl.zeros([BLOCK, D_PAD], tl.float32)
@@ -158,9 +158,9 @@ def _electra_attention_bwd(QKV, KeyMask, Seed, O, DO, RowMax, RowScale, DQKV, L,
             dq += _dot(dscore.to(k.dtype), k, UPCAST)
         _store_rows(DQKV + offset, tile, L, 3 * hidden, d, D, dq * sm_scale)
     else:
-        tile = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's keys
-        k = _tile(QKV + offset + hidden, tl.program_id(0) * BLOCK_N, L, 3 * hidden, d, D, BLOCK_N)
-        v = _tile(QKV + offset + 2 * hidden, tl.program_id(0) * BLOCK_N, L, 3 * hidden, d, D, BLOCK_N)
+        tile = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's keys
+        k = _tile(QKV + offset + hidden, tl.program_id(1) * BLOCK_N, L, 3 * hidden, d, D, BLOCK_N)
+        v = _tile(QKV + offset + 2 * hidden, tl.program_id(1) * BLOCK_N, L, 3 * hidden, d, D, BLOCK_N)
         dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         for start_m in range(0, L, BLOCK):
@@ -212,7 +212,7 @@ def forward_pass(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None, d
     stats = torch.empty(2, batch * heads, length, dtype=torch.float32, device=qkv.device)
     if qkv.numel():
         blocking, scalars, constexprs = _launch(qkv, heads, key_mask, dropout)
-        grid = (triton.cdiv(length, blocking.block), batch * heads)
+        grid = (batch * heads, triton.cdiv(length, blocking.block))
         _electra_attention_fwd[grid](qkv, _or(key_mask, qkv), _or(seed, qkv), out, *stats, *scalars[:3], dropout,
                                      dropout_scale(dropout), **constexprs,
                                      **blocking.options["fwd"])  # sm_scale: backward only
@@ -231,9 +231,9 @@ def backward_pass(dout: torch.Tensor, qkv: torch.Tensor, key_mask: torch.Tensor 
         if length <= blocking.one_pass:
             one_pass = {**constexprs, "BLOCK": blocking.one_pass_block,
                         "BLOCK_N": max(16, triton.next_power_of_2(length)), "FOR_Q": False, "WITH_DQ": True}
-            _electra_attention_bwd[(1, batch * heads)](*args, **one_pass, **blocking.options["bwd_one"])
+            _electra_attention_bwd[(batch * heads, 1)](*args, **one_pass, **blocking.options["bwd_one"])
         else:
-            tiles = (triton.cdiv(length, blocking.block), batch * heads)
+            tiles = (batch * heads, triton.cdiv(length, blocking.block))
             for_q = dict(BLOCK_N=blocking.block, WITH_DQ=False)
             _electra_attention_bwd[tiles](*args, **constexprs, **for_q, FOR_Q=False, **blocking.options["bwd_kv"])
             _electra_attention_bwd[tiles](*args, **constexprs, **for_q, FOR_Q=True, **blocking.options["bwd_q"])
