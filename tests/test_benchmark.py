@@ -171,6 +171,9 @@ def test_step_profile_on_cpu_and_kernel_families():
     # The first step's kernels in launch order, timed from the step's start
     assert step_profile.step_timeline(kernels, (50.0, 70.0)) == [{"name": "c", "start_us": 0.0, "us": 10.0},
                                                                  {"name": "d", "start_us": 11.0, "us": 9.0}]
+    timeline = [{"name": n} for n in ("gemm_a", "Memset (Device)", "triton_b", "Memset (Device)", "gemm_a",
+                                      "Memcpy DtoD (Device -> Device)", "triton_b")]
+    assert step_profile.copies_after(timeline) == [{"after": "gemm_a", "count": 2}, {"after": "triton_b", "count": 1}]
 
     names = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n": "matmul", "nvjet_tst_128x64_64x8_1x1_v_bz_TNT": "matmul",
              "pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel": "attention",
@@ -196,6 +199,9 @@ def test_step_profile_on_cpu_and_kernel_families():
     gpu["gpu_idle"] = inside
     assert "; GPU idle 0.00 ms per step inside the step in 0.5 gaps (and 0.01 ms between steps), the longest 1 us " \
            "before `d`;" in step_profile.markdown("ours", 8.0, gpu).splitlines()[0]
+    gpu["copies_after"] = step_profile.copies_after(timeline)
+    assert "before `d`; copies and fills follow `gemm_a` (2), `triton_b` (1); regions" in \
+        step_profile.markdown("ours", 8.0, gpu).splitlines()[0]
 
 
 def test_gpu_check_packs_its_results_into_one_archive_beside_the_log(tmp_path):
