@@ -85,7 +85,7 @@ def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: to
                         for name, us, count in timed[:TOP_JSON]],
             "gpu_annotations": [{"name": name, "span_ms_per_step": us / steps / 1e3}
                                 for name, us, _ in annotations] if cuda else None,
-            "gpu_idle": gaps, "timeline": timeline, "copies_after": copies_after(timeline) if timeline else None}
+            "gpu_idle": gaps, "timeline": timeline}
 
 
 def step_timeline(kernels: list[tuple[float, float, str]], window: tuple[float, float]) -> list[dict[str, Any]]:
@@ -98,7 +98,7 @@ def step_timeline(kernels: list[tuple[float, float, str]], window: tuple[float, 
             for start, stop, name in sorted(kernels) if w_start <= start < w_end]
 
 
-def copies_after(timeline: list[dict[str, Any]], top: int = 5) -> list[dict[str, Any]]:
+def copies_after(timeline: list[dict[str, Any]], top: int = 3) -> list[dict[str, Any]]:
     """What the step's copies and fills (memsets, memcpys, fill kernels) follow: the `top` kernel names launched just
     before one, with how many each precedes, from `step_timeline`'s list. Small copies and fills usually come from
     the op before them (a library's workspace, a zero-initialised output), which names where to look."""
@@ -175,9 +175,9 @@ def markdown(name: str, ms_per_step: float | None, profile: dict[str, Any]) -> s
                  + f"in {idle['gaps_per_step']:g} gaps"
                  + (f" (and {between:.2f} ms between steps)" if between is not None else "") + ", the longest "
                  + ", ".join(f"{g['us']:.0f} us before `{g['before'][:40]}`" for g in idle["longest"][:3]))
-    if profile.get("copies_after"):  # absent from results saved before it was recorded
-        head += "; copies and fills follow " + ", ".join(f"`{c['after'][:40]}` ({c['count']})"
-                                                          for c in profile["copies_after"][:3])
+    copies = copies_after(profile.get("timeline") or [])  # no timeline in results saved before it was recorded
+    if copies:
+        head += "; copies and fills follow " + ", ".join(f"`{c['after'][:40]}` ({c['count']})" for c in copies)
     if profile.get("gpu_annotations"):
         head += "; regions on the GPU timeline, not in the busy time: " + ", ".join(
             f"{a['name']} {a['span_ms_per_step']:.2f} ms" for a in profile["gpu_annotations"])

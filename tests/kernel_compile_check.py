@@ -49,6 +49,13 @@ def _arg_type(value) -> str:
     raise TypeError(f"no Triton type for a kernel argument of type {type(value).__name__}")
 
 
+def _aligned(value) -> bool:
+    """What Triton's launcher specialises on a GPU: a 16-byte aligned pointer, an integer divisible by 16."""
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr() % 16 == 0
+    return type(value) is int and value % 16 == 0
+
+
 def launch_record(fn, args: tuple, kwargs: dict) -> dict:
     """A JSON-able description of one launch of the kernel function `fn` (the plain Python function)."""
     params = list(inspect.signature(fn).parameters.values())
@@ -62,9 +69,7 @@ def launch_record(fn, args: tuple, kwargs: dict) -> dict:
             constexprs[p.name] = value
         else:
             signature[p.name] = _arg_type(value)
-            # what Triton's launcher specialises on a GPU: 16-byte aligned pointers, integers divisible by 16
-            if value.data_ptr() % 16 == 0 if isinstance(value, torch.Tensor) else \
-                    type(value) is int and value % 16 == 0:
+            if _aligned(value):
                 aligned.append(p.name)
     if constexprs.get("UPCAST"):  # fused_attention's fp32 dots stand in for bf16 ones under the interpreter only
         constexprs["UPCAST"] = False

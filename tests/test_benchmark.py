@@ -199,7 +199,7 @@ def test_step_profile_on_cpu_and_kernel_families():
     gpu["gpu_idle"] = inside
     assert "; GPU idle 0.00 ms per step inside the step in 0.5 gaps (and 0.01 ms between steps), the longest 1 us " \
            "before `d`;" in step_profile.markdown("ours", 8.0, gpu).splitlines()[0]
-    gpu["copies_after"] = step_profile.copies_after(timeline)
+    gpu["timeline"] = timeline
     assert "before `d`; copies and fills follow `gemm_a` (2), `triton_b` (1); regions" in \
         step_profile.markdown("ours", 8.0, gpu).splitlines()[0]
 

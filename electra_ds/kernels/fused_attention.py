@@ -234,9 +234,9 @@ def backward_pass(dout: torch.Tensor, qkv: torch.Tensor, key_mask: torch.Tensor 
             _electra_attention_bwd[(batch * heads, 1)](*args, **one_pass, **blocking.options["bwd_one"])
         else:
             tiles = (batch * heads, triton.cdiv(length, blocking.block))
-            for_q = dict(BLOCK_N=blocking.block, WITH_DQ=False)
-            _electra_attention_bwd[tiles](*args, **constexprs, **for_q, FOR_Q=False, **blocking.options["bwd_kv"])
-            _electra_attention_bwd[tiles](*args, **constexprs, **for_q, FOR_Q=True, **blocking.options["bwd_q"])
+            two_pass = {**constexprs, "BLOCK_N": blocking.block, "WITH_DQ": False}
+            _electra_attention_bwd[tiles](*args, **two_pass, FOR_Q=False, **blocking.options["bwd_kv"])
+            _electra_attention_bwd[tiles](*args, **two_pass, FOR_Q=True, **blocking.options["bwd_q"])
     return dqkv
 
 
