@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 
-SITES_PER_TOWER = 1024  # dropout sites numbered per tower (model.layers.dropout_site): its embeddings, 3 per layer
+SITES_PER_TOWER = 1024  # dropout sites numbered per tower (model.layers.dropout_sites): its embeddings, 3 per layer
 MAX_LAYERS = (SITES_PER_TOWER - 1) // 3
 
 

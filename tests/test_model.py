@@ -659,7 +659,7 @@ def test_training_forward_draws_its_dropout_from_its_seed(monkeypatch):
     for name in ("add_layer_norm", "dropout", "attention"):
         def record(*args, _op=getattr(kernels, name)):
             if isinstance(args[-1], torch.Tensor):  # a dropout's seed (the embeddings' LayerNorm has none)
-                seeds.append(int(args[-1]))
+                seeds.append(int(args[-1]) & 0xFFFFFFFF)  # the hash key: its low 32 bits
             return _op(*args)
         monkeypatch.setattr(kernels, name, record)
     torch.manual_seed(0)
@@ -671,6 +671,26 @@ def test_training_forward_draws_its_dropout_from_its_seed(monkeypatch):
     assert not torch.equal(model(ids, mask, None, plan, torch.tensor(12)).loss, a.loss)
     layers = config.discriminator.num_hidden_layers + config.generator.num_hidden_layers
     assert len(sites) == len(set(sites)) == 2 + 3 * layers and 11 not in sites
+
+
+def test_dropout_sites_are_mixed_keys_made_in_one_op():
+    """`dropout_sites` gives site k the key of seed ^ (k << 40) (reference.seed_key), sign-extended to int64, one
+    tensor for a run of sites, and `dropout_keep` hashes with a seed's low 32 bits as they are: so sites that differ
+    only above bit 31 (all of them) still get other masks, and seeds equal in their low 32 bits get the same one."""
+    from electra_ds.model.layers import dropout_sites
+
+    seed = torch.tensor(2**45 + 12345)
+    sites = dropout_sites(seed, 1024, 37)
+    assert sites.shape == (37,) and sites.dtype == torch.int64
+    for k in (0, 5, 36):
+        key = reference.seed_key(seed ^ ((1024 + k) << 40))
+        assert sites[k] == key.to(torch.int64) and torch.equal(dropout_sites(seed, 1024 + k)[0], sites[k])
+    assert len({int(s) & 0xFFFFFFFF for s in dropout_sites(seed, 0, 4096)}) == 4096
+    shape = torch.Size((64, 96))
+    assert not torch.equal(reference.dropout_keep(sites[0], shape, 0.5), reference.dropout_keep(sites[1], shape, 0.5))
+    assert torch.equal(reference.dropout_keep(torch.tensor(7), shape, 0.5),
+                       reference.dropout_keep(torch.tensor(2**40 + 7), shape, 0.5))
+    assert dropout_sites(None, 3, 2) is None
 
 
 def test_dropout_keep_mask_is_a_hash_of_seed_and_position():

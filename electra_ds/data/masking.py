@@ -10,7 +10,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from electra_ds.kernels.reference import hash_uniform
+from electra_ds.kernels.reference import keyed_uniform, seed_key
 
 DRAWS = 3  # independent uniform draws per row: slot scores, replacement choice, random token
 
@@ -53,8 +53,10 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
     seed = torch.as_tensor(seed, dtype=torch.int64).to(device)
     rows = torch.arange(batch, device=device)[:, None] * DRAWS
 
+    key = seed_key(seed).to(torch.int64)  # hash_uniform's key, mixed once (compiled: one kernel, not one per draw)
+
     def uniform(draw: int, cols: int) -> torch.Tensor:
-        return hash_uniform(seed, rows + draw, torch.arange(cols, device=device)[None, :])
+        return keyed_uniform(key, rows + draw, torch.arange(cols, device=device)[None, :])
 
     # A uniformly random subset: the top-k of uniform scores, non-maskable tokens scored below every other.
     scores = uniform(0, length).masked_fill(~maskable, -1.0)

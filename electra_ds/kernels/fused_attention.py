@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise import keep, seed_key
+from .noise import dropout_key, keep
 from .reference import MASKED_SCORE, dropout_scale
 
 LOG2E = 1.4426950408889634  # scores are kept in log2 units, so the exponentials are exp2
@@ -89,7 +89,7 @@ def _electra_attention_fwd(QKV, KeyMask, Seed, O, RowMax, RowScale, L, heads, qk
     rows = start_m + tl.arange(0, BLOCK)
     q = _tile(base, start_m, L, 3 * hidden, d, D, BLOCK)
     if DROPOUT:
-        key = seed_key(Seed)
+        key = dropout_key(Seed)
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, D_PAD], tl.float32)
@@ -139,7 +139,7 @@ def _electra_attention_bwd(QKV, KeyMask, Seed, O, DO, RowMax, RowScale, DQKV, L,
     d = tl.arange(0, D_PAD)
     offset = b.to(tl.int64) * L * 3 * hidden + (bh % heads) * D
     if DROPOUT:
-        key = seed_key(Seed)
+        key = dropout_key(Seed)
     if FOR_Q:
         start = tl.program_id(1) * BLOCK
         tile = start + tl.arange(0, BLOCK)

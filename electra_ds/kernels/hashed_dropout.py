@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .launch import row_tile, tile_warps
-from .noise import keep, seed_key
+from .noise import dropout_key, keep
 from .reference import dropout_scale
 
 
@@ -21,7 +21,7 @@ def _electra_dropout(X, Y, Seed, N, H, p, scale, BLOCK_M: tl.constexpr, BLOCK_H:
     mask = (rows < N)[:, None] & (cols < H)[None, :]
     offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    y = tl.where(keep(seed_key(Seed), rows, cols, p), x * scale, 0.0)
+    y = tl.where(keep(dropout_key(Seed), rows, cols, p), x * scale, 0.0)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 

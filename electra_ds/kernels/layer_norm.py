@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .launch import row_partition, row_tile, tile_warps
-from .noise import keep, seed_key
+from .noise import dropout_key, keep
 from .reference import dropout_scale
 
 # Blocking: a program tile holds BLOCK_M whole rows (the row padded to a power of two, hidden <= 8192) and
@@ -26,7 +26,7 @@ def _electra_add_layer_norm_fwd(X, R, W, B, Y, Mean, Rstd, Seed, N, H, eps, p, s
     offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if DROPOUT:
-        x = tl.where(keep(seed_key(Seed), rows, cols, p), x * scale, 0.0)
+        x = tl.where(keep(dropout_key(Seed), rows, cols, p), x * scale, 0.0)
     if HAS_RES:
         x += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / H
@@ -50,7 +50,7 @@ def _electra_add_layer_norm_bwd(X, R, W, DY, Mean, Rstd, Seed, DX, DR, DW, DB, N
     dw = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     db = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     if DROPOUT:
-        key = seed_key(Seed)
+        key = dropout_key(Seed)
     start = pid * rows_per_program
     for m in range(start, tl.minimum(start + rows_per_program, N), BLOCK_M):
         rows = m + tl.arange(0, BLOCK_M)

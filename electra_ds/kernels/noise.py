@@ -25,6 +25,12 @@ def seed_key(Seed):
 
 
 @triton.jit
+def dropout_key(Seed):
+    """The dropout masks' key: the low 32 bits of the 0-d int64 seed that Seed points to (reference.keyed_uniform)."""
+    return tl.load(Seed).to(tl.uint32)
+
+
+@triton.jit
 def row_key(key, row):
     return mix32(key ^ mix32(row.to(tl.uint32)))
 
@@ -38,5 +44,5 @@ def uniform(row_key, col):
 
 @triton.jit
 def keep(key, rows, cols, p):
-    """reference.dropout_keep's mask of a (rows, cols) tile under the seed's key."""
+    """reference.dropout_keep's mask of a (rows, cols) tile under the key (dropout_key)."""
     return uniform(row_key(key, rows)[:, None], cols[None, :]) >= p

@@ -18,7 +18,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
                    eps: float, dropout: float = 0.0, seed: torch.Tensor | None = None) -> torch.Tensor:
     """LayerNorm(dropout(x) + residual) over the last dimension with fp32 sum and statistics (residual may be None).
 
-    Dropout (probability `dropout`) keeps x[row, col] where `hash_uniform(seed, row, col) >= dropout` (row: the flat
+    Dropout (probability `dropout`) keeps x[row, col] where `keyed_uniform(seed, row, col) >= dropout` (row: the flat
     row index over the leading dimensions) and scales it by 1 / (1 - dropout), in fp32; seed is a 0-d int64 tensor,
     needed only when dropout > 0. The output has x's dtype (not fp32 as torch's layer_norm gives under autocast), so
     under bf16 autocast the hidden state passed between layers is bf16, by design: half the memory traffic between
@@ -30,13 +30,15 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
 
 
 def dropout_keep(seed: torch.Tensor, shape: torch.Size, dropout: float) -> torch.Tensor:
-    """The boolean keep mask of `add_layer_norm`'s dropout for a tensor of `shape`, on seed's device."""
+    """The boolean keep mask of `add_layer_norm`'s dropout for a tensor of `shape`, on seed's device: kept where
+    `keyed_uniform(seed, row, col) >= dropout`. The seed's low 32 bits are the hash key as they are (no mixing of the
+    seed: `seed_key` mixes one per dropout site beforehand, `model.layers.dropout_sites`)."""
     if seed is None or seed.dim() != 0:
         raise ValueError("dropout needs a 0-d int64 seed tensor")
     hidden, device = shape[-1], seed.device
     rows = torch.arange(shape.numel() // max(hidden, 1), device=device)[:, None]
     threshold = float(np.float32(dropout))  # the kernel's fp32 probability (no tensor from the host: no sync)
-    return (hash_uniform(seed, rows, torch.arange(hidden, device=device)) >= threshold).view(shape)
+    return (keyed_uniform(seed, rows, torch.arange(hidden, device=device)) >= threshold).view(shape)
 
 
 def dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
@@ -170,10 +172,18 @@ def hash_uniform(seed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> 
     u = ((h >> 8) | 1) * 2**-24 (h as uint32), an odd multiple of 2**-24 strictly inside (0, 1). The same on every
     device.
     """
-    return _uniform(_seed_key(seed), rows, mix32(cols))
+    return _uniform(seed_key(seed), rows, mix32(cols))
 
 
-def _seed_key(seed: torch.Tensor) -> torch.Tensor:
+def keyed_uniform(key: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """`hash_uniform`'s noise under a key given as it is: the low 32 bits of the int64 tensor key (the dropout masks'
+    noise; a key per site keeps each kernel that draws it from computing, or under torch.compile realizing in a kernel
+    of its own, the seed's key)."""
+    return _uniform(_int32_bits(key), rows, mix32(cols))
+
+
+def seed_key(seed: torch.Tensor) -> torch.Tensor:
+    """The int32 key of an int64 seed tensor (elementwise): mix32(seed_lo ^ mix32(seed_hi ^ 0x9E3779B9))."""
     seed = seed.to(torch.int64)
     return mix32_(_int32_bits(seed) ^ mix32_(_int32_bits(seed >> 32) ^ _GOLDEN))
 
@@ -207,7 +217,7 @@ def gumbel_sample(logits: torch.Tensor, seed: torch.Tensor, temperature: float,
     device = flat.device
     chunks = max(1, -(-v // SAMPLE_CHUNK))
     width = min(SAMPLE_CHUNK, v)
-    key = _seed_key(seed.to(device))
+    key = seed_key(seed.to(device))
     chunk_hash = mix32(CHUNK_NOISE_COLUMN + torch.arange(chunks, device=device))
     within = torch.arange(width, device=device)
     inv_t = 1.0 / temperature

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from electra_ds import kernels
 from electra_ds.config import ElectraConfig
 from electra_ds.model.electra import DISC, TOWER_SITES, check_token_ids
-from electra_ds.model.layers import dropout_site, embed, embedding_specs, forward_seed, \
-    linear_specs, tower_forward, tower_specs
+from electra_ds.model.layers import dropout_sites, embed, embedding_specs, forward_seed, \
+    linear_specs, tower_forward, tower_sites, tower_specs
 from electra_ds.model.params import FlatModule
 
 PREFIX = "electra"
@@ -58,8 +58,10 @@ class ElectraClassifier(FlatModule):
         cfg, w = self.config, self.forward_views()
         check_token_ids(input_ids, cfg.vocab_size)
         seed = forward_seed(self.training, input_ids.device, seed)
-        tower_seed = dropout_site(seed, TOWER_SITES[DISC])
-        x = embed(w, f"{PREFIX}.embeddings", input_ids, token_type_ids, cfg, tower_seed)
-        h = tower_forward(w, PREFIX, x, attention_mask, cfg.discriminator, cfg, tower_seed)
-        cls = kernels.dropout(h[:, 0], cfg.hidden_dropout_prob if self.training else 0.0, dropout_site(seed, 1))
+        sites = dropout_sites(seed, TOWER_SITES[DISC], tower_sites(cfg.discriminator))
+        x = embed(w, f"{PREFIX}.embeddings", input_ids, token_type_ids, cfg, None if sites is None else sites[0])
+        h = tower_forward(w, PREFIX, x, attention_mask, cfg.discriminator, cfg, sites)
+        head_seed = dropout_sites(seed, 1)
+        cls = kernels.dropout(h[:, 0], cfg.hidden_dropout_prob if self.training else 0.0,
+                              None if head_seed is None else head_seed[0])
         return F.linear(cls, w["classifier.weight"], w["classifier.bias"])

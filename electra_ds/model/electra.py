@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from electra_ds import kernels
 from electra_ds.config import SITES_PER_TOWER, ElectraConfig
 from electra_ds.data.masking import MaskingPlan
-from electra_ds.model.layers import (dropout_site, embed, embedding_specs, forward_seed, layer_norm_specs, linear_specs,
-                                     tower_forward, tower_specs)
+from electra_ds.model.layers import (dropout_sites, embed, embedding_specs, forward_seed, layer_norm_specs,
+                                     linear_specs, tower_forward, tower_sites, tower_specs)
 from electra_ds.model.params import FlatModule, WeightSpec
 
 DISC, GEN = "discriminator", "generator"
@@ -100,10 +100,10 @@ class ElectraForPretraining(FlatModule):
                token_type_ids: torch.Tensor | None, seed: torch.Tensor | None) -> torch.Tensor:
         """`seed`: the forward's noise seed in training (the tower's dropout sites derive from it), None otherwise."""
         cfg = self.config
-        tower_seed = dropout_site(seed, TOWER_SITES[tower])
-        x = embed(w, EMB, input_ids, token_type_ids, cfg, tower_seed)
         shape = cfg.discriminator if tower == DISC else cfg.generator
-        return tower_forward(w, f"{tower}.electra", x, attention_mask, shape, cfg, tower_seed)
+        sites = dropout_sites(seed, TOWER_SITES[tower], tower_sites(shape))
+        x = embed(w, EMB, input_ids, token_type_ids, cfg, None if sites is None else sites[0])
+        return tower_forward(w, f"{tower}.electra", x, attention_mask, shape, cfg, sites)
 
     def _generator_head(self, w: dict, hidden: torch.Tensor, vocab_multiple: int = 1) -> torch.Tensor:
         """Vocabulary logits, with -inf columns appended up to a multiple of `vocab_multiple` (VOCAB_MULTIPLE)."""
@@ -156,7 +156,7 @@ class ElectraForPretraining(FlatModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 token_type_ids: torch.Tensor | None, plan: MaskingPlan, seed: torch.Tensor) -> PretrainOutput:
         """One pretraining forward. `seed` (0-d int64, on any device: no host sync) is the step's noise: the Gumbel
-        draws use it, and in training each dropout site a seed derived from it (`dropout_site`), so the masks are
+        draws use it, and in training each dropout site a seed derived from it (`dropout_sites`), so the masks are
         the same with or without the Triton kernels and torch.compile."""
         cfg, w = self.config, self.forward_views()
         dropout_seed = forward_seed(self.training, input_ids.device, seed)

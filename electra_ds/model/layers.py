@@ -63,10 +63,16 @@ def forward_seed(training: bool, device: torch.device, seed: torch.Tensor | None
     return torch.randint(2**62, (), device=device) if seed is None else seed
 
 
-def dropout_site(seed: torch.Tensor | None, site: int) -> torch.Tensor | None:
-    """The dropout seed of site `site` (0 < site < 2**21) under `seed` (a forward's 0-d int64 seed, below 2**62):
-    the site number in bits 40 and up, so each site's masks differ from the other sites' (None stays None)."""
-    return None if seed is None else seed ^ (site << 40)
+def dropout_sites(seed: torch.Tensor | None, first: int, count: int = 1) -> torch.Tensor | None:
+    """The dropout seeds of sites first .. first + count - 1 (below 2**21) under `seed` (a forward's 0-d int64 seed,
+    below 2**62), as one (count,) int64 tensor (None stays None): the key (`reference.seed_key`) of the seed with the
+    site number in bits 40 and up, so each site's masks differ from the other sites'. The dropout ops use a seed's
+    low 32 bits as their hash key (`reference.keyed_uniform`), so the keys are mixed here, all in one op: under
+    torch.compile a key per site took a one-value kernel each, in the forward and again in the backward."""
+    if seed is None:
+        return None
+    sites = torch.arange(first, first + count, device=seed.device)
+    return kernels.reference.seed_key(seed ^ (sites << 40)).to(torch.int64)
 
 
 def embed(w: Weights, prefix: str, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
@@ -109,15 +115,21 @@ def encoder_layer(w: Weights, layer: str, h: torch.Tensor, mask: torch.Tensor | 
 
 
 def tower_forward(w: Weights, prefix: str, embeddings: torch.Tensor, mask: torch.Tensor | None,
-                  tower: TowerConfig, config: ElectraConfig, dropout_seed: torch.Tensor | None) -> torch.Tensor:
+                  tower: TowerConfig, config: ElectraConfig, dropout_seeds: torch.Tensor | None) -> torch.Tensor:
     """`ElectraModel` after the embeddings: optional projection to the tower's width, then the encoder.
 
-    `w` must hold the QKV blocks (`forward_views()`). Layer i's dropouts are sites 3i + 1 (attention probabilities),
-    3i + 2 and 3i + 3 under `dropout_seed` (`dropout_site`); None: no dropout."""
+    `w` must hold the QKV blocks (`forward_views()`). `dropout_seeds`: the tower's 3 L + 1 site seeds
+    (`dropout_sites`; the first is the embeddings'), layer i's dropouts taking seeds 3i + 1 (attention
+    probabilities), 3i + 2 and 3i + 3; None: no dropout."""
     h = embeddings
     if f"{prefix}.embeddings_project.weight" in w:
         h = F.linear(h, w[f"{prefix}.embeddings_project.weight"], w[f"{prefix}.embeddings_project.bias"])
     for i in range(tower.num_hidden_layers):
-        seeds = None if dropout_seed is None else tuple(dropout_site(dropout_seed, 3 * i + j) for j in (1, 2, 3))
+        seeds = None if dropout_seeds is None else tuple(dropout_seeds[3 * i + j] for j in (1, 2, 3))
         h = encoder_layer(w, f"{prefix}.encoder.layer.{i}", h, mask, tower, config, seeds)
     return h
+
+
+def tower_sites(tower: TowerConfig) -> int:
+    """How many dropout sites a tower has: its embeddings' and three per layer."""
+    return 3 * tower.num_hidden_layers + 1

@@ -1,0 +1,38 @@
+"""benchmarks/inductor_census.py: the kernels that torch.compile generates for a training step on an sm_90 GPU,
+counted without one (in a process of its own: it patches inductor process-wide)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from electra_ds.config import preset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compiled_step_launches_no_kernel_per_dropout_site(tmp_path):
+    """The tiny preset's training step, as inductor would launch it on an H100/H200: the masking, forward and
+    backward graphs, each with Triton kernels, the forward and backward with their matrix products and our opaque
+    ops (attention, the generator head), and no kernel that mixes one seed (integer XORs over one value) in the
+    forward or backward: each dropout site's key came from such a kernel, in the forward and again in the backward
+    (74 + 48 of them in ELECTRA-Small), before the sites' keys were made in one op per tower
+    (`model.layers.dropout_sites`); the masking mixes its seed once."""
+    pytest.importorskip("triton")
+    out = tmp_path / "census.json"
+    run = subprocess.run([sys.executable, "benchmarks/inductor_census.py", "--model_size", "tiny", "--batch_size", "4",
+                          "--max_length", "32", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    graphs = json.loads(out.read_text())["graphs"]
+    assert list(graphs) == ["masking", "forward", "backward"]
+    assert all(g["triton_kernels"] > 0 for g in graphs.values())
+    assert graphs["forward"]["extern_kernels"] and graphs["backward"]["extern_kernels"]
+    tiny = preset("tiny")
+    layers = tiny.discriminator.num_hidden_layers + tiny.generator.num_hidden_layers
+    assert graphs["forward"]["ops"]["torch.ops.electra_ds.attention"] == layers
+    assert graphs["backward"]["ops"]["torch.ops.electra_ds.attention_backward"] == layers
+    seed_kernels = {g: [k for k in graphs[g]["one_value_kernels"] if "bitwise_xor" in k] for g in graphs}
+    assert seed_kernels["forward"] == seed_kernels["backward"] == [] and len(seed_kernels["masking"]) <= 1
+    assert "Triton kernels" in run.stdout
