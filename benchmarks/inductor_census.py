@@ -6,7 +6,7 @@ microseconds however little it does, so the launch count is the figure to watch 
 generates its GPU code (Triton kernels and the wrapper that launches them) for CPU tensors: its Triton backend
 serves the CPU, the compiler target is sm_90, the device reports an H200's 132 multiprocessors, and inductor's
 CPU-only heuristics (realizing reused values, loop reordering, concatenation by copies, small matrix products as
-pointwise code) are turned off. Nothing
+pointwise code, no combo kernels) are turned off. Nothing
 runs: the generated kernels are not compiled (their launches do nothing), and our opaque ops (attention, the
 generator head) return empty tensors of their shapes. So the census counts launches and names kernels; it says
 nothing of their speed. Matrix-product choices (cuBLAS) and mix-order reductions are not modelled.
@@ -71,6 +71,14 @@ def generate_gpu_code_for_cpu() -> None:
     if cpu_test not in cat:
         raise RuntimeError(f"torch {torch.__version__}: inductor's cat lowering changed; update this census")
     exec(cat.replace(cpu_test, "cpu_device = False"), lowering.__dict__)  # re-registers aten.cat's lowering
+    foreach = scheduler.ForeachKernelSchedulerNode  # combo kernels (--inductor combo_kernels=True) group CPU nodes too
+    grouping = textwrap.dedent(inspect.getsource(foreach._default_group_nodes_for_combo_kernels))
+    skip = 'device.type == "mps" or device.type == "cpu"'
+    if skip not in grouping:
+        raise RuntimeError(f"torch {torch.__version__}: inductor's combo-kernel grouping changed; update this census")
+    namespace: dict[str, Any] = {}
+    exec(grouping.replace("@staticmethod\n", "").replace(skip, 'device.type == "mps"'), scheduler.__dict__, namespace)
+    foreach.set_group_algorithm_for_combo_kernels(namespace["_default_group_nodes_for_combo_kernels"])
 
     class Launch:  # a generated kernel that is never compiled: its launches do nothing
         def run(self, *args, **kwargs) -> None:
