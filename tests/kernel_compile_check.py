@@ -56,20 +56,21 @@ def _aligned(value) -> bool:
     return type(value) is int and value % 16 == 0
 
 
-def launch_record(fn, args: tuple, kwargs: dict) -> dict:
-    """A JSON-able description of one launch of the kernel function `fn` (the plain Python function)."""
+def launch_record(fn, args: tuple, kwargs: dict, unaligned: tuple = ()) -> dict:
+    """A JSON-able description of one launch of the kernel function `fn` (the plain Python function); `unaligned`:
+    the parameters (names or indices) that the kernel does not specialise on alignment."""
     params = list(inspect.signature(fn).parameters.values())
     values = dict(zip([p.name for p in params], args))
     values.update({k: v for k, v in kwargs.items() if k not in OPTIONS})
     signature, constexprs, aligned = {}, {}, []
-    for p in params:
+    for i, p in enumerate(params):
         value = values[p.name]
         if "constexpr" in str(p.annotation):
             signature[p.name] = "constexpr"
             constexprs[p.name] = value
         else:
             signature[p.name] = _arg_type(value)
-            if _aligned(value):
+            if _aligned(value) and p.name not in unaligned and i not in unaligned:
                 aligned.append(p.name)
     if constexprs.get("UPCAST"):  # fused_attention's fp32 dots stand in for bf16 ones under the interpreter only
         constexprs["UPCAST"] = False
@@ -125,7 +126,7 @@ def record(path: Path, attention_blockings: bool = False) -> int:
     run = InterpretedFunction.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
-        entry = launch_record(self.fn, args, kwargs)
+        entry = launch_record(self.fn, args, kwargs, tuple(self.kwargs.get("do_not_specialize_on_alignment") or ()))
         launches.setdefault(json.dumps(entry, sort_keys=True), entry)
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise import dropout_key, keep
+from .noise import UNALIGNED_SEED, dropout_key, keep
 from .reference import MASKED_SCORE, dropout_scale
 
 LOG2E = 1.4426950408889634  # scores are kept in log2 units, so the exponentials are exp2
@@ -77,7 +77,7 @@ def _scores(q, k, KeyMask, b, L, cols, qk_scale, HAS_MASK: tl.constexpr, UPCAST:
     return tl.where(real[None, :], s, tl.where(cols < L, _MASKED, float("-inf"))[None, :]), real
 
 
-@triton.jit
+@triton.jit(**UNALIGNED_SEED)
 def _electra_attention_fwd(QKV, KeyMask, Seed, O, RowMax, RowScale, L, heads, qk_scale, p, drop_scale, D: tl.constexpr,
                            D_PAD: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                            UPCAST: tl.constexpr, BLOCK: tl.constexpr):
@@ -127,7 +127,7 @@ def _query_tile(QKV, O, DO, RowMax, RowScale, bh, start_m, L, heads, d, D: tl.co
     return q, do, row_max, row_scale, delta
 
 
-@triton.jit
+@triton.jit(**UNALIGNED_SEED)
 def _electra_attention_bwd(QKV, KeyMask, Seed, O, DO, RowMax, RowScale, DQKV, L, heads, qk_scale, sm_scale, p,
                            drop_scale, D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr,
                            DROPOUT: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,

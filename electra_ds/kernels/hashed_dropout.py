@@ -8,13 +8,13 @@ import triton
 import triton.language as tl
 
 from .launch import row_tile, tile_warps
-from .noise import dropout_key, keep
+from .noise import UNALIGNED_SEED, dropout_key, keep
 from .reference import dropout_scale
 
 
 # Blocking: as layer_norm.py's forward, BLOCK_M whole rows per program (about 2048 values), so each row's key is
 # hashed once per program and each column's once per tile.
-@triton.jit
+@triton.jit(**UNALIGNED_SEED)
 def _electra_dropout(X, Y, Seed, N, H, p, scale, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_H)

@@ -9,14 +9,14 @@ import triton
 import triton.language as tl
 
 from .launch import row_partition, row_tile, tile_warps
-from .noise import dropout_key, keep
+from .noise import UNALIGNED_SEED, dropout_key, keep
 from .reference import dropout_scale
 
 # Blocking: a program tile holds BLOCK_M whole rows (the row padded to a power of two, hidden <= 8192) and
 # as many rows as fit in about 2048 values, so mean and variance are in-register row reductions and small
 # hidden sizes still give each program enough work. The backward program walks a contiguous run of row
 # tiles and keeps the weight/bias gradient sums in fp32 registers; torch adds up the per-program partials.
-@triton.jit
+@triton.jit(**UNALIGNED_SEED)
 def _electra_add_layer_norm_fwd(X, R, W, B, Y, Mean, Rstd, Seed, N, H, eps, p, scale,
                                 HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_H: tl.constexpr):
@@ -40,7 +40,7 @@ def _electra_add_layer_norm_fwd(X, R, W, B, Y, Mean, Rstd, Seed, N, H, eps, p, s
     tl.store(Rstd + rows, rstd, mask=rows < N)
 
 
-@triton.jit
+@triton.jit(**UNALIGNED_SEED)
 def _electra_add_layer_norm_bwd(X, R, W, DY, Mean, Rstd, Seed, DX, DR, DW, DB, N, H, rows_per_program, p, scale,
                                 HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_H: tl.constexpr):

@@ -24,6 +24,11 @@ def seed_key(Seed):
     return mix32(seed.to(tl.uint32) ^ mix32((seed >> 32).to(tl.uint32) ^ 0x9E3779B9))
 
 
+# The kernels that read a dropout seed take its pointer unspecialised on alignment: a tower's site seeds are one vector
+# (model.layers.dropout_sites), so a seed sits at any 8-byte offset, and Triton would compile each kernel twice.
+UNALIGNED_SEED = {"do_not_specialize_on_alignment": ["Seed"]}
+
+
 @triton.jit
 def dropout_key(Seed):
     """The dropout masks' key: the low 32 bits of the 0-d int64 seed that Seed points to (reference.keyed_uniform)."""
