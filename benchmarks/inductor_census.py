@@ -6,10 +6,10 @@ microseconds however little it does, so the launch count is the figure to watch 
 generates its GPU code (Triton kernels and the wrapper that launches them) for CPU tensors: its Triton backend
 serves the CPU, the compiler target is sm_90, the device reports an H200's 132 multiprocessors, and inductor's
 CPU-only heuristics (realizing reused values, loop reordering, concatenation by copies, small matrix products as
-pointwise code, no combo kernels) are turned off. Nothing
-runs: the generated kernels are not compiled (their launches do nothing), and our opaque ops (attention, the
-generator head) return empty tensors of their shapes. So the census counts launches and names kernels; it says
-nothing of their speed. Matrix-product choices (cuBLAS) and mix-order reductions are not modelled.
+pointwise code, no combo kernels) are turned off. Nothing runs: the generated kernels are not compiled (their
+launches do nothing), and our opaque ops (attention, the generator head) return empty tensors of their shapes. So
+the census counts launches and names kernels; it says nothing of their speed. Matrix-product choices (cuBLAS) and
+mix-order reductions are not modelled.
 
     python benchmarks/inductor_census.py [--model_size small] [--batch_size 128] [--json PATH]
 
@@ -31,7 +31,6 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-os.environ["TRITON_INTERPRET"] = "1"  # lets the "triton" kernel backend accept CPU tensors (nothing runs them)
 os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"  # a cached graph would skip the code generation
 
 import torch  # noqa: E402
@@ -40,6 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 H200_PROPERTIES = {"multi_processor_count": 132, "cc": 90, "major": 9, "regs_per_multiprocessor": 65536,
                    "max_threads_per_multi_processor": 2048, "max_threads_per_block": 1024, "warp_size": 32}
+
+
+def _redefine(fn: Any, old: str, new: str, namespace: dict[str, Any]) -> Any:
+    """`fn` compiled again from its source with `old` replaced by `new`, in `namespace` (its module's globals)."""
+    source = textwrap.dedent(inspect.getsource(inspect.unwrap(fn)))
+    if old not in source:
+        raise RuntimeError(f"torch {torch.__version__}: inductor's {fn.__qualname__} changed; update this census")
+    defined: dict[str, Any] = {}
+    exec(source.replace("@staticmethod\n", "").replace(old, new), namespace, defined)
+    return defined[fn.__name__]
 
 
 def generate_gpu_code_for_cpu() -> None:
@@ -66,19 +75,13 @@ def generate_gpu_code_for_cpu() -> None:
         decomposition.decompositions.pop(op, None)  # CPU-only: small products rewritten as pointwise code
     ir.is_cpu = lambda _node: False
     scheduler.BaseSchedulerNode.is_cpu = lambda _self: False
-    cat = textwrap.dedent(inspect.getsource(inspect.unwrap(lowering.cat)))
-    cpu_test = 'cpu_device = inputs[0].get_device().type == "cpu"'
-    if cpu_test not in cat:
-        raise RuntimeError(f"torch {torch.__version__}: inductor's cat lowering changed; update this census")
-    exec(cat.replace(cpu_test, "cpu_device = False"), lowering.__dict__)  # re-registers aten.cat's lowering
-    foreach = scheduler.ForeachKernelSchedulerNode  # combo kernels (--inductor combo_kernels=True) group CPU nodes too
-    grouping = textwrap.dedent(inspect.getsource(foreach._default_group_nodes_for_combo_kernels))
-    skip = 'device.type == "mps" or device.type == "cpu"'
-    if skip not in grouping:
-        raise RuntimeError(f"torch {torch.__version__}: inductor's combo-kernel grouping changed; update this census")
-    namespace: dict[str, Any] = {}
-    exec(grouping.replace("@staticmethod\n", "").replace(skip, 'device.type == "mps"'), scheduler.__dict__, namespace)
-    foreach.set_group_algorithm_for_combo_kernels(namespace["_default_group_nodes_for_combo_kernels"])
+    # re-registering aten.cat's lowering: a CPU cat copies each input in a kernel of its own
+    _redefine(lowering.cat, 'cpu_device = inputs[0].get_device().type == "cpu"', "cpu_device = False",
+              lowering.__dict__)
+    foreach = scheduler.ForeachKernelSchedulerNode  # combo kernels (--inductor combo_kernels=True) skip CPU nodes
+    foreach.set_group_algorithm_for_combo_kernels(_redefine(
+        foreach._default_group_nodes_for_combo_kernels, 'device.type == "mps" or device.type == "cpu"',
+        'device.type == "mps"', scheduler.__dict__))
 
     class Launch:  # a generated kernel that is never compiled: its launches do nothing
         def run(self, *args, **kwargs) -> None:
@@ -88,23 +91,15 @@ def generate_gpu_code_for_cpu() -> None:
 
 
 def stand_in_opaque_ops() -> None:
-    """Our Triton ops that stay opaque under torch.compile return empty tensors of their outputs' shapes."""
+    """Our ops that stay opaque under torch.compile (as on CUDA: backend "triton") run their fake implementations
+    on the CPU: empty tensors of their outputs' shapes."""
     from electra_ds import kernels
-    from electra_ds.kernels import fused_attention, xentropy
 
-    def attention_forward(qkv, heads, key_mask, dropout, seed):
-        batch, length, width = qkv.shape
-        return qkv.new_empty(batch, length, width // 3), qkv.new_empty(2, batch * heads, length, dtype=torch.float32)
-
-    def head_forward(logits, *args):
-        n = logits.shape[0]
-        return (logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32),
-                logits.new_empty(n, dtype=torch.long), logits.new_empty(n, dtype=torch.long))
-
-    fused_attention.forward_pass = attention_forward
-    fused_attention.backward_pass = lambda dout, qkv, *args: torch.empty_like(qkv)
-    xentropy.forward_pass = head_forward
-    kernels.set_backend("triton")  # the opaque ops, as on CUDA
+    for op, outputs in ((kernels._attention_op, kernels._attention_outputs),
+                        (kernels._attention_backward_op, kernels._attention_backward_outputs),
+                        (kernels._cross_entropy_and_sample_op, kernels._cross_entropy_and_sample_outputs)):
+        op.register_kernel("cpu")(outputs)
+    kernels.set_backend("triton")
 
 
 def launches(source: str) -> list[dict[str, Any]]:

@@ -40,6 +40,12 @@ def test_every_kernel_launch_compiles_for_hopper(tmp_path):
                        "_electra_attention_fwd", "_electra_attention_bwd"}
     assert any(e["constexprs"].get("DROPOUT") for e in recorded)  # training: the fused dropout is among them
     assert {e["constexprs"]["HAS_MASK"] for e in recorded if e["kernel"] == "_electra_attention_fwd"} == {False, True}
+    # pointers specialised on 16-byte alignment, but not a dropout seed's (noise.UNALIGNED_SEED): a tower's site seeds
+    # are one vector, so a seed at an 8-byte offset would have made a second build of each dropout kernel
+    dropout_kernels = {"_electra_add_layer_norm_fwd", "_electra_add_layer_norm_bwd", "_electra_dropout",
+                       "_electra_attention_fwd", "_electra_attention_bwd"}
+    assert any(e["aligned"] for e in recorded)
+    assert not any("Seed" in e["aligned"] for e in recorded if e["kernel"] in dropout_kernels)
     done = subprocess.run([sys.executable, str(CHECK), "compile", str(launches), "--arch", "90"], env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

@@ -172,8 +172,8 @@ def _attention_op(qkv: torch.Tensor, key_mask: torch.Tensor | None, seed: torch.
 
 
 @_attention_op.register_fake
-def _(qkv: torch.Tensor, key_mask: torch.Tensor | None, seed: torch.Tensor | None, heads: int,
-      dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_outputs(qkv: torch.Tensor, key_mask: torch.Tensor | None, seed: torch.Tensor | None, heads: int,
+                       dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
     batch, length, width = qkv.shape
     return qkv.new_empty(batch, length, width // 3), qkv.new_empty(2, batch * heads, length, dtype=torch.float32)
 
@@ -186,8 +186,9 @@ def _attention_backward_op(dout: torch.Tensor, qkv: torch.Tensor, key_mask: torc
 
 
 @_attention_backward_op.register_fake
-def _(dout: torch.Tensor, qkv: torch.Tensor, key_mask: torch.Tensor | None, seed: torch.Tensor | None,
-      out: torch.Tensor, stats: torch.Tensor, heads: int, dropout: float) -> torch.Tensor:
+def _attention_backward_outputs(dout: torch.Tensor, qkv: torch.Tensor, key_mask: torch.Tensor | None,
+                                seed: torch.Tensor | None, out: torch.Tensor, stats: torch.Tensor, heads: int,
+                                dropout: float) -> torch.Tensor:
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
@@ -245,8 +246,9 @@ def _cross_entropy_and_sample_op(logits: torch.Tensor, targets: torch.Tensor, se
 
 
 @_cross_entropy_and_sample_op.register_fake
-def _(logits: torch.Tensor, targets: torch.Tensor, seed: torch.Tensor, temperature: float,
-      sample_columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _cross_entropy_and_sample_outputs(logits: torch.Tensor, targets: torch.Tensor, seed: torch.Tensor,
+                                      temperature: float, sample_columns: int
+                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n = logits.shape[0]
     return (logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32),
             logits.new_empty(n, dtype=torch.long), logits.new_empty(n, dtype=torch.long))

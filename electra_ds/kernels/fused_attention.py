@@ -158,9 +158,10 @@ def _electra_attention_bwd(QKV, KeyMask, Seed, O, DO, RowMax, RowScale, DQKV, L,
             dq += _dot(dscore.to(k.dtype), k, UPCAST)
         _store_rows(DQKV + offset, tile, L, 3 * hidden, d, D, dq * sm_scale)
     else:
-        tile = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's keys
-        k = _tile(QKV + offset + hidden, tl.program_id(1) * BLOCK_N, L, 3 * hidden, d, D, BLOCK_N)
-        v = _tile(QKV + offset + 2 * hidden, tl.program_id(1) * BLOCK_N, L, 3 * hidden, d, D, BLOCK_N)
+        start = tl.program_id(1) * BLOCK_N
+        tile = start + tl.arange(0, BLOCK_N)  # this program's keys
+        k = _tile(QKV + offset + hidden, start, L, 3 * hidden, d, D, BLOCK_N)
+        v = _tile(QKV + offset + 2 * hidden, start, L, 3 * hidden, d, D, BLOCK_N)
         dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         for start_m in range(0, L, BLOCK):

@@ -59,7 +59,7 @@ class ElectraClassifier(FlatModule):
         check_token_ids(input_ids, cfg.vocab_size)
         seed = forward_seed(self.training, input_ids.device, seed)
         sites = dropout_sites(seed, TOWER_SITES[DISC], tower_sites(cfg.discriminator))
-        x = embed(w, f"{PREFIX}.embeddings", input_ids, token_type_ids, cfg, None if sites is None else sites[0])
+        x = embed(w, f"{PREFIX}.embeddings", input_ids, token_type_ids, cfg, sites)
         h = tower_forward(w, PREFIX, x, attention_mask, cfg.discriminator, cfg, sites)
         head_seed = dropout_sites(seed, 1)
         cls = kernels.dropout(h[:, 0], cfg.hidden_dropout_prob if self.training else 0.0,

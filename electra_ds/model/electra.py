@@ -102,7 +102,7 @@ class ElectraForPretraining(FlatModule):
         cfg = self.config
         shape = cfg.discriminator if tower == DISC else cfg.generator
         sites = dropout_sites(seed, TOWER_SITES[tower], tower_sites(shape))
-        x = embed(w, EMB, input_ids, token_type_ids, cfg, None if sites is None else sites[0])
+        x = embed(w, EMB, input_ids, token_type_ids, cfg, sites)
         return tower_forward(w, f"{tower}.electra", x, attention_mask, shape, cfg, sites)
 
     def _generator_head(self, w: dict, hidden: torch.Tensor, vocab_multiple: int = 1) -> torch.Tensor:

@@ -76,9 +76,9 @@ def dropout_sites(seed: torch.Tensor | None, first: int, count: int = 1) -> torc
 
 
 def embed(w: Weights, prefix: str, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
-          config: ElectraConfig, dropout_seed: torch.Tensor | None) -> torch.Tensor:
-    """Word + token-type + position embeddings (positions start at 0), LayerNorm, dropout (under `dropout_seed`;
-    None: no dropout, as in evaluation)."""
+          config: ElectraConfig, dropout_seeds: torch.Tensor | None) -> torch.Tensor:
+    """Word + token-type + position embeddings (positions start at 0), LayerNorm, dropout (under the first of the
+    tower's site seeds `dropout_seeds`, `dropout_sites`; None: no dropout, as in evaluation)."""
     length = input_ids.shape[1]
     if length > config.max_position_embeddings:
         raise ValueError(f"sequence length {length} exceeds max_position_embeddings "
@@ -89,7 +89,9 @@ def embed(w: Weights, prefix: str, input_ids: torch.Tensor, token_type_ids: torc
     x = x + w[f"{prefix}.position_embeddings.weight"][:length]
     x = kernels.add_layer_norm(x, None, w[f"{prefix}.LayerNorm.weight"], w[f"{prefix}.LayerNorm.bias"],
                                config.layer_norm_eps)
-    return kernels.dropout(x, config.hidden_dropout_prob if dropout_seed is not None else 0.0, dropout_seed)
+    if dropout_seeds is None:
+        return x
+    return kernels.dropout(x, config.hidden_dropout_prob, dropout_seeds[0])
 
 
 def encoder_layer(w: Weights, layer: str, h: torch.Tensor, mask: torch.Tensor | None,
