@@ -38,7 +38,9 @@ VARIANTS=${VARIANTS:-hf_eager,ours_ds_compile_cudagraphs,ours_compile_cudagraphs
 #   SKIP_TESTS=1 REAL_LOOP=1 VARIANTS=ours_ds_compile_max_autotune bash benchmarks/gpu_check.sh
 # INDUCTOR_SETS="SET; SET; ...", each set one or more KEY=VALUE inductor settings (pretrain.py's --inductor) separated
 # by spaces, times ours_ds_compile_cudagraphs again under each set after the throughput stage, e.g.
-# INDUCTOR_SETS="combo_kernels=True; coordinate_descent_tuning=True" (inductor_N.*).
+# INDUCTOR_SETS="combo_kernels=True; coordinate_descent_tuning=True" (inductor_N.*). A set's ELECTRA_DS_* tokens are
+# environment variables for its run instead, e.g. "ELECTRA_DS_COMPILED_LAYER_NORM=opaque" (our LayerNorm kernels
+# as opaque ops under compile, kernels.set_compiled_layer_norm).
 # INDUCTOR_VARIANTS: which variants each set times (e.g. "ours_ds_compile_cudagraphs,hf_compile_cudagraphs" to give
 # the HF baseline the same settings; each compiled variant adds about 75 s to the set's share, INDUCTOR_SET_S).
 INDUCTOR_SETS=${INDUCTOR_SETS:-}
@@ -137,10 +139,14 @@ PY
     status "throughput (the JSON keeps finished variants)" $?
   fi
 
-  local n=0 settings flags
+  local n=0 settings flags flag envs inductor
   for settings in "${INDUCTOR_SET_LIST[@]}"; do
     read -ra flags <<<"$settings"
     (( ${#flags[@]} )) || continue
+    envs=() inductor=()
+    for flag in "${flags[@]}"; do
+      if [[ $flag == ELECTRA_DS_* ]]; then envs+=("$flag"); else inductor+=("--inductor=$flag"); fi
+    done
     n=$((n + 1))
     if (( $(left) < 100 )); then
       banner "throughput with inductor settings ${flags[*]} skipped: $(left)s left"
@@ -148,9 +154,9 @@ PY
     fi
     t=$(limit $SET_S $(( (${#INDUCTOR_SET_LIST[@]} - n) * SET_S + (REAL_LOOP == 1 ? LOOP_S : 0) + 10 )))
     banner "throughput with inductor settings ${flags[*]}: $INDUCTOR_VARIANTS (at most ${t}s)"
-    timeout -k 10 "$t" python3 benchmarks/throughput.py --model_size small --batch_size 128 --max_length 128 \
-      --precision bf16 --steps 30 --warmup 10 --profile_steps 3 --no_check --variants "$INDUCTOR_VARIANTS" \
-      "${flags[@]/#/--inductor=}" --json "$OUT/inductor_$n.json" --markdown "$OUT/inductor_$n.md"
+    env "${envs[@]}" timeout -k 10 "$t" python3 benchmarks/throughput.py --model_size small --batch_size 128 \
+      --max_length 128 --precision bf16 --steps 30 --warmup 10 --profile_steps 3 --no_check \
+      --variants "$INDUCTOR_VARIANTS" "${inductor[@]}" --json "$OUT/inductor_$n.json" --markdown "$OUT/inductor_$n.md"
     status "throughput with inductor settings ${flags[*]}" $?
   done
 
@@ -171,7 +177,7 @@ PY
   fi
 
   if (( $(left) >= 30 )); then
-    t=$(limit 60 5)
+    t=$(limit 150 5)  # its last section compiles the LayerNorm op four times
     banner "fused kernels vs twins vs torch, ELECTRA-Small shapes (at most ${t}s)"
     timeout -k 10 "$t" python3 benchmarks/kernel_speed.py --json "$OUT/kernels.json"
     status kernels $?

@@ -97,6 +97,8 @@ def stand_in_opaque_ops() -> None:
 
     for op, outputs in ((kernels._attention_op, kernels._attention_outputs),
                         (kernels._attention_backward_op, kernels._attention_backward_outputs),
+                        (kernels._layer_norm_op, kernels._layer_norm_outputs),
+                        (kernels._layer_norm_backward_op, kernels._layer_norm_backward_outputs),
                         (kernels._cross_entropy_and_sample_op, kernels._cross_entropy_and_sample_outputs)):
         op.register_kernel("cpu")(outputs)
     kernels.set_backend("triton")
@@ -196,18 +198,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--inductor", type=inductor_setting, action="append", default=[], metavar="KEY=VALUE",
                         help="a torch._inductor.config setting (repeatable), as pretrain.py's --inductor")
+    parser.add_argument("--compiled_layer_norm", choices=("traced", "opaque"), default="traced",
+                        help="kernels.set_compiled_layer_norm: the residual LayerNorms traced into inductor's kernels "
+                             "or kept as our opaque op")
     parser.add_argument("--top", type=int, default=12, help="kernel names listed per graph")
     parser.add_argument("--json", type=Path, help="write the census here")
     args = parser.parse_args(argv)
+    from electra_ds import kernels
+
+    kernels.set_compiled_layer_norm(args.compiled_layer_norm)
     graphs = census(args.model_size, args.batch_size, args.max_length, dict(args.inductor))
     print(f"torch {torch.__version__}, ELECTRA-{args.model_size}, batch {args.batch_size} x {args.max_length}, "
-          f"bf16, as inductor generates it for sm_90" + (f", {dict(args.inductor)}" if args.inductor else ""))
+          f"bf16, {args.compiled_layer_norm} LayerNorms, as inductor generates it for sm_90"
+          + (f", {dict(args.inductor)}" if args.inductor else ""))
     print(markdown(graphs, args.top))
     if args.json:
         from electra_ds.files import atomic_write
 
         record = {"torch": torch.__version__, "model_size": args.model_size, "batch_size": args.batch_size,
                   "max_length": args.max_length, "inductor": dict(args.inductor),
+                  "compiled_layer_norm": args.compiled_layer_norm,
                   "graphs": dict(zip(graph_names(graphs), graphs))}
         atomic_write(args.json, json.dumps(record, indent=1))
     return graphs

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from electra_ds.files import atomic_write
 from electra_ds.kernels import (adam_step, add_layer_norm, attention, bias_gelu, cross_entropy_and_sample, set_backend,
-                                sigmoid_bce)
+                                set_compiled_layer_norm, sigmoid_bce)
 from electra_ds.model.electra import VOCAB_MULTIPLE
 
 if TYPE_CHECKING:
@@ -48,6 +48,21 @@ def _ms(fn, iters: int = 50) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters
+
+
+def compiled_cases(dev: str = "cuda", tokens: int = 16384, hidden: int = 256) -> dict:
+    """name -> the fwd+bwd callable of our op under torch.compile, for the `cases` whose op inductor compiles as it
+    does in the model (the twin traced: time them with set_backend("torch"); or our kernels as an opaque op, with
+    set_compiled_layer_norm("opaque")). Compiled at the first call."""
+    bf = torch.bfloat16
+    x, r = torch.randn(tokens, hidden, device=dev, dtype=bf), torch.randn(tokens, hidden, device=dev, dtype=bf)
+    w, b = torch.ones(hidden, device=dev, dtype=bf), torch.zeros(hidden, device=dev, dtype=bf)
+    seed = torch.tensor(0, device=dev)  # drawn per call otherwise: a host-side generator call in the graph
+    return {
+        "dropout + add_layer_norm fwd+bwd": _fwd_bwd(torch.compile(lambda *a: add_layer_norm(*a, 1e-12, 0.1, seed)),
+                                                     x, r, w, b),
+        "bias + dropout + add_layer_norm fwd+bwd": _fwd_bwd(
+            torch.compile(lambda *a: add_layer_norm(*a[:4], 1e-12, 0.1, seed, a[4])), x, r, w, b, b)}
 
 
 def _fwd_bwd(op, *args):
@@ -94,6 +109,10 @@ def cases(dev: str = "cuda", tokens: int = 16384, masked: int = 2432, hidden: in
         "dropout + add_layer_norm fwd+bwd": (
             _fwd_bwd(lambda *a: add_layer_norm(*a, 1e-12, 0.1), x, r, w, b),
             _fwd_bwd(lambda *a: F.layer_norm(F.dropout(a[0], 0.1) + a[1], (hidden,), a[2], a[3], 1e-12), x, r, w, b)),
+        "bias + dropout + add_layer_norm fwd+bwd": (
+            _fwd_bwd(lambda *a: add_layer_norm(*a[:4], 1e-12, 0.1, x_bias=a[4]), x, r, w, b, b),
+            _fwd_bwd(lambda *a: F.layer_norm(F.dropout(a[0] + a[4], 0.1) + a[1], (hidden,), a[2], a[3], 1e-12),
+                     x, r, w, b, b)),
         "bias_gelu fwd+bwd": (_fwd_bwd(bias_gelu, h, hb), _fwd_bwd(lambda a, c: F.gelu(a + c), h, hb)),
         "cross_entropy_and_sample fwd+bwd": (
             _fwd_bwd(lambda a, t: cross_entropy_and_sample(a, t, seed, 1.0, vocab)[0].sum(), logits, targets),
@@ -257,6 +276,32 @@ def main() -> None:
                                          for b, v in row.items()))
     if args.json:
         atomic_write(args.json, json.dumps({**report, "attention_ms": attention}, indent=1))
+    compiled = time_compiled()
+    print("Our LayerNorm ops under torch.compile, forward + backward, ms per call, eager / CUDA graph:")
+    for name, row in compiled.items():
+        print(f"{name:40s} " + "  ".join(f"{mode} " + (f"{v['eager']:.3f} / {v['graph']:.3f}" if isinstance(v, dict)
+                                                       else v) for mode, v in row.items()))
+    if args.json:
+        atomic_write(args.json, json.dumps({**report, "attention_ms": attention, "compiled_ms": compiled}, indent=1))
+
+
+def time_compiled() -> dict[str, dict[str, dict[str, float] | str]]:
+    """case -> "traced" or "opaque" (kernels.set_compiled_layer_norm) -> ms per call, eagerly and in a CUDA graph, of
+    `compiled_cases` (or why there is no figure): whether inductor's code for the twin or our kernels as an opaque op
+    is faster for the encoder layers' LayerNorms. Last in the run: a failed capture may leave the context unusable."""
+    results: dict[str, dict[str, dict[str, float] | str]] = {}
+    for mode in ("traced", "opaque"):
+        set_backend("torch" if mode == "traced" else "triton")
+        set_compiled_layer_norm(mode)
+        torch._dynamo.reset()
+        for name, fn in compiled_cases().items():
+            try:
+                results.setdefault(name, {})[mode] = {"eager": _ms(fn), "graph": _ms(_graphed(fn))}
+            except Exception as err:  # noqa: BLE001 - reported in the table
+                results[name][mode] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+    set_compiled_layer_norm("traced")
+    set_backend("auto")
+    return results
 
 
 if __name__ == "__main__":

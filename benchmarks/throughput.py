@@ -149,12 +149,16 @@ class Runner:
 
 def kernel_choice(setup: Setup, variant: Variant) -> str:
     """Select the kernels for `variant`; returns its label. Compiled variants trace the twins (inductor fuses
-    them) except the generator head's loss and sampling, an opaque op that runs the Triton kernel on CUDA."""
+    them) except attention and the generator head's loss and sampling, opaque ops that run the Triton kernels on
+    CUDA, and the residual LayerNorms where ELECTRA_DS_COMPILED_LAYER_NORM=opaque (kernels.set_compiled_layer_norm)."""
     triton_here = setup.device.type == "cuda" and kernels.triton_available() and not variant.twins
     backend = "triton" if triton_here else "torch"
     kernels.set_backend(backend)
     if variant.compile:
-        return "inductor + Triton generator head" if triton_here else "inductor"
+        if not triton_here:
+            return "inductor"
+        opaque = "LayerNorm, " if kernels.get_compiled_layer_norm() == "opaque" else ""
+        return f"inductor + Triton {opaque}attention, generator head"
     return backend
 
 
@@ -579,7 +583,9 @@ def markdown(result: dict[str, Any]) -> str:
              + (f" {meta['datasheet_peak']['tflops']:.0f} TFLOP/s" if meta['datasheet_peak']['tflops'] else "")
              + f". Recipe ({meta['recipe']['steps']:,} steps of {meta['recipe']['batch_size']} x "
              f"{meta['recipe']['max_length']}): {meta['recipe']['pfs_days']:.4g} pfs-days (paper convention)."
-             + (f" Inductor settings of the compiled variants: {meta['inductor']}." if meta.get("inductor") else ""),
+             + (f" Inductor settings of the compiled variants: {meta['inductor']}." if meta.get("inductor") else "")
+             + (" Residual LayerNorms under compile: opaque (our kernels)."
+                if meta.get("compiled_layer_norm") == "opaque" else ""),
              "",
              "| batch | variant | kernels | ms/step | p10-p90 | tokens/s | TFLOP/s | MFU (measured) | MFU (datasheet) "
              "| peak MiB | x HF eager | h / 1M steps | host syncs/step |",
@@ -697,7 +703,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "pfs_days": recipe_flops(config, recipe["batch_size"], recipe["max_length"],
                                             recipe["max_steps"]).pfs_days},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv if argv is None else argv,
-        "inductor": inductor,
+        "inductor": inductor, "compiled_layer_norm": kernels.get_compiled_layer_norm(),
     }
     result: dict[str, Any] = {"meta": meta, "runs": []}
     if not args.no_check:

@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of scripts, not an ins
 from benchmarks import hf_baseline  # noqa: E402
 from benchmarks.throughput import RECORD_FIELDS, datasheet_peak  # noqa: E402
 from conftest import child_env
+from model_helpers import kernel_backend
 from electra_ds.config import preset  # noqa: E402
 
 CPU_VARIANTS = ["hf_eager", "ours_ds_torch", "ours_bare"]
@@ -260,15 +261,34 @@ def test_kernel_speed_cases_run_on_small_shapes():
 
     torch.manual_seed(0)
     cases = kernel_speed.cases("cpu", tokens=64, masked=8, hidden=64, ffn=96, vocab=50, params=100)
-    assert set(cases) == {"add_layer_norm fwd+bwd", "dropout + add_layer_norm fwd+bwd", "bias_gelu fwd+bwd",
+    assert set(cases) == {"add_layer_norm fwd+bwd", "dropout + add_layer_norm fwd+bwd",
+                          "bias + dropout + add_layer_norm fwd+bwd", "bias_gelu fwd+bwd",
                           "cross_entropy_and_sample fwd+bwd", "sigmoid_bce fwd+bwd", "adam_step"}
     for name, (ours, native) in cases.items():
         a, b = ours(), native()
-        if name.startswith("dropout"):  # the same function with other noise: x's gradient has dropped zeros in both
+        if "dropout" in name:  # the same function with other noise: x's gradient has dropped zeros in both
             assert [x.shape for x in a] == [y.shape for y in b] and (a[0] == 0).any() and (b[0] == 0).any()
         elif name.endswith("fwd+bwd"):  # the input gradients of the same function
             for x, y in zip(a, b):
                 torch.testing.assert_close(x.float(), y.float(), atol=0.05, rtol=0.05, msg=name)
+
+
+def test_kernel_speed_compiled_cases_run_on_small_shapes():
+    """The LayerNorm cases that kernel_speed.py times under torch.compile (here traced: the twin in inductor's code)
+    compile and run on the CPU: gradients for x and the residual, x's with the dropout's zeros."""
+    from benchmarks import kernel_speed
+    from electra_ds import kernels
+
+    torch.manual_seed(0)
+    eager = kernel_speed.cases("cpu", tokens=64, hidden=32, ffn=96, vocab=50, params=100)
+    with kernel_backend("torch"):
+        torch._dynamo.reset()
+        compiled = kernel_speed.compiled_cases("cpu", tokens=64, hidden=32)
+        assert set(compiled) <= set(eager) and len(compiled) == 2
+        for name, fn in compiled.items():
+            assert kernels.get_compiled_layer_norm() == "traced"
+            grads = fn()
+            assert [g.shape for g in grads][:2] == [torch.Size((64, 32))] * 2 and (grads[0] == 0).any(), name
 
 
 def test_kernel_speed_attention_cases_run_on_small_shapes():

@@ -12,20 +12,30 @@ from electra_ds.config import preset
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_compiled_step_launches_no_kernel_per_dropout_site(tmp_path):
+def _census(tmp_path, *flags: str) -> tuple[dict, str]:
+    pytest.importorskip("triton")
+    out = tmp_path / "census.json"
+    run = subprocess.run([sys.executable, "benchmarks/inductor_census.py", "--model_size", "tiny", "--batch_size", "4",
+                          "--max_length", "32", "--json", str(out), *flags], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(out.read_text())["graphs"], run.stdout
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory) -> tuple[dict, str]:
+    """The default census (traced LayerNorms), run once for the module."""
+    return _census(tmp_path_factory.mktemp("traced"))
+
+
+def test_compiled_step_launches_no_kernel_per_dropout_site(traced):
     """The tiny preset's training step, as inductor would launch it on an H100/H200: the masking, forward and
     backward graphs, each with Triton kernels, the forward and backward with their matrix products and our opaque
     ops (attention, the generator head), and no kernel that mixes one seed (integer XORs over one value) in the
     forward or backward: each dropout site's key came from such a kernel, in the forward and again in the backward
     (74 + 48 of them in ELECTRA-Small), before the sites' keys were made in one op per tower
     (`model.layers.dropout_sites`); the masking mixes its seed once."""
-    pytest.importorskip("triton")
-    out = tmp_path / "census.json"
-    run = subprocess.run([sys.executable, "benchmarks/inductor_census.py", "--model_size", "tiny", "--batch_size", "4",
-                          "--max_length", "32", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    graphs = json.loads(out.read_text())["graphs"]
+    graphs, stdout = traced
     assert list(graphs) == ["masking", "forward", "backward"]
     assert all(g["triton_kernels"] > 0 for g in graphs.values())
     assert graphs["forward"]["extern_kernels"] and graphs["backward"]["extern_kernels"]
@@ -35,4 +45,21 @@ def test_compiled_step_launches_no_kernel_per_dropout_site(tmp_path):
     assert graphs["backward"]["ops"]["torch.ops.electra_ds.attention_backward"] == layers
     seed_kernels = {g: [k for k in graphs[g]["one_value_kernels"] if "bitwise_xor" in k] for g in graphs}
     assert seed_kernels["forward"] == seed_kernels["backward"] == [] and len(seed_kernels["masking"]) <= 1
-    assert "Triton kernels" in run.stdout
+    assert "Triton kernels" in stdout and "traced LayerNorms" in stdout
+    assert "torch.ops.electra_ds.add_layer_norm" not in graphs["forward"]["ops"]
+
+
+def test_opaque_layer_norms_are_one_op_each_way(tmp_path, traced):
+    """With --compiled_layer_norm opaque each encoder layer's two LayerNorms are our op in the forward and our
+    backward op in the backward, and only the embeddings' and the generator head's LayerNorms leave inductor kernels
+    computing a LayerNorm backward (21 such launches traced, 5 opaque in the tiny preset's step)."""
+    graphs, stdout = _census(tmp_path, "--compiled_layer_norm", "opaque")
+    tiny = preset("tiny")
+    norms = 2 * (tiny.discriminator.num_hidden_layers + tiny.generator.num_hidden_layers)
+    assert graphs["forward"]["ops"]["torch.ops.electra_ds.add_layer_norm"] == norms
+    assert graphs["backward"]["ops"]["torch.ops.electra_ds.add_layer_norm_backward"] == norms
+    def norm_backward_kernels(census: dict) -> int:
+        return sum(n for name, n in census["backward"]["by_name"] if "native_layer_norm_backward" in name)
+
+    assert 0 < norm_backward_kernels(graphs) < norm_backward_kernels(traced[0])
+    assert "opaque LayerNorms" in stdout

@@ -100,8 +100,93 @@ def _with_dropout(fn, dropout, seed):
 
 
 def _dropout_kernel(dropout, seed):
-    """The Triton op with this seed (the dispatcher, kernels.add_layer_norm, draws its own)."""
-    return _with_dropout(importlib.import_module("electra_ds.kernels.layer_norm").add_layer_norm, dropout, seed)
+    """The Triton op with this seed."""
+    def kernel(*args, x_bias=None):
+        with kernel_backend("triton"):
+            return kernels.add_layer_norm(*args, dropout, seed, x_bias)
+    return kernel
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,residual,dropout", [((7, 64), True, 0.1), ((3, 5, 256), True, 0.0),
+                                                    ((300, 100), False, 0.3), ((2, 768), True, 0.5)])
+def test_add_layer_norm_x_bias(device, dtype, shape, residual, dropout):
+    """A matrix product's bias added inside the kernel (before the dropout) and its gradient summed there: the twin's
+    output and gradients, x_bias's included, in each input's dtype."""
+    h = shape[-1]
+    x = _make(shape, dtype, device, seed=1)
+    r = _make(shape, dtype, device, seed=2) if residual else None
+    w = (_make((h,), torch.float32, device, seed=3) + 1.0).detach().requires_grad_()
+    b = _make((h,), torch.float32, device, seed=4)
+    x_bias = _make((h,), dtype, device, seed=5)
+    seed = torch.tensor(2**40 + 9, dtype=torch.int64, device=device)
+    args = (x, r, w, b, 1e-12, x_bias)
+    kernel = _dropout_kernel(dropout, seed)
+    out, grads = _run(lambda x, r, w, b, eps, xb: kernel(x, r, w, b, eps, x_bias=xb), args)
+    ref_out, ref_grads = _run(lambda x, r, w, b, eps, xb: reference.add_layer_norm(x, r, w, b, eps, dropout, seed, xb),
+                              args)
+    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+    assert [g.dtype for g in grads] == [g.dtype for g in ref_grads] and grads[-1].dtype == dtype
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, **TOL[dtype])
+    if dtype == torch.float32:  # x_bias's gradient is x's summed over rows (before either is rounded)
+        torch.testing.assert_close(grads[-1], grads[0].reshape(-1, h).sum(0), **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["opaque", "traced"])
+def test_compiled_add_layer_norm(device, mode, monkeypatch):
+    """Under torch.compile with the Triton backend: "opaque" runs the kernels as custom ops (the forward and the
+    backward pass once each, for the LayerNorm with a residual; checked by opcheck), "traced" the twin in inductor's
+    kernels; either way the output and gradients equal the eager twin's, dropout mask included. The LayerNorm without
+    a residual (the embeddings') traces in both modes."""
+    x, r = _make((4, 9, 96), torch.float32, device, seed=1), _make((4, 9, 96), torch.float32, device, seed=2)
+    w, b = _make((96,), torch.float32, device, seed=3) + 1.0, _make((96,), torch.float32, device, seed=4)
+    x_bias = _make((96,), torch.float32, device, seed=5)
+    seed = torch.tensor(2**41 + 3, dtype=torch.int64, device=device)
+    layer_norm = importlib.import_module("electra_ds.kernels.layer_norm")
+    launches = []
+    for name in ("forward_pass", "backward_pass"):
+        monkeypatch.setattr(layer_norm, name, lambda *a, _f=getattr(layer_norm, name), _n=name:
+                            launches.append(_n) or _f(*a))
+
+    def fn(x, r, w, b, x_bias):
+        h = kernels.add_layer_norm(x, r, w, b, 1e-12, 0.2, seed, x_bias)
+        return kernels.add_layer_norm(h, None, w, b, 1e-12)
+
+    def twin(x, r, w, b, x_bias):
+        return reference.add_layer_norm(reference.add_layer_norm(x, r, w, b, 1e-12, 0.2, seed, x_bias), None, w, b,
+                                        1e-12)
+
+    args = (x, r, w.detach().requires_grad_(), b, x_bias)
+    try:
+        kernels.set_compiled_layer_norm(mode)
+        with kernel_backend("triton"):
+            torch._dynamo.reset()
+            out, grads = _run(torch.compile(fn, fullgraph=True, dynamic=False), args)
+            assert launches == (["forward_pass", "backward_pass"] if mode == "opaque" else [])
+            if mode == "opaque":
+                torch.library.opcheck(torch.ops.electra_ds.add_layer_norm.default,
+                                      (x.detach().clone().requires_grad_(), x_bias, r, w, b, seed, 1e-12, 0.2))
+    finally:
+        kernels.set_compiled_layer_norm("traced")
+    ref_out, ref_grads = _run(twin, args)
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, **TOL[torch.float32])
+
+
+def test_compiled_layer_norm_choice(monkeypatch):
+    assert kernels.get_compiled_layer_norm() == "traced"
+    with pytest.raises(ValueError, match="'fused' is not one of traced, opaque"):
+        kernels.set_compiled_layer_norm("fused")
+    try:
+        monkeypatch.setenv("ELECTRA_DS_COMPILED_LAYER_NORM", "opaque")
+        assert importlib.reload(kernels).get_compiled_layer_norm() == "opaque"
+    finally:
+        monkeypatch.undo()
+        importlib.reload(kernels)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -513,7 +598,7 @@ def test_backend_choice(monkeypatch):
     kernels.bias_gelu(torch.zeros(2, 3), torch.zeros(3))
     kernels.set_backend("auto")
     assert calls == ["twin", "twin"]
-    with pytest.raises(ValueError, match="not a kernel backend"):
+    with pytest.raises(ValueError, match="'cuda' is not one of auto, triton, torch"):
         kernels.set_backend("cuda")
     assert kernels.get_backend() == "auto"
 

@@ -657,10 +657,10 @@ def test_training_forward_draws_its_dropout_from_its_seed(monkeypatch):
     plan = mask_plan(ids, mask, vocab_size=200, max_predictions=5, seed=3)
     seeds = []
     for name in ("add_layer_norm", "dropout", "attention"):
-        def record(*args, _op=getattr(kernels, name)):
+        def record(*args, _op=getattr(kernels, name), **kwargs):
             if isinstance(args[-1], torch.Tensor):  # a dropout's seed (the embeddings' LayerNorm has none)
                 seeds.append(int(args[-1]) & 0xFFFFFFFF)  # the hash key: its low 32 bits
-            return _op(*args)
+            return _op(*args, **kwargs)
         monkeypatch.setattr(kernels, name, record)
     torch.manual_seed(0)
     a = model(ids, mask, None, plan, torch.tensor(11))

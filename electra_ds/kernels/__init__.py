@@ -1,7 +1,8 @@
 """Fused ops used by the model: a Triton kernel per op, and a plain-PyTorch twin (reference.py) that is its
 specification. Under torch.compile the ops trace as their twins, which inductor fuses into its own kernels (dropout
 masks included: the same hash, so the same masks as without compile), except `cross_entropy_and_sample` and
-`attention`, which stay opaque custom ops (see there).
+`attention`, which stay opaque custom ops (see there), and optionally the residual LayerNorms of `add_layer_norm`
+(set_compiled_layer_norm, or the ELECTRA_DS_COMPILED_LAYER_NORM environment variable).
 
 Backend choice: "auto" (default) runs Triton for CUDA tensors when triton imports and the twin otherwise;
 "triton" forces the kernels (CPU tensors then need TRITON_INTERPRET=1 set before the first kernel call);
@@ -19,27 +20,42 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from . import reference
+from .launch import layer_norm_partials_shape
 
 BACKENDS = ("auto", "triton", "torch")
+COMPILED_LAYER_NORMS = ("traced", "opaque")
 
 
-def _checked(name: str, source: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"{source}={name!r} is not a kernel backend; use one of {', '.join(BACKENDS)}")
+def _checked(name: str, choices: tuple[str, ...], source: str) -> str:
+    if name not in choices:
+        raise ValueError(f"{source}={name!r} is not one of {', '.join(choices)}")
     return name
 
 
-_backend = _checked(os.environ.get("ELECTRA_DS_KERNELS", "auto"), "ELECTRA_DS_KERNELS")
+_backend = _checked(os.environ.get("ELECTRA_DS_KERNELS", "auto"), BACKENDS, "ELECTRA_DS_KERNELS")
+_compiled_layer_norm = _checked(os.environ.get("ELECTRA_DS_COMPILED_LAYER_NORM", "traced"), COMPILED_LAYER_NORMS,
+                                "ELECTRA_DS_COMPILED_LAYER_NORM")
 
 
 def set_backend(name: str) -> None:
     """Choose "auto", "triton" or "torch" for every op from now on."""
     global _backend
-    _backend = _checked(name, "set_backend")
+    _backend = _checked(name, BACKENDS, "set_backend")
 
 
 def get_backend() -> str:
     return _backend
+
+
+def set_compiled_layer_norm(mode: str) -> None:
+    """How torch.compile treats the residual LayerNorms of `add_layer_norm` from the next compile on: "traced" or
+    "opaque" (see there). Speed only: both compute the twin's function."""
+    global _compiled_layer_norm
+    _compiled_layer_norm = _checked(mode, COMPILED_LAYER_NORMS, "set_compiled_layer_norm")
+
+
+def get_compiled_layer_norm() -> str:
+    return _compiled_layer_norm
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,18 +100,101 @@ def _dropout_seed(p: float, seed: torch.Tensor | None, device: torch.device) -> 
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float, dropout: float = 0.0, seed: torch.Tensor | None = None) -> torch.Tensor:
-    """LayerNorm(dropout(x) + residual) over the last dimension (residual may be None), fp32 statistics.
+                   eps: float, dropout: float = 0.0, seed: torch.Tensor | None = None,
+                   x_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm(dropout(x + x_bias) + residual) over the last dimension (x_bias, the bias of the matrix product x,
+    and residual may be None), fp32 statistics.
 
     Dropout (pass 0.0 outside training) keeps the values that `reference.dropout_keep` picks by a hash of (seed, row,
-    column): the same mask from the kernel, the twin, and under torch.compile, where the twin's integer hash fuses
-    into inductor's LayerNorm kernel. seed is a 0-d int64 tensor on any device (no host sync); None draws one from
-    torch's generator on x's device."""
+    column): the same mask from the kernel and the twin, compiled or not. seed is a 0-d int64 tensor on any device
+    (no host sync); None draws one from torch's generator on x's device.
+
+    Under torch.compile the twin traces into inductor's kernels (one forward kernel; in the backward about six, split
+    reductions for the weight's, the bias's and x_bias's gradients among them), unless `set_compiled_layer_norm`
+    (or the ELECTRA_DS_COMPILED_LAYER_NORM environment variable) says "opaque": then a LayerNorm with a residual (the
+    encoder layers') stays one custom op where the Triton kernels run, a backward kernel that reads its inputs once
+    and writes per-program column sums, which inductor adds up (README, "Measured speed", has the launch counts). The
+    others (embeddings, generator head) trace either way: inductor fuses them with embedding lookups and the GELU.
+    """
     seed = _dropout_seed(dropout, seed, x.device)
+    if layer_norm_is_opaque(x, residual):
+        return _layer_norm_op(x, x_bias, residual, weight, bias, seed, float(eps), float(dropout))[0]
     if torch.compiler.is_compiling():
-        return _recomputed_in_backward(reference.add_layer_norm, x, residual, weight, bias, eps, dropout, seed)
-    impl = _op("layer_norm") if _use_triton(x) else reference
-    return impl.add_layer_norm(x, residual, weight, bias, eps, dropout, seed)
+        return _recomputed_in_backward(reference.add_layer_norm, x, residual, weight, bias, eps, dropout, seed,
+                                       x_bias)
+    return reference.add_layer_norm(x, residual, weight, bias, eps, dropout, seed, x_bias)
+
+
+def layer_norm_is_opaque(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """Whether `add_layer_norm(x, residual, ...)` runs our Triton kernels (eagerly where the backend picks them,
+    under torch.compile as the "opaque" custom op). They add a matrix product's bias (x_bias) and sum its gradient
+    at no cost; inductor's code for the twin does worse with x_bias than with the bias in the product (its
+    LayerNorm reductions of 256 columns turn from one-pass to two-pass ones, the dropout hash stored between), so the
+    model passes the bias to whichever adds it (`model.layers.dense_add_layer_norm`)."""
+    if torch.compiler.is_compiling():
+        return _compiled_layer_norm == "opaque" and residual is not None and _compiles_triton(x)
+    return _use_triton(x)
+
+
+def _compiles_triton(t: torch.Tensor) -> bool:
+    """Whether torch.compile should keep our Triton kernels for t: the backend's choice as it can be traced (not the
+    import check; compiling for CUDA needs triton anyway)."""
+    return _backend == "triton" or (_backend == "auto" and t.is_cuda)
+
+
+@torch.library.custom_op("electra_ds::add_layer_norm", mutates_args=())
+def _layer_norm_op(x: torch.Tensor, x_bias: torch.Tensor | None, residual: torch.Tensor | None, weight: torch.Tensor,
+                   bias: torch.Tensor, seed: torch.Tensor | None, eps: float,
+                   dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, statistics): the statistics are kept for the backward (layer_norm.forward_pass)."""
+    return _op("layer_norm").forward_pass(x, x_bias, residual, weight, bias, eps, dropout, seed)
+
+
+@_layer_norm_op.register_fake
+def _layer_norm_outputs(x: torch.Tensor, x_bias: torch.Tensor | None, residual: torch.Tensor | None,
+                        weight: torch.Tensor, bias: torch.Tensor, seed: torch.Tensor | None, eps: float,
+                        dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(2, rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("electra_ds::add_layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, x_bias: torch.Tensor | None,
+                            residual: torch.Tensor | None, weight: torch.Tensor, stats: torch.Tensor,
+                            seed: torch.Tensor | None,
+                            dropout: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x's gradient, the residual's (empty without one), column-sum partials): layer_norm.backward_pass."""
+    return _op("layer_norm").backward_pass(dy, x, x_bias, residual, weight, stats, seed, dropout)
+
+
+@_layer_norm_backward_op.register_fake
+def _layer_norm_backward_outputs(dy: torch.Tensor, x: torch.Tensor, x_bias: torch.Tensor | None,
+                                 residual: torch.Tensor | None, weight: torch.Tensor, stats: torch.Tensor,
+                                 seed: torch.Tensor | None,
+                                 dropout: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dres = x.new_empty(0) if residual is None else torch.empty_like(residual, memory_format=torch.contiguous_format)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), dres,
+            x.new_empty(layer_norm_partials_shape(x.shape, x.device, x_bias is not None), dtype=torch.float32))
+
+
+def _save_layer_norm(ctx, inputs: tuple, output: tuple) -> None:
+    x, x_bias, residual, weight, bias, seed, _eps, ctx.dropout = inputs
+    ctx.bias_dtype = bias.dtype
+    ctx.save_for_backward(x, x_bias, residual, weight, seed, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _layer_norm_backward(ctx, dy: torch.Tensor, _dstats: torch.Tensor) -> tuple:
+    x, x_bias, residual, weight, seed, stats = ctx.saved_tensors
+    dx, dres, partials = _layer_norm_backward_op(dy, x, x_bias, residual, weight, stats, seed, ctx.dropout)
+    # a sum per gradient, not one of all partials: then each is a reduction over H columns, and inductor fuses the
+    # cast and the copy into its parameter buffer's gradient into it
+    dweight, dbias, *dx_bias = (partials[:, i].sum(0) for i in range(partials.shape[1]))
+    return (dx, dx_bias[0].to(x_bias.dtype) if dx_bias else None, None if residual is None else dres,
+            dweight.to(weight.dtype), dbias.to(ctx.bias_dtype), None, None, None)
+
+
+_layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_save_layer_norm)
 
 
 def dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,8 +255,7 @@ def attention(qkv: torch.Tensor, heads: int, key_mask: torch.Tensor | None = Non
     qkv = qkv.contiguous()  # and q, k, v of token t at t * 3 * hidden
     seed = _dropout_seed(dropout, seed, qkv.device)
     if torch.compiler.is_compiling():
-        # the backend's choice as torch.compile can trace it (not the import check): compiling for CUDA needs triton
-        if _backend == "triton" or (_backend == "auto" and qkv.is_cuda):
+        if _compiles_triton(qkv):
             return _attention_op(qkv, key_mask, seed, heads, dropout)[0]
         return reference.attention(qkv, heads, key_mask, dropout, seed)
     impl = _op("fused_attention") if _use_triton(qkv) else reference
@@ -278,5 +376,6 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
                    weight_decay=weight_decay, grad_scale=grad_scale)
 
 
-__all__ = ["BACKENDS", "adam_step", "add_layer_norm", "attention", "bias_gelu", "cross_entropy_and_sample", "dropout",
-           "get_backend", "reference", "set_backend", "sigmoid_bce", "triton_available"]
+__all__ = ["BACKENDS", "COMPILED_LAYER_NORMS", "adam_step", "add_layer_norm", "attention", "bias_gelu",
+           "cross_entropy_and_sample", "dropout", "get_backend", "get_compiled_layer_norm", "layer_norm_is_opaque",
+           "reference", "set_backend", "set_compiled_layer_norm", "sigmoid_bce", "triton_available"]

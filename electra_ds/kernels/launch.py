@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -37,3 +38,11 @@ def row_partition(rows: int, block_m: int, device: torch.device) -> tuple[int, i
     tiles = -(-rows // block_m)
     rows_per_program = max(1, -(-tiles // max(1, min(tiles, slots)))) * block_m
     return rows_per_program, max(1, -(-rows // rows_per_program))
+
+
+def layer_norm_partials_shape(shape: torch.Size, device: torch.device, has_x_bias: bool) -> tuple[int, int, int]:
+    """The shape of the LayerNorm backward's column-sum partials for an input of `shape` (..., H): (programs, 2 sums
+    (the weight's and the bias's gradients) or 3 (and x_bias's), H)."""
+    h = shape[-1]
+    rows = math.prod(shape[:-1]) if h else 0
+    return row_partition(rows, row_tile(h, "add_layer_norm")[0], device)[1], 2 + has_x_bias, h

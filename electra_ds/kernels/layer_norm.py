@@ -1,30 +1,34 @@
-"""Triton dropout + residual add + LayerNorm, forward and backward (twin: reference.add_layer_norm).
+"""Triton bias + dropout + residual add + LayerNorm, forward and backward (twin: reference.add_layer_norm).
 
 Dropout draws its keep mask from the counter-based hash of (seed, row, column) that the twin computes bit for bit;
-the backward draws it again from the same seed, so no mask is stored between the passes."""
+the backward draws it again from the same seed, so no mask is stored between the passes. `kernels.add_layer_norm`
+calls these passes through a custom op (opaque to torch.compile)."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import row_partition, row_tile, tile_warps
+from .launch import layer_norm_partials_shape, row_partition, row_tile, tile_warps
 from .noise import UNALIGNED_SEED, dropout_key, keep
 from .reference import dropout_scale
 
 # Blocking: a program tile holds BLOCK_M whole rows (the row padded to a power of two, hidden <= 8192) and
 # as many rows as fit in about 2048 values, so mean and variance are in-register row reductions and small
 # hidden sizes still give each program enough work. The backward program walks a contiguous run of row
-# tiles and keeps the weight/bias gradient sums in fp32 registers; torch adds up the per-program partials.
+# tiles and keeps its column sums (the weight's, the bias's, x's bias's gradients) in fp32 registers; torch adds up
+# the per-program partials.
 @triton.jit(**UNALIGNED_SEED)
-def _electra_add_layer_norm_fwd(X, R, W, B, Y, Mean, Rstd, Seed, N, H, eps, p, scale,
-                                HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_H: tl.constexpr):
+def _electra_add_layer_norm_fwd(X, XB, R, W, B, Y, Mean, Rstd, Seed, N, H, eps, p, scale,
+                                HAS_XBIAS: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_H)
     mask = (rows < N)[:, None] & (cols < H)[None, :]
     offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_XBIAS:
+        x += tl.load(XB + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
     if DROPOUT:
         x = tl.where(keep(dropout_key(Seed), rows, cols, p), x * scale, 0.0)
     if HAS_RES:
@@ -41,14 +45,17 @@ def _electra_add_layer_norm_fwd(X, R, W, B, Y, Mean, Rstd, Seed, N, H, eps, p, s
 
 
 @triton.jit(**UNALIGNED_SEED)
-def _electra_add_layer_norm_bwd(X, R, W, DY, Mean, Rstd, Seed, DX, DR, DW, DB, N, H, rows_per_program, p, scale,
-                                HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_H: tl.constexpr):
+def _electra_add_layer_norm_bwd(X, XB, R, W, DY, Mean, Rstd, Seed, DX, DR, Partials, N, H, rows_per_program, p,
+                                scale, HAS_XBIAS: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     w = tl.load(W + cols, mask=cols < H, other=0.0).to(tl.float32)
+    if HAS_XBIAS:
+        xb = tl.load(XB + cols, mask=cols < H, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     db = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    dxb = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     if DROPOUT:
         key = dropout_key(Seed)
     start = pid * rows_per_program
@@ -57,6 +64,8 @@ def _electra_add_layer_norm_bwd(X, R, W, DY, Mean, Rstd, Seed, DX, DR, DW, DB, N
         mask = (rows < N)[:, None] & (cols < H)[None, :]
         offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_XBIAS:
+            x += xb[None, :]
         if DROPOUT:
             kept = keep(key, rows, cols, p)
             x = tl.where(kept, x * scale, 0.0)
@@ -69,66 +78,74 @@ def _electra_add_layer_norm_bwd(X, R, W, DY, Mean, Rstd, Seed, DX, DR, DW, DB, N
         wdy = w[None, :] * dy
         c1 = tl.sum(xhat * wdy, axis=1) / H
         c2 = tl.sum(wdy, axis=1) / H
-        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-        if DROPOUT:  # dx is the residual's gradient; x's passes the dropout
-            if HAS_RES:
-                tl.store(DR + offs, dx.to(DR.dtype.element_ty), mask=mask)
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]  # the residual's gradient
+        if HAS_RES:
+            tl.store(DR + offs, dx.to(DR.dtype.element_ty), mask=mask)
+        if DROPOUT:
             dx = tl.where(kept, dx * scale, 0.0)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         dw += dy * xhat
         db += dy
-    tl.store(DW + pid * H + cols, tl.sum(dw, axis=0), mask=cols < H)
-    tl.store(DB + pid * H + cols, tl.sum(db, axis=0), mask=cols < H)
+        if HAS_XBIAS:
+            dxb += dx
+    if HAS_XBIAS:
+        out = Partials + pid * 3 * H + cols
+        tl.store(out + 2 * H, tl.sum(dxb, axis=0), mask=cols < H)
+    else:
+        out = Partials + pid * 2 * H + cols
+    tl.store(out, tl.sum(dw, axis=0), mask=cols < H)
+    tl.store(out + H, tl.sum(db, axis=0), mask=cols < H)
 
 
-class AddLayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, dropout, seed):
-        h = x.shape[-1]
-        block_m, block_h = row_tile(h, "add_layer_norm")
-        x2 = x.reshape(-1, h).contiguous()
-        r2 = x2 if residual is None else residual.reshape(-1, h).contiguous()
-        seed = x2 if seed is None else seed.to(device=x2.device, dtype=torch.int64)  # x2: a pointer never read
-        weight, bias = weight.contiguous(), bias.contiguous()
-        n = x2.shape[0]
-        y = torch.empty_like(x2)
-        mean = torch.empty(n, dtype=torch.float32, device=x.device)
-        rstd = torch.empty(n, dtype=torch.float32, device=x.device)
-        ctx.has_res, ctx.dropout = residual is not None, dropout
-        if n:
-            _electra_add_layer_norm_fwd[(triton.cdiv(n, block_m),)](
-                x2, r2, weight, bias, y, mean, rstd, seed, n, h, eps, dropout, dropout_scale(dropout),
-                HAS_RES=ctx.has_res, DROPOUT=dropout > 0, BLOCK_M=block_m, BLOCK_H=block_h,
-                num_warps=tile_warps(block_m * block_h))
-        ctx.save_for_backward(x2, r2, weight, bias, mean, rstd, seed)
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, r2, weight, bias, mean, rstd, seed = ctx.saved_tensors
-        n, h = x2.shape
-        block_m, block_h = row_tile(h, "add_layer_norm")
-        dy2 = dy.reshape(-1, h).contiguous()
-        dropout = ctx.dropout > 0
-        # The kernel rounds each gradient once to its buffer's dtype. Without dropout x's and the residual's gradients
-        # are one value, computed in the wider dtype (bf16 x + fp32 residual under autocast), so the residual's is not
-        # rounded to x's (as in the twin); with dropout they differ and each gets a buffer of its own input's dtype.
-        dx = torch.empty_like(x2) if dropout else torch.empty_like(x2, dtype=torch.promote_types(x2.dtype, r2.dtype))
-        dres = torch.empty_like(r2) if dropout and ctx.has_res else dx  # r2 is x2 without a residual
-        rows_per_program, groups = row_partition(n, block_m, x2.device)
-        dw = torch.zeros(groups, h, dtype=torch.float32, device=x2.device)
-        db = torch.zeros_like(dw)
-        if n:
-            _electra_add_layer_norm_bwd[(groups,)](
-                x2, r2, weight, dy2, mean, rstd, seed, dx, dres, dw, db, n, h, rows_per_program, ctx.dropout,
-                dropout_scale(ctx.dropout), HAS_RES=ctx.has_res, DROPOUT=dropout, BLOCK_M=block_m, BLOCK_H=block_h,
-                num_warps=tile_warps(block_m * block_h))
-        dres = dres.view(dy.shape).to(r2.dtype) if ctx.has_res else None
-        return (dx.view(dy.shape).to(x2.dtype), dres, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype), None,
-                None, None)
+def forward_pass(x: torch.Tensor, x_bias: torch.Tensor | None, residual: torch.Tensor | None, weight: torch.Tensor,
+                 bias: torch.Tensor, eps: float, dropout: float,
+                 seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LayerNorm(dropout(x + x_bias) + residual) in x's dtype and shape, the backward's statistics (2, rows):
+    each row's mean and 1 / standard deviation, fp32)."""
+    if dropout > 0 and seed is None:
+        raise ValueError("add_layer_norm dropout needs a seed (kernels.add_layer_norm draws one when given None)")
+    h = x.shape[-1]
+    block_m, block_h = row_tile(h, "add_layer_norm")
+    x2 = x.reshape(-1, h).contiguous()
+    n = x2.shape[0]
+    y = torch.empty_like(x2)
+    stats = torch.empty(2, n, dtype=torch.float32, device=x.device)
+    if n:
+        _electra_add_layer_norm_fwd[(triton.cdiv(n, block_m),)](
+            x2, _or(x_bias, x2), _rows(residual, x2), weight.contiguous(), bias.contiguous(), y, *stats,
+            _or(seed, x2), n, h, eps, dropout, dropout_scale(dropout), HAS_XBIAS=x_bias is not None,
+            HAS_RES=residual is not None, DROPOUT=dropout > 0, BLOCK_M=block_m, BLOCK_H=block_h,
+            num_warps=tile_warps(block_m * block_h))
+    return y.view(x.shape), stats
 
 
-def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float, dropout: float = 0.0, seed: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton LayerNorm(dropout(x) + residual) over the last dimension; see reference.add_layer_norm."""
-    return AddLayerNorm.apply(x, residual, weight, bias, float(eps), float(dropout), seed)
+def backward_pass(dy: torch.Tensor, x: torch.Tensor, x_bias: torch.Tensor | None, residual: torch.Tensor | None,
+                  weight: torch.Tensor, stats: torch.Tensor, seed: torch.Tensor | None,
+                  dropout: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x's gradient in x's dtype, the residual's in its dtype (an empty tensor without one), the column-sum partials
+    (`launch.layer_norm_partials_shape`, fp32): summed over dim 0 they are the gradients of weight, bias and x_bias)."""
+    h = x.shape[-1]
+    block_m, block_h = row_tile(h, "add_layer_norm")
+    x2 = x.reshape(-1, h).contiguous()
+    n = x2.shape[0]
+    dx = torch.empty_like(x2)
+    dres = torch.empty_like(x2, dtype=residual.dtype) if residual is not None else x2.new_empty(0)
+    programs, sums, _ = layer_norm_partials_shape(x.shape, x.device, x_bias is not None)
+    partials = (torch.empty if n else torch.zeros)(programs, sums, h, dtype=torch.float32, device=x.device)
+    if n:
+        _electra_add_layer_norm_bwd[(programs,)](
+            x2, _or(x_bias, x2), _rows(residual, x2), weight.contiguous(), dy.reshape(-1, h).contiguous(), *stats,
+            _or(seed, x2), dx, _or(dres if residual is not None else None, dx), partials, n, h,
+            row_partition(n, block_m, x.device)[0], dropout, dropout_scale(dropout), HAS_XBIAS=x_bias is not None,
+            HAS_RES=residual is not None, DROPOUT=dropout > 0, BLOCK_M=block_m, BLOCK_H=block_h,
+            num_warps=tile_warps(block_m * block_h))
+    return dx.view(x.shape), dres.view(x.shape) if residual is not None else dres, partials
+
+
+def _or(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    """A tensor argument the kernel reads only under a constexpr flag: any pointer serves when it is None."""
+    return stand_in if t is None else t.contiguous()
+
+
+def _rows(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    return stand_in if t is None else t.reshape(stand_in.shape).contiguous()

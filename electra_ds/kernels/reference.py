@@ -15,15 +15,19 @@ CHUNK_NOISE_COLUMN = 1 << 30  # chunk k's Gumbel is the noise of column CHUNK_NO
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float, dropout: float = 0.0, seed: torch.Tensor | None = None) -> torch.Tensor:
-    """LayerNorm(dropout(x) + residual) over the last dimension with fp32 sum and statistics (residual may be None).
+                   eps: float, dropout: float = 0.0, seed: torch.Tensor | None = None,
+                   x_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm(dropout(x + x_bias) + residual) over the last dimension with fp32 sums and statistics (x_bias, the
+    bias of the matrix product x, and residual may be None).
 
     Dropout (probability `dropout`) keeps x[row, col] where `keyed_uniform(seed, row, col) >= dropout` (row: the flat
     row index over the leading dimensions) and scales it by 1 / (1 - dropout), in fp32; seed is a 0-d int64 tensor,
     needed only when dropout > 0. The output has x's dtype (not fp32 as torch's layer_norm gives under autocast), so
     under bf16 autocast the hidden state passed between layers is bf16, by design: half the memory traffic between
     layers. Each gradient comes back in its own input's dtype (an fp32 residual's stays fp32)."""
-    h = _dropped(x.float(), dropout, seed) if dropout > 0 else x.float()
+    h = x.float() if x_bias is None else x.float() + x_bias.float()
+    if dropout > 0:
+        h = _dropped(h, dropout, seed)
     if residual is not None:
         h = h + residual.float()
     return F.layer_norm(h, (h.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)

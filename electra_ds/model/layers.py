@@ -12,7 +12,8 @@ Weights = dict[str, torch.Tensor]
 
 
 def linear_specs(name: str, n_out: int, n_in: int, bias_in_matmul: bool = True) -> list[WeightSpec]:
-    """`bias_in_matmul=False` where the bias is added after the product (by `kernels.bias_gelu`, in fp32)."""
+    """`bias_in_matmul=False` where the bias is added after the product (by `kernels.bias_gelu`, in fp32); else it is
+    served in the products' dtype (as F.linear's bias, or as `kernels.add_layer_norm`'s x_bias)."""
     return [WeightSpec(f"{name}.weight", (n_out, n_in), "normal", matmul=True),
             WeightSpec(f"{name}.bias", (n_out,), "zeros", matmul=bias_in_matmul)]
 
@@ -104,16 +105,23 @@ def encoder_layer(w: Weights, layer: str, h: torch.Tensor, mask: torch.Tensor | 
     qkv = F.linear(h, w[f"{layer}.attention.self.qkv.weight"], w[f"{layer}.attention.self.qkv.bias"])
     context = kernels.attention(qkv, tower.num_attention_heads, mask,
                                 config.attention_probs_dropout_prob if training else 0.0, probs_seed)
-    out = F.linear(context, w[f"{layer}.attention.output.dense.weight"], w[f"{layer}.attention.output.dense.bias"])
     dropout = config.hidden_dropout_prob if training else 0.0
-    h = kernels.add_layer_norm(out, h, w[f"{layer}.attention.output.LayerNorm.weight"],
-                               w[f"{layer}.attention.output.LayerNorm.bias"], config.layer_norm_eps, dropout,
-                               attention_seed)
+    h = dense_add_layer_norm(w, f"{layer}.attention.output", context, h, config.layer_norm_eps, dropout,
+                             attention_seed)
     inter = kernels.bias_gelu(F.linear(h, w[f"{layer}.intermediate.dense.weight"]),
                               w[f"{layer}.intermediate.dense.bias"])
-    out = F.linear(inter, w[f"{layer}.output.dense.weight"], w[f"{layer}.output.dense.bias"])
-    return kernels.add_layer_norm(out, h, w[f"{layer}.output.LayerNorm.weight"], w[f"{layer}.output.LayerNorm.bias"],
-                                  config.layer_norm_eps, dropout, output_seed)
+    return dense_add_layer_norm(w, f"{layer}.output", inter, h, config.layer_norm_eps, dropout, output_seed)
+
+
+def dense_add_layer_norm(w: Weights, block: str, x: torch.Tensor, residual: torch.Tensor, eps: float,
+                         dropout: float, seed: torch.Tensor | None) -> torch.Tensor:
+    """LayerNorm(dropout(dense(x)) + residual) with `block`'s .dense and .LayerNorm weights. The dense's bias goes to
+    the op that adds it cheaper (`kernels.layer_norm_is_opaque`): the same function, rounded differently."""
+    weight, bias = w[f"{block}.dense.weight"], w[f"{block}.dense.bias"]
+    norm = (w[f"{block}.LayerNorm.weight"], w[f"{block}.LayerNorm.bias"], eps, dropout, seed)
+    if kernels.layer_norm_is_opaque(x, residual):
+        return kernels.add_layer_norm(F.linear(x, weight), residual, *norm, x_bias=bias)
+    return kernels.add_layer_norm(F.linear(x, weight, bias), residual, *norm)
 
 
 def tower_forward(w: Weights, prefix: str, embeddings: torch.Tensor, mask: torch.Tensor | None,

@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "them (forward and backward) as CUDA graphs (the fast path on a GPU); max-autotune also "
                           "autotunes the matrix products (minutes at start). Changes speed only: "
                           "the compiled model runs the PyTorch twins of the kernels, which are their specification, "
-                          "but for the generator head's loss and sampling: the Triton kernel, which matches its twin "
-                          "(samples bit for bit)")
+                          "but for attention and the generator head's loss and sampling: Triton kernels, which match "
+                          "their twins (masks and samples bit for bit); ELECTRA_DS_COMPILED_LAYER_NORM=opaque keeps "
+                          "the encoder layers' LayerNorm kernels too")
     run.add_argument("--inductor", type=inductor_setting, action="append", default=[], metavar="KEY=VALUE",
                      help="a torch._inductor.config setting for --compile (repeatable), e.g. combo_kernels=True or "
                           "coordinate_descent_tuning=True. Meant for speed settings, which leave results as they "
