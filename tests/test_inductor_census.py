@@ -52,7 +52,10 @@ def test_compiled_step_launches_no_kernel_per_dropout_site(traced):
 def test_opaque_layer_norms_are_one_op_each_way(tmp_path, traced):
     """With --compiled_layer_norm opaque each encoder layer's two LayerNorms are our op in the forward and our
     backward op in the backward, and only the embeddings' and the generator head's LayerNorms leave inductor kernels
-    computing a LayerNorm backward (21 such launches traced, 5 opaque in the tiny preset's step)."""
+    computing a LayerNorm backward (21 such launches traced, 5 opaque in the tiny preset's step). The gradient our
+    backward op takes, a hidden state's two gradients summed, comes from an addmm (the layers work on rows: no view
+    between the matrix product and the add), not from a kernel of its own: one addmm at least for each LayerNorm
+    whose output two ops read (all but each tower's last; the tiny step's backward has 7 addmm)."""
     graphs, stdout = _census(tmp_path, "--compiled_layer_norm", "opaque")
     tiny = preset("tiny")
     norms = 2 * (tiny.discriminator.num_hidden_layers + tiny.generator.num_hidden_layers)
@@ -62,4 +65,6 @@ def test_opaque_layer_norms_are_one_op_each_way(tmp_path, traced):
         return sum(n for name, n in census["backward"]["by_name"] if "native_layer_norm_backward" in name)
 
     assert 0 < norm_backward_kernels(graphs) < norm_backward_kernels(traced[0])
+    assert graphs["backward"]["extern_kernels"]["extern_kernels.addmm"] >= norms - 2
+    assert not [name for name, _ in graphs["backward"]["by_name"] if "add_layer_norm_backward" in name]
     assert "opaque LayerNorms" in stdout

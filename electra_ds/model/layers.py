@@ -95,16 +95,18 @@ def embed(w: Weights, prefix: str, input_ids: torch.Tensor, token_type_ids: torc
     return kernels.dropout(x, config.hidden_dropout_prob, dropout_seeds[0])
 
 
-def encoder_layer(w: Weights, layer: str, h: torch.Tensor, mask: torch.Tensor | None,
+def encoder_layer(w: Weights, layer: str, h: torch.Tensor, length: int, mask: torch.Tensor | None,
                   tower: TowerConfig, config: ElectraConfig,
                   dropout_seeds: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """One post-LN BERT layer; mask (B, L): 0 for padding (None: none); `dropout_seeds`: the seeds of its attention
-    probabilities' dropout and its two hidden-state dropouts (None: no dropout)."""
+    """One post-LN BERT layer on the hidden states as rows, h (B * L, hidden), sequences of `length`; mask (B, L): 0
+    for padding (None: none); `dropout_seeds`: the seeds of its attention probabilities' dropout and its two
+    hidden-state dropouts (None: no dropout)."""
     training = dropout_seeds is not None
     probs_seed, attention_seed, output_seed = dropout_seeds if training else (None, None, None)
     qkv = F.linear(h, w[f"{layer}.attention.self.qkv.weight"], w[f"{layer}.attention.self.qkv.bias"])
-    context = kernels.attention(qkv, tower.num_attention_heads, mask,
+    context = kernels.attention(qkv.view(-1, length, qkv.shape[-1]), tower.num_attention_heads, mask,
                                 config.attention_probs_dropout_prob if training else 0.0, probs_seed)
+    context = context.view(h.shape[0], -1)
     dropout = config.hidden_dropout_prob if training else 0.0
     h = dense_add_layer_norm(w, f"{layer}.attention.output", context, h, config.layer_norm_eps, dropout,
                              attention_seed)
@@ -131,13 +133,16 @@ def tower_forward(w: Weights, prefix: str, embeddings: torch.Tensor, mask: torch
     `w` must hold the QKV blocks (`forward_views()`). `dropout_seeds`: the tower's 3 L + 1 site seeds
     (`dropout_sites`; the first is the embeddings'), layer i's dropouts taking seeds 3i + 1 (attention
     probabilities), 3i + 2 and 3i + 3; None: no dropout."""
-    h = embeddings
+    batch, length = embeddings.shape[:2]
+    # The layers work on rows (B * L, hidden): a hidden state's two gradients (from the next layer's matrix product
+    # and from its residual path) then meet as mm + add without a view between, which inductor can make one addmm.
+    h = embeddings.reshape(batch * length, -1)
     if f"{prefix}.embeddings_project.weight" in w:
         h = F.linear(h, w[f"{prefix}.embeddings_project.weight"], w[f"{prefix}.embeddings_project.bias"])
     for i in range(tower.num_hidden_layers):
         seeds = None if dropout_seeds is None else tuple(dropout_seeds[3 * i + j] for j in (1, 2, 3))
-        h = encoder_layer(w, f"{prefix}.encoder.layer.{i}", h, mask, tower, config, seeds)
-    return h
+        h = encoder_layer(w, f"{prefix}.encoder.layer.{i}", h, length, mask, tower, config, seeds)
+    return h.view(batch, length, -1)
 
 
 def tower_sites(tower: TowerConfig) -> int:
