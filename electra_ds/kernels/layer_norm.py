@@ -113,7 +113,7 @@ def forward_pass(x: torch.Tensor, x_bias: torch.Tensor | None, residual: torch.T
     if n:
         _electra_add_layer_norm_fwd[(triton.cdiv(n, block_m),)](
             x2, _or(x_bias, x2), _rows(residual, x2), weight.contiguous(), bias.contiguous(), y, *stats,
-            _or(seed, x2), n, h, eps, dropout, dropout_scale(dropout), HAS_XBIAS=x_bias is not None,
+            _seed(seed, x2), n, h, eps, dropout, dropout_scale(dropout), HAS_XBIAS=x_bias is not None,
             HAS_RES=residual is not None, DROPOUT=dropout > 0, BLOCK_M=block_m, BLOCK_H=block_h,
             num_warps=tile_warps(block_m * block_h))
     return y.view(x.shape), stats
@@ -135,7 +135,7 @@ def backward_pass(dy: torch.Tensor, x: torch.Tensor, x_bias: torch.Tensor | None
     if n:
         _electra_add_layer_norm_bwd[(programs,)](
             x2, _or(x_bias, x2), _rows(residual, x2), weight.contiguous(), dy.reshape(-1, h).contiguous(), *stats,
-            _or(seed, x2), dx, _or(dres if residual is not None else None, dx), partials, n, h,
+            _seed(seed, x2), dx, dres if residual is not None else dx, partials, n, h,
             row_partition(n, block_m, x.device)[0], dropout, dropout_scale(dropout), HAS_XBIAS=x_bias is not None,
             HAS_RES=residual is not None, DROPOUT=dropout > 0, BLOCK_M=block_m, BLOCK_H=block_h,
             num_warps=tile_warps(block_m * block_h))
@@ -145,6 +145,11 @@ def backward_pass(dy: torch.Tensor, x: torch.Tensor, x_bias: torch.Tensor | None
 def _or(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
     """A tensor argument the kernel reads only under a constexpr flag: any pointer serves when it is None."""
     return stand_in if t is None else t.contiguous()
+
+
+def _seed(seed: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """The seed on x's device (kernels.add_layer_norm takes one on any device)."""
+    return x if seed is None else seed.to(x.device)
 
 
 def _rows(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
