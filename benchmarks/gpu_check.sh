@@ -139,14 +139,11 @@ PY
     status "throughput (the JSON keeps finished variants)" $?
   fi
 
-  local n=0 settings flags flag envs inductor
+  local n=0 settings flags
   for settings in "${INDUCTOR_SET_LIST[@]}"; do
     read -ra flags <<<"$settings"
     (( ${#flags[@]} )) || continue
-    envs=() inductor=()
-    for flag in "${flags[@]}"; do
-      if [[ $flag == ELECTRA_DS_* ]]; then envs+=("$flag"); else inductor+=("--inductor=$flag"); fi
-    done
+    split_set "${flags[@]}"
     n=$((n + 1))
     if (( $(left) < 100 )); then
       banner "throughput with inductor settings ${flags[*]} skipped: $(left)s left"
@@ -154,9 +151,9 @@ PY
     fi
     t=$(limit $SET_S $(( (${#INDUCTOR_SET_LIST[@]} - n) * SET_S + (REAL_LOOP == 1 ? LOOP_S : 0) + 10 )))
     banner "throughput with inductor settings ${flags[*]}: $INDUCTOR_VARIANTS (at most ${t}s)"
-    env "${envs[@]}" timeout -k 10 "$t" python3 benchmarks/throughput.py --model_size small --batch_size 128 \
+    env "${SET_ENV[@]}" timeout -k 10 "$t" python3 benchmarks/throughput.py --model_size small --batch_size 128 \
       --max_length 128 --precision bf16 --steps 30 --warmup 10 --profile_steps 3 --no_check \
-      --variants "$INDUCTOR_VARIANTS" "${inductor[@]}" --json "$OUT/inductor_$n.json" --markdown "$OUT/inductor_$n.md"
+      --variants "$INDUCTOR_VARIANTS" "${SET_FLAGS[@]}" --json "$OUT/inductor_$n.json" --markdown "$OUT/inductor_$n.md"
     status "throughput with inductor settings ${flags[*]}" $?
   done
 
@@ -208,6 +205,16 @@ PY
   done
   pack_results
   return "$RC"
+}
+
+# An inductor set's tokens: ELECTRA_DS_* ones into SET_ENV (the environment of its run), the others into SET_FLAGS
+# (throughput.py's --inductor=KEY=VALUE).
+split_set() {
+  SET_ENV=() SET_FLAGS=()
+  local flag
+  for flag in "$@"; do
+    if [[ $flag == ELECTRA_DS_* ]]; then SET_ENV+=("$flag"); else SET_FLAGS+=("--inductor=$flag"); fi
+  done
 }
 
 # The device tool brings back at most 8 files from $OUT (two inductor sets alone make 4): all but this log go back

@@ -227,6 +227,25 @@ def test_gpu_check_packs_its_results_into_one_archive_beside_the_log(tmp_path):
         assert archive.extractfile("kernels.json").read() == b"kernels.json"
 
 
+def test_gpu_check_passes_a_sets_electra_ds_tokens_as_environment(tmp_path):
+    """An INDUCTOR_SETS entry's ELECTRA_DS_* tokens become the environment of its throughput run, the others
+    --inductor flags; a set without such tokens runs in the unchanged environment."""
+    import re
+
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    function = re.search(r"^split_set\(\) \{\n.*?^\}\n", script, re.MULTILINE | re.DOTALL).group(0)
+    show = ('env "${SET_ENV[@]}" sh -c \'echo "env=${ELECTRA_DS_COMPILED_LAYER_NORM:-unset}"\'; '
+            'echo "flags=${SET_FLAGS[*]}"')
+    for tokens, expected in (("combo_kernels=True ELECTRA_DS_COMPILED_LAYER_NORM=opaque a=1",
+                              "env=opaque\nflags=--inductor=combo_kernels=True --inductor=a=1\n"),
+                             ("combo_kernels=True", "env=unset\nflags=--inductor=combo_kernels=True\n"),
+                             ("ELECTRA_DS_COMPILED_LAYER_NORM=opaque", "env=opaque\nflags=\n")):
+        run = subprocess.run(["bash", "-c", f"set -uo pipefail; {function}split_set {tokens}; {show}"],
+                             capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin"}, check=True)
+        assert run.stdout == expected, (tokens, run.stdout)
+
+
 @pytest.mark.parametrize("fake_nvidia_smi", [False, True])
 def test_gpu_check_without_a_gpu_says_so_and_succeeds(tmp_path, fake_nvidia_smi):
     """benchmarks/gpu_check.sh on a machine without a GPU: without nvidia-smi it stops at once; with an
