@@ -50,13 +50,19 @@ def _ms(fn, iters: int = 50) -> float:
     return start.elapsed_time(end) / iters
 
 
+def layer_norm_inputs(dev: str, tokens: int, hidden: int) -> tuple[torch.Tensor, ...]:
+    """The LayerNorm cases' x and residual (random, drawn from torch's generator), weight (ones) and bias (zeros; also
+    the x_bias), bf16."""
+    bf = torch.bfloat16
+    x, r = torch.randn(tokens, hidden, device=dev, dtype=bf), torch.randn(tokens, hidden, device=dev, dtype=bf)
+    return x, r, torch.ones(hidden, device=dev, dtype=bf), torch.zeros(hidden, device=dev, dtype=bf)
+
+
 def compiled_cases(dev: str = "cuda", tokens: int = 16384, hidden: int = 256) -> dict:
     """name -> the fwd+bwd callable of our op under torch.compile, for the `cases` whose op inductor compiles as it
     does in the model (the twin traced: time them with set_backend("torch"); or our kernels as an opaque op, with
-    set_compiled_layer_norm("opaque")). Compiled at the first call."""
-    bf = torch.bfloat16
-    x, r = torch.randn(tokens, hidden, device=dev, dtype=bf), torch.randn(tokens, hidden, device=dev, dtype=bf)
-    w, b = torch.ones(hidden, device=dev, dtype=bf), torch.zeros(hidden, device=dev, dtype=bf)
+    set_compiled_layer_norm("opaque")), on `layer_norm_inputs` and seed 0. Compiled here (one call each)."""
+    x, r, w, b = layer_norm_inputs(dev, tokens, hidden)
     seed = torch.tensor(0, device=dev)  # drawn per call otherwise: a host-side generator call in the graph
     return {
         "dropout + add_layer_norm fwd+bwd": _fwd_bwd(torch.compile(lambda *a: add_layer_norm(*a, 1e-12, 0.1, seed)),
@@ -87,8 +93,7 @@ def cases(dev: str = "cuda", tokens: int = 16384, masked: int = 2432, hidden: in
           vocab: int = 30522, params: int = 14_000_000) -> dict:
     """name -> (our op's fwd+bwd callable, the plain torch one's), on `dev` at ELECTRA-Small's sizes by default."""
     bf = torch.bfloat16
-    x, r = torch.randn(tokens, hidden, device=dev, dtype=bf), torch.randn(tokens, hidden, device=dev, dtype=bf)
-    w, b = torch.ones(hidden, device=dev, dtype=bf), torch.zeros(hidden, device=dev, dtype=bf)
+    x, r, w, b = layer_norm_inputs(dev, tokens, hidden)
     h, hb = torch.randn(tokens, ffn, device=dev, dtype=bf), torch.randn(ffn, device=dev, dtype=bf)
     # the generator's logits as the model makes them: padded with -inf columns to a multiple of VOCAB_MULTIPLE
     padding = torch.full((masked, -vocab % VOCAB_MULTIPLE), float("-inf"), device=dev, dtype=bf)

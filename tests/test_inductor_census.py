@@ -61,6 +61,7 @@ def test_opaque_layer_norms_are_one_op_each_way(tmp_path, traced):
     norms = 2 * (tiny.discriminator.num_hidden_layers + tiny.generator.num_hidden_layers)
     assert graphs["forward"]["ops"]["torch.ops.electra_ds.add_layer_norm"] == norms
     assert graphs["backward"]["ops"]["torch.ops.electra_ds.add_layer_norm_backward"] == norms
+
     def norm_backward_kernels(census: dict) -> int:
         return sum(n for name, n in census["backward"]["by_name"] if "native_layer_norm_backward" in name)
 

@@ -110,7 +110,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     (no host sync); None draws one from torch's generator on x's device.
 
     Under torch.compile the twin traces into inductor's kernels (one forward kernel; in the backward about six, split
-    reductions for the weight's, the bias's and x_bias's gradients among them), unless `set_compiled_layer_norm`
+    reductions for the weight's and the bias's gradients and the preceding product's bias's among them), unless `set_compiled_layer_norm`
     (or the ELECTRA_DS_COMPILED_LAYER_NORM environment variable) says "opaque": then a LayerNorm with a residual (the
     encoder layers') stays one custom op where the Triton kernels run, a backward kernel that reads its inputs once
     and writes per-program column sums, which inductor adds up (README, "Measured speed", has the launch counts). The

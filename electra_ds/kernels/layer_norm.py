@@ -53,9 +53,9 @@ def _electra_add_layer_norm_bwd(X, XB, R, W, DY, Mean, Rstd, Seed, DX, DR, Parti
     w = tl.load(W + cols, mask=cols < H, other=0.0).to(tl.float32)
     if HAS_XBIAS:
         xb = tl.load(XB + cols, mask=cols < H, other=0.0).to(tl.float32)
+        dxb = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     dw = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     db = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
-    dxb = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     if DROPOUT:
         key = dropout_key(Seed)
     start = pid * rows_per_program
@@ -111,11 +111,11 @@ def forward_pass(x: torch.Tensor, x_bias: torch.Tensor | None, residual: torch.T
     y = torch.empty_like(x2)
     stats = torch.empty(2, n, dtype=torch.float32, device=x.device)
     if n:
+        xb, r2, seed = _operands(x2, x_bias, residual, seed)
         _electra_add_layer_norm_fwd[(triton.cdiv(n, block_m),)](
-            x2, _or(x_bias, x2), _rows(residual, x2), weight.contiguous(), bias.contiguous(), y, *stats,
-            _seed(seed, x2), n, h, eps, dropout, dropout_scale(dropout), HAS_XBIAS=x_bias is not None,
-            HAS_RES=residual is not None, DROPOUT=dropout > 0, BLOCK_M=block_m, BLOCK_H=block_h,
-            num_warps=tile_warps(block_m * block_h))
+            x2, xb, r2, weight.contiguous(), bias.contiguous(), y, *stats, seed, n, h, eps, dropout,
+            dropout_scale(dropout), HAS_XBIAS=x_bias is not None, HAS_RES=residual is not None, DROPOUT=dropout > 0,
+            BLOCK_M=block_m, BLOCK_H=block_h, num_warps=tile_warps(block_m * block_h))
     return y.view(x.shape), stats
 
 
@@ -133,24 +133,21 @@ def backward_pass(dy: torch.Tensor, x: torch.Tensor, x_bias: torch.Tensor | None
     programs, sums, _ = layer_norm_partials_shape(x.shape, x.device, x_bias is not None)
     partials = (torch.empty if n else torch.zeros)(programs, sums, h, dtype=torch.float32, device=x.device)
     if n:
+        xb, r2, seed = _operands(x2, x_bias, residual, seed)
         _electra_add_layer_norm_bwd[(programs,)](
-            x2, _or(x_bias, x2), _rows(residual, x2), weight.contiguous(), dy.reshape(-1, h).contiguous(), *stats,
-            _seed(seed, x2), dx, dres if residual is not None else dx, partials, n, h,
+            x2, xb, r2, weight.contiguous(), dy.reshape(-1, h).contiguous(), *stats, seed, dx,
+            dres if residual is not None else dx, partials, n, h,
             row_partition(n, block_m, x.device)[0], dropout, dropout_scale(dropout), HAS_XBIAS=x_bias is not None,
             HAS_RES=residual is not None, DROPOUT=dropout > 0, BLOCK_M=block_m, BLOCK_H=block_h,
             num_warps=tile_warps(block_m * block_h))
     return dx.view(x.shape), dres.view(x.shape) if residual is not None else dres, partials
 
 
-def _or(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
-    """A tensor argument the kernel reads only under a constexpr flag: any pointer serves when it is None."""
-    return stand_in if t is None else t.contiguous()
-
-
-def _seed(seed: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """The seed on x's device (kernels.add_layer_norm takes one on any device)."""
-    return x if seed is None else seed.to(x.device)
-
-
-def _rows(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
-    return stand_in if t is None else t.reshape(stand_in.shape).contiguous()
+def _operands(x2: torch.Tensor, x_bias: torch.Tensor | None, residual: torch.Tensor | None,
+              seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x_bias, the residual (as x2's rows) and the seed as the kernels take them: contiguous, the seed on x2's device
+    (kernels.add_layer_norm takes one on any device); x2 stands in for one that is None, a pointer the kernel reads
+    only under its constexpr flag."""
+    return (x2 if x_bias is None else x_bias.contiguous(),
+            x2 if residual is None else residual.reshape(x2.shape).contiguous(),
+            x2 if seed is None else seed.to(x2.device))
