@@ -14,15 +14,16 @@
 #    with INDUCTOR_SETS, the engine step with CUDA graphs again under each set of inductor settings,
 # 5. with REAL_LOOP=1, the real training loop (launch/pretrain.py, Small, --compile reduce-overhead, 3000 steps:
 #    tokens/s per 50 steps in real_loop_metrics.jsonl; its time is kept aside from the throughput stage),
-# 6. if time is left, each fused kernel timed against its twin and plain torch, and one layer's attention under each
+# 6. if time is left, the LayerNorm and GELU backward kernels under each candidate blocking (benchmarks/kernel_speed.py
+#    --row_configs), each fused kernel timed against its twin and plain torch, and one layer's attention under each
 #    SDPA backend and ours (benchmarks/kernel_speed.py), ours under each candidate blocking (--attention_configs),
 #    and a batch sweep (256, 512) of the eager variants.
 # Logs (gpu_check.log: everything; pytest_gpu_kernels.log, pytest_gpu.log), JSON and tables (throughput.*,
-# inductor_N.*, real_loop_metrics.jsonl, kernels.json, attention_configs.json, sweep.*) go to $OUT (./gpu_out when OUT
-# is unset); at the end all but gpu_check.log are packed into $OUT/results.tar.gz (the device tool brings back at most
-# 8 files). The whole script keeps within GPU_CHECK_BUDGET_S seconds (default 520, under 9 minutes): every stage runs
-# under `timeout`, sized from what is left. Without an NVIDIA GPU it says so and exits 0 at once; otherwise it exits 1
-# if a stage failed or timed out.
+# inductor_N.*, real_loop_metrics.jsonl, row_configs.json, kernels.json, attention_configs.json, sweep.*) go to $OUT
+# (./gpu_out when OUT is unset); at the end all but gpu_check.log are packed into $OUT/results.tar.gz (at most
+# 8 files come back from the device tool). The whole script keeps within GPU_CHECK_BUDGET_S seconds (default 520,
+# under 9 minutes): every stage runs under `timeout`, sized from what is left. Without an NVIDIA GPU it says so and
+# exits 0 at once; otherwise it exits 1 if a stage failed or timed out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -46,7 +47,7 @@ VARIANTS=${VARIANTS:-hf_eager,ours_ds_compile_cudagraphs,ours_compile_cudagraphs
 INDUCTOR_SETS=${INDUCTOR_SETS:-}
 INDUCTOR_VARIANTS=${INDUCTOR_VARIANTS:-ours_ds_compile_cudagraphs}
 IFS=';' read -ra INDUCTOR_SET_LIST <<<"$INDUCTOR_SETS"
-SET_S=${INDUCTOR_SET_S:-130}  # each inductor set's share: a compile (about a minute) and the timing
+SET_S=${INDUCTOR_SET_S:-180}  # each inductor set's share: a compile (66 to over 120 s at 9d46b65) and the timing
 SKIP_TESTS=${SKIP_TESTS:-0}
 REAL_LOOP=${REAL_LOOP:-0}
 LOOP_S=240  # the real loop's share: 3000 steps took 189 s on an H200 at e21871c, 131 s of them compiling
@@ -173,8 +174,15 @@ PY
     banner "real training loop skipped: $(left)s left"
   fi
 
+  if (( $(left) >= 40 )); then
+    t=$(limit 60 5)
+    banner "the LayerNorm and GELU backward kernels under each candidate blocking (at most ${t}s)"
+    timeout -k 10 "$t" python3 benchmarks/kernel_speed.py --row_configs --json "$OUT/row_configs.json"
+    status "row blockings" $?
+  fi
+
   if (( $(left) >= 30 )); then
-    t=$(limit 150 5)  # its last section compiles the LayerNorm op four times
+    t=$(limit 150 5)  # its last section compiles the LayerNorm and GELU ops six times
     banner "fused kernels vs twins vs torch, ELECTRA-Small shapes (at most ${t}s)"
     timeout -k 10 "$t" python3 benchmarks/kernel_speed.py --json "$OUT/kernels.json"
     status kernels $?

@@ -99,6 +99,8 @@ def stand_in_opaque_ops() -> None:
                         (kernels._attention_backward_op, kernels._attention_backward_outputs),
                         (kernels._layer_norm_op, kernels._layer_norm_outputs),
                         (kernels._layer_norm_backward_op, kernels._layer_norm_backward_outputs),
+                        (kernels._gelu_op, kernels._gelu_output),
+                        (kernels._gelu_backward_op, kernels._gelu_backward_outputs),
                         (kernels._cross_entropy_and_sample_op, kernels._cross_entropy_and_sample_outputs)):
         op.register_kernel("cpu")(outputs)
     kernels.set_backend("triton")
@@ -201,15 +203,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--compiled_layer_norm", choices=("traced", "opaque"), default="traced",
                         help="kernels.set_compiled_layer_norm: the residual LayerNorms traced into inductor's kernels "
                              "or kept as our opaque op")
+    parser.add_argument("--compiled_gelu", choices=("traced", "opaque"), default="traced",
+                        help="kernels.set_compiled_gelu: the bias + GELUs traced into inductor's kernels or kept as "
+                             "our opaque op")
     parser.add_argument("--top", type=int, default=12, help="kernel names listed per graph")
     parser.add_argument("--json", type=Path, help="write the census here")
     args = parser.parse_args(argv)
     from electra_ds import kernels
 
     kernels.set_compiled_layer_norm(args.compiled_layer_norm)
+    kernels.set_compiled_gelu(args.compiled_gelu)
     graphs = census(args.model_size, args.batch_size, args.max_length, dict(args.inductor))
     print(f"torch {torch.__version__}, ELECTRA-{args.model_size}, batch {args.batch_size} x {args.max_length}, "
-          f"bf16, {args.compiled_layer_norm} LayerNorms, as inductor generates it for sm_90"
+          f"bf16, {args.compiled_layer_norm} LayerNorms, {args.compiled_gelu} GELUs, as inductor generates it for sm_90"
           + (f", {dict(args.inductor)}" if args.inductor else ""))
     print(markdown(graphs, args.top))
     if args.json:
@@ -217,7 +223,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
         record = {"torch": torch.__version__, "model_size": args.model_size, "batch_size": args.batch_size,
                   "max_length": args.max_length, "inductor": dict(args.inductor),
-                  "compiled_layer_norm": args.compiled_layer_norm,
+                  "compiled_layer_norm": args.compiled_layer_norm, "compiled_gelu": args.compiled_gelu,
                   "graphs": dict(zip(graph_names(graphs), graphs))}
         atomic_write(args.json, json.dumps(record, indent=1))
     return graphs

@@ -1,8 +1,9 @@
 """Time each fused op on CUDA at ELECTRA-Small sizes (bf16, batch 128 x 128): Triton kernel vs twin vs the
 plain torch ops a model would otherwise call; then one layer's attention, forward and backward, under each SDPA backend
 and as our kernels.attention, without a mask (every row full) and with a key-padding mask, per tower.
-With --attention_configs, only our attention under each candidate blocking of its kernels.
-Usage: python benchmarks/kernel_speed.py [--attention_configs] [--json PATH]
+With --attention_configs, only our attention under each candidate blocking of its kernels; with --row_configs, only
+the LayerNorm and GELU ops under each candidate blocking of their backward kernels (launch.Blocking).
+Usage: python benchmarks/kernel_speed.py [--attention_configs | --row_configs] [--json PATH]
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from electra_ds.files import atomic_write
-from electra_ds.kernels import (adam_step, add_layer_norm, attention, bias_gelu, cross_entropy_and_sample, set_backend,
-                                set_compiled_layer_norm, sigmoid_bce)
+from electra_ds.kernels import (adam_step, add_layer_norm, attention, bias_gelu, cross_entropy_and_sample, launch,
+                                set_backend, set_compiled_gelu, set_compiled_layer_norm, sigmoid_bce)
 from electra_ds.model.electra import VOCAB_MULTIPLE
 
 if TYPE_CHECKING:
@@ -63,12 +64,20 @@ def compiled_cases(dev: str = "cuda", tokens: int = 16384, hidden: int = 256) ->
     does in the model (the twin traced: time them with set_backend("torch"); or our kernels as an opaque op, with
     set_compiled_layer_norm("opaque")), on `layer_norm_inputs` and seed 0. Compiled here (one call each)."""
     x, r, w, b = layer_norm_inputs(dev, tokens, hidden)
+    h, hb = gelu_inputs(dev, tokens, 4 * hidden)
     seed = torch.tensor(0, device=dev)  # drawn per call otherwise: a host-side generator call in the graph
     return {
         "dropout + add_layer_norm fwd+bwd": _fwd_bwd(torch.compile(lambda *a: add_layer_norm(*a, 1e-12, 0.1, seed)),
                                                      x, r, w, b),
         "bias + dropout + add_layer_norm fwd+bwd": _fwd_bwd(
-            torch.compile(lambda *a: add_layer_norm(*a[:4], 1e-12, 0.1, seed, a[4])), x, r, w, b, b)}
+            torch.compile(lambda *a: add_layer_norm(*a[:4], 1e-12, 0.1, seed, a[4])), x, r, w, b, b),
+        "bias_gelu fwd+bwd": _fwd_bwd(torch.compile(bias_gelu), h, hb)}
+
+
+def gelu_inputs(dev: str, tokens: int, ffn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GELU cases' input (a matrix product's output) and bias, random, bf16."""
+    return (torch.randn(tokens, ffn, device=dev, dtype=torch.bfloat16),
+            torch.randn(ffn, device=dev, dtype=torch.bfloat16))
 
 
 def _fwd_bwd(op, *args):
@@ -94,7 +103,7 @@ def cases(dev: str = "cuda", tokens: int = 16384, masked: int = 2432, hidden: in
     """name -> (our op's fwd+bwd callable, the plain torch one's), on `dev` at ELECTRA-Small's sizes by default."""
     bf = torch.bfloat16
     x, r, w, b = layer_norm_inputs(dev, tokens, hidden)
-    h, hb = torch.randn(tokens, ffn, device=dev, dtype=bf), torch.randn(ffn, device=dev, dtype=bf)
+    h, hb = gelu_inputs(dev, tokens, ffn)
     # the generator's logits as the model makes them: padded with -inf columns to a multiple of VOCAB_MULTIPLE
     padding = torch.full((masked, -vocab % VOCAB_MULTIPLE), float("-inf"), device=dev, dtype=bf)
     logits = torch.cat([torch.randn(masked, vocab, device=dev, dtype=bf), padding], dim=1)
@@ -228,6 +237,65 @@ def attention_blocking(config: Blocking) -> Iterator[None]:
         fused_attention.CONFIGS["half"] = default
 
 
+def row_configs() -> dict[str, tuple[str, launch.Blocking]]:
+    """Candidate blockings of the backward kernels that sum columns: label -> ("layer_norm" or "gelu", the blocking
+    for `launch.LAYER_NORM_BACKWARD` or `launch.GELU_BACKWARD`). The H200 run at 9d46b65 had our LayerNorm backward
+    at 26 us per call on average in the step (inductor's pair about 38 us for the discriminator's), so the candidates
+    trade a program's run of tiles (latency hidden by more programs) against more partial rows."""
+    blocking = launch.Blocking
+    layer_norm = {"2048 values, 4 programs per SM (default)": launch.LAYER_NORM_BACKWARD,
+                  "2048 values, 8 programs per SM": blocking(programs_per_sm=8),
+                  "2048 values, one tile per program": blocking(programs_per_sm=0),
+                  "2048 values, 4 warps, 8 programs per SM": blocking(warps=4, programs_per_sm=8),
+                  "1024 values, 8 programs per SM": blocking(tile=1024, programs_per_sm=8),
+                  "1024 values, one tile per program": blocking(tile=1024, programs_per_sm=0),
+                  "4096 values, 4 programs per SM": blocking(tile=4096)}
+    gelu = {"32 x 128, 4 warps, 4 programs per SM (default)": launch.GELU_BACKWARD,
+            "32 x 128, 8 warps": blocking(tile=4096, warps=8, columns=128),
+            "16 x 128, 8 warps": blocking(tile=2048, warps=8, columns=128),
+            "32 x 64, 8 warps": blocking(tile=2048, warps=8, columns=64),
+            "16 x 64, 4 warps, 8 programs per SM": blocking(tile=1024, warps=4, columns=64, programs_per_sm=8),
+            "32 x 32, 4 warps": blocking(tile=1024, warps=4, columns=32)}
+    return {**{f"LayerNorm {k}": ("layer_norm", v) for k, v in layer_norm.items()},
+            **{f"GELU {k}": ("gelu", v) for k, v in gelu.items()}}
+
+
+@contextmanager
+def row_blocking(op: str, config: launch.Blocking) -> Iterator[None]:
+    """The backward kernel of `op` ("layer_norm" or "gelu") uses `config` in the body."""
+    name = {"layer_norm": "LAYER_NORM_BACKWARD", "gelu": "GELU_BACKWARD"}[op]
+    default = getattr(launch, name)
+    setattr(launch, name, config)
+    try:
+        yield
+    finally:
+        setattr(launch, name, default)
+
+
+def row_cases(dev: str = "cuda", tokens: int = 16384) -> dict[str, dict[str, Callable[[], object]]]:
+    """op -> tower -> the fwd+bwd callable of our op at that tower's ELECTRA-Small width: the encoder LayerNorm with
+    the dense layer's bias, dropout and the residual; the FFN's bias + GELU."""
+    cases: dict[str, dict[str, Callable[[], object]]] = {"layer_norm": {}, "gelu": {}}
+    for tower, hidden in (("discriminator", 256), ("generator", 64)):
+        x, r, w, b = layer_norm_inputs(dev, tokens, hidden)
+        cases["layer_norm"][tower] = _fwd_bwd(lambda *a: add_layer_norm(*a[:4], 1e-12, 0.1, x_bias=a[4]),
+                                              x, r, w, b, b)
+        cases["gelu"][tower] = _fwd_bwd(bias_gelu, *gelu_inputs(dev, tokens, 4 * hidden))
+    return cases
+
+
+def time_row_configs() -> Iterator[tuple[str, dict[str, float] | str]]:
+    """(blocking, tower -> ms per forward + backward call of its op inside a CUDA graph, or why the blocking has no
+    figures), one blocking at a time."""
+    cases = row_cases()
+    for label, (op, config) in row_configs().items():
+        try:
+            with row_blocking(op, config):
+                yield label, {tower: _ms(_graphed(fn)) for tower, fn in cases[op].items()}
+        except Exception as err:  # noqa: BLE001 - reported; the other blockings still run
+            yield label, f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+
+
 def time_attention_configs() -> Iterator[tuple[str, dict[str, float] | str]]:
     """(blocking, case -> ms per forward + backward call of our attention inside a CUDA graph (no mask), or why the
     blocking has no figures), one blocking at a time."""
@@ -243,22 +311,22 @@ def time_attention_configs() -> Iterator[tuple[str, dict[str, float] | str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", help="also write the timings here")
-    parser.add_argument("--attention_configs", action="store_true",
-                        help="only time our attention under each candidate blocking (attention_configs)")
+    configs = parser.add_mutually_exclusive_group()
+    configs.add_argument("--attention_configs", action="store_true",
+                         help="only time our attention under each candidate blocking (attention_configs)")
+    configs.add_argument("--row_configs", action="store_true",
+                         help="only time the LayerNorm and GELU ops under each candidate blocking of their backward "
+                              "kernels (row_configs)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernel_speed.py times CUDA kernels: no CUDA device here")
     if args.attention_configs:
-        print(f"{torch.cuda.get_device_name()}: our attention forward + backward of one layer, bf16, dropout 0.1, no "
-              "mask, ms per call in a CUDA graph, per blocking:", flush=True)
-        timings = {}
-        for label, row in time_attention_configs():
-            timings[label] = row
-            print(f"{label:40s} " + (row if isinstance(row, str) else
-                                     "  ".join(f"{name} {ms:.3f}" for name, ms in row.items())), flush=True)
-            if args.json:  # rewritten after each blocking: a run cut short keeps the finished ones
-                atomic_write(args.json, json.dumps({"device": torch.cuda.get_device_name(),
-                                                    "attention_configs_ms": timings}, indent=1))
+        report_configs("our attention forward + backward of one layer, bf16, dropout 0.1, no mask",
+                       time_attention_configs(), "attention_configs_ms", args.json)
+        return
+    if args.row_configs:
+        report_configs("bias + dropout + residual add + LayerNorm (with H: 256 / 64) and bias + GELU (4 H), forward "
+                       "+ backward, bf16, 16384 rows", time_row_configs(), "row_configs_ms", args.json)
         return
     results = {}
     for name, (ours, native) in cases().items():
@@ -282,7 +350,7 @@ def main() -> None:
     if args.json:
         atomic_write(args.json, json.dumps({**report, "attention_ms": attention}, indent=1))
     compiled = time_compiled()
-    print("Our LayerNorm ops under torch.compile, forward + backward, ms per call, eager / CUDA graph:")
+    print("Our LayerNorm and GELU ops under torch.compile, forward + backward, ms per call, eager / CUDA graph:")
     for name, row in compiled.items():
         print(f"{name:40s} " + "  ".join(f"{mode} " + (f"{v['eager']:.3f} / {v['graph']:.3f}" if isinstance(v, dict)
                                                        else v) for mode, v in row.items()))
@@ -290,14 +358,30 @@ def main() -> None:
         atomic_write(args.json, json.dumps({**report, "attention_ms": attention, "compiled_ms": compiled}, indent=1))
 
 
+def report_configs(what: str, rows: Iterator[tuple[str, dict[str, float] | str]], key: str,
+                   json_path: str | None) -> None:
+    """Print each blocking's row of timings as it comes, and rewrite the JSON (under `key`) after each: a run cut
+    short keeps the finished ones."""
+    print(f"{torch.cuda.get_device_name()}: {what}, ms per call in a CUDA graph, per blocking:", flush=True)
+    timings = {}
+    for label, row in rows:
+        timings[label] = row
+        print(f"{label:48s} " + (row if isinstance(row, str) else
+                                 "  ".join(f"{name} {ms:.3f}" for name, ms in row.items())), flush=True)
+        if json_path:
+            atomic_write(json_path, json.dumps({"device": torch.cuda.get_device_name(), key: timings}, indent=1))
+
+
 def time_compiled() -> dict[str, dict[str, dict[str, float] | str]]:
-    """case -> "traced" or "opaque" (kernels.set_compiled_layer_norm) -> ms per call, eagerly and in a CUDA graph, of
-    `compiled_cases` (or why there is no figure): whether inductor's code for the twin or our kernels as an opaque op
-    is faster for the encoder layers' LayerNorms. Last in the run: a failed capture may leave the context unusable."""
+    """case -> "traced" or "opaque" (kernels.set_compiled_layer_norm and set_compiled_gelu) -> ms per call, eagerly
+    and in a CUDA graph, of `compiled_cases` (or why there is no figure): whether inductor's code for the twin or our
+    kernels as an opaque op is faster for the encoder layers' LayerNorms and GELUs. Last in the run: a failed capture
+    may leave the context unusable."""
     results: dict[str, dict[str, dict[str, float] | str]] = {}
     for mode in ("traced", "opaque"):
         set_backend("torch" if mode == "traced" else "triton")
         set_compiled_layer_norm(mode)
+        set_compiled_gelu(mode)
         torch._dynamo.reset()
         for name, fn in compiled_cases().items():
             try:
@@ -305,6 +389,7 @@ def time_compiled() -> dict[str, dict[str, dict[str, float] | str]]:
             except Exception as err:  # noqa: BLE001 - reported in the table
                 results[name][mode] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
     set_compiled_layer_norm("traced")
+    set_compiled_gelu("traced")
     set_backend("auto")
     return results
 

@@ -150,14 +150,16 @@ class Runner:
 def kernel_choice(setup: Setup, variant: Variant) -> str:
     """Select the kernels for `variant`; returns its label. Compiled variants trace the twins (inductor fuses
     them) except attention and the generator head's loss and sampling, opaque ops that run the Triton kernels on
-    CUDA, and the residual LayerNorms where ELECTRA_DS_COMPILED_LAYER_NORM=opaque (kernels.set_compiled_layer_norm)."""
+    CUDA, and the residual LayerNorms where ELECTRA_DS_COMPILED_LAYER_NORM=opaque (kernels.set_compiled_layer_norm),
+    the bias + GELUs where ELECTRA_DS_COMPILED_GELU=opaque (kernels.set_compiled_gelu)."""
     triton_here = setup.device.type == "cuda" and kernels.triton_available() and not variant.twins
     backend = "triton" if triton_here else "torch"
     kernels.set_backend(backend)
     if variant.compile:
         if not triton_here:
             return "inductor"
-        opaque = "LayerNorm, " if kernels.get_compiled_layer_norm() == "opaque" else ""
+        opaque = "".join(f"{name}, " for name, mode in (("LayerNorm", kernels.get_compiled_layer_norm()),
+                                                         ("GELU", kernels.get_compiled_gelu())) if mode == "opaque")
         return f"inductor + Triton {opaque}attention, generator head"
     return backend
 
@@ -340,6 +342,16 @@ def time_steps(step: Callable[[int], torch.Tensor], device: torch.device, warmup
     return times, wall, warmup_s, loss
 
 
+SYNC_WARNING = "called a synchronizing CUDA operation"  # c10's warning at each sync under sync debug mode "warn"
+
+
+def sync_sites(caught: list[warnings.WarningMessage]) -> dict[str, int]:
+    """"file:line" -> count of the host synchronisations among warnings caught under sync debug mode "warn". Only
+    c10's sync warning counts: turning the mode on warns once per process that it is a prototype ("Synchronization
+    debug mode is a prototype feature ..."), which is no sync."""
+    return dict(collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if SYNC_WARNING in str(w.message)))
+
+
 def count_host_syncs(step: Callable[[int], torch.Tensor], index: int, device: torch.device,
                      variant: Variant) -> dict[str, int] | None:
     """Host synchronisations in step `index` by call site ("file:line" -> count): on a GPU from
@@ -355,7 +367,7 @@ def count_host_syncs(step: Callable[[int], torch.Tensor], index: int, device: to
                 step(index)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        return dict(collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)))
+        return sync_sites(caught)
     if variant.compile or variant.family != "ours":
         return None
     with SyncCounter(ignore=("check_token_ids",)) as syncs:  # the model's id check runs for CPU tensors only
@@ -585,7 +597,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"{meta['recipe']['max_length']}): {meta['recipe']['pfs_days']:.4g} pfs-days (paper convention)."
              + (f" Inductor settings of the compiled variants: {meta['inductor']}." if meta.get("inductor") else "")
              + (" Residual LayerNorms under compile: opaque (our kernels)."
-                if meta.get("compiled_layer_norm") == "opaque" else ""),
+                if meta.get("compiled_layer_norm") == "opaque" else "")
+             + (" Bias + GELU under compile: opaque (our kernels)." if meta.get("compiled_gelu") == "opaque" else ""),
              "",
              "| batch | variant | kernels | ms/step | p10-p90 | tokens/s | TFLOP/s | MFU (measured) | MFU (datasheet) "
              "| peak MiB | x HF eager | h / 1M steps | host syncs/step |",
@@ -704,6 +717,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                             recipe["max_steps"]).pfs_days},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv if argv is None else argv,
         "inductor": inductor, "compiled_layer_norm": kernels.get_compiled_layer_norm(),
+        "compiled_gelu": kernels.get_compiled_gelu(),
     }
     result: dict[str, Any] = {"meta": meta, "runs": []}
     if not args.no_check:

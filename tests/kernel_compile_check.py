@@ -9,8 +9,9 @@ ahead of time without a device (with the ptxas its wheel ships), so this checks,
         autocast, dropout on) and ElectraAdam's step, all through the Triton kernels under the interpreter, saving
         each distinct launch: kernel, argument types, which arguments are 16-aligned pointers or multiples of 16
         (Triton's launcher specialises on those on a GPU), constexprs and launch options;
-    TRITON_INTERPRET=1 python tests/kernel_compile_check.py record --attention_blockings LAUNCHES.json
-        instead, the attention kernels under each candidate blocking that benchmarks/kernel_speed.py times;
+    TRITON_INTERPRET=1 python tests/kernel_compile_check.py record --candidate_blockings LAUNCHES.json
+        instead, the attention kernels and the LayerNorm and GELU backward kernels under each candidate blocking that
+        benchmarks/kernel_speed.py times (--attention_configs, --row_configs);
     python tests/kernel_compile_check.py compile LAUNCHES.json [--arch 90]
         each saved launch compiled with Triton's compiler for sm_ARCH (90: the H100 and H200), without the
         interpreter; prints one line per launch (registers per thread, stack and local memory: spills) and exits 1
@@ -104,20 +105,30 @@ def _training_steps() -> None:
                           beta2=0.999, eps=1e-6, weight_decay=0.01, grad_scale=scale)
 
 
-def _attention_blockings() -> None:
+def _candidate_blockings() -> None:
+    from electra_ds import kernels
     from electra_ds.kernels import fused_attention
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/
-    from benchmarks.kernel_speed import attention_blocking, attention_configs
+    from benchmarks.kernel_speed import attention_blocking, attention_configs, row_blocking, row_configs
 
     qkv = torch.randn(1, 128, 3 * 128, dtype=torch.bfloat16, requires_grad=True)  # ELECTRA's length, 64-wide heads
     for config in attention_configs().values():
         with attention_blocking(config):
             out = fused_attention.attention(qkv, 2, torch.ones(1, 128, dtype=torch.long), 0.1, torch.tensor(1))
             out.sum().backward()
+    kernels.set_backend("triton")
+    for op, config in row_configs().values():
+        for hidden in (256, 64):  # ELECTRA-Small's discriminator and generator widths (the FFN's: 4x)
+            x = torch.randn(64, hidden * (4 if op == "gelu" else 1), dtype=torch.bfloat16, requires_grad=True)
+            bias = torch.zeros(x.shape[-1], dtype=torch.bfloat16, requires_grad=True)
+            with row_blocking(op, config):
+                out = kernels.bias_gelu(x, bias) if op == "gelu" else kernels.add_layer_norm(
+                    x, torch.randn_like(x), torch.ones_like(bias), bias, 1e-12, 0.1, torch.tensor(1), bias)
+                out.float().sum().backward()
 
 
-def record(path: Path, attention_blockings: bool = False) -> int:
+def record(path: Path, candidate_blockings: bool = False) -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("record runs the kernels under the interpreter: set TRITON_INTERPRET=1")
     from triton.runtime.interpreter import InterpretedFunction
@@ -132,7 +143,7 @@ def record(path: Path, attention_blockings: bool = False) -> int:
 
     InterpretedFunction.run = recording_run
     try:
-        _attention_blockings() if attention_blockings else _training_steps()
+        _candidate_blockings() if candidate_blockings else _training_steps()
     finally:
         InterpretedFunction.run = run
     path.write_text(json.dumps(list(launches.values()), indent=1))
@@ -187,12 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mode", choices=("record", "compile"))
     parser.add_argument("launches", type=Path, help="the JSON of recorded launches")
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (default 90: Hopper)")
-    parser.add_argument("--attention_blockings", action="store_true",
+    parser.add_argument("--candidate_blockings", action="store_true",
                         help="record: instead of a training step, the attention kernels (bf16, padding mask, dropout) "
-                             "under each candidate blocking of benchmarks/kernel_speed.py --attention_configs")
+                             "and the LayerNorm and GELU backward kernels (bf16) under each candidate blocking of "
+                             "benchmarks/kernel_speed.py --attention_configs and --row_configs")
     args = parser.parse_args(argv)
     if args.mode == "record":
-        return record(args.launches, args.attention_blockings)
+        return record(args.launches, args.candidate_blockings)
     return compile_all(args.launches, args.arch)
 
 

@@ -49,16 +49,23 @@ def test_compiled_step_launches_no_kernel_per_dropout_site(traced):
     assert "torch.ops.electra_ds.add_layer_norm" not in graphs["forward"]["ops"]
 
 
-def test_opaque_layer_norms_are_one_op_each_way(tmp_path, traced):
-    """With --compiled_layer_norm opaque each encoder layer's two LayerNorms are our op in the forward and our
+def test_opaque_layer_norms_and_gelus_are_one_op_each_way(tmp_path, traced):
+    """With --compiled_gelu opaque each bias + GELU (one per encoder layer, one per tower's head) is our op in the
+    forward and our backward op in the backward, and no inductor kernel computes a GELU.
+    With --compiled_layer_norm opaque each encoder layer's two LayerNorms are our op in the forward and our
     backward op in the backward, and only the embeddings' and the generator head's LayerNorms leave inductor kernels
     computing a LayerNorm backward (21 such launches traced, 5 opaque in the tiny preset's step). The gradient our
     backward op takes, a hidden state's two gradients summed, comes from an addmm (the layers work on rows: no view
     between the matrix product and the add), not from a kernel of its own: one addmm at least for each LayerNorm
     whose output two ops read (all but each tower's last; the tiny step's backward has 7 addmm)."""
-    graphs, stdout = _census(tmp_path, "--compiled_layer_norm", "opaque")
+    graphs, stdout = _census(tmp_path, "--compiled_layer_norm", "opaque", "--compiled_gelu", "opaque")
     tiny = preset("tiny")
     norms = 2 * (tiny.discriminator.num_hidden_layers + tiny.generator.num_hidden_layers)
+    assert graphs["forward"]["ops"]["torch.ops.electra_ds.bias_gelu"] == norms // 2 + 2
+    assert graphs["backward"]["ops"]["torch.ops.electra_ds.bias_gelu_backward"] == norms // 2 + 2
+    # (a kernel is named after the ops it fuses, ours too: "bias_gelu_backward" where it reads our op's gradient)
+    assert not [name for g in graphs.values() for name, _ in g["by_name"] if "gelu" in name.replace("bias_gelu", "")]
+    assert [name for name, _ in traced[0]["backward"]["by_name"] if "gelu_backward" in name]
     assert graphs["forward"]["ops"]["torch.ops.electra_ds.add_layer_norm"] == norms
     assert graphs["backward"]["ops"]["torch.ops.electra_ds.add_layer_norm_backward"] == norms
 
@@ -68,4 +75,4 @@ def test_opaque_layer_norms_are_one_op_each_way(tmp_path, traced):
     assert 0 < norm_backward_kernels(graphs) < norm_backward_kernels(traced[0])
     assert graphs["backward"]["extern_kernels"]["extern_kernels.addmm"] >= norms - 2
     assert not [name for name, _ in graphs["backward"]["by_name"] if "add_layer_norm_backward" in name]
-    assert "opaque LayerNorms" in stdout
+    assert "opaque LayerNorms, opaque GELUs" in stdout

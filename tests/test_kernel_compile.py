@@ -53,16 +53,21 @@ def test_every_kernel_launch_compiles_for_hopper(tmp_path):
 
 
 @pytest.mark.skipif(not _nvidia_compiler(), reason="this triton has no NVIDIA backend or ptxas to compile with")
-def test_attention_blockings_compile_for_hopper_without_spills(tmp_path):
-    """Every blocking of the attention kernels that `benchmarks/kernel_speed.py --attention_configs` times builds for
-    sm_90 with nothing spilled to the stack or local memory."""
+def test_candidate_blockings_compile_for_hopper_without_spills(tmp_path):
+    """Every blocking of the attention kernels and of the LayerNorm and GELU backward kernels that
+    `benchmarks/kernel_speed.py --attention_configs` and `--row_configs` time builds for sm_90 with nothing spilled
+    to the stack or local memory."""
     launches = tmp_path / "launches.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
-    subprocess.run([sys.executable, str(CHECK), "record", "--attention_blockings", str(launches)],
+    subprocess.run([sys.executable, str(CHECK), "record", "--candidate_blockings", str(launches)],
                    env={**env, "TRITON_INTERPRET": "1"}, check=True, capture_output=True, text=True)
     recorded = json.loads(launches.read_text())
-    assert len({(e["constexprs"]["BLOCK"], json.dumps(e["options"])) for e in recorded}) > 3
+    attention = [e for e in recorded if "attention" in e["kernel"]]
+    assert len({(e["constexprs"]["BLOCK"], json.dumps(e["options"])) for e in attention}) > 3
+    for name in ("_electra_add_layer_norm_bwd", "_electra_bias_gelu_bwd"):
+        rows = [e for e in recorded if e["kernel"] == name]
+        assert len({(e["constexprs"]["BLOCK_M"], json.dumps(e["options"])) for e in rows}) > 3, name
     done = subprocess.run([sys.executable, str(CHECK), "compile", str(launches), "--arch", "90"], env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

@@ -177,16 +177,81 @@ def test_compiled_add_layer_norm(device, mode, monkeypatch):
         torch.testing.assert_close(g, ref, **TOL[torch.float32])
 
 
-def test_compiled_layer_norm_choice(monkeypatch):
-    assert kernels.get_compiled_layer_norm() == "traced"
-    with pytest.raises(ValueError, match="'fused' is not one of traced, opaque"):
-        kernels.set_compiled_layer_norm("fused")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["opaque", "traced"])
+def test_compiled_bias_gelu(device, mode, monkeypatch):
+    """Under torch.compile with the Triton backend: "opaque" runs the GELU kernels as custom ops (the forward and the
+    backward pass once each; checked by opcheck), "traced" the twin in inductor's kernels; either way the output and
+    both gradients equal the eager twin's."""
+    x, bias = _make((4, 9, 160), torch.float32, device, scale=3.0, seed=1), _make((160,), torch.float32, device, seed=2)
+    gelu = importlib.import_module("electra_ds.kernels.gelu")
+    launches = []
+    for name in ("forward_pass", "backward_pass"):
+        monkeypatch.setattr(gelu, name, lambda *a, _f=getattr(gelu, name), _n=name: launches.append(_n) or _f(*a))
     try:
-        monkeypatch.setenv("ELECTRA_DS_COMPILED_LAYER_NORM", "opaque")
-        assert importlib.reload(kernels).get_compiled_layer_norm() == "opaque"
+        kernels.set_compiled_gelu(mode)
+        with kernel_backend("triton"):
+            torch._dynamo.reset()
+            out, grads = _run(torch.compile(kernels.bias_gelu, fullgraph=True, dynamic=False), (x, bias))
+            assert launches == (["forward_pass", "backward_pass"] if mode == "opaque" else [])
+            if mode == "opaque":
+                torch.library.opcheck(torch.ops.electra_ds.bias_gelu.default, (x.detach().clone().requires_grad_(),
+                                                                               bias.detach().clone()))
+    finally:
+        kernels.set_compiled_gelu("traced")
+    ref_out, ref_grads = _run(reference.bias_gelu, (x, bias))
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+    assert len(grads) == 2
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("op,variable", [("layer_norm", "ELECTRA_DS_COMPILED_LAYER_NORM"),
+                                         ("gelu", "ELECTRA_DS_COMPILED_GELU")])
+def test_compiled_form_choice(op, variable, monkeypatch):
+    assert getattr(kernels, f"get_compiled_{op}")() == "traced"
+    with pytest.raises(ValueError, match=f"set_compiled_{op}='fused' is not one of traced, opaque"):
+        getattr(kernels, f"set_compiled_{op}")("fused")
+    try:
+        monkeypatch.setenv(variable, "opaque")
+        assert getattr(importlib.reload(kernels), f"get_compiled_{op}")() == "opaque"
+        monkeypatch.setenv(variable, "fast")
+        with pytest.raises(ValueError, match=f"{variable}='fast' is not one of traced, opaque"):
+            importlib.reload(kernels)
     finally:
         monkeypatch.undo()
         importlib.reload(kernels)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_candidate_row_blockings_match_the_twin(device):
+    """Each blocking that `benchmarks/kernel_speed.py --row_configs` times on a GPU computes the twins' LayerNorm
+    (dense bias, dropout, residual) and bias + GELU with their gradients, so any of them can become the default."""
+    from benchmarks import kernel_speed
+
+    launch = importlib.import_module("electra_ds.kernels.launch")
+    x, r = _make((300, 64), torch.bfloat16, device, seed=1), _make((300, 64), torch.bfloat16, device, seed=2)
+    w, b = _make((64,), torch.float32, device, seed=3) + 1.0, _make((64,), torch.float32, device, seed=4)
+    x_bias = _make((64,), torch.bfloat16, device, seed=5)
+    h, h_bias = _make((300, 130), torch.bfloat16, device, scale=3.0, seed=6), _make((130,), torch.bfloat16, device)
+    seed = torch.tensor(7, dtype=torch.int64, device=device)
+    cases = {"layer_norm": ((x, r, w.detach().requires_grad_(), b, x_bias),
+                            lambda impl: lambda x, r, w, b, xb: impl(x, r, w, b, 1e-12, 0.1, seed, xb),
+                            kernels.add_layer_norm, reference.add_layer_norm),
+             "gelu": ((h, h_bias), lambda impl: impl, kernels.bias_gelu, reference.bias_gelu)}
+    expected = {op: _run(wrap(twin), args) for op, (args, wrap, _, twin) in cases.items()}
+    configs = kernel_speed.row_configs()
+    assert {op for op, _ in configs.values()} == set(cases) and len(configs) == len(set(configs.values()))
+    with kernel_backend("triton"):
+        for label, (op, config) in configs.items():
+            args, wrap, kernel, _ = cases[op]
+            with kernel_speed.row_blocking(op, config):
+                out, grads = _run(wrap(kernel), args)
+            ref_out, ref_grads = expected[op]
+            torch.testing.assert_close(out, ref_out, **TOL[torch.bfloat16], msg=label)
+            for g, ref in zip(grads, ref_grads):
+                torch.testing.assert_close(g, ref, **TOL[torch.bfloat16], msg=label)
+    assert launch.LAYER_NORM_BACKWARD == launch.Blocking() and launch.GELU_BACKWARD.columns == 128  # restored
 
 
 @pytest.mark.parametrize("device", DEVICES)

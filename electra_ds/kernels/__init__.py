@@ -2,7 +2,8 @@
 specification. Under torch.compile the ops trace as their twins, which inductor fuses into its own kernels (dropout
 masks included: the same hash, so the same masks as without compile), except `cross_entropy_and_sample` and
 `attention`, which stay opaque custom ops (see there), and optionally the residual LayerNorms of `add_layer_norm`
-(set_compiled_layer_norm, or the ELECTRA_DS_COMPILED_LAYER_NORM environment variable).
+(set_compiled_layer_norm, or the ELECTRA_DS_COMPILED_LAYER_NORM environment variable) and `bias_gelu`
+(set_compiled_gelu, ELECTRA_DS_COMPILED_GELU).
 
 Backend choice: "auto" (default) runs Triton for CUDA tensors when triton imports and the twin otherwise;
 "triton" forces the kernels (CPU tensors then need TRITON_INTERPRET=1 set before the first kernel call);
@@ -20,10 +21,10 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from . import reference
-from .launch import layer_norm_partials_shape
+from .launch import gelu_partials_shape, layer_norm_partials_shape
 
 BACKENDS = ("auto", "triton", "torch")
-COMPILED_LAYER_NORMS = ("traced", "opaque")
+COMPILED_FORMS = ("traced", "opaque")
 
 
 def _checked(name: str, choices: tuple[str, ...], source: str) -> str:
@@ -33,8 +34,10 @@ def _checked(name: str, choices: tuple[str, ...], source: str) -> str:
 
 
 _backend = _checked(os.environ.get("ELECTRA_DS_KERNELS", "auto"), BACKENDS, "ELECTRA_DS_KERNELS")
-_compiled_layer_norm = _checked(os.environ.get("ELECTRA_DS_COMPILED_LAYER_NORM", "traced"), COMPILED_LAYER_NORMS,
+_compiled_layer_norm = _checked(os.environ.get("ELECTRA_DS_COMPILED_LAYER_NORM", "traced"), COMPILED_FORMS,
                                 "ELECTRA_DS_COMPILED_LAYER_NORM")
+_compiled_gelu = _checked(os.environ.get("ELECTRA_DS_COMPILED_GELU", "traced"), COMPILED_FORMS,
+                          "ELECTRA_DS_COMPILED_GELU")
 
 
 def set_backend(name: str) -> None:
@@ -51,11 +54,22 @@ def set_compiled_layer_norm(mode: str) -> None:
     """How torch.compile treats the residual LayerNorms of `add_layer_norm` from the next compile on: "traced" or
     "opaque" (see there). Speed only: both compute the twin's function."""
     global _compiled_layer_norm
-    _compiled_layer_norm = _checked(mode, COMPILED_LAYER_NORMS, "set_compiled_layer_norm")
+    _compiled_layer_norm = _checked(mode, COMPILED_FORMS, "set_compiled_layer_norm")
 
 
 def get_compiled_layer_norm() -> str:
     return _compiled_layer_norm
+
+
+def set_compiled_gelu(mode: str) -> None:
+    """How torch.compile treats `bias_gelu` from the next compile on: "traced" or "opaque" (see there). Speed only:
+    both compute the twin's function."""
+    global _compiled_gelu
+    _compiled_gelu = _checked(mode, COMPILED_FORMS, "set_compiled_gelu")
+
+
+def get_compiled_gelu() -> str:
+    return _compiled_gelu
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,11 +124,12 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     (no host sync); None draws one from torch's generator on x's device.
 
     Under torch.compile the twin traces into inductor's kernels (one forward kernel; in the backward about six, split
-    reductions for the weight's and the bias's gradients and the preceding product's bias's among them), unless `set_compiled_layer_norm`
-    (or the ELECTRA_DS_COMPILED_LAYER_NORM environment variable) says "opaque": then a LayerNorm with a residual (the
-    encoder layers') stays one custom op where the Triton kernels run, a backward kernel that reads its inputs once
-    and writes per-program column sums, which inductor adds up (README, "Measured speed", has the launch counts). The
-    others (embeddings, generator head) trace either way: inductor fuses them with embedding lookups and the GELU.
+    reductions for the weight's and the bias's gradients and the preceding product's bias's among them), unless
+    `set_compiled_layer_norm` (or the ELECTRA_DS_COMPILED_LAYER_NORM environment variable) says "opaque": then a
+    LayerNorm with a residual (the encoder layers') stays one custom op where the Triton kernels run, a backward kernel
+    that reads its inputs once and writes per-program column sums (`launch.LAYER_NORM_BACKWARD`), which inductor adds
+    up (README, "Measured speed", has the launch counts). The others (embeddings, generator head) trace either way:
+    inductor fuses them with embedding lookups and the GELU.
     """
     seed = _dropout_seed(dropout, seed, x.device)
     if layer_norm_is_opaque(x, residual):
@@ -132,8 +147,13 @@ def layer_norm_is_opaque(x: torch.Tensor, residual: torch.Tensor | None) -> bool
     LayerNorm reductions of 256 columns turn from one-pass to two-pass ones, the dropout hash stored between), so the
     model passes the bias to whichever adds it (`model.layers.dense_add_layer_norm`)."""
     if torch.compiler.is_compiling():
-        return _compiled_layer_norm == "opaque" and residual is not None and _compiles_triton(x)
+        return residual is not None and _opaque(x, _compiled_layer_norm)
     return _use_triton(x)
+
+
+def _opaque(x: torch.Tensor, mode: str) -> bool:
+    """Whether torch.compile keeps an op whose compiled form is `mode` as our Triton kernels for x."""
+    return mode == "opaque" and _compiles_triton(x)
 
 
 def _compiles_triton(t: torch.Tensor) -> bool:
@@ -208,11 +228,53 @@ def dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None = None) -> torc
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Exact (erf) GELU of x + bias."""
+    """Exact (erf) GELU of x + bias.
+
+    Under torch.compile the twin traces into inductor's kernels (forward one; backward two that each compute the erf:
+    the input's gradient, and the bias's gradient's split sum), unless `set_compiled_gelu` (or the
+    ELECTRA_DS_COMPILED_GELU environment variable) says "opaque": then it stays one custom op where the Triton kernels
+    run, a backward kernel that computes the erf once and writes the input's gradient and per-program column sums of
+    it, which inductor adds up."""
     if torch.compiler.is_compiling():
+        if _opaque(x, _compiled_gelu):
+            return _gelu_op(x, bias)
         return _recomputed_in_backward(reference.bias_gelu, x, bias)
-    impl = _op("gelu") if _use_triton(x) else reference
-    return impl.bias_gelu(x, bias)
+    return _gelu_op(x, bias) if _use_triton(x) else reference.bias_gelu(x, bias)
+
+
+@torch.library.custom_op("electra_ds::bias_gelu", mutates_args=())
+def _gelu_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return _op("gelu").forward_pass(x, bias)
+
+
+@_gelu_op.register_fake
+def _gelu_output(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("electra_ds::bias_gelu_backward", mutates_args=())
+def _gelu_backward_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x's gradient, the bias gradient's partials): gelu.backward_pass."""
+    return _op("gelu").backward_pass(dy, x, bias)
+
+
+@_gelu_backward_op.register_fake
+def _gelu_backward_outputs(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(gelu_partials_shape(x.shape, x.device), dtype=torch.float32))
+
+
+def _save_gelu(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _gelu_backward(ctx, dy: torch.Tensor) -> tuple:
+    x, bias = ctx.saved_tensors
+    dx, partials = _gelu_backward_op(dy, x, bias)
+    return dx, partials.sum(0).to(bias.dtype)
+
+
+_gelu_op.register_autograd(_gelu_backward, setup_context=_save_gelu)
 
 
 def _recomputed_in_backward(twin, *args):
@@ -376,6 +438,7 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
                    weight_decay=weight_decay, grad_scale=grad_scale)
 
 
-__all__ = ["BACKENDS", "COMPILED_LAYER_NORMS", "adam_step", "add_layer_norm", "attention", "bias_gelu",
-           "cross_entropy_and_sample", "dropout", "get_backend", "get_compiled_layer_norm", "layer_norm_is_opaque",
-           "reference", "set_backend", "set_compiled_layer_norm", "sigmoid_bce", "triton_available"]
+__all__ = ["BACKENDS", "COMPILED_FORMS", "adam_step", "add_layer_norm", "attention", "bias_gelu",
+           "cross_entropy_and_sample", "dropout", "get_backend", "get_compiled_gelu", "get_compiled_layer_norm",
+           "layer_norm_is_opaque", "reference", "set_backend", "set_compiled_gelu", "set_compiled_layer_norm",
+           "sigmoid_bce", "triton_available"]

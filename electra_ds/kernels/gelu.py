@@ -1,18 +1,20 @@
-"""Triton bias + exact-erf GELU, forward and backward (twin: reference.bias_gelu)."""
+"""Triton bias + exact-erf GELU, forward and backward (twin: reference.bias_gelu). `kernels.bias_gelu` calls these
+passes through a custom op (opaque to torch.compile where it is asked to be)."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import row_partition
+from . import launch
+from .launch import gelu_partials_shape, gelu_tile, row_partition
 
-_TILE = 4096  # values per program tile: BLOCK_M rows x BLOCK_F columns
+_FORWARD_TILE, _FORWARD_COLUMNS = 4096, 128  # the forward's program tile: values, and columns of each row
 
 
-# Blocking: 2-D tiles of up to 128 columns x (4096 / columns) rows, so the bias slice is loaded once per
-# tile. The backward program walks a run of row tiles for one column tile and keeps the bias-gradient
-# column sums in fp32 registers; one partial row per program is then summed by torch.
+# Blocking: 2-D tiles of up to 128 columns (the backward's: launch.GELU_BACKWARD) x as many rows as fill the tile, so
+# the bias slice is loaded once per tile. The backward program walks a run of row tiles for one column tile and keeps
+# the bias-gradient column sums in fp32 registers; one partial row per program is then summed by torch.
 @triton.jit
 def _electra_bias_gelu_fwd(X, B, Y, N, F, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -46,41 +48,34 @@ def _electra_bias_gelu_bwd(X, B, DY, DX, DB, N, F, rows_per_program, BLOCK_M: tl
     tl.store(DB + pid * F + cols, db, mask=cols < F)
 
 
-def _blocks(f: int) -> tuple[int, int]:
-    block_f = min(128, triton.next_power_of_2(f))
-    return _TILE // block_f, block_f
+def forward_pass(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU(x + bias) in x's dtype and shape."""
+    f = x.shape[-1]
+    x2 = x.reshape(-1, f).contiguous()
+    n = x2.shape[0]
+    y = torch.empty_like(x2)
+    block_f = min(_FORWARD_COLUMNS, triton.next_power_of_2(f))
+    block_m = _FORWARD_TILE // block_f
+    if n:
+        _electra_bias_gelu_fwd[(triton.cdiv(n, block_m), triton.cdiv(f, block_f))](
+            x2, bias.contiguous(), y, n, f, BLOCK_M=block_m, BLOCK_F=block_f, num_warps=4)
+    return y.view(x.shape)
 
 
-class BiasGelu(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bias):
-        f = x.shape[-1]
-        x2 = x.reshape(-1, f).contiguous()
-        bias = bias.contiguous()
-        n = x2.shape[0]
-        y = torch.empty_like(x2)
-        block_m, block_f = _blocks(f)
-        if n:
-            grid = (triton.cdiv(n, block_m), triton.cdiv(f, block_f))
-            _electra_bias_gelu_fwd[grid](x2, bias, y, n, f, BLOCK_M=block_m, BLOCK_F=block_f, num_warps=4)
-        ctx.save_for_backward(x2, bias)
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, bias = ctx.saved_tensors
-        n, f = x2.shape
-        dy2 = dy.reshape(-1, f).contiguous()
-        dx = torch.empty_like(x2)
-        block_m, block_f = _blocks(f)
-        rows_per_program, groups = row_partition(n, block_m, x2.device)
-        db = torch.zeros(groups, f, dtype=torch.float32, device=x2.device)
-        if n:
-            _electra_bias_gelu_bwd[(groups, triton.cdiv(f, block_f))](
-                x2, bias, dy2, dx, db, n, f, rows_per_program, BLOCK_M=block_m, BLOCK_F=block_f, num_warps=4)
-        return dx.view(dy.shape), db.sum(0).to(bias.dtype)
-
-
-def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Triton exact-erf GELU of x + bias; see reference.bias_gelu."""
-    return BiasGelu.apply(x, bias)
+def backward_pass(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x's gradient in x's dtype, the bias gradient's partials (`launch.gelu_partials_shape`, fp32): summed over
+    dim 0 they are the bias's gradient)."""
+    f = x.shape[-1]
+    x2 = x.reshape(-1, f).contiguous()
+    n = x2.shape[0]
+    dx = torch.empty_like(x2)
+    blocking = launch.GELU_BACKWARD
+    block_m, block_f = gelu_tile(f)
+    programs, _ = gelu_partials_shape(x.shape, x.device)
+    partials = (torch.empty if n else torch.zeros)(programs, f, dtype=torch.float32, device=x.device)
+    if n:
+        rows_per_program = row_partition(n, block_m, x.device, blocking.programs_per_sm)[0]
+        _electra_bias_gelu_bwd[(programs, triton.cdiv(f, block_f))](
+            x2, bias.contiguous(), dy.reshape(-1, f).contiguous(), dx, partials, n, f, rows_per_program,
+            BLOCK_M=block_m, BLOCK_F=block_f, num_warps=blocking.num_warps(block_m * block_f))
+    return dx.view(x.shape), partials

@@ -9,15 +9,16 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from .launch import layer_norm_partials_shape, row_partition, row_tile, tile_warps
 from .noise import UNALIGNED_SEED, dropout_key, keep
 from .reference import dropout_scale
 
 # Blocking: a program tile holds BLOCK_M whole rows (the row padded to a power of two, hidden <= 8192) and
 # as many rows as fit in about 2048 values, so mean and variance are in-register row reductions and small
-# hidden sizes still give each program enough work. The backward program walks a contiguous run of row
-# tiles and keeps its column sums (the weight's, the bias's, x's bias's gradients) in fp32 registers; torch adds up
-# the per-program partials.
+# hidden sizes still give each program enough work. The backward program (its tile and count:
+# launch.LAYER_NORM_BACKWARD) walks a contiguous run of row tiles and keeps its column sums (the weight's, the
+# bias's, x's bias's gradients) in fp32 registers; torch adds up the per-program partials.
 @triton.jit(**UNALIGNED_SEED)
 def _electra_add_layer_norm_fwd(X, XB, R, W, B, Y, Mean, Rstd, Seed, N, H, eps, p, scale,
                                 HAS_XBIAS: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr,
@@ -125,7 +126,8 @@ def backward_pass(dy: torch.Tensor, x: torch.Tensor, x_bias: torch.Tensor | None
     """(x's gradient in x's dtype, the residual's in its dtype (an empty tensor without one), the column-sum partials
     (`launch.layer_norm_partials_shape`, fp32): summed over dim 0 they are the gradients of weight, bias and x_bias)."""
     h = x.shape[-1]
-    block_m, block_h = row_tile(h, "add_layer_norm")
+    blocking = launch.LAYER_NORM_BACKWARD
+    block_m, block_h = row_tile(h, "add_layer_norm", blocking.tile)
     x2 = x.reshape(-1, h).contiguous()
     n = x2.shape[0]
     dx = torch.empty_like(x2)
@@ -137,9 +139,9 @@ def backward_pass(dy: torch.Tensor, x: torch.Tensor, x_bias: torch.Tensor | None
         _electra_add_layer_norm_bwd[(programs,)](
             x2, xb, r2, weight.contiguous(), dy.reshape(-1, h).contiguous(), *stats, seed, dx,
             dres if residual is not None else dx, partials, n, h,
-            row_partition(n, block_m, x.device)[0], dropout, dropout_scale(dropout), HAS_XBIAS=x_bias is not None,
-            HAS_RES=residual is not None, DROPOUT=dropout > 0, BLOCK_M=block_m, BLOCK_H=block_h,
-            num_warps=tile_warps(block_m * block_h))
+            row_partition(n, block_m, x.device, blocking.programs_per_sm)[0], dropout, dropout_scale(dropout),
+            HAS_XBIAS=x_bias is not None, HAS_RES=residual is not None, DROPOUT=dropout > 0, BLOCK_M=block_m,
+            BLOCK_H=block_h, num_warps=blocking.num_warps(block_m * block_h))
     return dx.view(x.shape), dres.view(x.shape) if residual is not None else dres, partials
 
 

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "the compiled model runs the PyTorch twins of the kernels, which are their specification, "
                           "but for attention and the generator head's loss and sampling: Triton kernels, which match "
                           "their twins (masks and samples bit for bit); ELECTRA_DS_COMPILED_LAYER_NORM=opaque keeps "
-                          "the encoder layers' LayerNorm kernels too")
+                          "the encoder layers' LayerNorm kernels too, ELECTRA_DS_COMPILED_GELU=opaque the GELU's")
     run.add_argument("--inductor", type=inductor_setting, action="append", default=[], metavar="KEY=VALUE",
                      help="a torch._inductor.config setting for --compile (repeatable), e.g. combo_kernels=True or "
                           "coordinate_descent_tuning=True. Meant for speed settings, which leave results as they "
