@@ -313,8 +313,9 @@ def test_kernel_speed_cases_run_on_small_shapes():
 
 
 def test_kernel_speed_compiled_cases_run_on_small_shapes():
-    """The LayerNorm cases that kernel_speed.py times under torch.compile (here traced: the twin in inductor's code)
-    compile and run on the CPU and give the twin's gradients on their inputs (dropout mask included)."""
+    """The LayerNorm and GELU cases that kernel_speed.py times under torch.compile (here traced: the twin in
+    inductor's code) compile and run on the CPU and give the twin's gradients on their inputs (dropout mask
+    included)."""
     from benchmarks import kernel_speed
     from electra_ds.kernels import reference
 
@@ -326,13 +327,18 @@ def test_kernel_speed_compiled_cases_run_on_small_shapes():
         compiled = kernel_speed.compiled_cases("cpu", tokens=64, hidden=32)
         torch.manual_seed(1)
         inputs = kernel_speed.layer_norm_inputs("cpu", 64, 32)
-        assert set(compiled) <= set(eager) and len(compiled) == 2
+        gelu_inputs = kernel_speed.gelu_inputs("cpu", 64, 4 * 32)  # drawn after those, as compiled_cases does
+        assert set(compiled) <= set(eager) and len(compiled) == 3
         for name, fn in compiled.items():
-            args = [t.detach().clone().requires_grad_() for t in inputs + inputs[3:] * name.startswith("bias")]
-            out = reference.add_layer_norm(*args[:4], 1e-12, 0.1, torch.tensor(0), *args[4:])
+            if name.startswith("bias_gelu"):
+                args = [t.detach().clone().requires_grad_() for t in gelu_inputs]
+                out = reference.bias_gelu(*args)
+            else:
+                args = [t.detach().clone().requires_grad_() for t in inputs + inputs[3:] * name.startswith("bias")]
+                out = reference.add_layer_norm(*args[:4], 1e-12, 0.1, torch.tensor(0), *args[4:])
             expected = torch.autograd.grad(out, args, torch.ones_like(out))
             grads = fn()
-            assert len(grads) == len(expected) and (grads[0] == 0).any(), name
+            assert len(grads) == len(expected) and ((grads[0] == 0).any() or "gelu" in name), name
             for got, want in zip(grads, expected):
                 torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02, msg=name)
 
