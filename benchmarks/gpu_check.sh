@@ -112,11 +112,13 @@ PY
     # Keep time for the stages after the tests: the throughput (unless VARIANTS=none), inductor sets, real loop.
     local later=$(( ${#INDUCTOR_SET_LIST[@]} * SET_S + (REAL_LOOP == 1 ? LOOP_S : 0) ))
     [ "$VARIANTS" = none ] || later=$((later + 310))
-    # 169 tests took 77 s on the H200 before the attention kernels' (each dtype and blocking a Triton compile)
+    # 169 tests took 77 s on the H200 before the attention kernels' (each dtype and blocking a Triton compile); at
+    # 9d46b65 the attention tests, run first, used the stage's 150 s after 70 tests: now last, and one line per test
+    # (-v), so that a stage cut short still names what passed
     t=$(limit 150 $((later + 90)))
     banner "GPU kernel tests (kernels vs twins, at most ${t}s)"
-    timeout -k 10 "$t" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/test_attention_kernel.py \
-      tests/test_kernels.py tests/test_kernel_adam.py 2>&1 | tee "$OUT/pytest_gpu_kernels.log"
+    timeout -k 10 "$t" python3 -m pytest -m gpu -v -p no:cacheprovider -rfEs tests/test_kernels.py \
+      tests/test_kernel_adam.py tests/test_attention_kernel.py 2>&1 | tee "$OUT/pytest_gpu_kernels.log"
     status "kernel tests" "${PIPESTATUS[0]}"
     t=$(limit 90 "$later")
     banner "the engine step's GPU tests (no host syncs, eager and CUDA graphs; at most ${t}s)"
