@@ -553,6 +553,45 @@ def test_cuda_graph_replays_with_new_seed():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_compiled_step_with_opaque_layer_norms_and_gelus_equals_the_eager_twins(device, monkeypatch):
+    """A whole pretraining step (tiny preset, padding, dropout, fp32) compiled with the encoder LayerNorms and every
+    bias + GELU as our opaque ops (the dense layers' biases go to the LayerNorm kernels then): the loss and each flat
+    buffer's gradient equal the eager twins'. The forms that the GPU benchmark compares, wired into the model."""
+    from electra_ds.model.electra import ElectraForPretraining
+
+    torch.manual_seed(0)
+    model = ElectraForPretraining(preset("tiny")).train().to(device)
+    ids, mask = make_batch(model.config.vocab_size, batch=2, length=16, pad_from={1: 11})
+    ids, mask = ids.to(device), mask.to(device)
+    plan = mask_plan(ids, mask, vocab_size=model.config.vocab_size, max_predictions=3, seed=1)
+    with kernel_backend("torch"):
+        expected = forward_backward(model, ids, mask, plan, 5).loss.detach()
+        expected_grads = {k: g.clone() for k, g in flat_grads(model).items()}
+    launches = []
+    for module in ("layer_norm", "gelu"):
+        kernel = importlib.import_module(f"electra_ds.kernels.{module}")
+        for name in ("forward_pass", "backward_pass"):
+            monkeypatch.setattr(kernel, name, lambda *a, _f=getattr(kernel, name), _n=f"{module}.{name}":
+                                launches.append(_n) or _f(*a))
+    try:
+        kernels.set_compiled_layer_norm("opaque")
+        kernels.set_compiled_gelu("opaque")
+        with kernel_backend("triton"):
+            torch._dynamo.reset()
+            loss = forward_backward(torch.compile(model), ids, mask, plan, 5).loss.detach()
+    finally:
+        kernels.set_compiled_layer_norm("traced")
+        kernels.set_compiled_gelu("traced")
+    layers = model.config.discriminator.num_hidden_layers + model.config.generator.num_hidden_layers
+    assert sorted(set(launches)) == ["gelu.backward_pass", "gelu.forward_pass", "layer_norm.backward_pass",
+                                     "layer_norm.forward_pass"]
+    assert launches.count("layer_norm.forward_pass") == 2 * layers and launches.count("gelu.forward_pass") == layers + 2
+    torch.testing.assert_close(loss, expected, **TOL[torch.float32])
+    for name, grad in flat_grads(model).items():
+        torch.testing.assert_close(grad, expected_grads[name], **TOL[torch.float32], msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_compiled_model_ops_trace_twins_and_keep_the_sampling_kernel(device, backend):
     """Under torch.compile (the --compile path): the other autograd ops trace as twins; the generator head's loss and
