@@ -3,7 +3,10 @@ logits), compiled for the H100/H200 (sm_90) by Triton's compiler: no GPU needed.
 
 The sweep reads 2 bytes per logit; its time on the card is bounded by those bytes and by the instructions it issues
 per logit, which this prints (in the sweep's loop, and per thread outside it) for ELECTRA-Small's logits (bf16 rows of
-30528 columns, aligned as the model makes them), at temperature 1 and not.
+30528 columns, aligned as the model makes them), at temperature 1 and not. Then the same count per value for the
+kernels that walk row tiles and sum columns (the LayerNorm and GELU backward, bf16, ELECTRA-Small's discriminator
+widths, under their blockings in use): instructions x values / the card's issue rate is the time they need at least
+besides their bytes.
 Usage: python benchmarks/kernel_sass.py [--json PATH]
 """
 from __future__ import annotations
@@ -20,7 +23,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from electra_ds.files import atomic_write
-from electra_ds.kernels import xentropy
+from electra_ds.kernels import gelu, launch, layer_norm, xentropy
 
 SIGNATURE = {"Logits": "*bf16", "Targets": "*i64", "Seed": "*i64", "Loss": "*fp32", "Lse": "*fp32", "Sample": "*i64",
              "Argmax": "*i64", "V": "i32", "S": "i32", "stride": "i32", "inv_t": "fp32"}
@@ -61,6 +64,45 @@ def measure(vocab: int = 30528, tempered: bool = False) -> dict:
             "loop_instructions_per_logit": in_loop / per_thread, "instructions_outside_loop": outside}
 
 
+def _loop_per_value(fn, signature: dict[str, str], constexprs: dict, aligned: tuple[str, ...], num_warps: int,
+                    values_per_trip: int) -> float:
+    """Instructions per value in the first loop of `fn` compiled for sm_90, a trip handling `values_per_trip` values
+    per program."""
+    names = list(signature) + list(constexprs)
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in aligned}
+    source = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs,
+                       attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    in_loop, _ = loop_instructions(disassemble(compiled.asm["cubin"]))
+    return in_loop / (values_per_trip // (32 * num_warps))
+
+
+def measure_backward_rows(hidden: int = 256) -> list[dict]:
+    """Instructions per value of the LayerNorm backward (dense bias, dropout, residual) at width `hidden` and of the
+    bias + GELU backward at 4 x hidden, under launch.LAYER_NORM_BACKWARD and launch.GELU_BACKWARD."""
+    rows = []
+    block_m, block_h = launch.row_tile(hidden, "add_layer_norm", launch.LAYER_NORM_BACKWARD.tile)
+    pointers = {k: "*bf16" for k in ("X", "XB", "R")} | {"W": "*fp32", "DY": "*bf16", "Mean": "*fp32",
+                                                         "Rstd": "*fp32", "Seed": "*i64", "DX": "*bf16",
+                                                         "DR": "*bf16", "Partials": "*fp32"}
+    signature = pointers | {"N": "i32", "H": "i32", "rows_per_program": "i32", "p": "fp32", "scale": "fp32"}
+    warps = launch.LAYER_NORM_BACKWARD.num_warps(block_m * block_h)
+    rows.append({"kernel": "_electra_add_layer_norm_bwd", "columns": hidden, "num_warps": warps,
+                 "instructions_per_value": _loop_per_value(
+                     layer_norm._electra_add_layer_norm_bwd, signature,
+                     {"HAS_XBIAS": True, "HAS_RES": True, "DROPOUT": True, "BLOCK_M": block_m, "BLOCK_H": block_h},
+                     tuple(k for k in signature if k not in ("Seed", "p", "scale")), warps, block_m * block_h)})
+    block_m, block_f = launch.gelu_tile(4 * hidden)
+    signature = {k: "*bf16" for k in ("X", "B", "DY", "DX")} | {"DB": "*fp32", "N": "i32", "F": "i32",
+                                                                "rows_per_program": "i32"}
+    warps = launch.GELU_BACKWARD.num_warps(block_m * block_f)
+    rows.append({"kernel": "_electra_bias_gelu_bwd", "columns": 4 * hidden, "num_warps": warps,
+                 "instructions_per_value": _loop_per_value(
+                     gelu._electra_bias_gelu_bwd, signature, {"BLOCK_M": block_m, "BLOCK_F": block_f},
+                     tuple(signature), warps, block_m * block_f)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -71,8 +113,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"_electra_xentropy_sample_fwd, sm_90, {r['vocab']} columns, temperature {temperature}: "
               f"{r['loop_instructions_per_logit']:.1f} instructions per logit in the sweep, "
               f"{r['instructions_outside_loop']} outside it")
+    backward = measure_backward_rows()
+    for r in backward:
+        print(f"{r['kernel']}, sm_90, {r['columns']} columns, {r['num_warps']} warps: "
+              f"{r['instructions_per_value']:.1f} instructions per value in its loop")
     if args.json:
-        atomic_write(args.json, json.dumps(rows, indent=1) + "\n")
+        atomic_write(args.json, json.dumps(rows + backward, indent=1) + "\n")
 
 
 if __name__ == "__main__":

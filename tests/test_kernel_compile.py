@@ -78,12 +78,15 @@ def test_candidate_blockings_compile_for_hopper_without_spills(tmp_path):
 @pytest.mark.skipif(not _nvidia_compiler(), reason="this triton has no NVIDIA backend or ptxas to compile with")
 def test_kernel_sass_counts_the_generator_head_sweep(tmp_path):
     """benchmarks/kernel_sass.py compiles the head's forward for sm_90 and counts its loop: a few dozen instructions
-    per logit (no per-column noise in the sweep), more with a temperature (a second log-sum-exp per chunk). A
-    subprocess without TRITON_INTERPRET, which the kernel tests set in this one."""
+    per logit (no per-column noise in the sweep), more with a temperature (a second log-sum-exp per chunk); then the
+    LayerNorm and GELU backward kernels' loops, a few dozen instructions per value (the GELU's erf and exp among
+    them). A subprocess without TRITON_INTERPRET, which the kernel tests set in this one."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).parents[1] / "benchmarks" / "kernel_sass.py"
     subprocess.run([sys.executable, str(script), "--json", str(tmp_path / "sass.json")], env=env, check=True,
                    capture_output=True, text=True)
-    plain, tempered = json.loads((tmp_path / "sass.json").read_text())
+    plain, tempered, layer_norm, gelu = json.loads((tmp_path / "sass.json").read_text())
     assert 5 < plain["loop_instructions_per_logit"] < 40 and plain["instructions_outside_loop"] > 0
     assert tempered["loop_instructions_per_logit"] > plain["loop_instructions_per_logit"]
+    assert layer_norm["kernel"] == "_electra_add_layer_norm_bwd" and gelu["kernel"] == "_electra_bias_gelu_bwd"
+    assert all(20 < row["instructions_per_value"] < 100 for row in (layer_norm, gelu))
