@@ -190,6 +190,7 @@ def markdown(graphs: list[dict[str, Any]], top: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    from electra_ds import kernels
     from electra_ds.config import PRESETS
     from electra_ds.train.pretrain import inductor_setting
 
@@ -200,17 +201,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--inductor", type=inductor_setting, action="append", default=[], metavar="KEY=VALUE",
                         help="a torch._inductor.config setting (repeatable), as pretrain.py's --inductor")
-    parser.add_argument("--compiled_layer_norm", choices=("traced", "opaque"), default="traced",
+    parser.add_argument("--compiled_layer_norm", choices=kernels.COMPILED_FORMS, default="traced",
                         help="kernels.set_compiled_layer_norm: the residual LayerNorms traced into inductor's kernels "
                              "or kept as our opaque op")
-    parser.add_argument("--compiled_gelu", choices=("traced", "opaque"), default="traced",
+    parser.add_argument("--compiled_gelu", choices=kernels.COMPILED_FORMS, default="traced",
                         help="kernels.set_compiled_gelu: the bias + GELUs traced into inductor's kernels or kept as "
                              "our opaque op")
     parser.add_argument("--top", type=int, default=12, help="kernel names listed per graph")
     parser.add_argument("--json", type=Path, help="write the census here")
     args = parser.parse_args(argv)
-    from electra_ds import kernels
-
     kernels.set_compiled_layer_norm(args.compiled_layer_norm)
     kernels.set_compiled_gelu(args.compiled_gelu)
     graphs = census(args.model_size, args.batch_size, args.max_length, dict(args.inductor))

@@ -17,7 +17,9 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -50,57 +52,52 @@ def loop_instructions(code: list[tuple[int, str]]) -> tuple[int, int]:
     return in_loop - skipped, len(code) - in_loop
 
 
-def measure(vocab: int = 30528, tempered: bool = False) -> dict:
-    launch = xentropy.forward_launch(vocab, 0.5 if tempered else 1.0)
-    options = {k: launch.pop(k) for k in ("num_warps", "enable_fp_fusion")}  # the rest are the constexprs
-    names = list(SIGNATURE) + list(launch)
-    signature = {**SIGNATURE, **{k: "constexpr" for k in launch}}
-    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in ALIGNED}
-    source = ASTSource(fn=xentropy._electra_xentropy_sample_fwd, signature=signature, constexprs=launch, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-    in_loop, outside = loop_instructions(disassemble(compiled.asm["cubin"]))
-    per_thread = launch["BLOCK"] // (32 * options["num_warps"])  # logits each thread handles per trip
-    return {"vocab": vocab, "tempered": tempered, "block": launch["BLOCK"], "num_warps": options["num_warps"],
-            "loop_instructions_per_logit": in_loop / per_thread, "instructions_outside_loop": outside}
-
-
-def _loop_per_value(fn, signature: dict[str, str], constexprs: dict, aligned: tuple[str, ...], num_warps: int,
-                    values_per_trip: int) -> float:
-    """Instructions per value in the first loop of `fn` compiled for sm_90, a trip handling `values_per_trip` values
-    per program."""
+def compile_sm90(fn, signature: dict[str, str], constexprs: dict, aligned: Sequence[str],
+                 options: dict) -> list[tuple[int, str]]:
+    """`fn` compiled for sm_90 with these argument types, constexprs, 16-divisible arguments and launch options:
+    its disassembly (`disassemble`)."""
     names = list(signature) + list(constexprs)
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in aligned}
     source = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs,
                        attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    in_loop, _ = loop_instructions(disassemble(compiled.asm["cubin"]))
-    return in_loop / (values_per_trip // (32 * num_warps))
+    return disassemble(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"])
 
 
-def measure_backward_rows(hidden: int = 256) -> list[dict]:
-    """Instructions per value of the LayerNorm backward (dense bias, dropout, residual) at width `hidden` and of the
-    bias + GELU backward at 4 x hidden, under launch.LAYER_NORM_BACKWARD and launch.GELU_BACKWARD."""
-    rows = []
-    block_m, block_h = launch.row_tile(hidden, "add_layer_norm", launch.LAYER_NORM_BACKWARD.tile)
+def measure(vocab: int = 30528, tempered: bool = False) -> dict:
+    constexprs = xentropy.forward_launch(vocab, 0.5 if tempered else 1.0)
+    options = {k: constexprs.pop(k) for k in ("num_warps", "enable_fp_fusion")}  # the rest are the constexprs
+    in_loop, outside = loop_instructions(compile_sm90(xentropy._electra_xentropy_sample_fwd, SIGNATURE, constexprs,
+                                                      ALIGNED, options))
+    per_thread = constexprs["BLOCK"] // (32 * options["num_warps"])  # logits each thread handles per trip
+    return {"vocab": vocab, "tempered": tempered, "block": constexprs["BLOCK"], "num_warps": options["num_warps"],
+            "loop_instructions_per_logit": in_loop / per_thread, "instructions_outside_loop": outside}
+
+
+def measure_backward_rows(hidden: int = 256, rows: int = 16384) -> list[dict]:
+    """Instructions per value in the loop of the LayerNorm backward (dense bias, dropout, residual) at width `hidden`
+    and of the bias + GELU backward at 4 x hidden, launched as `launch.layer_norm_backward_launch` and
+    `launch.gelu_backward_launch` plan them for `rows` rows."""
+    cpu = torch.device("cpu")  # the tile and warps do not depend on the device
+    ln = launch.layer_norm_backward_launch(torch.Size((rows, hidden)), cpu)
+    gelu_grid = launch.gelu_backward_launch(torch.Size((rows, 4 * hidden)), cpu)
     pointers = {k: "*bf16" for k in ("X", "XB", "R")} | {"W": "*fp32", "DY": "*bf16", "Mean": "*fp32",
                                                          "Rstd": "*fp32", "Seed": "*i64", "DX": "*bf16",
                                                          "DR": "*bf16", "Partials": "*fp32"}
-    signature = pointers | {"N": "i32", "H": "i32", "rows_per_program": "i32", "p": "fp32", "scale": "fp32"}
-    warps = launch.LAYER_NORM_BACKWARD.num_warps(block_m * block_h)
-    rows.append({"kernel": "_electra_add_layer_norm_bwd", "columns": hidden, "num_warps": warps,
-                 "instructions_per_value": _loop_per_value(
-                     layer_norm._electra_add_layer_norm_bwd, signature,
-                     {"HAS_XBIAS": True, "HAS_RES": True, "DROPOUT": True, "BLOCK_M": block_m, "BLOCK_H": block_h},
-                     tuple(k for k in signature if k not in ("Seed", "p", "scale")), warps, block_m * block_h)})
-    block_m, block_f = launch.gelu_tile(4 * hidden)
-    signature = {k: "*bf16" for k in ("X", "B", "DY", "DX")} | {"DB": "*fp32", "N": "i32", "F": "i32",
-                                                                "rows_per_program": "i32"}
-    warps = launch.GELU_BACKWARD.num_warps(block_m * block_f)
-    rows.append({"kernel": "_electra_bias_gelu_bwd", "columns": 4 * hidden, "num_warps": warps,
-                 "instructions_per_value": _loop_per_value(
-                     gelu._electra_bias_gelu_bwd, signature, {"BLOCK_M": block_m, "BLOCK_F": block_f},
-                     tuple(signature), warps, block_m * block_f)})
-    return rows
+    ln_signature = pointers | {"N": "i32", "H": "i32", "rows_per_program": "i32", "p": "fp32", "scale": "fp32"}
+    gelu_signature = {k: "*bf16" for k in ("X", "B", "DY", "DX")} | {"DB": "*fp32", "N": "i32", "F": "i32",
+                                                                     "rows_per_program": "i32"}
+    cases = ((layer_norm._electra_add_layer_norm_bwd, ln, hidden, ln_signature,
+              {"HAS_XBIAS": True, "HAS_RES": True, "DROPOUT": True, "BLOCK_M": ln.block_m, "BLOCK_H": ln.block_cols},
+              [k for k in ln_signature if k not in ("Seed", "p", "scale")]),
+             (gelu._electra_bias_gelu_bwd, gelu_grid, 4 * hidden, gelu_signature,
+              {"BLOCK_M": gelu_grid.block_m, "BLOCK_F": gelu_grid.block_cols}, list(gelu_signature)))
+    out = []
+    for fn, grid, columns, signature, constexprs, aligned in cases:
+        code = compile_sm90(fn, signature, constexprs, aligned, {"num_warps": grid.num_warps})
+        per_thread = grid.block_m * grid.block_cols // (32 * grid.num_warps)  # values each thread handles per trip
+        out.append({"kernel": fn.__name__, "columns": columns, "num_warps": grid.num_warps,
+                    "instructions_per_value": loop_instructions(code)[0] / per_thread})
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,7 +62,8 @@ def layer_norm_inputs(dev: str, tokens: int, hidden: int) -> tuple[torch.Tensor,
 def compiled_cases(dev: str = "cuda", tokens: int = 16384, hidden: int = 256) -> dict:
     """name -> the fwd+bwd callable of our op under torch.compile, for the `cases` whose op inductor compiles as it
     does in the model (the twin traced: time them with set_backend("torch"); or our kernels as an opaque op, with
-    set_compiled_layer_norm("opaque")), on `layer_norm_inputs` and seed 0. Compiled here (one call each)."""
+    set_compiled_layer_norm("opaque") and set_compiled_gelu("opaque")), on `layer_norm_inputs`, then `gelu_inputs`,
+    and seed 0. Compiled here (one call each)."""
     x, r, w, b = layer_norm_inputs(dev, tokens, hidden)
     h, hb = gelu_inputs(dev, tokens, 4 * hidden)
     seed = torch.tensor(0, device=dev)  # drawn per call otherwise: a host-side generator call in the graph

@@ -134,6 +134,15 @@ def test_add_layer_norm_x_bias(device, dtype, shape, residual, dropout):
         torch.testing.assert_close(grads[-1], grads[0].reshape(-1, h).sum(0), **TOL[dtype])
 
 
+def _record_passes(monkeypatch, module: str, launches: list, prefix: str = "") -> None:
+    """Append prefix + "forward_pass" / "backward_pass" to `launches` each time electra_ds.kernels.<module>'s pass runs
+    (the opaque ops call them)."""
+    kernel = importlib.import_module(f"electra_ds.kernels.{module}")
+    for name in ("forward_pass", "backward_pass"):
+        monkeypatch.setattr(kernel, name, lambda *a, _f=getattr(kernel, name), _n=prefix + name:
+                            launches.append(_n) or _f(*a))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["opaque", "traced"])
 def test_compiled_add_layer_norm(device, mode, monkeypatch):
@@ -145,11 +154,8 @@ def test_compiled_add_layer_norm(device, mode, monkeypatch):
     w, b = _make((96,), torch.float32, device, seed=3) + 1.0, _make((96,), torch.float32, device, seed=4)
     x_bias = _make((96,), torch.float32, device, seed=5)
     seed = torch.tensor(2**41 + 3, dtype=torch.int64, device=device)
-    layer_norm = importlib.import_module("electra_ds.kernels.layer_norm")
     launches = []
-    for name in ("forward_pass", "backward_pass"):
-        monkeypatch.setattr(layer_norm, name, lambda *a, _f=getattr(layer_norm, name), _n=name:
-                            launches.append(_n) or _f(*a))
+    _record_passes(monkeypatch, "layer_norm", launches)
 
     def fn(x, r, w, b, x_bias):
         h = kernels.add_layer_norm(x, r, w, b, 1e-12, 0.2, seed, x_bias)
@@ -184,10 +190,8 @@ def test_compiled_bias_gelu(device, mode, monkeypatch):
     backward pass once each; checked by opcheck), "traced" the twin in inductor's kernels; either way the output and
     both gradients equal the eager twin's."""
     x, bias = _make((4, 9, 160), torch.float32, device, scale=3.0, seed=1), _make((160,), torch.float32, device, seed=2)
-    gelu = importlib.import_module("electra_ds.kernels.gelu")
     launches = []
-    for name in ("forward_pass", "backward_pass"):
-        monkeypatch.setattr(gelu, name, lambda *a, _f=getattr(gelu, name), _n=name: launches.append(_n) or _f(*a))
+    _record_passes(monkeypatch, "gelu", launches)
     try:
         kernels.set_compiled_gelu(mode)
         with kernel_backend("triton"):
@@ -569,10 +573,7 @@ def test_compiled_step_with_opaque_layer_norms_and_gelus_equals_the_eager_twins(
         expected_grads = {k: g.clone() for k, g in flat_grads(model).items()}
     launches = []
     for module in ("layer_norm", "gelu"):
-        kernel = importlib.import_module(f"electra_ds.kernels.{module}")
-        for name in ("forward_pass", "backward_pass"):
-            monkeypatch.setattr(kernel, name, lambda *a, _f=getattr(kernel, name), _n=f"{module}.{name}":
-                                launches.append(_n) or _f(*a))
+        _record_passes(monkeypatch, module, launches, f"{module}.")
     try:
         kernels.set_compiled_layer_norm("opaque")
         kernels.set_compiled_gelu("opaque")

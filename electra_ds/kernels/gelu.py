@@ -6,8 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch
-from .launch import gelu_partials_shape, gelu_tile, row_partition
+from .launch import gelu_backward_launch
 
 _FORWARD_TILE, _FORWARD_COLUMNS = 4096, 128  # the forward's program tile: values, and columns of each row
 
@@ -69,13 +68,10 @@ def backward_pass(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tupl
     x2 = x.reshape(-1, f).contiguous()
     n = x2.shape[0]
     dx = torch.empty_like(x2)
-    blocking = launch.GELU_BACKWARD
-    block_m, block_f = gelu_tile(f)
-    programs, _ = gelu_partials_shape(x.shape, x.device)
-    partials = (torch.empty if n else torch.zeros)(programs, f, dtype=torch.float32, device=x.device)
+    grid = gelu_backward_launch(x.shape, x.device)
+    partials = (torch.empty if n else torch.zeros)(grid.programs, f, dtype=torch.float32, device=x.device)
     if n:
-        rows_per_program = row_partition(n, block_m, x.device, blocking.programs_per_sm)[0]
-        _electra_bias_gelu_bwd[(programs, triton.cdiv(f, block_f))](
-            x2, bias.contiguous(), dy.reshape(-1, f).contiguous(), dx, partials, n, f, rows_per_program,
-            BLOCK_M=block_m, BLOCK_F=block_f, num_warps=blocking.num_warps(block_m * block_f))
+        _electra_bias_gelu_bwd[(grid.programs, triton.cdiv(f, grid.block_cols))](
+            x2, bias.contiguous(), dy.reshape(-1, f).contiguous(), dx, partials, n, f, grid.rows_per_program,
+            BLOCK_M=grid.block_m, BLOCK_F=grid.block_cols, num_warps=grid.num_warps)
     return dx.view(x.shape), partials

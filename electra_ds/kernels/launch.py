@@ -64,26 +64,46 @@ def row_partition(rows: int, block_m: int, device: torch.device, programs_per_sm
     return rows_per_program, max(1, -(-rows // rows_per_program))
 
 
+@dataclasses.dataclass(frozen=True)
+class RowLaunch:
+    """A column-summing backward kernel's launch for one input: its program tile (block_m rows x block_cols columns),
+    rows per program, programs along the rows (one row of partials each) and warps per program."""
+    block_m: int
+    block_cols: int
+    rows_per_program: int
+    programs: int
+    num_warps: int
+
+
+def _row_launch(shape: torch.Size, block_m: int, block_cols: int, blocking: Blocking,
+                device: torch.device) -> RowLaunch:
+    rows = math.prod(shape[:-1]) if shape[-1] else 0
+    rows_per_program, programs = row_partition(rows, block_m, device, blocking.programs_per_sm)
+    return RowLaunch(block_m, block_cols, rows_per_program, programs, blocking.num_warps(block_m * block_cols))
+
+
+def layer_norm_backward_launch(shape: torch.Size, device: torch.device) -> RowLaunch:
+    """The LayerNorm backward's launch for an input of `shape` (..., H) under LAYER_NORM_BACKWARD: whole rows per
+    tile."""
+    block_m, block_h = row_tile(shape[-1], "add_layer_norm", LAYER_NORM_BACKWARD.tile)
+    return _row_launch(shape, block_m, block_h, LAYER_NORM_BACKWARD, device)
+
+
 def layer_norm_partials_shape(shape: torch.Size, device: torch.device, has_x_bias: bool) -> tuple[int, int, int]:
-    """The shape of the LayerNorm backward's column-sum partials for an input of `shape` (..., H) under
-    LAYER_NORM_BACKWARD: (programs, 2 sums (the weight's and the bias's gradients) or 3 (and x_bias's), H)."""
-    h = shape[-1]
-    rows = math.prod(shape[:-1]) if h else 0
-    block_m = row_tile(h, "add_layer_norm", LAYER_NORM_BACKWARD.tile)[0]
-    return row_partition(rows, block_m, device, LAYER_NORM_BACKWARD.programs_per_sm)[1], 2 + has_x_bias, h
+    """The shape of the LayerNorm backward's column-sum partials for an input of `shape` (..., H): (programs, 2 sums
+    (the weight's and the bias's gradients) or 3 (and x_bias's), H)."""
+    return layer_norm_backward_launch(shape, device).programs, 2 + has_x_bias, shape[-1]
 
 
-def gelu_tile(columns: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_F) of the GELU backward's program tile under GELU_BACKWARD: up to its `columns` columns (a
-    power of two) and as many rows as fill its `tile` values."""
-    block_f = 1 << max(0, columns - 1).bit_length()
+def gelu_backward_launch(shape: torch.Size, device: torch.device) -> RowLaunch:
+    """The GELU backward's launch for an input of `shape` (..., F) under GELU_BACKWARD: tiles of up to its `columns`
+    columns (a power of two) and as many rows as fill its `tile` values."""
+    block_f = 1 << max(0, shape[-1] - 1).bit_length()
     block_f = min(GELU_BACKWARD.columns or block_f, block_f)
-    return max(1, GELU_BACKWARD.tile // block_f), block_f
+    return _row_launch(shape, max(1, GELU_BACKWARD.tile // block_f), block_f, GELU_BACKWARD, device)
 
 
 def gelu_partials_shape(shape: torch.Size, device: torch.device) -> tuple[int, int]:
-    """The shape of the GELU backward's bias-gradient partials for an input of `shape` (..., F) under GELU_BACKWARD:
-    (programs along the rows, F)."""
-    f = shape[-1]
-    rows = math.prod(shape[:-1]) if f else 0
-    return row_partition(rows, gelu_tile(f)[0], device, GELU_BACKWARD.programs_per_sm)[1], f
+    """The shape of the GELU backward's bias-gradient partials for an input of `shape` (..., F): (programs along the
+    rows, F)."""
+    return gelu_backward_launch(shape, device).programs, shape[-1]

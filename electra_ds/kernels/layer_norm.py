@@ -9,8 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch
-from .launch import layer_norm_partials_shape, row_partition, row_tile, tile_warps
+from .launch import layer_norm_backward_launch, row_tile, tile_warps
 from .noise import UNALIGNED_SEED, dropout_key, keep
 from .reference import dropout_scale
 
@@ -126,22 +125,20 @@ def backward_pass(dy: torch.Tensor, x: torch.Tensor, x_bias: torch.Tensor | None
     """(x's gradient in x's dtype, the residual's in its dtype (an empty tensor without one), the column-sum partials
     (`launch.layer_norm_partials_shape`, fp32): summed over dim 0 they are the gradients of weight, bias and x_bias)."""
     h = x.shape[-1]
-    blocking = launch.LAYER_NORM_BACKWARD
-    block_m, block_h = row_tile(h, "add_layer_norm", blocking.tile)
+    grid = layer_norm_backward_launch(x.shape, x.device)
     x2 = x.reshape(-1, h).contiguous()
     n = x2.shape[0]
     dx = torch.empty_like(x2)
     dres = torch.empty_like(x2, dtype=residual.dtype) if residual is not None else x2.new_empty(0)
-    programs, sums, _ = layer_norm_partials_shape(x.shape, x.device, x_bias is not None)
-    partials = (torch.empty if n else torch.zeros)(programs, sums, h, dtype=torch.float32, device=x.device)
+    partials = (torch.empty if n else torch.zeros)(grid.programs, 2 + (x_bias is not None), h, dtype=torch.float32,
+                                                   device=x.device)
     if n:
         xb, r2, seed = _operands(x2, x_bias, residual, seed)
-        _electra_add_layer_norm_bwd[(programs,)](
+        _electra_add_layer_norm_bwd[(grid.programs,)](
             x2, xb, r2, weight.contiguous(), dy.reshape(-1, h).contiguous(), *stats, seed, dx,
-            dres if residual is not None else dx, partials, n, h,
-            row_partition(n, block_m, x.device, blocking.programs_per_sm)[0], dropout, dropout_scale(dropout),
-            HAS_XBIAS=x_bias is not None, HAS_RES=residual is not None, DROPOUT=dropout > 0, BLOCK_M=block_m,
-            BLOCK_H=block_h, num_warps=blocking.num_warps(block_m * block_h))
+            dres if residual is not None else dx, partials, n, h, grid.rows_per_program, dropout,
+            dropout_scale(dropout), HAS_XBIAS=x_bias is not None, HAS_RES=residual is not None, DROPOUT=dropout > 0,
+            BLOCK_M=grid.block_m, BLOCK_H=grid.block_cols, num_warps=grid.num_warps)
     return dx.view(x.shape), dres.view(x.shape) if residual is not None else dres, partials
 
 
