@@ -6,6 +6,7 @@ triton is imported); with CUDA the same comparisons run compiled on the GPU (mar
 from __future__ import annotations
 
 import importlib
+import math
 import os
 
 import pytest
@@ -208,6 +209,58 @@ def test_compiled_bias_gelu(device, mode, monkeypatch):
     assert len(grads) == 2
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, **TOL[torch.float32])
+
+
+def _gelu_grads_bounded(out, grads, ref_out, ref_grads, dtype, out_tol):
+    """The traced GELU's output equals the twin's within out_tol; its gradients differ by rounding of the stored
+    slope (below 2**-15) and, for the bias, of each summed term to the input's dtype: within one unit in the last
+    place of dtype (2**-7 of a value for bf16, 2**-10 for fp16, fp32 products' rounding for fp32) of each term and of
+    the sum."""
+    torch.testing.assert_close(out, ref_out, **out_tol)
+    (dx, dbias), (ref_dx, ref_dbias) = grads, ref_grads
+    ulp = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 2.0 ** -20}[dtype]
+    terms = ref_dx.float().reshape(-1, ref_dx.shape[-1])
+    assert dx.dtype == ref_dx.dtype and dbias.dtype == ref_dbias.dtype
+    assert ((dx.float() - ref_dx.float()).abs() <= ulp * ref_dx.float().abs() + 2.0 ** -15 * 4).all()
+    bound = ulp * (terms.abs().sum(0) + ref_dbias.float().abs()) + 1e-6
+    assert ((dbias.float() - ref_dbias.float()).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_traced_gelu_stores_its_slope_finely(dtype):
+    """The GELU form that torch.compile traces (kernels._TracedBiasGelu), run eagerly: it stores the GELU's slope
+    for the backward (for half-precision inputs in int16, in units of 2**-14: within 2**-15 of the exact slope, over
+    inputs that span its range) and no input, and its results are the twin's within rounding."""
+    x = _make((4, 9, 160), dtype, "cpu", scale=3.0, seed=1)
+    bias = _make((160,), dtype, "cpu", seed=2)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out, grads = _run(kernels._TracedBiasGelu.apply, (x, bias))
+    ref_out, ref_grads = _run(reference.bias_gelu, (x, bias))
+    _gelu_grads_bounded(out, grads, ref_out, ref_grads, dtype, dict(atol=0, rtol=0))  # the same ops forward
+    (slope,) = saved
+    z = x.detach().double() + bias.detach().double()
+    exact = torch.special.ndtr(z) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    assert exact.min() < -0.12 and exact.max() > 1.12  # the slope's whole range
+    if dtype == torch.float32:
+        assert slope.dtype == torch.float32
+        torch.testing.assert_close(slope.double(), exact, atol=1e-6, rtol=0)
+    else:
+        assert slope.dtype == torch.int16
+        assert (slope.double() * 2.0 ** -14 - exact).abs().max() <= 2.0 ** -15 + 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compiled_traced_bias_gelu_in_half_precision(device, dtype):
+    """The same through torch.compile (inductor's code): the stored int16 slope and the bias's gradient summed from
+    the half-precision input gradient give the twin's results within rounding."""
+    x = _make((4, 9, 160), dtype, device, scale=3.0, seed=1)
+    bias = _make((160,), dtype, device, seed=2)
+    torch._dynamo.reset()
+    out, grads = _run(torch.compile(kernels.bias_gelu, fullgraph=True, dynamic=False), (x, bias))
+    ref_out, ref_grads = _run(reference.bias_gelu, (x, bias))
+    _gelu_grads_bounded(out, grads, ref_out, ref_grads, dtype, TOL[dtype])  # inductor's erf is not ATen's
 
 
 @pytest.mark.parametrize("op,variable", [("layer_norm", "ELECTRA_DS_COMPILED_LAYER_NORM"),
