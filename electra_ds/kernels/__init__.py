@@ -230,15 +230,19 @@ def dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None = None) -> torc
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Exact (erf) GELU of x + bias.
 
-    Under torch.compile the twin traces into inductor's kernels (forward one, which also stores the GELU's slope;
-    backward one, and a matrix product for the bias's gradient: `_TracedBiasGelu`), unless `set_compiled_gelu` (or the
-    ELECTRA_DS_COMPILED_GELU environment variable) says "opaque": then it stays one custom op where the Triton kernels
-    run, a backward kernel that computes the erf once and writes the input's gradient and per-program column sums of
-    it, which inductor adds up."""
+    Under torch.compile the twin traces into inductor's kernels: for GPU code (where the backend picks Triton) in the
+    form of `_TracedBiasGelu` (forward one kernel, which also stores the GELU's slope; backward one, and a matrix
+    product for the bias's gradient), for CPU code (C++, which took inductor minutes longer to generate for that
+    form) as it is, in `_recomputed_in_backward`; unless `set_compiled_gelu` (or the ELECTRA_DS_COMPILED_GELU
+    environment variable) says "opaque": then it stays one custom op where the Triton kernels run, a backward kernel
+    that computes the erf once and writes the input's gradient and per-program column sums of it, which inductor
+    adds up."""
     if torch.compiler.is_compiling():
         if _opaque(x, _compiled_gelu):
             return _gelu_op(x, bias)
-        return _TracedBiasGelu.apply(x, bias)
+        if _compiles_triton(x):
+            return _TracedBiasGelu.apply(x, bias)
+        return _recomputed_in_backward(reference.bias_gelu, x, bias)
     return _gelu_op(x, bias) if _use_triton(x) else reference.bias_gelu(x, bias)
 
 
@@ -247,7 +251,9 @@ class _TracedBiasGelu(torch.autograd.Function):
     its backward: so the forward, which computes the erf anyway, stores the GELU's slope for the backward in place of
     the input that autograd's backward keeps and computes the erf from again. For half-precision inputs the slope is
     stored in 2 bytes as a multiple of 2**-14 in int16 (it lies in [-0.13, 1.13]: an error below 2**-15, finer than
-    bf16's rounding above 0.008; inductor would undo an fp16 copy and store the fp32 slope, 4 bytes a value).
+    bf16's rounding above 0.008; inductor would undo an fp16 copy and store the fp32 slope, 4 bytes a value). Which
+    values the backward keeps is the partitioner's choice: in the model's step it keeps the slope (inductor_census),
+    though in a graph whose GELU input is kept anyway it may compute the slope again.
     The bias's gradient is the column sum of the input's gradient in the input's dtype, the buffer the next matrix
     products read, by a matrix product with a row of ones: summing the fp32 gradient made inductor compute it again
     in a reduction kernel of its own. Both differ from the twin's gradients by rounding only."""
