@@ -14,10 +14,10 @@
 #    with INDUCTOR_SETS, the engine step with CUDA graphs again under each set of inductor settings,
 # 5. with REAL_LOOP=1, the real training loop (launch/pretrain.py, Small, --compile reduce-overhead, 3000 steps:
 #    tokens/s per 50 steps in real_loop_metrics.jsonl; its time is kept aside from the throughput stage),
-# 6. if time is left, the LayerNorm and GELU backward kernels under each candidate blocking (benchmarks/kernel_speed.py
-#    --row_configs), each fused kernel timed against its twin and plain torch, and one layer's attention under each
-#    SDPA backend and ours (benchmarks/kernel_speed.py), ours under each candidate blocking (--attention_configs),
-#    and a batch sweep (256, 512) of the eager variants.
+# 6. if time is left, the LayerNorm and GELU backward kernels under each candidate blocking and as torch.compile traces
+#    them (benchmarks/kernel_speed.py --row_configs), our attention under each candidate blocking
+#    (--attention_configs), each fused kernel timed against its twin and plain torch, and one layer's attention under
+#    each SDPA backend and ours (benchmarks/kernel_speed.py), and a batch sweep (256, 512) of the eager variants.
 # Logs (gpu_check.log: everything; pytest_gpu_kernels.log, pytest_gpu.log), JSON and tables (throughput.*,
 # inductor_N.*, real_loop_metrics.jsonl, row_configs.json, kernels.json, attention_configs.json, sweep.*) go to $OUT
 # (./gpu_out when OUT is unset); at the end all but gpu_check.log are packed into $OUT/results.tar.gz (at most
@@ -177,17 +177,10 @@ PY
   fi
 
   if (( $(left) >= 40 )); then
-    t=$(limit 60 5)
+    t=$(limit 120 5)  # 19 blockings, each built for both towers' widths, then 4 compiles of the traced ops
     banner "the LayerNorm and GELU backward kernels under each candidate blocking (at most ${t}s)"
     timeout -k 10 "$t" python3 benchmarks/kernel_speed.py --row_configs --json "$OUT/row_configs.json"
     status "row blockings" $?
-  fi
-
-  if (( $(left) >= 30 )); then
-    t=$(limit 150 5)  # its last section compiles the LayerNorm and GELU ops six times
-    banner "fused kernels vs twins vs torch, ELECTRA-Small shapes (at most ${t}s)"
-    timeout -k 10 "$t" python3 benchmarks/kernel_speed.py --json "$OUT/kernels.json"
-    status kernels $?
   fi
 
   if (( $(left) >= 40 )); then
@@ -195,6 +188,13 @@ PY
     banner "our attention under each candidate blocking (at most ${t}s)"
     timeout -k 10 "$t" python3 benchmarks/kernel_speed.py --attention_configs --json "$OUT/attention_configs.json"
     status "attention blockings" $?
+  fi
+
+  if (( $(left) >= 30 )); then
+    t=$(limit 150 5)  # its last section compiles the LayerNorm and GELU ops six times
+    banner "fused kernels vs twins vs torch, ELECTRA-Small shapes (at most ${t}s)"
+    timeout -k 10 "$t" python3 benchmarks/kernel_speed.py --json "$OUT/kernels.json"
+    status kernels $?
   fi
 
   if (( $(left) >= 60 )); then

@@ -87,10 +87,12 @@ def measure_backward_rows(hidden: int = 256, rows: int = 16384) -> list[dict]:
     gelu_signature = {k: "*bf16" for k in ("X", "B", "DY", "DX")} | {"DB": "*fp32", "N": "i32", "F": "i32",
                                                                      "rows_per_program": "i32"}
     cases = ((layer_norm._electra_add_layer_norm_bwd, ln, hidden, ln_signature,
-              {"HAS_XBIAS": True, "HAS_RES": True, "DROPOUT": True, "BLOCK_M": ln.block_m, "BLOCK_H": ln.block_cols},
+              {"HAS_XBIAS": True, "HAS_RES": True, "DROPOUT": True, "BLOCK_M": ln.block_m, "BLOCK_H": ln.block_cols,
+               "STAGES": ln.num_stages},
               [k for k in ln_signature if k not in ("Seed", "p", "scale")]),
              (gelu._electra_bias_gelu_bwd, gelu_grid, 4 * hidden, gelu_signature,
-              {"BLOCK_M": gelu_grid.block_m, "BLOCK_F": gelu_grid.block_cols}, list(gelu_signature)))
+              {"BLOCK_M": gelu_grid.block_m, "BLOCK_F": gelu_grid.block_cols, "STAGES": gelu_grid.num_stages},
+              list(gelu_signature)))
     out = []
     for fn, grid, columns, signature, constexprs, aligned in cases:
         code = compile_sm90(fn, signature, constexprs, aligned, {"num_warps": grid.num_warps})

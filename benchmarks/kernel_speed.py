@@ -61,9 +61,9 @@ def layer_norm_inputs(dev: str, tokens: int, hidden: int) -> tuple[torch.Tensor,
 
 def compiled_cases(dev: str = "cuda", tokens: int = 16384, hidden: int = 256) -> dict:
     """name -> the fwd+bwd callable of our op under torch.compile, for the `cases` whose op inductor compiles as it
-    does in the model (the twin traced: time them with set_backend("torch"); or our kernels as an opaque op, with
-    set_compiled_layer_norm("opaque") and set_compiled_gelu("opaque")), on `layer_norm_inputs`, then `gelu_inputs`,
-    and seed 0. Compiled here (one call each)."""
+    does in the model on CUDA (the twin traced, the GELU as kernels._TracedBiasGelu: the defaults; or our kernels as
+    an opaque op, with set_compiled_layer_norm("opaque") and set_compiled_gelu("opaque")), on `layer_norm_inputs`,
+    then `gelu_inputs`, and seed 0. Compiled here (one call each)."""
     x, r, w, b = layer_norm_inputs(dev, tokens, hidden)
     h, hb = gelu_inputs(dev, tokens, 4 * hidden)
     seed = torch.tensor(0, device=dev)  # drawn per call otherwise: a host-side generator call in the graph
@@ -209,7 +209,9 @@ def time_attention() -> dict[str, dict[str, float | str]]:
 def attention_configs() -> dict[str, Blocking]:
     """Candidate blockings of the attention kernels in half precision (`fused_attention.CONFIGS["half"]`: tile size,
     each kernel's warps and pipeline stages, the longest sequence whose backward is one pass), none of which spills
-    in an sm_90 build."""
+    in an sm_90 build. The one-pass backward's sm_90 build holds one program of 8 warps per multiprocessor (over 200
+    registers a thread), walking its query tiles one after another: the staged candidates load the next query tiles
+    while one is computed."""
     from electra_ds.kernels.fused_attention import CONFIGS, Blocking
 
     default = CONFIGS["half"]
@@ -220,6 +222,10 @@ def attention_configs() -> dict[str, Blocking]:
     return {"64 x 64, one-pass backward (default)": default,
             "64 x 64, two-pass backward": dataclasses.replace(default, one_pass=0),
             "64 x 64, one pass by 16 queries": dataclasses.replace(default, one_pass_block=16),
+            "64 x 64, one pass, 2 stages": dataclasses.replace(default, options={**default.options, "bwd_one": dict(
+                num_warps=8, num_stages=2)}),
+            "64 x 64, one pass, 3 stages": dataclasses.replace(default, options={**default.options, "bwd_one": dict(
+                num_warps=8, num_stages=3)}),
             "64 x 64, 8 warps, two passes": Blocking(64, same(8, 2)),
             "32 x 32, 8 warps, one pass": Blocking(32, same(8, 1), one_pass=128),
             "32 x 32, 2 warps, two passes": Blocking(32, same(2, 2))}
@@ -242,7 +248,9 @@ def row_configs() -> dict[str, tuple[str, launch.Blocking]]:
     """Candidate blockings of the backward kernels that sum columns: label -> ("layer_norm" or "gelu", the blocking
     for `launch.LAYER_NORM_BACKWARD` or `launch.GELU_BACKWARD`). The H200 run at 9d46b65 had our LayerNorm backward
     at 26 us per call on average in the step (inductor's pair about 38 us for the discriminator's), so the candidates
-    trade a program's run of tiles (latency hidden by more programs) against more partial rows."""
+    trade a program's run of tiles (latency hidden by more programs) against more partial rows, and pipeline that run
+    (stages: the next tiles' loads in flight while one is computed; the default's sm_90 build holds 2 programs of 8
+    warps per multiprocessor, 115 registers a thread, too few loads in flight to cover the memory's latency)."""
     blocking = launch.Blocking
     layer_norm = {"2048 values, 4 programs per SM (default)": launch.LAYER_NORM_BACKWARD,
                   "2048 values, 8 programs per SM": blocking(programs_per_sm=8),
@@ -250,13 +258,20 @@ def row_configs() -> dict[str, tuple[str, launch.Blocking]]:
                   "2048 values, 4 warps, 8 programs per SM": blocking(warps=4, programs_per_sm=8),
                   "1024 values, 8 programs per SM": blocking(tile=1024, programs_per_sm=8),
                   "1024 values, one tile per program": blocking(tile=1024, programs_per_sm=0),
-                  "4096 values, 4 programs per SM": blocking(tile=4096)}
+                  "4096 values, 4 programs per SM": blocking(tile=4096),
+                  "2048 values, 4 programs per SM, 2 stages": blocking(stages=2),
+                  "2048 values, 4 programs per SM, 3 stages": blocking(stages=3),
+                  "2048 values, 2 programs per SM, 3 stages": blocking(programs_per_sm=2, stages=3),
+                  "1024 values, 4 warps, 8 programs per SM, 3 stages": blocking(tile=1024, warps=4, programs_per_sm=8,
+                                                                              stages=3)}
     gelu = {"32 x 128, 4 warps, 4 programs per SM (default)": launch.GELU_BACKWARD,
             "32 x 128, 8 warps": blocking(tile=4096, warps=8, columns=128),
             "16 x 128, 8 warps": blocking(tile=2048, warps=8, columns=128),
             "32 x 64, 8 warps": blocking(tile=2048, warps=8, columns=64),
             "16 x 64, 4 warps, 8 programs per SM": blocking(tile=1024, warps=4, columns=64, programs_per_sm=8),
-            "32 x 32, 4 warps": blocking(tile=1024, warps=4, columns=32)}
+            "32 x 32, 4 warps": blocking(tile=1024, warps=4, columns=32),
+            "32 x 128, 4 warps, 2 stages": blocking(tile=4096, warps=4, columns=128, stages=2),
+            "16 x 128, 8 warps, 3 stages": blocking(tile=2048, warps=8, columns=128, stages=3)}
     return {**{f"LayerNorm {k}": ("layer_norm", v) for k, v in layer_norm.items()},
             **{f"GELU {k}": ("gelu", v) for k, v in gelu.items()}}
 
@@ -273,21 +288,26 @@ def row_blocking(op: str, config: launch.Blocking) -> Iterator[None]:
         setattr(launch, name, default)
 
 
-def row_cases(dev: str = "cuda", tokens: int = 16384) -> dict[str, dict[str, Callable[[], object]]]:
+def row_cases(dev: str = "cuda", tokens: int = 16384,
+              compile_op: bool = False) -> dict[str, dict[str, Callable[[], object]]]:
     """op -> tower -> the fwd+bwd callable of our op at that tower's ELECTRA-Small width: the encoder LayerNorm with
-    the dense layer's bias, dropout and the residual; the FFN's bias + GELU."""
+    the dense layer's bias, dropout and the residual; the FFN's bias + GELU. With `compile_op`, each under
+    torch.compile in the compiled form set (kernels.set_compiled_layer_norm, set_compiled_gelu), compiled here."""
+    wrap = (lambda fn: torch.compile(fn, dynamic=False)) if compile_op else (lambda fn: fn)  # towers: 2 shapes
+    seed = torch.tensor(0, device=dev)  # a seed drawn per call would be a host-side generator call in a compiled graph
     cases: dict[str, dict[str, Callable[[], object]]] = {"layer_norm": {}, "gelu": {}}
     for tower, hidden in (("discriminator", 256), ("generator", 64)):
         x, r, w, b = layer_norm_inputs(dev, tokens, hidden)
-        cases["layer_norm"][tower] = _fwd_bwd(lambda *a: add_layer_norm(*a[:4], 1e-12, 0.1, x_bias=a[4]),
+        cases["layer_norm"][tower] = _fwd_bwd(wrap(lambda *a: add_layer_norm(*a[:4], 1e-12, 0.1, seed, a[4])),
                                               x, r, w, b, b)
-        cases["gelu"][tower] = _fwd_bwd(bias_gelu, *gelu_inputs(dev, tokens, 4 * hidden))
+        cases["gelu"][tower] = _fwd_bwd(wrap(bias_gelu), *gelu_inputs(dev, tokens, 4 * hidden))
     return cases
 
 
 def time_row_configs() -> Iterator[tuple[str, dict[str, float] | str]]:
     """(blocking, tower -> ms per forward + backward call of its op inside a CUDA graph, or why the blocking has no
-    figures), one blocking at a time."""
+    figures), one blocking at a time; then, to compare against, each op as the model compiles it by default (the
+    twin traced into inductor's kernels)."""
     cases = row_cases()
     for label, (op, config) in row_configs().items():
         try:
@@ -295,6 +315,13 @@ def time_row_configs() -> Iterator[tuple[str, dict[str, float] | str]]:
                 yield label, {tower: _ms(_graphed(fn)) for tower, fn in cases[op].items()}
         except Exception as err:  # noqa: BLE001 - reported; the other blockings still run
             yield label, f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    for op, label in (("layer_norm", "LayerNorm"), ("gelu", "GELU")):
+        try:
+            compiled = row_cases(compile_op=True)[op]
+            yield f"{label} traced by torch.compile (the model's default)", {
+                tower: _ms(_graphed(fn)) for tower, fn in compiled.items()}
+        except Exception as err:  # noqa: BLE001 - reported
+            yield f"{label} traced by torch.compile", f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
 
 
 def time_attention_configs() -> Iterator[tuple[str, dict[str, float] | str]]:
@@ -380,7 +407,6 @@ def time_compiled() -> dict[str, dict[str, dict[str, float] | str]]:
     may leave the context unusable."""
     results: dict[str, dict[str, dict[str, float] | str]] = {}
     for mode in ("traced", "opaque"):
-        set_backend("torch" if mode == "traced" else "triton")
         set_compiled_layer_norm(mode)
         set_compiled_gelu(mode)
         torch._dynamo.reset()
@@ -391,7 +417,6 @@ def time_compiled() -> dict[str, dict[str, dict[str, float] | str]]:
                 results[name][mode] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
     set_compiled_layer_norm("traced")
     set_compiled_gelu("traced")
-    set_backend("auto")
     return results
 
 

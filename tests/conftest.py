@@ -9,6 +9,13 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+import torch
+
+# Without CUDA the Triton kernels run on CPU tensors under Triton's interpreter. Set before any test module is
+# collected: a module that imports triton first (the compile and census tests do) would otherwise leave triton's own
+# jit functions uninterpreted, and the kernel tests collected after it would fail.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Real text where ../shared/data is present (CI, this project's machines); made text elsewhere.
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus" / "tinyshakespeare" / "input.txt"

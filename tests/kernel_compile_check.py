@@ -151,20 +151,23 @@ def record(path: Path, candidate_blockings: bool = False) -> int:
     return 0
 
 
-def _resources(cubin: bytes) -> str:
-    """Registers per thread, stack and local memory (spills) of a cubin, from the cuobjdump Triton's wheel ships."""
+def _resources(compiled) -> str:
+    """Registers per thread, stack and local memory (spills) of a compiled kernel's cubin, from the cuobjdump Triton's
+    wheel ships, and the shared memory its launch asks for (Triton's metadata: reductions' scratch and the software
+    pipeline's buffers; cuobjdump sees only the static 1 KiB)."""
     import triton
 
+    cubin, shared = compiled.asm["cubin"], f"{compiled.metadata.shared} B shared"
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not tool.exists():
-        return f"{len(cubin)} B cubin"
+        return f"{len(cubin)} B cubin, {shared}"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         usage = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
+    fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
     return f"{fields.get('REG', '?')} registers, {fields.get('STACK', '?')} B stack + {fields.get('LOCAL', '?')} B " \
-           f"local (spills), {fields.get('SHARED', '?')} B shared"
+           f"local (spills), {shared}"
 
 
 def compile_all(path: Path, arch: int) -> int:
@@ -184,7 +187,7 @@ def compile_all(path: Path, arch: int) -> int:
             attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in entry.get("aligned", [])}
             source = ASTSource(fn=kernel, signature=entry["signature"], constexprs=entry["constexprs"], attrs=attrs)
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=entry["options"])
-            print(f"ok   {label}: {_resources(compiled.asm['cubin'])}, {time.perf_counter() - start:.1f} s")
+            print(f"ok   {label}: {_resources(compiled)}, {time.perf_counter() - start:.1f} s")
         except Exception as e:  # noqa: BLE001 - every failure is reported, then the exit status says it
             failed.append(label)
             print(f"FAIL {label}: {type(e).__name__}: {e}")

@@ -3,7 +3,7 @@ tests' devices and seeded tensors, tiny dropout-free models, token batches and t
 forward and backward, and Gumbel sample counts against softmax.
 
 Importing this module sets no environment variable and imports no triton (electra_ds.kernels imports it at a
-kernel's first use): the kernel tests set TRITON_INTERPRET themselves, before anything imports triton."""
+kernel's first use): conftest.py sets TRITON_INTERPRET without CUDA, before anything imports triton."""
 from __future__ import annotations
 
 import os

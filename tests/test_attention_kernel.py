@@ -1,19 +1,16 @@
 """The Triton self-attention (kernels/fused_attention.py) against its twin (reference.attention), forward and backward,
 eager and under torch.compile.
 
-Without CUDA the kernels run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set here before triton
-is imported); with CUDA the same comparisons run compiled on the GPU (marked `gpu`).
+Without CUDA the kernels run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, which conftest.py
+sets); with CUDA the same comparisons run compiled on the GPU (marked `gpu`).
 """
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from electra_ds import kernels  # noqa: E402

@@ -382,3 +382,26 @@ def test_data_pipeline_benchmark_runs_and_reports(tmp_path):
     layouts = sorted(name.split(", ")[1] for name in result["sampler"])
     assert layouts == sorted(["one segment", "two segments", "packed"] * 2)  # one shard, then more shards
     assert all(r["positions_per_s"] > 0 for r in result["sampler"].values())
+
+
+def test_kernel_speed_row_cases_run_on_small_shapes():
+    """The LayerNorm and GELU cases that kernel_speed.py --row_configs times (per tower: the discriminator's width,
+    then the generator's) give the twins' input gradients, the LayerNorm's under seed 0 with the dense bias."""
+    from benchmarks import kernel_speed
+    from electra_ds.kernels import reference
+
+    with kernel_backend("torch"):
+        torch.manual_seed(0)
+        cases = kernel_speed.row_cases("cpu", tokens=64)
+        torch.manual_seed(0)
+        for tower, hidden in (("discriminator", 256), ("generator", 64)):
+            x, r, w, b = kernel_speed.layer_norm_inputs("cpu", 64, hidden)
+            leaves = [t.detach().requires_grad_() for t in (x, r, w, b, b)]  # the bias is also the dense bias
+            out = reference.add_layer_norm(*leaves[:4], 1e-12, 0.1, torch.tensor(0), leaves[4])
+            expected = torch.autograd.grad(out, leaves, torch.ones_like(out))
+            h, hb = (t.detach().requires_grad_() for t in kernel_speed.gelu_inputs("cpu", 64, 4 * hidden))
+            gelu_expected = torch.autograd.grad(reference.bias_gelu(h, hb), (h, hb), torch.ones(64, 4 * hidden))
+            for got, want in zip(cases["layer_norm"][tower](), expected):
+                torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02, msg=tower)
+            for got, want in zip(cases["gelu"][tower](), gelu_expected):
+                torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02, msg=tower)

@@ -3,13 +3,9 @@ optimizer's formula is tests/test_pretrain.py's ElectraAdam test). CPU tensors r
 interpreter; the `gpu` variants run compiled."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from electra_ds import kernels  # noqa: E402

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,11 @@ def test_candidate_blockings_compile_for_hopper_without_spills(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     built = [line for line in done.stdout.splitlines() if line.startswith("ok ")]
     assert len(built) == len(recorded) and all(" 0 B stack + 0 B local " in line for line in built), done.stdout
+    # the pipelined walks (launch.Blocking.stages) are built as such: the next tiles' buffers in shared memory
+    shared = {int(re.search(r"'STAGES': (\d)", line).group(1)): int(re.search(r"(\d+) B shared", line).group(1))
+              for line in built if "_electra_add_layer_norm_bwd" in line and "'BLOCK_M': 8," in line
+              and "{'num_warps': 8}" in line}
+    assert shared[1] < shared[2] < shared[3], shared
 
 
 @pytest.mark.skipif(not _nvidia_compiler(), reason="this triton has no NVIDIA backend or ptxas to compile with")

@@ -1,19 +1,16 @@
 """Fused kernels (electra_ds/kernels): every Triton kernel against its plain-PyTorch twin, forward and backward.
 
-Without CUDA the kernels run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set here before
-triton is imported); with CUDA the same comparisons run compiled on the GPU (marked `gpu`).
+Without CUDA the kernels run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, which
+conftest.py sets); with CUDA the same comparisons run compiled on the GPU (marked `gpu`).
 """
 from __future__ import annotations
 
 import importlib
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from electra_ds import kernels  # noqa: E402

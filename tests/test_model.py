@@ -347,6 +347,43 @@ def test_token_id_outside_vocab_is_a_clear_error():
         model(ids, mask, None, plan, torch.tensor(0))
 
 
+
+@pytest.mark.parametrize("types", [2, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_type_lookup_is_the_embedding(types, dtype):
+    """layers.token_type_embedding gives F.embedding's values exactly and its gradient (per type a sum over its
+    tokens) within the dtype's rounding of the fp32 one, for ELECTRA's 2 types (chosen by `where`) and past that
+    lookup's limit (F.embedding)."""
+    from electra_ds.model.layers import token_type_embedding
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(types, 16, generator=g).to(dtype).requires_grad_()
+    ids = torch.randint(0, types, (4, 24), generator=g)
+    out, expected = token_type_embedding(ids, table), torch.nn.functional.embedding(ids, table)
+    assert out.dtype == expected.dtype and torch.equal(out, expected)
+    dy = torch.randn(4, 24, 16, generator=g).to(dtype)
+    exact = torch.zeros(types, 16).index_add_(0, ids.flatten(), dy.flatten(0, 1).float())
+    torch.testing.assert_close(torch.autograd.grad(out, table, dy)[0].float(), exact, rtol=0.016,
+                               atol=0.05 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_token_types_take_no_embedding_backward():
+    """A tower's backward looks up its word embeddings with an embedding (whose backward scatter-adds) and its token
+    types without one: all of a batch's tokens would add into one or two rows (layers.token_type_embedding)."""
+    model = ElectraForPretraining(preset("tiny", vocab_size=100))
+    ids, mask = make_batch(100)
+    types = (torch.arange(ids.shape[1]) > 10).long().expand_as(ids)
+    loss = model.discriminator_logits(ids, mask, types).float().sum()
+    seen, stack, names = set(), [loss.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    assert names.count("EmbeddingBackward0") == 1, sorted(set(names))
+
 # -- masking ---------------------------------------------------------------------------------------------------
 def test_masking_respects_specials_cap_and_split():
     vocab, length = 1000, 128

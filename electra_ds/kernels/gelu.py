@@ -12,8 +12,9 @@ _FORWARD_TILE, _FORWARD_COLUMNS = 4096, 128  # the forward's program tile: value
 
 
 # Blocking: 2-D tiles of up to 128 columns (the backward's: launch.GELU_BACKWARD) x as many rows as fill the tile, so
-# the bias slice is loaded once per tile. The backward program walks a run of row tiles for one column tile and keeps
-# the bias-gradient column sums in fp32 registers; one partial row per program is then summed by torch.
+# the bias slice is loaded once per tile. The backward program walks a run of row tiles for one column tile
+# (software-pipelined over launch.GELU_BACKWARD's stages) and keeps the bias-gradient column sums in fp32 registers;
+# one partial row per program is then summed by torch.
 @triton.jit
 def _electra_bias_gelu_fwd(X, B, Y, N, F, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -27,13 +28,14 @@ def _electra_bias_gelu_fwd(X, B, Y, N, F, BLOCK_M: tl.constexpr, BLOCK_F: tl.con
 
 
 @triton.jit
-def _electra_bias_gelu_bwd(X, B, DY, DX, DB, N, F, rows_per_program, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
+def _electra_bias_gelu_bwd(X, B, DY, DX, DB, N, F, rows_per_program, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
+                           STAGES: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     b = tl.load(B + cols, mask=cols < F, other=0.0).to(tl.float32)
     db = tl.zeros([BLOCK_F], dtype=tl.float32)
     start = pid * rows_per_program
-    for m in range(start, tl.minimum(start + rows_per_program, N), BLOCK_M):
+    for m in tl.range(start, tl.minimum(start + rows_per_program, N), BLOCK_M, num_stages=STAGES):
         rows = m + tl.arange(0, BLOCK_M)
         mask = (rows < N)[:, None] & (cols < F)[None, :]
         offs = rows.to(tl.int64)[:, None] * F + cols[None, :]
@@ -73,5 +75,5 @@ def backward_pass(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tupl
     if n:
         _electra_bias_gelu_bwd[(grid.programs, triton.cdiv(f, grid.block_cols))](
             x2, bias.contiguous(), dy.reshape(-1, f).contiguous(), dx, partials, n, f, grid.rows_per_program,
-            BLOCK_M=grid.block_m, BLOCK_F=grid.block_cols, num_warps=grid.num_warps)
+            BLOCK_M=grid.block_m, BLOCK_F=grid.block_cols, STAGES=grid.num_stages, num_warps=grid.num_warps)
     return dx.view(x.shape), partials

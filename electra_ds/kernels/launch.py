@@ -32,11 +32,13 @@ class Blocking:
     splits its rows. A program tile holds `tile` values (whole rows, or `columns` columns of each row where the kernel
     tiles columns too); `warps` per program (0: about 8 values per thread); `programs_per_sm` programs per
     multiprocessor, each walking a run of row tiles and writing one row of fp32 column-sum partials (0: one tile per
-    program, the most parallel and the most partials)."""
+    program, the most parallel and the most partials); `stages` of Triton's software pipeline over that walk (2 or
+    more: the next tiles' loads are in flight, through shared memory, while one tile is computed)."""
     tile: int = _ROW_TILE
     warps: int = 0
     programs_per_sm: int = 4
     columns: int = 0
+    stages: int = 1
 
     def num_warps(self, values: int) -> int:
         return self.warps or tile_warps(values)
@@ -67,19 +69,22 @@ def row_partition(rows: int, block_m: int, device: torch.device, programs_per_sm
 @dataclasses.dataclass(frozen=True)
 class RowLaunch:
     """A column-summing backward kernel's launch for one input: its program tile (block_m rows x block_cols columns),
-    rows per program, programs along the rows (one row of partials each) and warps per program."""
+    rows per program, programs along the rows (one row of partials each), warps per program and the pipeline stages
+    of its walk over the row tiles."""
     block_m: int
     block_cols: int
     rows_per_program: int
     programs: int
     num_warps: int
+    num_stages: int
 
 
 def _row_launch(shape: torch.Size, block_m: int, block_cols: int, blocking: Blocking,
                 device: torch.device) -> RowLaunch:
     rows = math.prod(shape[:-1]) if shape[-1] else 0
     rows_per_program, programs = row_partition(rows, block_m, device, blocking.programs_per_sm)
-    return RowLaunch(block_m, block_cols, rows_per_program, programs, blocking.num_warps(block_m * block_cols))
+    return RowLaunch(block_m, block_cols, rows_per_program, programs, blocking.num_warps(block_m * block_cols),
+                     blocking.stages)
 
 
 def layer_norm_backward_launch(shape: torch.Size, device: torch.device) -> RowLaunch:

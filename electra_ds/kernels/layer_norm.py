@@ -16,8 +16,9 @@ from .reference import dropout_scale
 # Blocking: a program tile holds BLOCK_M whole rows (the row padded to a power of two, hidden <= 8192) and
 # as many rows as fit in about 2048 values, so mean and variance are in-register row reductions and small
 # hidden sizes still give each program enough work. The backward program (its tile and count:
-# launch.LAYER_NORM_BACKWARD) walks a contiguous run of row tiles and keeps its column sums (the weight's, the
-# bias's, x's bias's gradients) in fp32 registers; torch adds up the per-program partials.
+# launch.LAYER_NORM_BACKWARD) walks a contiguous run of row tiles (software-pipelined over its stages: the next
+# tiles' loads in flight while one is computed) and keeps its column sums (the weight's, the bias's, x's bias's
+# gradients) in fp32 registers; torch adds up the per-program partials.
 @triton.jit(**UNALIGNED_SEED)
 def _electra_add_layer_norm_fwd(X, XB, R, W, B, Y, Mean, Rstd, Seed, N, H, eps, p, scale,
                                 HAS_XBIAS: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr,
@@ -47,7 +48,7 @@ def _electra_add_layer_norm_fwd(X, XB, R, W, B, Y, Mean, Rstd, Seed, N, H, eps, 
 @triton.jit(**UNALIGNED_SEED)
 def _electra_add_layer_norm_bwd(X, XB, R, W, DY, Mean, Rstd, Seed, DX, DR, Partials, N, H, rows_per_program, p,
                                 scale, HAS_XBIAS: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+                                BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     w = tl.load(W + cols, mask=cols < H, other=0.0).to(tl.float32)
@@ -59,7 +60,7 @@ def _electra_add_layer_norm_bwd(X, XB, R, W, DY, Mean, Rstd, Seed, DX, DR, Parti
     if DROPOUT:
         key = dropout_key(Seed)
     start = pid * rows_per_program
-    for m in range(start, tl.minimum(start + rows_per_program, N), BLOCK_M):
+    for m in tl.range(start, tl.minimum(start + rows_per_program, N), BLOCK_M, num_stages=STAGES):
         rows = m + tl.arange(0, BLOCK_M)
         mask = (rows < N)[:, None] & (cols < H)[None, :]
         offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
@@ -138,7 +139,7 @@ def backward_pass(dy: torch.Tensor, x: torch.Tensor, x_bias: torch.Tensor | None
             x2, xb, r2, weight.contiguous(), dy.reshape(-1, h).contiguous(), *stats, seed, dx,
             dres if residual is not None else dx, partials, n, h, grid.rows_per_program, dropout,
             dropout_scale(dropout), HAS_XBIAS=x_bias is not None, HAS_RES=residual is not None, DROPOUT=dropout > 0,
-            BLOCK_M=grid.block_m, BLOCK_H=grid.block_cols, num_warps=grid.num_warps)
+            BLOCK_M=grid.block_m, BLOCK_H=grid.block_cols, STAGES=grid.num_stages, num_warps=grid.num_warps)
     return dx.view(x.shape), dres.view(x.shape) if residual is not None else dres, partials
 
 
