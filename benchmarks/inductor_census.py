@@ -127,6 +127,7 @@ def graph_summary(source: str) -> dict[str, Any]:
     calls = launches(source)
     triton = [c for c in calls if c["kind"] == "triton"]
     return {"triton_kernels": len(triton),
+            "atomic_adds": source.count("tl.atomic_add("),  # statements in the graph's kernels (scatter-adds)
             "one_value_kernels": collections.Counter(c["name"] for c in triton
                                                      if c["elements"] == 1 and c["name"].startswith("triton_poi")),
             "extern_kernels": collections.Counter(c["name"] for c in calls if c["kind"] == "extern"),

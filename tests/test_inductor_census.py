@@ -89,3 +89,12 @@ def test_traced_gelus_store_their_slope_for_the_backward(traced):
     assert stores >= layers
     recomputed = [(name, n) for name, n in graphs["backward"]["by_name"] if "erf" in name or "gelu" in name]
     assert all("native_layer_norm_backward" in name for name, _ in recomputed) and sum(n for _, n in recomputed) <= 2
+
+
+def test_only_the_word_embeddings_scatter_add(traced):
+    """The backward's only atomic adds are the word embeddings' lookups, one per tower: the token types' table (all of a
+    batch's tokens in one or two rows, whose atomics the memory serialises) gets a sum per type instead
+    (kernels.token_type_embedding)."""
+    graphs, _ = traced
+    assert graphs["backward"]["atomic_adds"] == 2
+    assert graphs["forward"]["atomic_adds"] == graphs["masking"]["atomic_adds"] == 0

@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 
+from electra_ds import kernels
 from electra_ds.config import ElectraConfig, max_predictions, preset
 from electra_ds.convert import main as convert_main
 from electra_ds.kernels import reference
@@ -348,18 +349,33 @@ def test_token_id_outside_vocab_is_a_clear_error():
 
 
 
+def _compiled_lookup(backend: str, recorded: list | None = None):
+    """kernels.token_type_embedding under torch.compile with the kernels' backend `backend` ("triton": GPU code's
+    choices), run by aot_eager (the traced graph and its backward in eager ops); `recorded` gets each graph's call
+    targets."""
+    def record(gm, example_inputs):
+        if recorded is not None:
+            recorded.extend(node.target for node in gm.graph.nodes if node.op == "call_function")
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    with kernel_backend(backend):
+        return torch.compile(kernels.token_type_embedding, backend=record, fullgraph=True)
+
+
 @pytest.mark.parametrize("types", [2, 9])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_token_type_lookup_is_the_embedding(types, dtype):
-    """layers.token_type_embedding gives F.embedding's values exactly and its gradient (per type a sum over its
-    tokens) within the dtype's rounding of the fp32 one, for ELECTRA's 2 types (chosen by `where`) and past that
-    lookup's limit (F.embedding)."""
-    from electra_ds.model.layers import token_type_embedding
-
+    """kernels.token_type_embedding as torch.compile traces it for GPU code gives F.embedding's values exactly and its
+    gradient (per type a sum over its tokens) within the dtype's rounding of the exact fp32 one, for ELECTRA's 2 types
+    (chosen by `where`) and past that form's limit (F.embedding)."""
     g = torch.Generator().manual_seed(0)
     table = torch.randn(types, 16, generator=g).to(dtype).requires_grad_()
     ids = torch.randint(0, types, (4, 24), generator=g)
-    out, expected = token_type_embedding(ids, table), torch.nn.functional.embedding(ids, table)
+    lookup = _compiled_lookup("triton")
+    with kernel_backend("triton"):
+        out = lookup(ids, table)
+    expected = torch.nn.functional.embedding(ids, table)
     assert out.dtype == expected.dtype and torch.equal(out, expected)
     dy = torch.randn(4, 24, 16, generator=g).to(dtype)
     exact = torch.zeros(types, 16).index_add_(0, ids.flatten(), dy.flatten(0, 1).float())
@@ -367,22 +383,18 @@ def test_token_type_lookup_is_the_embedding(types, dtype):
                                atol=0.05 if dtype == torch.bfloat16 else 1e-5)
 
 
-def test_token_types_take_no_embedding_backward():
-    """A tower's backward looks up its word embeddings with an embedding (whose backward scatter-adds) and its token
-    types without one: all of a batch's tokens would add into one or two rows (layers.token_type_embedding)."""
-    model = ElectraForPretraining(preset("tiny", vocab_size=100))
-    ids, mask = make_batch(100)
-    types = (torch.arange(ids.shape[1]) > 10).long().expand_as(ids)
-    loss = model.discriminator_logits(ids, mask, types).float().sum()
-    seen, stack, names = set(), [loss.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(type(node).__name__)
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
-    assert names.count("EmbeddingBackward0") == 1, sorted(set(names))
+def test_token_types_take_no_embedding_in_gpu_code():
+    """Traced for GPU code the token-type lookup has no embedding, whose backward would add all of a batch's tokens
+    into one or two rows with atomics; traced for CPU code (inductor's C++ takes much longer over the `where` form)
+    and eagerly it is F.embedding."""
+    ids, table = torch.zeros(2, 8, dtype=torch.long), torch.randn(2, 4)
+    for backend, embeds in (("triton", False), ("torch", True)):
+        recorded = []
+        lookup = _compiled_lookup(backend, recorded)
+        with kernel_backend(backend):
+            lookup(ids, table)
+        assert (torch.nn.functional.embedding in recorded) is embeds, (backend, recorded)
+
 
 # -- masking ---------------------------------------------------------------------------------------------------
 def test_masking_respects_specials_cap_and_split():

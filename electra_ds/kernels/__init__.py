@@ -404,6 +404,26 @@ def _attention_backward(ctx, dout: torch.Tensor, _dstats: torch.Tensor) -> tuple
 _attention_op.register_autograd(_attention_backward, setup_context=_save_attention)
 
 
+_FEW_TYPES = 8  # token-type tables up to this size are looked up by `where` in GPU code (ELECTRA's has 2 rows)
+
+
+def token_type_embedding(token_type_ids: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+    """types[token_type_ids]: F.embedding's values.
+
+    Under torch.compile for GPU code (where the backend picks Triton) a table of a few rows is looked up by `where`,
+    row by row, so its gradient is a sum over each type's tokens: inductor's embedding backward adds each token's
+    gradient into its row with atomics, a batch's 16384 tokens into one or two rows, one after another (its kernel
+    took about 85 us per tower on an H200). Ids outside [0, rows) then select row 0 (a check would wait on the GPU);
+    the data pipelines make 0 and 1. Eagerly and for CPU code, F.embedding (where inductor's C++ code generation
+    for the `where` form took longer)."""
+    if not (torch.compiler.is_compiling() and _compiles_triton(types) and types.shape[0] <= _FEW_TYPES):
+        return torch.nn.functional.embedding(token_type_ids, types)
+    out = types[0].expand(*token_type_ids.shape, types.shape[1])
+    for t in range(1, types.shape[0]):
+        out = torch.where((token_type_ids == t).unsqueeze(-1), types[t], out)
+    return out
+
+
 def sigmoid_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-element binary cross-entropy with logits, in fp32."""
     impl = _op("bce") if _use_triton(logits) else reference
@@ -479,4 +499,4 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
 __all__ = ["BACKENDS", "COMPILED_FORMS", "adam_step", "add_layer_norm", "attention", "bias_gelu",
            "cross_entropy_and_sample", "dropout", "get_backend", "get_compiled_gelu", "get_compiled_layer_norm",
            "layer_norm_is_opaque", "reference", "set_backend", "set_compiled_gelu", "set_compiled_layer_norm",
-           "sigmoid_bce", "triton_available"]
+           "sigmoid_bce", "token_type_embedding", "triton_available"]

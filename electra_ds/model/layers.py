@@ -76,23 +76,6 @@ def dropout_sites(seed: torch.Tensor | None, first: int, count: int = 1) -> torc
     return kernels.reference.seed_key(seed ^ (sites << 40)).to(torch.int64)
 
 
-_FEW_TYPES = 8  # type vocabularies up to this size are looked up by `where` (ELECTRA's has 2 rows)
-
-
-def token_type_embedding(token_type_ids: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
-    """types[token_type_ids], the same values as F.embedding. For a few types, each token's row is chosen by `where`:
-    the gradient is then a sum over the tokens of each type, where an embedding's backward adds each token's gradient
-    into its row with atomics, a batch's 16384 tokens into one or two rows one after another (inductor's kernel took
-    about 85 us per tower on an H200). Ids outside [0, types) select row 0 there (no check: it would wait on the GPU);
-    the data pipelines make 0 and 1."""
-    if types.shape[0] > _FEW_TYPES:
-        return F.embedding(token_type_ids, types)
-    out = types[0].expand(*token_type_ids.shape, types.shape[1])
-    for t in range(1, types.shape[0]):
-        out = torch.where((token_type_ids == t).unsqueeze(-1), types[t], out)
-    return out
-
-
 def embed(w: Weights, prefix: str, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
           config: ElectraConfig, dropout_seeds: torch.Tensor | None) -> torch.Tensor:
     """Word + token-type + position embeddings (positions start at 0), LayerNorm, dropout (under the first of the
@@ -103,7 +86,7 @@ def embed(w: Weights, prefix: str, input_ids: torch.Tensor, token_type_ids: torc
                          f"{config.max_position_embeddings}")
     x = F.embedding(input_ids, w[f"{prefix}.word_embeddings.weight"])
     types = w[f"{prefix}.token_type_embeddings.weight"]
-    x = x + (types[0] if token_type_ids is None else token_type_embedding(token_type_ids, types))
+    x = x + (types[0] if token_type_ids is None else kernels.token_type_embedding(token_type_ids, types))
     x = x + w[f"{prefix}.position_embeddings.weight"][:length]
     x = kernels.add_layer_norm(x, None, w[f"{prefix}.LayerNorm.weight"], w[f"{prefix}.LayerNorm.bias"],
                                config.layer_norm_eps)
