@@ -222,10 +222,9 @@ def attention_configs() -> dict[str, Blocking]:
     return {"64 x 64, one-pass backward (default)": default,
             "64 x 64, two-pass backward": dataclasses.replace(default, one_pass=0),
             "64 x 64, one pass by 16 queries": dataclasses.replace(default, one_pass_block=16),
-            "64 x 64, one pass, 2 stages": dataclasses.replace(default, options={**default.options, "bwd_one": dict(
-                num_warps=8, num_stages=2)}),
-            "64 x 64, one pass, 3 stages": dataclasses.replace(default, options={**default.options, "bwd_one": dict(
-                num_warps=8, num_stages=3)}),
+            **{f"64 x 64, one pass, {n} stages": dataclasses.replace(
+                default, options={**default.options, "bwd_one": {**default.options["bwd_one"], "num_stages": n}})
+               for n in (2, 3)},
             "64 x 64, 8 warps, two passes": Blocking(64, same(8, 2)),
             "32 x 32, 8 warps, one pass": Blocking(32, same(8, 1), one_pass=128),
             "32 x 32, 2 warps, two passes": Blocking(32, same(2, 2))}
@@ -250,7 +249,8 @@ def row_configs() -> dict[str, tuple[str, launch.Blocking]]:
     at 26 us per call on average in the step (inductor's pair about 38 us for the discriminator's), so the candidates
     trade a program's run of tiles (latency hidden by more programs) against more partial rows, and pipeline that run
     (stages: the next tiles' loads in flight while one is computed; the default's sm_90 build holds 2 programs of 8
-    warps per multiprocessor, 115 registers a thread, too few loads in flight to cover the memory's latency)."""
+    warps per multiprocessor, 108 registers a thread with Triton 3.6: too few loads in flight to cover the memory's
+    latency)."""
     blocking = launch.Blocking
     layer_norm = {"2048 values, 4 programs per SM (default)": launch.LAYER_NORM_BACKWARD,
                   "2048 values, 8 programs per SM": blocking(programs_per_sm=8),
@@ -315,13 +315,13 @@ def time_row_configs() -> Iterator[tuple[str, dict[str, float] | str]]:
                 yield label, {tower: _ms(_graphed(fn)) for tower, fn in cases[op].items()}
         except Exception as err:  # noqa: BLE001 - reported; the other blockings still run
             yield label, f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
-    for op, label in (("layer_norm", "LayerNorm"), ("gelu", "GELU")):
+    compiled = row_cases(compile_op=True)  # each op compiles at its first call
+    for op, name in (("layer_norm", "LayerNorm"), ("gelu", "GELU")):
+        label = f"{name} traced by torch.compile (the model's default)"
         try:
-            compiled = row_cases(compile_op=True)[op]
-            yield f"{label} traced by torch.compile (the model's default)", {
-                tower: _ms(_graphed(fn)) for tower, fn in compiled.items()}
+            yield label, {tower: _ms(_graphed(fn)) for tower, fn in compiled[op].items()}
         except Exception as err:  # noqa: BLE001 - reported
-            yield f"{label} traced by torch.compile", f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            yield label, f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
 
 
 def time_attention_configs() -> Iterator[tuple[str, dict[str, float] | str]]:

@@ -349,18 +349,17 @@ def test_token_id_outside_vocab_is_a_clear_error():
 
 
 
-def _compiled_lookup(backend: str, recorded: list | None = None):
-    """kernels.token_type_embedding under torch.compile with the kernels' backend `backend` ("triton": GPU code's
-    choices), run by aot_eager (the traced graph and its backward in eager ops); `recorded` gets each graph's call
-    targets."""
+def _compiled_lookup(recorded: list | None = None):
+    """kernels.token_type_embedding under torch.compile, run by aot_eager (the traced graph and its backward in eager
+    ops; traced at the first call, under the kernels' backend then set: "triton" makes GPU code's choices);
+    `recorded` gets each graph's call targets."""
     def record(gm, example_inputs):
         if recorded is not None:
             recorded.extend(node.target for node in gm.graph.nodes if node.op == "call_function")
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
     torch._dynamo.reset()
-    with kernel_backend(backend):
-        return torch.compile(kernels.token_type_embedding, backend=record, fullgraph=True)
+    return torch.compile(kernels.token_type_embedding, backend=record, fullgraph=True)
 
 
 @pytest.mark.parametrize("types", [2, 9])
@@ -372,7 +371,7 @@ def test_token_type_lookup_is_the_embedding(types, dtype):
     g = torch.Generator().manual_seed(0)
     table = torch.randn(types, 16, generator=g).to(dtype).requires_grad_()
     ids = torch.randint(0, types, (4, 24), generator=g)
-    lookup = _compiled_lookup("triton")
+    lookup = _compiled_lookup()
     with kernel_backend("triton"):
         out = lookup(ids, table)
     expected = torch.nn.functional.embedding(ids, table)
@@ -385,12 +384,11 @@ def test_token_type_lookup_is_the_embedding(types, dtype):
 
 def test_token_types_take_no_embedding_in_gpu_code():
     """Traced for GPU code the token-type lookup has no embedding, whose backward would add all of a batch's tokens
-    into one or two rows with atomics; traced for CPU code (inductor's C++ takes much longer over the `where` form)
-    and eagerly it is F.embedding."""
+    into one or two rows with atomics; traced for CPU code it is F.embedding."""
     ids, table = torch.zeros(2, 8, dtype=torch.long), torch.randn(2, 4)
     for backend, embeds in (("triton", False), ("torch", True)):
         recorded = []
-        lookup = _compiled_lookup(backend, recorded)
+        lookup = _compiled_lookup(recorded)
         with kernel_backend(backend):
             lookup(ids, table)
         assert (torch.nn.functional.embedding in recorded) is embeds, (backend, recorded)

@@ -414,8 +414,7 @@ def token_type_embedding(token_type_ids: torch.Tensor, types: torch.Tensor) -> t
     row by row, so its gradient is a sum over each type's tokens: inductor's embedding backward adds each token's
     gradient into its row with atomics, a batch's 16384 tokens into one or two rows, one after another (its kernel
     took about 85 us per tower on an H200). Ids outside [0, rows) then select row 0 (a check would wait on the GPU);
-    the data pipelines make 0 and 1. Eagerly and for CPU code, F.embedding (where inductor's C++ code generation
-    for the `where` form took longer)."""
+    the data pipelines make 0 and 1. Eagerly and for CPU code, F.embedding as before."""
     if not (torch.compiler.is_compiling() and _compiles_triton(types) and types.shape[0] <= _FEW_TYPES):
         return torch.nn.functional.embedding(token_type_ids, types)
     out = types[0].expand(*token_type_ids.shape, types.shape[1])
