@@ -6,12 +6,15 @@ microseconds however little it does, so the launch count is the figure to watch 
 generates its GPU code (Triton kernels and the wrapper that launches them) for CPU tensors: its Triton backend
 serves the CPU, the compiler target is sm_90, the device reports an H200's 132 multiprocessors, and inductor's
 CPU-only heuristics (realizing reused values, loop reordering, concatenation by copies, small matrix products as
-pointwise code, no combo kernels) are turned off. Nothing runs: the generated kernels are not compiled (their
+pointwise code, no combo kernels) are turned off; with triton.enable_pdl=True the kernels wait for their predecessor
+(`gdc_wait`, counted) as for an sm_90 device. Nothing runs: the generated kernels are not compiled (their
 launches do nothing), and our opaque ops (attention, the generator head) return empty tensors of their shapes. So
 the census counts launches and names kernels; it says nothing of their speed. Matrix-product choices (cuBLAS) and
-mix-order reductions are not modelled.
+mix-order reductions are not modelled. With --build it then compiles each generated kernel for sm_90 under every
+config its autotuner would try on the card (Triton's compiler needs no GPU): what would fail to build, registers,
+spills.
 
-    python benchmarks/inductor_census.py [--model_size small] [--batch_size 128] [--json PATH]
+    python benchmarks/inductor_census.py [--model_size small] [--batch_size 128] [--build] [--json PATH]
 
 It patches inductor internals, so it follows torch's versions (written against torch 2.11, the H200 image's,
 and 2.13). For the H200's exact inductor, run it under torch 2.11 (a virtual environment with torch==2.11.0 and
@@ -51,6 +54,9 @@ def _redefine(fn: Any, old: str, new: str, namespace: dict[str, Any]) -> Any:
     return defined[fn.__name__]
 
 
+GENERATED: dict[str, str] = {}  # the source of each Triton kernel generated -> its name (names repeat across graphs)
+
+
 def generate_gpu_code_for_cpu() -> None:
     """Make inductor generate (not compile) its sm_90 Triton code for CPU tensors, process-wide."""
     import torch._functorch.config as functorch_config
@@ -60,6 +66,7 @@ def generate_gpu_code_for_cpu() -> None:
     import torch._inductor.ir as ir
     import torch._inductor.lowering as lowering
     import torch._inductor.runtime.hints as hints
+    import torch._inductor.codegen.triton as triton_codegen
     import torch._inductor.scheduler as scheduler
     import torch.utils._triton as torch_triton
     from triton.backends.compiler import GPUTarget
@@ -78,6 +85,10 @@ def generate_gpu_code_for_cpu() -> None:
     # re-registering aten.cat's lowering: a CPU cat copies each input in a kernel of its own
     _redefine(lowering.cat, 'cpu_device = inputs[0].get_device().type == "cpu"', "cpu_device = False",
               lowering.__dict__)
+    kernel = triton_codegen.TritonKernel  # programmatic dependent launch (triton.enable_pdl=True) on an sm_90 device
+    kernel._enable_pdl_codegen = staticmethod(_redefine(
+        kernel._enable_pdl_codegen, 'V.graph.get_current_device_or_throw().type == "cuda"',
+        'True or V.graph.get_current_device_or_throw().type == "cuda"', triton_codegen.__dict__))
     foreach = scheduler.ForeachKernelSchedulerNode  # combo kernels (--inductor combo_kernels=True) skip CPU nodes
     foreach.set_group_algorithm_for_combo_kernels(_redefine(
         foreach._default_group_nodes_for_combo_kernels, 'device.type == "mps" or device.type == "cpu"',
@@ -87,7 +98,11 @@ def generate_gpu_code_for_cpu() -> None:
         def run(self, *args, **kwargs) -> None:
             return None
 
-    async_compile.AsyncCompile.triton = lambda self, *args, **kwargs: Launch()
+    def generated(self, kernel_name: str, source_code: str, device_str: str = "cuda") -> Launch:
+        GENERATED[source_code] = kernel_name
+        return Launch()
+
+    async_compile.AsyncCompile.triton = generated
 
 
 def stand_in_opaque_ops() -> None:
@@ -128,6 +143,7 @@ def graph_summary(source: str) -> dict[str, Any]:
     triton = [c for c in calls if c["kind"] == "triton"]
     return {"triton_kernels": len(triton),
             "atomic_adds": source.count("tl.atomic_add("),  # statements in the graph's kernels (scatter-adds)
+            "pdl_waits": source.count("gdc_wait()"),  # with triton.enable_pdl=True: where a kernel awaits the last
             "one_value_kernels": collections.Counter(c["name"] for c in triton
                                                      if c["elements"] == 1 and c["name"].startswith("triton_poi")),
             "extern_kernels": collections.Counter(c["name"] for c in calls if c["kind"] == "extern"),
@@ -168,6 +184,60 @@ def census(model_size: str, batch_size: int, max_length: int, inductor: dict[str
     return [graph_summary(s) for s in sources]
 
 
+def build(sources: dict[str, str], arch: int = 90) -> list[dict[str, Any]]:
+    """Each generated kernel (source -> name, `GENERATED`) compiled by Triton for sm_`arch` under every config its
+    autotuner would try on the GPU (nothing runs): per config its registers, spills and shared memory
+    (tests/kernel_compile_check.py's `resource_usage`), or the compiler's error."""
+    import triton
+    from torch._inductor.codecache import PyCodeCache
+    from tqdm import tqdm
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tests.kernel_compile_check import resource_usage
+
+    built = []
+    for i, (source, name) in enumerate(tqdm(sources.items(), desc=f"building for sm_{arch}", unit="kernel",
+                                            file=sys.stderr)):
+        tuner = getattr(PyCodeCache.load(source), name)
+        for config in tuner.configs:
+            meta = tuner._create_compile_meta(config)
+            entry = {"source": i, "kernel": name, "config": str(config)}
+            try:
+                compiled = triton.compile(ASTSource(tuner.fn, meta["signature"], meta["constants"], meta["configs"][0]),
+                                          target=GPUTarget("cuda", arch, 32),
+                                          options=tuner._create_compile_options(config, meta))
+                entry.update(resource_usage(compiled))
+            except Exception as e:  # noqa: BLE001 - every failure is reported, then the exit status says it
+                entry["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            built.append(entry)
+    return built
+
+
+def spills(entry: dict[str, Any]) -> bool:
+    return bool(entry.get("local") or entry.get("stack"))
+
+
+def build_summary(built: list[dict[str, Any]], arch: int) -> str:
+    """Failures, and the kernels whose every config spills (the autotuner picks among a kernel's configs on the
+    card, so a spilling config matters only where it has no alternative)."""
+    failed = [b for b in built if "error" in b]
+    by_source = collections.defaultdict(list)
+    for b in built:
+        by_source[b["source"]].append(b)
+    always = [configs[0]["kernel"] for configs in by_source.values() if all(spills(b) for b in configs)]
+    lines = [f"built for sm_{arch}: {len(by_source)} kernels under {len(built)} configs, {len(failed)} failed; "
+             f"{sum(map(spills, built))} configs spill, in {len(always)} kernels all of them"]
+    ok = [b for b in built if "error" not in b and b["registers"] is not None]
+    if ok:
+        top = max(ok, key=lambda b: b["registers"])
+        lines.append(f"most registers: {top['registers']} per thread ({top['kernel']}, {top['config']}); most shared "
+                     f"memory: {max(b['shared'] for b in ok)} B")
+    lines += [f"    FAILED {b['kernel']} ({b['config']}): {b['error']}" for b in failed]
+    lines += [f"    every config spills: {name}" for name in always]
+    return "\n".join(lines)
+
+
 GRAPHS = ("masking", "forward", "backward")
 
 
@@ -193,7 +263,7 @@ def markdown(graphs: list[dict[str, Any]], top: int) -> str:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from electra_ds import kernels
     from electra_ds.config import PRESETS
-    from electra_ds.train.pretrain import inductor_setting
+    from electra_ds.train.pretrain import compile_options, inductor_setting
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,7 +271,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--inductor", type=inductor_setting, action="append", default=[], metavar="KEY=VALUE",
-                        help="a torch._inductor.config setting (repeatable), as pretrain.py's --inductor")
+                        help="a torch._inductor.config setting (repeatable), as pretrain.py's --inductor (over "
+                             "its COMPILE_DEFAULTS: combo_kernels=False counts the kernels before combining)")
     parser.add_argument("--compiled_layer_norm", choices=kernels.COMPILED_FORMS, default="traced",
                         help="kernels.set_compiled_layer_norm: the residual LayerNorms traced into inductor's kernels "
                              "or kept as our opaque op")
@@ -209,23 +280,35 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="kernels.set_compiled_gelu: the bias + GELUs traced into inductor's kernels or kept as "
                              "our opaque op")
     parser.add_argument("--top", type=int, default=12, help="kernel names listed per graph")
+    parser.add_argument("--build", action="store_true",
+                        help="also compile every generated kernel for sm_90 under each of its autotuning configs "
+                             "(Triton's compiler, no GPU; minutes): failures, registers, spills; exit status 1 if one "
+                             "fails")
     parser.add_argument("--json", type=Path, help="write the census here")
     args = parser.parse_args(argv)
+    if args.build and os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("--build needs Triton's compiler, not its interpreter: unset TRITON_INTERPRET")
     kernels.set_compiled_layer_norm(args.compiled_layer_norm)
     kernels.set_compiled_gelu(args.compiled_gelu)
     graphs = census(args.model_size, args.batch_size, args.max_length, dict(args.inductor))
     print(f"torch {torch.__version__}, ELECTRA-{args.model_size}, batch {args.batch_size} x {args.max_length}, "
           f"bf16, {args.compiled_layer_norm} LayerNorms, {args.compiled_gelu} GELUs, as inductor generates it for sm_90"
-          + (f", {dict(args.inductor)}" if args.inductor else ""))
+          f" with {compile_options(None, dict(args.inductor))}")
     print(markdown(graphs, args.top))
+    built = build(GENERATED) if args.build else None
+    if built is not None:
+        print(build_summary(built, 90))
     if args.json:
         from electra_ds.files import atomic_write
 
         record = {"torch": torch.__version__, "model_size": args.model_size, "batch_size": args.batch_size,
                   "max_length": args.max_length, "inductor": dict(args.inductor),
+                  "compile_options": compile_options(None, dict(args.inductor)),
                   "compiled_layer_norm": args.compiled_layer_norm, "compiled_gelu": args.compiled_gelu,
-                  "graphs": dict(zip(graph_names(graphs), graphs))}
+                  "graphs": dict(zip(graph_names(graphs), graphs)), "build": built}
         atomic_write(args.json, json.dumps(record, indent=1))
+    if built and any("error" in b for b in built):
+        sys.exit(1)
     return graphs
 
 

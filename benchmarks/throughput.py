@@ -50,7 +50,7 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -70,7 +70,7 @@ from electra_ds.files import atomic_write
 from electra_ds.flops import executed_step_flops, recipe_flops
 from electra_ds.host_sync import SyncCounter
 from electra_ds.train.engine import device_batch
-from electra_ds.train.pretrain import apply_inductor_settings, inductor_setting
+from electra_ds.train.pretrain import COMPILE_DEFAULTS, apply_inductor_settings, inductor_setting
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Dense bf16 tensor-core peak from the datasheets, by a substring of torch.cuda.get_device_name().
@@ -125,6 +125,7 @@ class Setup:
     warmup_steps: int
     max_steps: int
     seed: int = 0
+    inductor: dict[str, Any] = field(default_factory=dict)  # --inductor: our compiled variants take them as options
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -238,6 +239,7 @@ def build_hf(setup: Setup, variant: Variant) -> Runner:
 def build_ours_bare(setup: Setup, variant: Variant) -> Runner:
     from electra_ds.model.electra import ElectraForPretraining
     from electra_ds.train.engine import build_optimizer
+    from electra_ds.train.pretrain import compile_options
 
     mode = variant.compile
     backend = kernel_choice(setup, variant)
@@ -245,7 +247,7 @@ def build_ours_bare(setup: Setup, variant: Variant) -> Runner:
     model = ElectraForPretraining(setup.config).to(setup.device).train()
     optimizer = build_optimizer(model.param_groups(0.01), lr=setup.learning_rate, name="electra_adam",
                                 max_grad_norm=1.0)  # clipping on the device, as the engine hands it over
-    module = torch.compile(model, mode=mode) if mode else model
+    module = torch.compile(model, options=compile_options(mode, setup.inductor)) if mode else model
 
     def forward(batch: dict[str, torch.Tensor], plan: MaskingPlan, seed: torch.Tensor) -> torch.Tensor:
         return module(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], plan, seed).loss
@@ -269,7 +271,7 @@ def build_ours_ds(setup: Setup, variant: Variant) -> Runner:
     engine = ds_engine.initialize(model, ds_config, learning_rate=setup.learning_rate,
                                   warmup_steps=setup.warmup_steps, max_steps=setup.max_steps, weight_decay=0.01,
                                   optimizer="electra_adam")
-    mask_fn = compile_engine(engine, mode) if mode else mask_tokens
+    mask_fn = compile_engine(engine, mode, setup.inductor) if mode else mask_tokens
 
     def step(i: int) -> torch.Tensor:
         out = pretraining_step(engine, setup.our_batch(i), special_ids=setup.specials,
@@ -489,7 +491,8 @@ def make_setup(args: argparse.Namespace, batch_size: int, device: torch.device) 
                  precision=args.precision, device=device, batches=batches, our_batches=our_batches,
                  specials=specials, mlm_probability=mlm,
                  max_predictions=max_predictions(args.max_length, mlm), learning_rate=recipe["learning_rate"],
-                 warmup_steps=recipe["warmup_steps"], max_steps=recipe["max_steps"], seed=args.seed)
+                 warmup_steps=recipe["warmup_steps"], max_steps=recipe["max_steps"], seed=args.seed,
+                 inductor=dict(args.inductor))
 
 
 def free_memory(device: torch.device) -> None:
@@ -596,6 +599,8 @@ def markdown(result: dict[str, Any]) -> str:
              + f". Recipe ({meta['recipe']['steps']:,} steps of {meta['recipe']['batch_size']} x "
              f"{meta['recipe']['max_length']}): {meta['recipe']['pfs_days']:.4g} pfs-days (paper convention)."
              + (f" Inductor settings of the compiled variants: {meta['inductor']}." if meta.get("inductor") else "")
+             + (f" Our compiled variants' defaults: {meta['compile_defaults']}." if meta.get("compile_defaults")
+                else "")
              + (" Residual LayerNorms under compile: opaque (our kernels)."
                 if meta.get("compiled_layer_norm") == "opaque" else "")
              + (" Bias + GELU under compile: opaque (our kernels)." if meta.get("compiled_gelu") == "opaque" else ""),
@@ -657,7 +662,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "GPU busy time per step and the top kernels")
     p.add_argument("--inductor", type=inductor_setting, action="append", default=[], metavar="KEY=VALUE",
                    help="a torch._inductor.config setting (repeatable), as pretrain.py's --inductor, for every "
-                        "compiled variant: ours and the Hugging Face baselines alike")
+                        "compiled variant: ours and the Hugging Face baselines alike (ours take pretrain.py's "
+                        "COMPILE_DEFAULTS first, the baselines torch's defaults)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_check", action="store_true",
                    help="skip the check that the HF wiring computes our losses (check_same_loss)")
@@ -716,8 +722,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "pfs_days": recipe_flops(config, recipe["batch_size"], recipe["max_length"],
                                             recipe["max_steps"]).pfs_days},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv if argv is None else argv,
-        "inductor": inductor, "compiled_layer_norm": kernels.get_compiled_layer_norm(),
-        "compiled_gelu": kernels.get_compiled_gelu(),
+        "inductor": inductor, "compile_defaults": COMPILE_DEFAULTS,
+        "compiled_layer_norm": kernels.get_compiled_layer_norm(), "compiled_gelu": kernels.get_compiled_gelu(),
     }
     result: dict[str, Any] = {"meta": meta, "runs": []}
     if not args.no_check:

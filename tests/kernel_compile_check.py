@@ -151,23 +151,30 @@ def record(path: Path, candidate_blockings: bool = False) -> int:
     return 0
 
 
-def _resources(compiled) -> str:
-    """Registers per thread, stack and local memory (spills) of a compiled kernel's cubin, from the cuobjdump Triton's
-    wheel ships, and the shared memory its launch asks for (Triton's metadata: reductions' scratch and the software
-    pipeline's buffers; cuobjdump sees only the static 1 KiB)."""
+def resource_usage(compiled) -> dict[str, int | None]:
+    """Registers per thread, stack and local memory (bytes: spills) of a compiled kernel's cubin, from the cuobjdump
+    Triton's wheel ships (None without it), and the shared memory its launch asks for (Triton's metadata: reductions'
+    scratch and the software pipeline's buffers; cuobjdump sees only the static 1 KiB)."""
     import triton
 
-    cubin, shared = compiled.asm["cubin"], f"{compiled.metadata.shared} B shared"
+    usage = {"registers": None, "stack": None, "local": None, "shared": compiled.metadata.shared}
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
-        return f"{len(cubin)} B cubin, {shared}"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        usage = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
-    return f"{fields.get('REG', '?')} registers, {fields.get('STACK', '?')} B stack + {fields.get('LOCAL', '?')} B " \
-           f"local (spills), {shared}"
+    if tool.exists():
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            dump = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", dump))
+        usage.update({k: int(fields[f]) if f in fields else None
+                      for k, f in (("registers", "REG"), ("stack", "STACK"), ("local", "LOCAL"))})
+    return usage
+
+
+def _resources(compiled) -> str:
+    u = resource_usage(compiled)
+    if u["registers"] is None:
+        return f"{len(compiled.asm['cubin'])} B cubin, {u['shared']} B shared"
+    return f"{u['registers']} registers, {u['stack']} B stack + {u['local']} B local (spills), {u['shared']} B shared"
 
 
 def compile_all(path: Path, arch: int) -> int:

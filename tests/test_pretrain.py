@@ -236,6 +236,23 @@ def test_inductor_settings_are_checked_before_any_compile(capsys):
         assert inductor_config.combo_kernels is True and inductor_config.max_fusion_size == 32
 
 
+def test_compile_options_put_our_defaults_between_the_mode_and_the_flags():
+    """Our model compiles with torch.compile(options=...) (a mode and options cannot both be given): the mode's
+    settings, then COMPILE_DEFAULTS (combo kernels), then --inductor's, which override both; torch.compile accepts
+    the result for every --compile mode, and it compiles and runs here (a CPU compile ignores combo kernels)."""
+    assert pretrain.COMPILE_DEFAULTS == {"combo_kernels": True}
+    assert pretrain.compile_options(None) == pretrain.compile_options("default") == {"combo_kernels": True}
+    assert pretrain.compile_options("reduce-overhead") == {"triton.cudagraphs": True, "combo_kernels": True}
+    assert pretrain.compile_options("max-autotune", {"combo_kernels": False, "max_fusion_size": 32}) == {
+        "max_autotune": True, "triton.cudagraphs": True, "coordinate_descent_tuning": True, "combo_kernels": False,
+        "max_fusion_size": 32}
+    for mode in ("default", "reduce-overhead", "max-autotune"):
+        torch.compile(torch.sin, options=pretrain.compile_options(mode))
+    x = torch.linspace(-2, 2, 7)
+    torch.testing.assert_close(torch.compile(lambda t: torch.sin(t) * t, options=pretrain.compile_options(None))(x),
+                               torch.sin(x) * x)
+
+
 def test_rc2020_step_flags_count_samples_and_the_readme_command_parses():
     readme = ("--mlm_probability 0.15  --mlm_replacement_probability 0.85 --max_length 128 "
               "--per_device_train_batch_size 128 --gradient_accumulation_steps 1 --logging_steps 3840 "

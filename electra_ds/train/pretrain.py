@@ -131,9 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "their twins (masks and samples bit for bit); ELECTRA_DS_COMPILED_LAYER_NORM=opaque keeps "
                           "the encoder layers' LayerNorm kernels too, ELECTRA_DS_COMPILED_GELU=opaque the GELU's")
     run.add_argument("--inductor", type=inductor_setting, action="append", default=[], metavar="KEY=VALUE",
-                     help="a torch._inductor.config setting for --compile (repeatable), e.g. combo_kernels=True or "
-                          "coordinate_descent_tuning=True. Meant for speed settings, which leave results as they "
-                          "are up to floating-point rounding; a setting such as fallback_random changes them")
+                     help="a torch._inductor.config setting for --compile (repeatable), e.g. "
+                          "coordinate_descent_tuning=True, or combo_kernels=False (True is our model's default: "
+                          "COMPILE_DEFAULTS). Meant for speed settings, which leave results as they are up to "
+                          "floating-point rounding; a setting such as fallback_random changes them")
     run.add_argument("--deepspeed_config", "--ds_config", default="auto",
                      help="DeepSpeed JSON: a path or a name in ds_configs/ (bf16, bf16_zero2, ...); auto: bf16 on a "
                           "bf16 GPU, fp16 on older GPUs, fp32 without a GPU")
@@ -372,12 +373,27 @@ def apply_inductor_settings(settings: dict[str, Any]) -> None:
         setattr(inductor_config, key, value)
 
 
+# Inductor settings our compiled model takes unless --inductor sets them otherwise. combo_kernels: a graph's
+# independent kernels (the backward's many small reductions and copies among them) launch as one; on an H200
+# (e5c1529, benchmarks/results/h200_e5c1529_combo_kernels.md) 9.44 against 10.30 ms per step, 975 kernels against
+# 1,623. It concerns GPU (Triton) code only: compiles for the CPU ignore it.
+COMPILE_DEFAULTS: dict[str, Any] = {"combo_kernels": True}
+
+
+def compile_options(mode: str | None, inductor: dict[str, Any] | None = None) -> dict[str, Any]:
+    """torch.compile's `options` for our model: the settings of `mode` (None: the default; torch.compile takes a mode
+    or options, not both), then COMPILE_DEFAULTS, then `inductor`."""
+    from torch._inductor import list_mode_options
+
+    return {**list_mode_options(mode or "default"), **COMPILE_DEFAULTS, **(inductor or {})}
+
+
 def compile_engine(engine, mode: str | None, inductor: dict[str, Any] | None = None) -> Callable[..., MaskingPlan]:
-    """What `--compile` does: torch.compile the engine's model (mode None: the default) and the masking, with the
-    `inductor` config settings (`apply_inductor_settings`; process-wide); returns the masking function for
-    `pretraining_step`."""
+    """What `--compile` does: torch.compile the engine's model (mode None: the default; `compile_options`) and the
+    masking, with the `inductor` config settings (`apply_inductor_settings`; process-wide); returns the masking
+    function for `pretraining_step`."""
     apply_inductor_settings(inductor or {})
-    engine.compile(compile_kwargs={"mode": mode} if mode else {})
+    engine.compile(compile_kwargs={"options": compile_options(mode, inductor)})
     return compiled_masking(mode)
 
 
@@ -990,8 +1006,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["GracefulStop", "NonFiniteError", "Plan", "ReplicasDifferError", "SaveError", "SetupError",
-           "apply_inductor_settings", "build_parser", "differing_ranks", "evaluate", "forward", "inductor_setting",
-           "main", "make_plan", "parse_args",
+           "apply_inductor_settings", "build_parser", "compile_options", "differing_ranks", "evaluate", "forward",
+           "inductor_setting", "main", "make_plan", "parse_args",
            "pretraining_step", "replica_gaps", "run", "weight_stats"]
 
 if __name__ == "__main__":
