@@ -61,12 +61,12 @@ def generate_gpu_code_for_cpu() -> None:
     """Make inductor generate (not compile) its sm_90 Triton code for CPU tensors, process-wide."""
     import torch._functorch.config as functorch_config
     import torch._inductor.async_compile as async_compile
+    import torch._inductor.codegen.triton as triton_codegen
     import torch._inductor.config as inductor_config
     import torch._inductor.decomposition as decomposition
     import torch._inductor.ir as ir
     import torch._inductor.lowering as lowering
     import torch._inductor.runtime.hints as hints
-    import torch._inductor.codegen.triton as triton_codegen
     import torch._inductor.scheduler as scheduler
     import torch.utils._triton as torch_triton
     from triton.backends.compiler import GPUTarget
@@ -143,7 +143,7 @@ def graph_summary(source: str) -> dict[str, Any]:
     triton = [c for c in calls if c["kind"] == "triton"]
     return {"triton_kernels": len(triton),
             "atomic_adds": source.count("tl.atomic_add("),  # statements in the graph's kernels (scatter-adds)
-            "pdl_waits": source.count("gdc_wait()"),  # with triton.enable_pdl=True: where a kernel awaits the last
+            "pdl_waits": source.count("gdc_wait()"),  # triton.enable_pdl=True: in-kernel waits for the kernel before
             "one_value_kernels": collections.Counter(c["name"] for c in triton
                                                      if c["elements"] == 1 and c["name"].startswith("triton_poi")),
             "extern_kernels": collections.Counter(c["name"] for c in calls if c["kind"] == "extern"),
