@@ -9,12 +9,17 @@ CPU-only heuristics (realizing reused values, loop reordering, concatenation by 
 pointwise code, no combo kernels) are turned off; with triton.enable_pdl=True the kernels wait for their predecessor
 (`gdc_wait`, counted) as for an sm_90 device. Nothing runs: the generated kernels are not compiled (their
 launches do nothing), and our opaque ops (attention, the generator head) return empty tensors of their shapes. So
-the census counts launches and names kernels; it says nothing of their speed. Matrix-product choices (cuBLAS) and
-mix-order reductions are not modelled. With --build it then compiles each generated kernel for sm_90 under every
-config its autotuner would try on the card (Triton's compiler needs no GPU): what would fail to build, registers,
-spills.
+the census counts launches and names kernels, and adds up inductor's estimate of the bytes each kernel reads and
+writes (its buffers' sizes: the memory traffic, which at the card's bandwidth bounds the kernels' time from below;
+our ops and the matrix products are not counted); it says nothing else of their speed. Matrix-product choices
+(cuBLAS) and mix-order reductions are not modelled. With --build it then compiles each generated kernel for sm_90
+under every config its autotuner would try on the card (Triton's compiler needs no GPU): what would fail to build,
+registers, spills. With --profile it reads a throughput.py result profiled on a GPU (from the same code and torch
+version, so that the kernels have the same names) and prints each profiled variant's kernels with the bandwidth
+they reached (throughput.py records that itself since it compiles with benchmark_kernel when profiling on a GPU).
 
     python benchmarks/inductor_census.py [--model_size small] [--batch_size 128] [--build] [--json PATH]
+                                         [--sources DIR] [--profile RESULT_JSON]
 
 It patches inductor internals, so it follows torch's versions (written against torch 2.11, the H200 image's,
 and 2.13). For the H200's exact inductor, run it under torch 2.11 (a virtual environment with torch==2.11.0 and
@@ -40,6 +45,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import step_profile  # noqa: E402
+from benchmarks.step_profile import kernel_gigabytes, merged_kernel_gigabytes  # noqa: E402
+
 H200_PROPERTIES = {"multi_processor_count": 132, "cc": 90, "major": 9, "regs_per_multiprocessor": 65536,
                    "max_threads_per_multi_processor": 2048, "max_threads_per_block": 1024, "warp_size": 32}
 
@@ -60,6 +68,7 @@ GENERATED: dict[str, str] = {}  # the source of each Triton kernel generated -> 
 def generate_gpu_code_for_cpu() -> None:
     """Make inductor generate (not compile) its sm_90 Triton code for CPU tensors, process-wide."""
     import torch._functorch.config as functorch_config
+    import torch._inductor.codegen.cpu_device_op_overrides as cpu_device_op_overrides
     import torch._inductor.async_compile as async_compile
     import torch._inductor.codegen.triton as triton_codegen
     import torch._inductor.config as inductor_config
@@ -73,6 +82,13 @@ def generate_gpu_code_for_cpu() -> None:
     from triton.compiler.compiler import make_backend
 
     inductor_config.cpu_backend = "triton"
+    inductor_config.benchmark_kernel = True  # each kernel's metadata then estimates the bytes it moves
+    # The benchmark harness that benchmark_kernel adds to each kernel's module (which --build loads) takes its stream
+    # and device guard from the CPU's code here: a stream getter in one line, as for CUDA (the harness dedents it with
+    # its other imports), and a guard that is an expression (torch 2.11's "pass" made `with pass:`).
+    cpu_ops = cpu_device_op_overrides.CpuDeviceOpOverrides
+    cpu_ops.import_get_raw_stream_as = lambda _self, name: f"{name} = lambda _device: 0"
+    cpu_ops.device_guard = lambda _self, _index: "torch._ops.contextlib.nullcontext()"
     functorch_config.force_non_lazy_backward_lowering = True  # the backward's code at the forward's compile
     backend = make_backend(GPUTarget("cuda", 90, 32))
     torch_triton.triton_backend = lambda: backend
@@ -129,10 +145,10 @@ def launches(source: str) -> list[dict[str, Any]]:
     out = []
     for line in call.splitlines():
         line = line.strip()
-        if match := re.match(r"(triton_\w+?)(?:_\d+)?\.run\((.*)\)$", line):
-            sizes = re.search(r"((?:, \d+)+)(?:, (?:stream|grid)\b.*)?$", match.group(2))
+        if match := re.match(r"((triton_\w+?)(?:_\d+)?)\.run\((.*)\)$", line):
+            sizes = re.search(r"((?:, \d+)+)(?:, (?:stream|grid)\b.*)?$", match.group(3))
             elements = math.prod(int(n) for n in sizes.group(1).split(", ")[1:]) if sizes else None
-            out.append({"kind": "triton", "name": match.group(1), "elements": elements})
+            out.append({"kind": "triton", "kernel": match.group(1), "name": match.group(2), "elements": elements})
         elif match := re.search(r"(extern_kernels\.\w+|torch\.ops\.\w+\.\w+|\baten\.\w+)(?:\.\w+)?\(", line):
             out.append({"kind": "extern" if match.group(1).startswith("extern") else "op", "name": match.group(1)})
     return out
@@ -141,7 +157,15 @@ def launches(source: str) -> list[dict[str, Any]]:
 def graph_summary(source: str) -> dict[str, Any]:
     calls = launches(source)
     triton = [c for c in calls if c["kind"] == "triton"]
+    gigabytes = kernel_gigabytes(source)
+    moved: collections.Counter[str] = collections.Counter()  # kernel -> GB in all its launches
+    for c in triton:
+        moved[c["kernel"]] += gigabytes.get(c["kernel"], 0.0)
+    launched = collections.Counter(c["kernel"] for c in triton)
     return {"triton_kernels": len(triton),
+            "gigabytes": sum(moved.values()),
+            "kernels_without_gigabytes": sum(c["kernel"] not in gigabytes for c in triton),  # combo kernels, torch 2.11
+            "gigabytes_by_kernel": [(name, launched[name], round(gb, 9)) for name, gb in moved.most_common()],
             "atomic_adds": source.count("tl.atomic_add("),  # statements in the graph's kernels (scatter-adds)
             "pdl_waits": source.count("gdc_wait()"),  # triton.enable_pdl=True: in-kernel waits for the kernel before
             "one_value_kernels": collections.Counter(c["name"] for c in triton
@@ -152,9 +176,9 @@ def graph_summary(source: str) -> dict[str, Any]:
 
 
 def census(model_size: str, batch_size: int, max_length: int, inductor: dict[str, Any] | None = None
-           ) -> list[dict[str, Any]]:
+           ) -> list[str]:
     """Compile one pretraining step (the training path of `pretrain.py --compile`: the DeepSpeed engine with the
-    bf16 config) as for an sm_90 GPU; a summary per compiled graph, in compile order."""
+    bf16 config) as for an sm_90 GPU; the code generated for each compiled graph, in compile order."""
     from torch._inductor.utils import run_and_get_code
 
     from benchmarks.hf_baseline import random_batch, special_token_ids
@@ -181,7 +205,7 @@ def census(model_size: str, batch_size: int, max_length: int, inductor: dict[str
                                   max_predictions=max_predictions(max_length, mlm), step=0, seed=0, rank=0,
                                   mask_fn=mask_fn)
     engine.destroy()
-    return [graph_summary(s) for s in sources]
+    return sources
 
 
 def build(sources: dict[str, str], arch: int = 90) -> list[dict[str, Any]]:
@@ -238,6 +262,21 @@ def build_summary(built: list[dict[str, Any]], arch: int) -> str:
     return "\n".join(lines)
 
 
+def profile_bandwidth(result: dict[str, Any], gigabytes: dict[str, float]) -> str:
+    """Each profiled variant of a throughput.py result whose kernels `gigabytes` (name -> GB per launch) knows, as
+    step_profile.markdown writes it, with the bandwidth of those kernels."""
+    sections = []
+    for run in result["runs"]:
+        for variant in run["variants"]:
+            profile = variant.get("profile")
+            if profile and profile.get("gpu_busy_ms_per_step") is not None:
+                step_profile.add_bandwidth(profile, gigabytes)
+                if profile["kernel_bandwidth"]:
+                    sections.append(step_profile.markdown(f"{variant['name']} (batch {run['batch_size']})",
+                                                          variant["ms_per_step"], profile))
+    return "\n\n".join(sections) or "no profiled GPU variant ran a kernel of this census"
+
+
 GRAPHS = ("masking", "forward", "backward")
 
 
@@ -245,18 +284,30 @@ def graph_names(graphs: list[dict[str, Any]]) -> list[str]:
     return list(GRAPHS) if len(graphs) == len(GRAPHS) else [f"graph {i}" for i in range(len(graphs))]
 
 
+HBM_BYTES_PER_S = 4.8e12  # the H200's memory bandwidth (NVIDIA's figure)
+
+
 def markdown(graphs: list[dict[str, Any]], top: int) -> str:
-    lines = ["| graph | Triton kernels | of them pointwise over one value | matrix products | other ops (ours, aten) |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| graph | Triton kernels | of them pointwise over one value | GB they move (kernels not estimated) | "
+             "ms at 4.8 TB/s | matrix products | other ops (ours, aten) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, g in zip(graph_names(graphs), graphs):
         lines.append(f"| {name} | {g['triton_kernels']} | {sum(g['one_value_kernels'].values())} | "
+                     f"{g['gigabytes']:.3f} ({g['kernels_without_gigabytes']}) | "
+                     f"{g['gigabytes'] * 1e12 / HBM_BYTES_PER_S:.3f} | "
                      f"{sum(g['extern_kernels'].values())} | {sum(g['ops'].values())} |")
     total = [sum(g["triton_kernels"] for g in graphs), sum(sum(g["one_value_kernels"].values()) for g in graphs)]
-    lines.append(f"| all | {total[0]} | {total[1]} | {sum(sum(g['extern_kernels'].values()) for g in graphs)} | "
+    gigabytes = sum(g["gigabytes"] for g in graphs)
+    unestimated = sum(g["kernels_without_gigabytes"] for g in graphs)
+    lines.append(f"| all | {total[0]} | {total[1]} | {gigabytes:.3f} ({unestimated}) | "
+                 f"{gigabytes * 1e12 / HBM_BYTES_PER_S:.3f} | "
+                 f"{sum(sum(g['extern_kernels'].values()) for g in graphs)} | "
                  f"{sum(sum(g['ops'].values()) for g in graphs)} |")
     for name, g in zip(graph_names(graphs), graphs):
         lines += ["", f"{name}: the most launched Triton kernels (launches, name without its index)"]
         lines += [f"    {n:4d} {kernel}" for kernel, n in g["by_name"][:top]]
+        lines += ["", f"{name}: the Triton kernels that move the most (GB in all their launches, inductor's estimate; "
+                      "launches; name)"]
+        lines += [f"    {gb:7.3f} {n:4d} {kernel}" for kernel, n, gb in g["gigabytes_by_kernel"][:top]]
     return "\n".join(lines)
 
 
@@ -285,16 +336,29 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                              "(Triton's compiler, no GPU; minutes): failures, registers, spills; exit status 1 if one "
                              "fails")
     parser.add_argument("--json", type=Path, help="write the census here")
+    parser.add_argument("--profile", type=Path, metavar="RESULT_JSON",
+                        help="a throughput.py result profiled on the GPU (--profile_steps) from the code and torch "
+                             "version of this census: print its compiled variants' profiles with the bandwidth each "
+                             "kernel reached, from the census's bytes estimates matched by kernel name")
+    parser.add_argument("--sources", type=Path, metavar="DIR",
+                        help="write each graph's generated code (its kernels and the wrapper launching them) here")
     args = parser.parse_args(argv)
     if args.build and os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("--build needs Triton's compiler, not its interpreter: unset TRITON_INTERPRET")
     kernels.set_compiled_layer_norm(args.compiled_layer_norm)
     kernels.set_compiled_gelu(args.compiled_gelu)
-    graphs = census(args.model_size, args.batch_size, args.max_length, dict(args.inductor))
+    sources = census(args.model_size, args.batch_size, args.max_length, dict(args.inductor))
+    graphs = [graph_summary(s) for s in sources]
+    if args.sources:
+        args.sources.mkdir(parents=True, exist_ok=True)
+        for name, source in zip(graph_names(graphs), sources):
+            (args.sources / f"{name.replace(' ', '_')}.py").write_text(source)
     print(f"torch {torch.__version__}, ELECTRA-{args.model_size}, batch {args.batch_size} x {args.max_length}, "
           f"bf16, {args.compiled_layer_norm} LayerNorms, {args.compiled_gelu} GELUs, as inductor generates it for sm_90"
           f" with {compile_options(None, dict(args.inductor))}")
     print(markdown(graphs, args.top))
+    if args.profile:
+        print(profile_bandwidth(json.loads(args.profile.read_text()), merged_kernel_gigabytes(sources)))
     built = build(GENERATED) if args.build else None
     if built is not None:
         print(build_summary(built, 90))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -87,6 +89,59 @@ def profile_steps(step: Callable[[int], Any], first: int, steps: int, device: to
             "gpu_annotations": [{"name": name, "span_ms_per_step": us / steps / 1e3}
                                 for name, us, _ in annotations] if cuda else None,
             "gpu_idle": gaps, "timeline": timeline}
+
+
+def kernel_gigabytes(source: str) -> dict[str, float]:
+    """Each Triton kernel a module that inductor generated defines -> inductor's estimate of the gigabytes one launch
+    reads and writes (`kernel_num_gb` in its metadata, there when compiled under `benchmark_kernel`): the sizes of
+    its buffers or of the slices it touches (a broadcast read of a buffer larger than the kernel's output counts as
+    one value per output value)."""
+    kernels = re.finditer(r"^(\w+) = async_compile\.triton\('\w+', '''(.*?)'''", source, re.M | re.S)
+    return {name: float(gb.group(1)) for name, code in (k.groups() for k in kernels)
+            if (gb := re.search(r"'kernel_num_gb': ([0-9.e+-]+)", code))}
+
+
+def merged_kernel_gigabytes(sources: Iterable[str]) -> dict[str, float]:
+    """`kernel_gigabytes` over several generated modules; a name that two graphs give kernels of different
+    estimates is left out (a profile cannot tell their launches apart)."""
+    found: dict[str, set[float]] = {}
+    for source in sources:
+        for name, gb in kernel_gigabytes(source).items():
+            found.setdefault(name, set()).add(gb)
+    return {name: gbs.pop() for name, gbs in found.items() if len(gbs) == 1}
+
+
+def generated_kernel_gigabytes(modules: Iterable[ModuleType]) -> dict[str, float]:
+    """`merged_kernel_gigabytes` over the code of inductor's loaded modules (PyCodeCache.modules)."""
+    paths = [Path(getattr(module, "__file__", None) or "") for module in modules]
+    return merged_kernel_gigabytes(path.read_text() for path in paths if path.suffix == ".py" and path.is_file())
+
+
+SIZE_CLASSES_MB = (1, 10, 40)  # per launch: on an H100/H200 latency-bound below 1 MB, streaming above 40 MB
+
+
+def add_bandwidth(profile: dict[str, Any], gigabytes: dict[str, float]) -> None:
+    """Each of the profile's top ops that `gigabytes` (kernel -> GB per launch) knows gets its GB per launch and the
+    bandwidth it reached (TB/s); the profile gets their sums ("kernel_bandwidth": ms, GB, launches and TB/s per step,
+    in all and by MB per launch), which say how far those kernels are from the card's memory bandwidth."""
+    known = [op for op in profile["top_ops"] if op["name"] in gigabytes]
+    classes: dict[str, list[float]] = {}
+    for op in known:
+        op["gb_per_call"] = gigabytes[op["name"]]
+        gb = op["gb_per_call"] * op["calls_per_step"]
+        op["tb_per_s"] = gb / op["ms_per_step"]  # GB per ms
+        mb = 1e3 * op["gb_per_call"]
+        size = next((f"< {b} MB" for b in SIZE_CLASSES_MB if mb < b), f">= {SIZE_CLASSES_MB[-1]} MB")
+        totals = classes.setdefault(size, [0.0, 0.0, 0.0])
+        for i, value in enumerate((op["ms_per_step"], gb, op["calls_per_step"])):
+            totals[i] += value
+
+    def summary(ms: float, gb: float, calls: float) -> dict[str, float]:
+        return {"ms_per_step": ms, "gb_per_step": gb, "calls_per_step": calls, "tb_per_s": gb / ms if ms else 0.0}
+
+    profile["kernel_bandwidth"] = {
+        "all": summary(*(sum(t[i] for t in classes.values()) for i in range(3))),
+        "by_launch_size": {size: summary(*totals) for size, totals in sorted(classes.items())}} if known else None
 
 
 def step_windows(kernels: list[tuple[float, float, str]], region_starts: Sequence[float]) -> list[tuple[float, float]]:
@@ -196,11 +251,18 @@ def markdown(name: str, ms_per_step: float | None, profile: dict[str, Any]) -> s
     if profile.get("gpu_annotations"):
         head += "; regions on the GPU timeline, not in the busy time: " + ", ".join(
             f"{a['name']} {a['span_ms_per_step']:.2f} ms" for a in profile["gpu_annotations"])
-    rows = ["| op | ms/step | calls/step |", "|---|---:|---:|"]
-    rows += [f"| `{op['name'][:90]}` | {op['ms_per_step']:.3f} | {op['calls_per_step']:g} |"
-             for op in profile["top_ops"][:TOP]]
+    bandwidth = profile.get("kernel_bandwidth")  # absent from results saved before it was recorded
+    if bandwidth:
+        head += ("; inductor's kernels with a bytes estimate: " + ", ".join(
+            f"{label} {b['ms_per_step']:.2f} ms for {b['gb_per_step']:.2f} GB ({b['tb_per_s']:.2f} TB/s)"
+            for label, b in [("all", bandwidth["all"]),
+                             *((f"{size} a launch", b) for size, b in bandwidth["by_launch_size"].items())]))
+    rows = ["| op | ms/step | calls/step | TB/s |", "|---|---:|---:|---:|"]
+    rows += [f"| `{op['name'][:90]}` | {op['ms_per_step']:.3f} | {op['calls_per_step']:g} | "
+             + (f"{op['tb_per_s']:.2f} |" if "tb_per_s" in op else " |") for op in profile["top_ops"][:TOP]]
     return "\n".join([head, "", *rows])
 
 
-__all__ = ["CATEGORIES", "STEP_REGION", "category", "copies_after", "device_events", "idle_gaps", "markdown",
+__all__ = ["CATEGORIES", "STEP_REGION", "add_bandwidth", "category", "copies_after", "device_events",
+           "generated_kernel_gigabytes", "idle_gaps", "kernel_gigabytes", "markdown", "merged_kernel_gigabytes",
            "profile_steps", "step_timeline"]

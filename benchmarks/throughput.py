@@ -59,6 +59,7 @@ if __package__ in (None, ""):  # run as a script: import `benchmarks.*` from the
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
+from torch._inductor.codecache import PyCodeCache
 
 from benchmarks import step_profile
 from benchmarks.hf_baseline import (build_hf_pair, check_same_loss, hf_param_groups, random_batch,
@@ -512,6 +513,7 @@ def run_variant(setup: Setup, variant: Variant, *, warmup: int, steps: int, peak
     memory_kind = reset_peak_memory(setup.device)
     previous_backend = kernels.get_backend()
     runner = None
+    generated = len(PyCodeCache.modules)  # inductor's modules loaded before this variant's compile
     try:
         start = time.perf_counter()
         runner = BUILDERS[variant.builder](setup, variant)
@@ -521,6 +523,9 @@ def run_variant(setup: Setup, variant: Variant, *, warmup: int, steps: int, peak
         sync_sites = count_host_syncs(runner.step, warmup + steps, setup.device, variant)
         profile = (step_profile.profile_steps(runner.step, warmup + steps + 1, profile_steps, setup.device)
                    if profile_steps else None)
+        if profile and profile["gpu_busy_ms_per_step"] is not None:
+            gigabytes = step_profile.generated_kernel_gigabytes(PyCodeCache.modules[generated:])
+            step_profile.add_bandwidth(profile, gigabytes)
         median = statistics.median(times)
         tflops = flops / (median / 1e3) / 1e12
         notes = runner.notes if math.isfinite(final_loss) else f"{runner.notes}; final loss {final_loss}"
@@ -706,6 +711,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     inductor = dict(args.inductor)
     apply_inductor_settings(inductor)  # process-wide: every compile below sees them
+    kernel_bytes = cuda and args.profile_steps > 0
+    if kernel_bytes:  # metadata only: each generated kernel's bytes estimate, for the profile's bandwidth figures
+        import torch._inductor.config as inductor_config
+
+        inductor_config.benchmark_kernel = True
     config = preset(args.model_size)
     recipe = RECIPES[args.model_size]
     env = environment(device)
@@ -722,7 +732,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "pfs_days": recipe_flops(config, recipe["batch_size"], recipe["max_length"],
                                             recipe["max_steps"]).pfs_days},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv if argv is None else argv,
-        "inductor": inductor, "compile_defaults": COMPILE_DEFAULTS,
+        "inductor": inductor, "compile_defaults": COMPILE_DEFAULTS, "kernel_bytes_estimated": kernel_bytes,
         "compiled_layer_norm": kernels.get_compiled_layer_norm(), "compiled_gelu": kernels.get_compiled_gelu(),
     }
     result: dict[str, Any] = {"meta": meta, "runs": []}

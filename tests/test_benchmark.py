@@ -225,6 +225,62 @@ def test_step_profile_on_cpu_and_kernel_families():
         step_profile.markdown("ours", 8.0, gpu).splitlines()[0]
 
 
+GENERATED_MODULE = """
+triton_poi_fused_add_0 = async_compile.triton('triton_poi_fused_add_0', '''
+@triton_heuristics.pointwise(
+    inductor_meta={'kernel_name': 'triton_poi_fused_add_0', 'kernel_num_gb': 0.0504},
+)
+''', device_str='cuda')
+
+triton_red_fused_sum_1 = async_compile.triton('triton_red_fused_sum_1', '''
+@triton_heuristics.reduction(
+    inductor_meta={'kernel_name': 'triton_red_fused_sum_1', 'kernel_num_gb': %s},
+)
+''', device_str='cuda')
+
+triton_per_fused_2 = async_compile.triton('triton_per_fused_2', '''
+@triton_heuristics.persistent_reduction(inductor_meta={'kernel_name': 'triton_per_fused_2'})
+''', device_str='cuda')
+"""
+
+
+def test_kernel_bandwidth_from_inductors_byte_estimates(tmp_path):
+    """The profile's kernels get the bandwidth they reached from the bytes inductor estimated for them (read from the
+    generated modules' code); a kernel without an estimate, or whose name two graphs give different estimates, gets
+    none."""
+    from types import SimpleNamespace
+
+    from benchmarks import step_profile
+
+    forward, backward = tmp_path / "forward.py", tmp_path / "backward.py"
+    forward.write_text(GENERATED_MODULE % "0.0005")
+    backward.write_text((GENERATED_MODULE % "0.0009").replace("_add_0", "_mul_0"))
+    assert step_profile.kernel_gigabytes(forward.read_text()) == {"triton_poi_fused_add_0": 0.0504,
+                                                                  "triton_red_fused_sum_1": 0.0005}
+    gigabytes = step_profile.generated_kernel_gigabytes(
+        [SimpleNamespace(__file__=str(forward)), SimpleNamespace(__file__=str(backward)), SimpleNamespace()])
+    assert gigabytes == {"triton_poi_fused_add_0": 0.0504, "triton_poi_fused_mul_0": 0.0504}
+    profile = {"gpu_busy_ms_per_step": 1.0, "gpu_kernels_per_step": 40.0, "ms_per_kernel_family": {"x": 1.0},
+               "top_ops": [{"name": "triton_poi_fused_add_0", "ms_per_step": 0.024, "calls_per_step": 12.0},
+                           {"name": "triton_poi_fused_mul_0", "ms_per_step": 0.084, "calls_per_step": 2.0},
+                           {"name": "triton_red_fused_sum_1", "ms_per_step": 0.5, "calls_per_step": 24.0},
+                           {"name": "sm90_xmma_gemm", "ms_per_step": 0.3, "calls_per_step": 2.0}]}
+    step_profile.add_bandwidth(profile, gigabytes)
+    add, mul, unknown, gemm = profile["top_ops"]
+    assert add["gb_per_call"] == 0.0504 and math.isclose(add["tb_per_s"], 0.0504 * 12 / 0.024)
+    assert math.isclose(mul["tb_per_s"], 1.2) and "tb_per_s" not in unknown and "tb_per_s" not in gemm
+    bandwidth = profile["kernel_bandwidth"]
+    assert math.isclose(bandwidth["all"]["gb_per_step"], 0.0504 * 14)
+    assert math.isclose(bandwidth["all"]["tb_per_s"], 0.0504 * 14 / 0.108)
+    assert list(bandwidth["by_launch_size"]) == [">= 40 MB"] and bandwidth["all"]["calls_per_step"] == 14
+    text = step_profile.markdown("ours", 2.0, profile)
+    assert "inductor's kernels with a bytes estimate: all 0.11 ms for 0.71 GB (6.53 TB/s), >= 40 MB a launch" in text
+    assert "| `triton_poi_fused_add_0` | 0.024 | 12 | 25.20 |" in text and "| `sm90_xmma_gemm` | 0.300 | 2 |  |" in text
+    none = {"top_ops": [dict(unknown)], "gpu_busy_ms_per_step": 1.0}
+    step_profile.add_bandwidth(none, gigabytes)
+    assert none["kernel_bandwidth"] is None
+
+
 def test_gpu_check_packs_its_results_into_one_archive_beside_the_log(tmp_path):
     """The device tool brings back at most 8 files: gpu_check.sh's pack_results leaves gpu_check.log and one archive
     holding everything else (10 files after a run with two inductor sets)."""
