@@ -590,16 +590,28 @@ def test_discriminator_learns_to_spot_random_replacements(corpus, tmp_path):
     assert np.mean([r["disc_loss"] for r in late]) < 0.95 * -(p * np.log(p) + (1 - p) * np.log(1 - p))
 
 
+@pytest.fixture(scope="module")
+def one_document_corpus(corpus, tmp_path_factory) -> Path:
+    """`corpus`'s text as one document: every sequence fills --max_length, so no batch is padded."""
+    from electra_ds.data.cache import ensure_cache
+
+    root = tmp_path_factory.mktemp("one_document")
+    return ensure_cache(str(corpus.parent.parent / "text.txt"), root, vocab_size=1000, doc_split="file", workers=1,
+                        progress=False)
+
+
 @pytest.mark.slow
-def test_compile_changes_speed_only(corpus, tmp_path):
+def test_compile_changes_speed_only(one_document_corpus, tmp_path):
     """--compile runs inductor over the PyTorch twins (and the generator head's loss and sampling as one opaque op):
     the same losses as eager, dropout on (hidden states and attention probabilities: the same hashed masks). Mostly
-    compiling: with an empty inductor cache on 2 CPU cores the compiled run took 301 s on the real text
-    (tests/conftest.py), whose batches with padding and without compile apart. Without evaluation, whose compile took
-    another 100 s (the same model's forward; its losses were not compared)."""
-    eager = losses(train(corpus, tmp_path / "eager", "--eval_batches", "0", steps=3))
+    compiling, so on a corpus whose batches are never padded (one graph; padded batches would compile another) and
+    without evaluation (another compile of the forward). With an empty inductor cache on 2 CPU cores this test took
+    313 s, and 649 s on `corpus` (the real text's paragraphs, tests/conftest.py), whose batches with padding and
+    without compiled apart, on a machine that ran the whole suite in 1832 s."""
+    eager = losses(train(one_document_corpus, tmp_path / "eager", "--eval_batches", "0", steps=3))
     torch._dynamo.utils.counters.clear()
-    compiled = losses(train(corpus, tmp_path / "compiled", "--compile", "default", "--eval_batches", "0", steps=3))
+    compiled = losses(train(one_document_corpus, tmp_path / "compiled", "--compile", "default", "--eval_batches", "0",
+                            steps=3))
     # one graph per forward (and its backward): a graph break would split the CUDA graphs of reduce-overhead
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     assert eager.keys() == compiled.keys()
